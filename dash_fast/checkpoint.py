@@ -1,0 +1,98 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is written into `<dir>.tmp-<pid>`, fsynced, then renamed to `checkpoints/step-N`: a crash
+leaves either the old set of checkpoints or the new one, never a half-written `step-N`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: str) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    checkpoints_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer,
+    trainer_state: dict,
+    keep_last: int | None = None,
+) -> str:
+    """Write checkpoints/step-N atomically: HF model + tokenizer + trainer_state.pt (optimizer, RNG, ...)."""
+    os.makedirs(checkpoints_dir, exist_ok=True)
+    final = os.path.join(checkpoints_dir, f"step-{step}")
+    tmp = os.path.join(checkpoints_dir, f".step-{step}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    _fsync_tree(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. final == periodic): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_tree(checkpoints_dir)
+    if keep_last:
+        for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(checkpoints_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first (temp dirs of interrupted saves are ignored)."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    found = []
+    for name in os.listdir(checkpoints_dir):
+        m = STEP_DIR.match(name)
+        path = os.path.join(checkpoints_dir, name)
+        if m and os.path.exists(os.path.join(path, "trainer_state.pt")):
+            found.append((int(m.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(checkpoints_dir: str) -> str | None:
+    found = list_checkpoints(checkpoints_dir)
+    return found[-1] if found else None
+
+
+def load_trainer_state(path: str) -> dict:
+    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)

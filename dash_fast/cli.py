@@ -1,0 +1,203 @@
+"""`dash-fast train | eval | sft | bench`.
+
+`dash-fast train` with no arguments runs the embedded default end to end on CPU: build a tiny Qwen2
+model + tokenizer + arithmetic task, SFT warm start, evaluate, DASH RL, evaluate again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file of DashConfig keys")
+    p.add_argument("--preset", choices=["dash", "grpo"])
+    p.add_argument("--output-dir")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--model", help="Hugging Face model path (default: the embedded tiny model)")
+    p.add_argument("--dataset", help="JSONL / parquet prompts (default: the embedded arithmetic task)")
+    p.add_argument("--eval-dataset")
+    p.add_argument("--resume", help="'auto' or a checkpoints/step-N path")
+    p.add_argument("--tau", help="gradient-filter threshold, or 'none' to disable")
+    p.add_argument("--beta", type=float)
+    p.add_argument("--device")
+    p.add_argument("--profile-steps", help="A:B: wrap optimizer steps A..B in cudaProfilerStart/Stop")
+    p.add_argument("--trace", action="store_true", default=None, help="write a torch.profiler Chrome trace")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=200 filter_tau=0.2")
+
+
+def build_config(ns: argparse.Namespace):
+    from dash_fast.config import EMBEDDED_DEFAULT, make_config, parse_overrides
+
+    flags = {
+        "output_dir": ns.output_dir, "max_steps": ns.max_steps, "seed": ns.seed, "model": ns.model,
+        "dataset": ns.dataset, "eval_dataset": ns.eval_dataset, "resume": ns.resume, "beta": ns.beta,
+        "device": ns.device, "profile_steps": ns.profile_steps, "trace": ns.trace,
+    }
+    overrides = list(ns.overrides)
+    if ns.tau is not None:
+        overrides.append(f"filter_tau={ns.tau}")
+    cfg = make_config(ns.config, ns.preset, flags, overrides)
+    if cfg.model is None and cfg.dataset is None:  # the embedded default: its recipe sits under the user's layers
+        cfg = make_config(ns.config, ns.preset, flags, overrides, base=EMBEDDED_DEFAULT)
+    parse_overrides(overrides)  # already validated; kept for clarity of the precedence
+    return cfg
+
+
+def prepare_embedded(cfg) -> tuple[str, str, str, float]:
+    """Build (or, on resume, reuse) the tiny model, task and SFT warm start. Returns paths and SFT time."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dash_fast.data import load_rows
+    from dash_fast.sft import run_sft
+    from dash_fast.tiny import build_embedded
+
+    out = cfg.output_dir
+    sft_dir = os.path.join(out, "sft_model")
+    paths = {"train": os.path.join(out, "data", "train.jsonl"), "test": os.path.join(out, "data", "test.jsonl")}
+    if cfg.resume and os.path.exists(os.path.join(sft_dir, "config.json")):
+        return sft_dir, paths["train"], paths["test"], 0.0
+    t0 = time.perf_counter()
+    paths = build_embedded(out, cfg.tiny, cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(paths["model"])
+    model = AutoModelForCausalLM.from_pretrained(paths["model"])
+    rows = load_rows(paths["train"])
+    if cfg.sft.steps > 0:
+        torch.manual_seed(cfg.seed)
+        log = run_sft(model, tokenizer, [r["prompt"] for r in rows], [r["solution"] for r in rows], cfg.sft,
+                      seed=cfg.seed)
+        print(f"dash-fast: SFT warm start: {cfg.sft.steps} steps, final loss {log[-1]['loss']:.3f}, "
+              f"{log[-1]['time_s']:.1f}s")
+    model.save_pretrained(sft_dir)
+    tokenizer.save_pretrained(sft_dir)
+    return sft_dir, paths["train"], paths["test"], time.perf_counter() - t0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from dash_fast.trainer import DashTrainer
+
+    t0 = time.perf_counter()
+    cfg = build_config(ns)
+    if cfg.output_dir is None:
+        cfg.output_dir = time.strftime("runs/%Y%m%d-%H%M%S")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(cfg.to_dict(), f, indent=2)
+    sft_time = 0.0
+    if cfg.model is None and cfg.dataset is None:
+        model, train, test, sft_time = prepare_embedded(cfg)
+    else:
+        if cfg.model is None or cfg.dataset is None:
+            raise SystemExit("dash-fast: --model and --dataset go together (omit both for the embedded default)")
+        model, train, test = cfg.model, cfg.dataset, cfg.eval_dataset
+    trainer = DashTrainer(model, cfg.reward_funcs, args=cfg, train_dataset=train, eval_dataset=test)
+    summary = trainer.train()
+    summary.update({"wall_time_s": time.perf_counter() - t0, "sft_wall_time_s": sft_time})
+    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    keys = ("eval_accuracy_initial", "eval_accuracy_final", "eval_examples", "steps", "wall_time_s")
+    print("dash-fast: " + ", ".join(f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
+                                    for k in keys))
+    print(f"dash-fast: outputs in {cfg.output_dir}")
+    return 0
+
+
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from dash_fast.trainer import DashTrainer
+
+    cfg = build_config(ns)
+    if not ns.dataset:
+        raise SystemExit("dash-fast eval: --dataset FILE is required (e.g. RUN/data/test.jsonl)")
+    cfg.output_dir = ns.output_dir or os.path.join(ns.checkpoint, "eval")
+    cfg.report_to = []
+    trainer = DashTrainer(ns.checkpoint, cfg.reward_funcs, args=cfg, train_dataset=ns.dataset,
+                          eval_dataset=ns.dataset)
+    result = trainer.evaluate(max_examples=ns.max_examples)
+    print(json.dumps(result))
+    with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+def cmd_sft(ns: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dash_fast.config import SFTConfig
+    from dash_fast.data import check_columns, load_rows
+    from dash_fast.sft import run_sft
+
+    rows = load_rows(ns.dataset)
+    check_columns(rows, [ns.prompt_column, ns.completion_column], ns.dataset)
+    tokenizer = AutoTokenizer.from_pretrained(ns.model)
+    model = AutoModelForCausalLM.from_pretrained(ns.model)
+    torch.manual_seed(ns.seed)
+    cfg = SFTConfig(steps=ns.steps, batch_size=ns.batch_size, learning_rate=ns.learning_rate)
+    log = run_sft(model, tokenizer, [r[ns.prompt_column] for r in rows], [r[ns.completion_column] for r in rows],
+                  cfg, seed=ns.seed)
+    model.save_pretrained(ns.output_dir)
+    tokenizer.save_pretrained(ns.output_dir)
+    print(f"dash-fast sft: final loss {log[-1]['loss']:.4f}; saved to {ns.output_dir}")
+    return 0
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    import runpy
+
+    script = os.path.join(os.getcwd(), "bench", f"{ns.name}.py")
+    if not os.path.exists(script):
+        raise SystemExit(f"dash-fast bench: {script} not found (run from the dash-fast repository root)")
+    sys.argv = [script, *ns.args]
+    runpy.run_path(script, run_name="__main__")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dash-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="RL-train a model with DASH (no arguments: the embedded default)")
+    _common(p)
+    p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset")
+    p.add_argument("checkpoint")
+    p.add_argument("--max-examples", type=int)
+    _common(p)
+    p = sub.add_parser("sft", help="supervised fine-tuning on (prompt, completion) pairs")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--completion-column", default="completion")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--learning-rate", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("bench", help="run bench/<name>.py from the repository (loss, rollout, e2e, paper)")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    ns = parser.parse_args(argv)
+
+    from dash_fast.config import ConfigError
+    from dash_fast.data import DataError
+
+    try:
+        return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench}[ns.command](ns)
+    except (ConfigError, DataError) as e:
+        print(f"dash-fast: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from dash_fast.rewards import RewardError
+
+        if isinstance(e, RewardError):
+            print(f"dash-fast: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""One dataclass tree for a run: defaults, presets, YAML files and dotted `key=value` overrides.
+
+Precedence (later wins): DashConfig defaults < preset < YAML file < CLI flags < `key=value` overrides.
+Every key is checked: an unknown one is a one-line error that suggests the nearest known name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dash_fast.algo import LOSS_AGGS, SCALE_REWARDS
+from dash_fast.tiny import TinyConfig
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message is one line naming it."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start (used by the embedded default before RL; `steps: 0` skips it)."""
+
+    steps: int = 0
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
+
+
+@dataclass
+class DashConfig:
+    """Everything a DASH run needs. Field names follow TRL's GRPOConfig where one exists."""
+
+    # --- run ---
+    output_dir: str | None = None  # default runs/<timestamp>
+    seed: int = 0
+    max_steps: int = 100
+    preset: str | None = None  # "dash" | "grpo": applied under the file and overrides
+    model: str | None = None  # HF path; None = the embedded tiny model
+    dataset: str | None = None  # JSONL / parquet file or HF dataset dir; None = embedded task
+    eval_dataset: str | None = None
+    prompt_column: str = "prompt"
+    system_prompt: str | None = None
+    use_chat_template: bool | None = None  # None: when the prompt is a list of messages
+    reward_funcs: list[str] = field(default_factory=lambda: ["exact_answer"])
+    reward_weights: list[float] | None = None
+    accuracy_reward: str | None = None  # reward whose mean is "accuracy"; default: the first one
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16
+    # --- sampling (one rollout per optimizer step) ---
+    prompts_per_step: int = 64
+    group_size: int = 4
+    generation_batch_size: int | None = None  # rows per generate call; None = whole rollout at once
+    temperature: float = 0.9
+    top_k: int = 50
+    top_p: float = 1.0
+    max_prompt_tokens: int = 512
+    max_completion_tokens: int = 2048
+    # --- algorithm ---
+    scale_rewards: str = "group"
+    filter_tau: float | None = 0.1  # None disables the gradient filter
+    refill: bool = False
+    loss_agg: str = "dr_grpo"
+    normalize_over: str = "kept"  # kept | all
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: same as epsilon
+    beta: float = 0.0
+    updates_per_rollout: int = 1  # K (PPO "Multi" when > 1)
+    minibatches: int = 1  # M (PPO "Mini" when > 1)
+    micro_batch_tokens: int = 8192
+    loss_impl: str = "fused"  # fused | naive | liger
+    overlap: bool = False
+    engine: str = "torch"  # torch | vllm
+    # --- optimiser ---
+    learning_rate: float = 3e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.99
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    lr_scheduler_type: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    # --- eval, logging, checkpoints ---
+    eval_every: int = 0  # 0: only before and after RL
+    eval_examples: int = 500
+    eval_max_completion_tokens: int | None = None
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: only the final checkpoint
+    keep_last_checkpoints: int = 2
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    resume: str | None = None  # None | "auto" | path to checkpoints/step-N
+    disable_tqdm: bool = False
+    on_reward_error: str = "raise"  # raise | skip
+    max_nonfinite_steps: int = 3
+    profile_steps: str | None = None  # "A:B"
+    trace: bool = False
+    # --- embedded default ---
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in (("sft", SFTConfig), ("tiny", TinyConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
+        _check_types(self)
+        self.validate()
+
+    @property
+    def eps_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+    @property
+    def rows_per_step(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"config: {key}={getattr(self, key)!r}: {what}")
+
+        need(self.preset in (None, *PRESETS), "preset", f"must be one of {sorted(PRESETS)}")
+        need(self.scale_rewards in SCALE_REWARDS, "scale_rewards", f"must be one of {SCALE_REWARDS}")
+        need(self.loss_agg in LOSS_AGGS, "loss_agg", f"must be one of {LOSS_AGGS}")
+        need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
+        need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
+        need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
+        need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
+             "must be constant, linear or cosine")
+        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
+             "must be auto, cpu or cuda[:N]")
+        need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare answers within a group)")
+        need(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        need(self.max_steps >= 0, "max_steps", "must be >= 0")
+        need(self.temperature > 0, "temperature", "must be > 0 for sampling")
+        need(self.filter_tau is None or self.filter_tau >= 0, "filter_tau", "must be >= 0 or None")
+        need(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
+        need(1 <= self.minibatches <= self.rows_per_step, "minibatches", "must be in [1, rows per step]")
+        need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
+        need(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
+        need(self.beta >= 0, "beta", "must be >= 0")
+        need(self.generation_batch_size is None or self.generation_batch_size >= 1,
+             "generation_batch_size", "must be >= 1 or None")
+        need(len(self.reward_funcs) >= 1, "reward_funcs", "needs at least one reward function")
+        need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+             "reward_weights", f"needs one weight per reward function ({len(self.reward_funcs)})")
+        if self.profile_steps is not None:
+            a, _, b = str(self.profile_steps).partition(":")
+            need(a.isdigit() and b.isdigit() and int(a) <= int(b), "profile_steps", "must look like A:B")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The paper's baseline: generation in small batches (one per micro-batch of 8 rows), no filter.
+    "grpo": {"generation_batch_size": 8, "filter_tau": None},
+    # DASH: one large generation per optimizer step (preemptive sampling) and the gradient filter.
+    "dash": {"generation_batch_size": None, "filter_tau": 0.1},
+}
+
+
+def _check_types(obj, prefix: str = "") -> None:
+    """Coerce numbers written as strings (YAML reads `1e-4` as a string) and reject wrong types."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if dataclasses.is_dataclass(value):
+            _check_types(value, prefix=f"{prefix}{f.name}.")
+            continue
+        if value is None:
+            if "None" not in kind:
+                raise ConfigError(f"config: {prefix}{f.name} must not be None")
+            continue
+        for name, cast in (("float", float), ("int", int)):
+            if kind.startswith(name) and not isinstance(value, bool):
+                try:
+                    cast_value = cast(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"config: {prefix}{f.name}={value!r} is not a {name}") from None
+                if name == "int" and cast_value != float(value):
+                    raise ConfigError(f"config: {prefix}{f.name}={value!r} is not an int")
+                setattr(obj, f.name, cast_value)
+                break
+        else:
+            if kind.startswith("bool") and not isinstance(value, bool):
+                raise ConfigError(f"config: {prefix}{f.name}={value!r} is not true/false")
+            if kind.startswith("str") and not isinstance(value, str):
+                raise ConfigError(f"config: {prefix}{f.name}={value!r} is not a string")
+            if kind.startswith("list") and not isinstance(value, list):
+                setattr(obj, f.name, [value])
+
+
+def _nearest(name: str, choices: list[str], prefix: str = "") -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = ""):
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, names, prefix)}")
+    return cls(**values)
+
+
+def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Recursive dict update that rejects unknown keys (checked against `base`)."""
+    out = dict(base)
+    for key, value in update.items():
+        if key not in base:
+            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, list(base), prefix)}")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = merge(base[key], value, prefix=f"{prefix}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """['sft.steps=200', 'filter_tau=none'] -> {'sft': {'steps': 200}, 'filter_tau': None}."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"config: override {item!r} is not key=value")
+        value = None if raw.strip().lower() in ("none", "null", "") else yaml.safe_load(raw)
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def make_config(
+    file: str | None = None,
+    preset: str | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> DashConfig:
+    """Build a validated DashConfig from every layer (see the module docstring for precedence)."""
+    tree = DashConfig().to_dict()
+    if base:
+        tree = merge(tree, {k: v for k, v in base.items() if k != "preset"})
+    file_values: dict[str, Any] = {}
+    if file:
+        with open(file) as f:
+            file_values = yaml.safe_load(f) or {}
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"config: {file} must hold a mapping of keys to values")
+    layers = [file_values, {k: v for k, v in (flags or {}).items() if v is not None},
+              parse_overrides(overrides or [])]
+    chosen = preset or (base or {}).get("preset")
+    for layer in layers:
+        chosen = layer.get("preset", chosen)
+    if chosen is not None:
+        if chosen not in PRESETS:
+            raise ConfigError(f"config: preset={chosen!r}: must be one of {sorted(PRESETS)}")
+        tree = merge(tree, {**PRESETS[chosen], "preset": chosen})
+    if base:  # a recipe's own values sit above its preset
+        tree = merge(tree, {k: v for k, v in base.items() if k != "preset"})
+    for layer in layers:
+        tree = merge(tree, layer)
+    try:
+        return DashConfig(**tree)
+    except TypeError as e:  # a wrong value type that the dataclass itself rejects
+        raise ConfigError(f"config: {e}") from None
+
+
+# The embedded default's recipe: every value that differs from DashConfig's defaults, in one place.
+# The tiny char-level model needs a far larger learning rate and much shorter completions than the
+# paper's Qwen2.5 runs; the algorithm settings (64 prompts x G=4, tau=0.1, temperature 0.9) are the paper's.
+EMBEDDED_DEFAULT: dict[str, Any] = {
+    "preset": "dash",
+    "max_steps": 60,
+    "learning_rate": 1e-3,
+    "max_prompt_tokens": 32,
+    "max_completion_tokens": 24,
+    "eval_examples": 500,
+    "micro_batch_tokens": 4096,
+    "sft": {"steps": 300},
+}

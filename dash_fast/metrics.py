@@ -1,0 +1,102 @@
+"""Run logging: metrics.jsonl (one object per optimizer step), TensorBoard events, plots at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, report_to: list[str], append: bool = False) -> None:
+        self.output_dir = output_dir
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if not append and os.path.exists(self.path):
+            os.remove(self.path)
+        self.writer = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.wandb = None
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("report_to includes 'wandb' but wandb is not installed: pip install wandb") from None
+            self.wandb = wandb.init(dir=output_dir)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        step = record.get("step", 0)
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.writer is not None:
+            for k, v in numbers.items():
+                if math.isfinite(v):
+                    self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(numbers, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records past the checkpoint so the file holds each step once."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(keep)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_run(output_dir: str) -> list[str]:
+    """plots/{reward,accuracy,kept_fraction,time_split}.png from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(os.path.join(output_dir, "metrics.jsonl")) if "reward_mean" in r]
+    plots_dir = os.path.join(output_dir, "plots")
+    os.makedirs(plots_dir, exist_ok=True)
+    steps = [r["step"] for r in records]
+    written = []
+
+    def save(name: str, series: dict[str, list], ylabel: str, stacked: bool = False) -> None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        if stacked:
+            ax.stackplot(steps, *series.values(), labels=list(series))
+        else:
+            for label, ys in series.items():
+                xs = [s for s, y in zip(steps, ys) if y is not None]
+                ax.plot(xs, [y for y in ys if y is not None], label=label, marker="." if len(xs) < 30 else None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(plots_dir, f"{name}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+
+    save("reward", {"reward_mean": [r["reward_mean"] for r in records]}, "reward")
+    save("accuracy", {"train accuracy": [r["accuracy"] for r in records],
+                      "eval accuracy": [r.get("eval_accuracy") for r in records]}, "accuracy")
+    save("kept_fraction", {"kept_fraction": [r["kept_fraction"] for r in records]}, "kept rows / sampled rows")
+    save("time_split", {"generate": [r["time_generate_s"] for r in records],
+                        "reward": [r.get("time_reward_s", 0.0) for r in records],
+                        "train": [r["time_train_s"] for r in records]}, "seconds per step", stacked=True)
+    return written

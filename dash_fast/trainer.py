@@ -1,0 +1,607 @@
+"""The DASH training loop. One optimizer step = one rollout:
+
+    sample (one big generate) -> reward -> advantage -> filter |A| > tau -> micro-batches -> step
+
+The hot path is `train_step`; everything it calls is in this file or in algo.py (pure functions).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dash_fast import algo
+from dash_fast.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from dash_fast.config import DashConfig
+from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
+from dash_fast.metrics import MetricsLogger, plot_run
+from dash_fast.profiling import ProfileWindow, nvtx_range
+from dash_fast.rollout.base import Rollout, SamplingParams
+
+RewardFunc = Callable[..., list]
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on an error; the last checkpoint on disk is intact."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -> torch.nn.Module:
+    if isinstance(model, torch.nn.Module):
+        return model.to(device)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            kwargs["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            kwargs["attn_implementation"] = "sdpa"
+    return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
+
+
+class DashTrainer:
+    """TRL-shaped trainer: `DashTrainer(model, reward_funcs, args, train_dataset, eval_dataset,
+    processing_class).train()`. `model` is a path or a loaded causal LM; reward functions use TRL's
+    signature `f(prompts, completions, completion_ids=..., **columns) -> list[float | None]`."""
+
+    def __init__(
+        self,
+        model: str | torch.nn.Module,
+        reward_funcs: RewardFunc | str | list[RewardFunc | str] | None = None,
+        args: DashConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        callbacks: list | None = None,
+    ) -> None:
+        from transformers import AutoTokenizer, TrainerControl, TrainerState
+
+        self.args = args = args or DashConfig()
+        torch.manual_seed(args.seed)
+        self.device = resolve_device(args.device)
+        self.model = load_model(model, args.dtype, self.device)
+        if processing_class is None:
+            source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
+            if not source:
+                raise ValueError("pass processing_class (a tokenizer) when model is a loaded module")
+            processing_class = AutoTokenizer.from_pretrained(source)
+        self.tokenizer = processing_class
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id
+        self.stop_ids = self._stop_token_ids()
+
+        self.reward_funcs, self.reward_names = self._resolve_rewards(reward_funcs or args.reward_funcs)
+        self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
+        acc = args.accuracy_reward or self.reward_names[0]
+        if acc not in self.reward_names:
+            raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.reward_names}")
+        self.accuracy_index = self.reward_names.index(acc)
+
+        data_kwargs = dict(prompt_column=args.prompt_column, max_prompt_tokens=args.max_prompt_tokens,
+                           system_prompt=args.system_prompt, use_chat_template=args.use_chat_template)
+        if train_dataset is None:
+            train_dataset = args.dataset
+        if train_dataset is None:
+            raise ValueError("no train_dataset (pass one, or set `dataset` in the config)")
+        self.train_data = PromptDataset(load_rows(train_dataset), self.tokenizer, name="train_dataset", **data_kwargs)
+        if eval_dataset is None:
+            eval_dataset = args.eval_dataset
+        self.eval_data = None
+        if eval_dataset is not None:
+            self.eval_data = PromptDataset(load_rows(eval_dataset), self.tokenizer, name="eval_dataset", **data_kwargs)
+        self.sampler = PromptSampler(len(self.train_data), args.seed)
+
+        self.engine = self._make_engine()
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
+            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
+        )
+        total_updates = max(1, args.max_steps * args.updates_per_rollout * args.minibatches)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(args, total_updates))
+        self.ref_model = None
+        if args.beta > 0:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+
+        self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.state = TrainerState()
+        self.state.max_steps = args.max_steps
+        self.control = TrainerControl()
+        self.callbacks = list(callbacks or [])
+        self.micro_batch_tokens = args.micro_batch_tokens
+        self.nonfinite_in_a_row = 0
+        self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
+        self.stop_requested = False
+        self.eval_history: list[dict] = []
+
+    # ------------------------------------------------------------------ setup helpers
+    def _stop_token_ids(self) -> tuple[int, ...]:
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if gen_eos is not None:
+            ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+        return tuple(sorted(ids))
+
+    @staticmethod
+    def _resolve_rewards(funcs) -> tuple[list[RewardFunc], list[str]]:
+        funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+        resolved, names = [], []
+        for f in funcs:
+            if isinstance(f, str):
+                from dash_fast.rewards import get_reward_func
+
+                f = get_reward_func(f)
+            if not callable(f):
+                raise ValueError(f"reward function {f!r} is not callable")
+            resolved.append(f)
+            names.append(getattr(f, "__name__", type(f).__name__))
+        return resolved, names
+
+    def _make_engine(self):
+        if self.args.engine == "vllm":
+            from dash_fast.rollout.vllm_engine import VLLMEngine
+
+            return VLLMEngine(self.model, self.tokenizer, self.args)
+        from dash_fast.rollout.torch_engine import TorchEngine
+
+        return TorchEngine(self.model, self.pad_id)
+
+    def _sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None) -> SamplingParams:
+        a = self.args
+        return SamplingParams(
+            temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
+            max_new_tokens=max_new or a.max_completion_tokens, stop_token_ids=self.stop_ids,
+            seed=a.seed * 1_000_003 + step,  # a function of the step: resume samples the same tokens
+        )
+
+    # ------------------------------------------------------------------ model pieces
+    def _decoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        return getattr(model, model.base_model_prefix)
+
+    def _hidden_and_targets(self, model, rollout: Rollout, rows: list[int]):
+        """One forward of the decoder over prompt+completion rows; returns the hidden states that predict
+        each completion token, flattened to [N, H], with their targets and (row, token) positions."""
+        lengths = rollout.completion_lengths.tolist()
+        comp = rollout.completion_ids
+        seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
+        ids, attn = pad_right(seqs, self.pad_id)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        hidden = self._decoder(model)(input_ids=ids, attention_mask=attn).last_hidden_state
+        pred = torch.zeros_like(attn, dtype=torch.bool)
+        for j, r in enumerate(rows):
+            p = len(rollout.prompt_ids[r])
+            pred[j, p - 1 : p - 1 + lengths[r]] = True
+        targets = torch.cat([comp[r, : lengths[r]] for r in rows]).to(self.device)
+        return hidden[pred], targets
+
+    def _per_token(self, values: torch.Tensor, rollout: Rollout, rows: list[int]) -> torch.Tensor:
+        """Row-wise [B] or token-wise [B, L] values -> flat per completion token of `rows`."""
+        lengths = rollout.completion_lengths.tolist()
+        if values.dim() == 1:
+            out = torch.cat([values[r].expand(lengths[r]) for r in rows])
+        else:
+            out = torch.cat([values[r, : lengths[r]] for r in rows])
+        return out.to(self.device)
+
+    def _lm_head(self, model):
+        head = model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    @torch.no_grad()
+    def _logprob_pass(self, model, rollout: Rollout, rows: list[int], name: str) -> torch.Tensor:
+        """No-grad token log-probs of rollout rows, as a [B, L] tensor (old / ref passes)."""
+        out = torch.zeros_like(rollout.sampling_logps)
+        lengths = rollout.completion_lengths.tolist()
+        with nvtx_range(name):
+            for micro in algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
+                                                 self.micro_batch_tokens):
+                micro_rows = [rows[i] for i in micro]
+                if model is self.model:
+                    self.forward_passes += 1
+                hidden, targets = self._hidden_and_targets(model, rollout, micro_rows)
+                weight, bias = self._lm_head(model)
+                logp = self._logprobs_fn(hidden, weight, bias, targets).float().cpu()
+                offset = 0
+                for r in micro_rows:
+                    out[r, : lengths[r]] = logp[offset : offset + lengths[r]]
+                    offset += lengths[r]
+        return out
+
+    def _logprobs_fn(self, hidden, weight, bias, targets) -> torch.Tensor:
+        if self.args.loss_impl == "fused":
+            from dash_kernels import fused_logprobs
+
+            return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
+        return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
+
+    def _loss_fn(self, *inputs, **kwargs):
+        impl = self.args.loss_impl
+        if impl == "fused":
+            from dash_kernels import fused_linear_pg_loss
+
+            return fused_linear_pg_loss(*inputs, **kwargs)
+        if impl == "liger":
+            from dash_kernels.liger_adapter import liger_pg_loss
+
+            return liger_pg_loss(*inputs, **kwargs)
+        return algo.naive_linear_pg_loss(*inputs, **kwargs)
+
+    # ------------------------------------------------------------------ sampling and rewards
+    def generate(self, prompt_ids: list[list[int]], step: int) -> Rollout:
+        """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset)."""
+        params = self._sampling_params(step)
+        size = self.args.generation_batch_size or len(prompt_ids)
+        with nvtx_range("rollout/generate"):
+            if size >= len(prompt_ids):
+                return self.engine.generate(prompt_ids, params)
+            parts = []
+            for i in range(0, len(prompt_ids), size):
+                params.seed = self._sampling_params(step).seed + i  # distinct, reproducible streams
+                parts.append(self.engine.generate(prompt_ids[i : i + size], params))
+            return Rollout.concat(parts, self.pad_id)
+
+    def compute_rewards(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
+                        repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
+        from dash_fast.rewards import call_reward_func
+
+        prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
+        token_lists = rollout.completion_token_lists()
+        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        columns = dataset.columns(indices, repeat)
+        per_func = torch.full((len(rollout), len(self.reward_funcs)), float("nan"))
+        with nvtx_range("rollout/reward"):
+            for k, func in enumerate(self.reward_funcs):
+                values = call_reward_func(func, prompts, completions, token_lists, columns)
+                per_func[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+        rewards = torch.nansum(per_func * self.reward_weights, dim=1)  # rows where all are None -> 0, as TRL
+        return rewards, per_func
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, step: int) -> dict:
+        a = self.args
+        G = a.group_size
+        t_start = time.perf_counter()
+        indices = self.sampler.next(a.prompts_per_step)
+        prompt_ids = [self.train_data.prompt_ids[i] for i in indices for _ in range(G)]
+        rollout = self.generate(prompt_ids, step)
+        t_gen = time.perf_counter() - t_start
+
+        t0 = time.perf_counter()
+        rewards, per_func = self.compute_rewards(self.train_data, indices, rollout, G)
+        advantages = algo.group_advantages(rewards, G, a.scale_rewards)
+        kept = algo.filter_rows(advantages, a.filter_tau)
+        t_reward = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        train_stats = self.update(rollout, advantages, kept)
+        t_train = time.perf_counter() - t0
+        t_step = time.perf_counter() - t_start
+
+        lengths = rollout.completion_lengths.float()
+        acc = per_func[:, self.accuracy_index]
+        record = {
+            "step": step,
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),
+            "kept_fraction": kept.numel() / len(rollout),
+            "completion_len_mean": lengths.mean().item(),
+            "time_generate_s": t_gen,
+            "time_reward_s": t_reward,
+            "time_train_s": t_train,
+            "time_step_s": t_step,
+            "tokens_per_s": float(lengths.sum()) / max(t_step, 1e-9),
+            "lr": self.scheduler.get_last_lr()[0],
+            **train_stats,
+        }
+        for k, name in enumerate(self.reward_names):
+            record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
+        return record
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor) -> dict:
+        """K epochs x M minibatches of optimizer steps over the kept rows, each step accumulating
+        gradients over token-budget micro-batches with a global normaliser."""
+        a = self.args
+        kept_rows = kept.tolist()
+        lengths = rollout.completion_lengths
+        needs_old = a.updates_per_rollout > 1 or a.minibatches > 1
+        old = None
+        if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
+            old = rollout.sampling_logps
+        elif needs_old:
+            old = self._logprob_pass(self.model, rollout, kept_rows, "train/logprob_old")
+        ref = None
+        if self.ref_model is not None:
+            ref = self._logprob_pass(self.ref_model, rollout, kept_rows, "train/logprob_ref")
+
+        stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                 "skipped_steps": 0}
+        n_updates = 0
+        generator = torch.Generator().manual_seed(a.seed + self.state.global_step)
+        for _ in range(a.updates_per_rollout):
+            for part in algo.split_minibatches(len(kept_rows), a.minibatches, generator):
+                rows = [kept_rows[i] for i in sorted(part.tolist())]
+                if a.normalize_over == "kept":
+                    norm = algo.loss_normaliser(a.loss_agg, lengths[rows], a.max_completion_tokens)
+                else:  # every sampled row counts; a minibatch carries its share of them
+                    norm = algo.loss_normaliser(a.loss_agg, lengths, a.max_completion_tokens)
+                    norm *= len(rows) / len(kept_rows)
+                weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
+                step_stats = self._optimizer_step(rollout, rows, advantages, weights, old, ref)
+                n_updates += 1
+                for k in stats:
+                    stats[k] += step_stats.get(k, 0.0) or 0.0
+        for k in ("loss", "clip_fraction", "kl", "entropy", "grad_norm"):
+            stats[k] /= max(n_updates, 1)
+        stats["optimizer_steps"] = n_updates
+        return stats
+
+    def _optimizer_step(self, rollout, rows, advantages, weights, old, ref) -> dict:
+        """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory."""
+        while True:
+            try:
+                return self._accumulate_and_step(rollout, rows, advantages, weights, old, ref)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.micro_batch_tokens <= 1:
+                    raise
+                self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
+                print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+    def _accumulate_and_step(self, rollout, rows, advantages, weights, old, ref) -> dict:
+        a = self.args
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        weight, bias = self._lm_head(self.model)
+        lengths = rollout.completion_lengths.tolist()
+        total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
+        for micro in algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
+                                             self.micro_batch_tokens):
+            micro_rows = [rows[i] for i in micro]
+            with nvtx_range("train/forward"):
+                self.forward_passes += 1
+                hidden, targets = self._hidden_and_targets(self.model, rollout, micro_rows)
+                loss, st = self._loss_fn(
+                    hidden, weight, bias, targets,
+                    self._per_token(advantages, rollout, micro_rows),
+                    self._per_token(weights, rollout, micro_rows),
+                    None if old is None else self._per_token(old, rollout, micro_rows),
+                    None if ref is None else self._per_token(ref, rollout, micro_rows),
+                    temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
+                    tau=None,  # rows were filtered before this forward; the kept fallback row must stay
+                    return_entropy=True,
+                )
+            with nvtx_range("train/backward"):
+                loss.backward()
+            n = targets.numel()
+            total_loss += loss.item()
+            clip_sum += st["clip_fraction"] * n
+            kl_sum += (st["kl_mean"] or 0.0) * n
+            if st.get("entropy") is not None:
+                ent_sum += float(st["entropy"].sum())
+            tokens += n
+
+        with nvtx_range("optim/step"):
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = a.max_grad_norm if a.max_grad_norm is not None else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.nonfinite_in_a_row = 0
+            else:  # skip the step, keep the weights
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                print(f"dash-fast: non-finite loss/grad at step {self.state.global_step + 1}: step skipped "
+                      f"({self.nonfinite_in_a_row}/{a.max_nonfinite_steps})")
+                if self.nonfinite_in_a_row >= a.max_nonfinite_steps:
+                    raise TrainingAborted(f"{self.nonfinite_in_a_row} non-finite steps in a row "
+                                          f"(max_nonfinite_steps={a.max_nonfinite_steps})")
+            self.scheduler.step()
+        return {"loss": total_loss, "clip_fraction": clip_sum / max(tokens, 1),
+                "kl": kl_sum / max(tokens, 1) if a.beta > 0 else 0.0, "entropy": ent_sum / max(tokens, 1),
+                "grad_norm": grad_norm, "skipped_steps": 0 if finite else 1}
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: PromptDataset | None = None, max_examples: int | None = None,
+                 batch_size: int = 256) -> dict:
+        """Greedy accuracy (mean of the accuracy reward) on held-out prompts."""
+        dataset = dataset or self.eval_data
+        if dataset is None:
+            raise ValueError("no eval dataset")
+        n = min(len(dataset), max_examples or self.args.eval_examples)
+        params = self._sampling_params(0, greedy=True, max_new=self.args.eval_max_completion_tokens)
+        correct, lengths = [], []
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(n, start + batch_size)))
+            rollout = self.engine.generate([dataset.prompt_ids[i] for i in idx], params)
+            _, per_func = self.compute_rewards(dataset, idx, rollout, 1)
+            correct.append(per_func[:, self.accuracy_index])
+            lengths.append(rollout.completion_lengths.float())
+        acc = torch.cat(correct)
+        return {"accuracy": torch.nanmean(acc).item(), "examples": n,
+                "completion_len_mean": torch.cat(lengths).mean().item()}
+
+    # ------------------------------------------------------------------ loop
+    def _callback(self, event: str, **kwargs) -> None:
+        for cb in self.callbacks:
+            fn = getattr(cb, event, None)
+            if fn is not None:
+                fn(self.args, self.state, self.control, model=self.model, processing_class=self.tokenizer,
+                   optimizer=self.optimizer, lr_scheduler=self.scheduler, **kwargs)
+
+    def _checkpoint_state(self) -> dict:
+        return {
+            "step": self.state.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "micro_batch_tokens": self.micro_batch_tokens,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "log_history": self.state.log_history,
+            "eval_history": self.eval_history,
+            "config": self.args.to_dict(),
+        }
+
+    def save(self, step: int) -> str:
+        return save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
+                               self._checkpoint_state(), keep_last=self.args.keep_last_checkpoints)
+
+    def _resume(self) -> int:
+        resume = self.args.resume
+        if not resume:
+            return 0
+        path = latest_checkpoint(os.path.join(self.output_dir, "checkpoints")) if resume == "auto" else resume
+        if path is None:
+            return 0
+        from transformers import AutoModelForCausalLM
+
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(saved.state_dict())
+        state = load_trainer_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+        self.micro_batch_tokens = state["micro_batch_tokens"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.state.log_history = state["log_history"]
+        self.eval_history = state["eval_history"]
+        self.state.global_step = state["step"]
+        print(f"dash-fast: resumed from {path} (step {state['step']})")
+        return state["step"]
+
+    def _on_signal(self, signum, frame) -> None:
+        print(f"dash-fast: got signal {signum}; saving at the end of this step")
+        self.stop_requested = True
+
+    def train(self) -> dict:
+        """Run RL for `max_steps` optimizer steps; returns the summary written to summary.json."""
+        a = self.args
+        t_begin = time.perf_counter()
+        start = self._resume()
+        logger = MetricsLogger(self.output_dir, a.report_to, append=start > 0)
+        if start > 0:
+            logger.truncate_after(start)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if _main_thread() else {}
+        profile = ProfileWindow(a.profile_steps)
+        try:
+            if start == 0 and self.eval_data is not None:
+                self._evaluate(0)
+            self._callback("on_train_begin")
+            bar = None
+            if not a.disable_tqdm:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=a.max_steps, initial=start, desc="dash-fast RL", dynamic_ncols=True)
+            for step in range(start + 1, a.max_steps + 1):
+                profile.before_step(step)
+                self._callback("on_step_begin")
+                record = self.train_step(step)
+                profile.after_step(step)
+                self.state.global_step = step
+                self.state.log_history.append(record)
+                if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0) or step == a.max_steps):
+                    record.update({f"eval_{k}": v for k, v in self._evaluate(step).items()})
+                logger.log(record)
+                self._callback("on_step_end")
+                if a.logging_steps and step % a.logging_steps == 0:
+                    self._callback("on_log", logs=record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=f"{record['kept_fraction']:.2f}",
+                                    acc=f"{record['accuracy']:.3f}")
+                last = step == a.max_steps
+                if (a.save_steps and step % a.save_steps == 0) or last or self.stop_requested \
+                        or self.control.should_training_stop:
+                    self.save(step)
+                if self.stop_requested or self.control.should_training_stop:
+                    break
+            if bar is not None:
+                bar.close()
+            summary = self._finish(t_begin)
+            self._callback("on_train_end")
+            return summary
+        finally:
+            logger.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _evaluate(self, step: int) -> dict:
+        result = self.evaluate()
+        self.eval_history.append({"step": step, **result})
+        print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
+        return result
+
+    def _finish(self, t_begin: float) -> dict:
+        step = self.state.global_step
+        finished = step >= self.args.max_steps and not self.stop_requested
+        records = self.state.log_history
+        summary = {
+            "steps": step,
+            "finished": finished,
+            "eval_accuracy_initial": self.eval_history[0]["accuracy"] if self.eval_history else None,
+            "eval_accuracy_final": self.eval_history[-1]["accuracy"] if self.eval_history else None,
+            "eval_examples": self.eval_history[-1]["examples"] if self.eval_history else 0,
+            "eval_history": self.eval_history,
+            "rl_wall_time_s": time.perf_counter() - t_begin,
+            "step_time_mean_s": sum(r["time_step_s"] for r in records) / max(len(records), 1),
+            "kept_fraction_mean": sum(r["kept_fraction"] for r in records) / max(len(records), 1),
+            "config": self.args.to_dict(),
+        }
+        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        if records:
+            plot_run(self.output_dir)
+        return summary
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _lr_lambda(args: DashConfig, total: int):
+    def f(update: int) -> float:
+        if args.warmup_steps and update < args.warmup_steps:
+            return (update + 1) / args.warmup_steps
+        progress = min(1.0, (update - args.warmup_steps) / max(1, total - args.warmup_steps))
+        if args.lr_scheduler_type == "linear":
+            return 1.0 - progress
+        if args.lr_scheduler_type == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return f
