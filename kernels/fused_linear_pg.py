@@ -1,0 +1,172 @@
+"""fused_linear_pg_loss: lm_head projection + log-prob + clipped PPO/GRPO surrogate (+ k3 KL, entropy).
+
+The N x V logits are never materialised, and tokens that DASH filters out (|A| <= tau) or that
+carry no weight are compacted away before any FLOP is spent on them. See DESIGN.md section 3.
+
+Backends:
+- "torch": chunked over kept tokens (CPU default). If a gradient will be needed it is computed
+  inside the forward from the same logits chunk (3 matmuls per token, not 4) and only scaled by
+  grad_output in backward.
+- "triton": forward kernel (online log-sum-exp), backward kernel recomputing the softmax tile by
+  tile, skipping tokens whose g = 0 (clip active, beta = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .torch_ref import chunked_pg
+from .utils import compute_dtype, kept_index, nvtx_range, pg_token_terms, resolve_backend
+
+
+class _FusedLinearPGLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, advantages, token_weights, old_logp, ref_logp, idx, cfg):
+        n = hidden.shape[0]
+        cdt = compute_dtype(hidden.dtype)
+        dev = hidden.device
+        backend, temperature, eps_low, eps_high, beta, return_entropy, chunk_size = cfg
+        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
+        need_grad = need_gh or need_gw or need_gb
+
+        k = idx.numel()
+        all_kept = k == n
+        # Kept-token views of the per-token inputs; dropped tokens (and any NaN they carry) are gone.
+        pick = (lambda t: t) if all_kept else (lambda t: t.index_select(0, idx))
+        adv_k = pick(advantages).to(cdt)
+        w_k = pick(token_weights).to(cdt)
+        old_k = None if old_logp is None else pick(old_logp).to(cdt)
+        ref_k = None if ref_logp is None else pick(ref_logp).to(cdt)
+        tgt_k = pick(targets)
+
+        loss_k = torch.empty(k, dtype=cdt, device=dev)
+        clip_k = torch.empty(k, dtype=torch.bool, device=dev)
+        kl_k = torch.empty(k, dtype=cdt, device=dev) if beta != 0.0 else None
+        g_k = torch.empty(k, dtype=cdt, device=dev)
+
+        def g_fn(s: int, e: int, logp_c: torch.Tensor) -> torch.Tensor:
+            sl = slice(s, e)
+            loss_c, g_c, clip_c, kl_c = pg_token_terms(
+                logp_c, adv_k[sl], w_k[sl], None if old_k is None else old_k[sl],
+                None if ref_k is None else ref_k[sl], eps_low, eps_high, beta,
+            )
+            loss_k[sl], clip_k[sl], g_k[sl] = loss_c, clip_c, g_c
+            if kl_k is not None:
+                kl_k[sl] = kl_c
+            return g_c
+
+        ctx.backend = backend
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        if backend == "torch":
+            h_k = hidden if all_kept else hidden.index_select(0, idx)
+            out = chunked_pg(
+                h_k, weight, bias, tgt_k, g_fn, temperature=temperature,
+                need_grad_hidden=need_gh, need_grad_weight=need_gw, need_grad_bias=need_gb,
+                return_entropy=return_entropy, chunk_size=chunk_size,
+            )
+            logp_k, ent_k = out["logp"], out["entropy"]
+            if not need_grad:
+                g_fn(0, k, logp_k)
+            gh = out["grad_hidden"]
+            if gh is not None and not all_kept:
+                gh = torch.zeros(n, hidden.shape[1], dtype=cdt, device=dev).index_copy_(0, idx, gh)
+            ctx.grads = [gh, out["grad_weight"], out["grad_bias"]]
+        else:
+            from .triton_kernels import triton_logprobs
+
+            logp_k, lse_k, ent_k = triton_logprobs(
+                hidden, weight, bias, targets, idx, temperature=temperature, return_entropy=return_entropy
+            )
+            g_fn(0, k, logp_k)
+            if need_grad:
+                nz = (g_k != 0).nonzero().squeeze(1)  # skip clipped (g == 0) tokens in backward too
+                ctx.save_for_backward(hidden, weight, bias, targets, idx[nz], g_k[nz], lse_k[nz])
+            ctx.temperature = temperature
+
+        logp = torch.zeros(n, dtype=cdt, device=dev)
+        logp[idx] = logp_k
+        loss = loss_k.sum()
+        denom = max(k, 1)
+        clip_fraction = clip_k.sum().to(cdt) / denom
+        kl_mean = kl_k.sum() / denom if kl_k is not None else torch.empty(0, device=dev)
+        if ent_k is not None:
+            entropy = torch.zeros(n, dtype=cdt, device=dev)
+            entropy[idx] = ent_k
+        else:
+            entropy = torch.empty(0, device=dev)
+        ctx.mark_non_differentiable(logp, clip_fraction, kl_mean, entropy)
+        return loss, logp, clip_fraction, kl_mean, entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        with nvtx_range("dash_kernels/pg_loss_bwd", grad_loss.is_cuda):
+            if ctx.backend == "torch":
+                if ctx.grads is None:
+                    raise RuntimeError("fused_linear_pg_loss (torch backend) supports one backward per forward")
+                grads, ctx.grads = ctx.grads, None  # hand the buffers over so autograd can steal them
+                if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+                    grads = [None if t is None else t.mul_(grad_loss) for t in grads]
+            else:
+                from .triton_kernels import triton_pg_backward
+
+                hidden, weight, bias, targets, idx, g, lse = ctx.saved_tensors
+                grads = triton_pg_backward(
+                    hidden, weight, bias, targets, idx, g * grad_loss, lse, temperature=ctx.temperature,
+                    need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1],
+                    need_grad_bias=ctx.needs_input_grad[2],
+                )
+            grads = [None if t is None else t.to(dt) for t, dt in zip(grads, ctx.dtypes)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def fused_linear_pg_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    advantages: torch.Tensor,
+    token_weights: torch.Tensor,
+    old_logp: torch.Tensor | None = None,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    beta: float = 0.0,
+    tau: float | None = None,
+    backend: str = "auto",
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """loss = sum_t token_weights_t * (surr_t + beta * kl_t) over tokens with |A_t| > tau.
+
+    hidden [N, H], weight [V, H] (may be a tied embedding), bias [V] | None, targets [N] int,
+    advantages / token_weights / old_logp / ref_logp [N]. Returns (loss, stats) with stats
+    `logp` [N] (valid on kept tokens), `clip_fraction`, `kl_mean` (None when beta = 0) and
+    `entropy` [N] (None unless return_entropy). Loss is fp32 (fp64 for fp64 inputs).
+    """
+    if beta != 0.0 and ref_logp is None:
+        raise ValueError("fused_linear_pg_loss: beta > 0 needs ref_logp (the reference policy's log-probs)")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    n = hidden.shape[0]
+    for name, t in (("targets", targets), ("advantages", advantages), ("token_weights", token_weights),
+                    ("old_logp", old_logp), ("ref_logp", ref_logp)):
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    resolved = resolve_backend(backend, hidden.device)
+    cfg = (resolved, float(temperature), eps_low, eps_high, float(beta), return_entropy, chunk_size)
+    with nvtx_range("dash_kernels/pg_loss_fwd", hidden.is_cuda):
+        idx = kept_index(advantages, token_weights, tau)  # in-kernel filtering: only these rows are touched
+        loss, logp, clip_fraction, kl_mean, entropy = _FusedLinearPGLoss.apply(
+            hidden, weight, bias, targets, advantages, token_weights, old_logp,
+            ref_logp if beta != 0.0 else None, idx, cfg,
+        )
+    stats = {
+        "logp": logp,
+        "clip_fraction": clip_fraction,
+        "kl_mean": kl_mean if beta != 0.0 else None,
+        "entropy": entropy if return_entropy else None,
+        "kept_tokens": idx.numel(),
+    }
+    return loss, stats

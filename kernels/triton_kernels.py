@@ -1,0 +1,243 @@
+"""Triton kernels: lm_head projection fused with log-softmax (forward) and its gradient (backward).
+
+Both kernels read token rows through an index list, so filtered tokens (forward: weight 0 or
+|A| <= tau; backward: also g == 0, i.e. clip active with beta = 0) cost nothing. Logits live only
+as BLOCK_N x BLOCK_V register tiles.
+
+- `_dash_pg_fwd_kernel`: grid (token blocks, vocab splits). Each program runs an online
+  log-sum-exp over its vocab range and writes partial (max, sum, sum p*z, target logit); the tiny
+  [splits, n] combine is done by the launcher. Splitting the vocab keeps the GPU busy when few
+  tokens survive the filter.
+- `_dash_pg_bwd_kernel`: grid (token blocks x vocab blocks). Recomputes the logits tile, forms
+  dz = g * (onehot - softmax) / T and accumulates grad_hidden += dz @ W and grad_W += dz^T @ h
+  with fp32 atomics (the tile never leaves the SM).
+
+Block sizes are fixed per dtype (no autotune: the backward accumulates with atomics, and the
+interpreter runs a single config anyway). Under TRITON_INTERPRET=1 the blocks are large so that the
+number of programs, which drives the interpreter's cost, stays small.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        h = tl.load(H + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(W + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+                    mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _dash_pg_fwd_kernel(
+    H, W, B, IDX, TGT, M_OUT, S_OUT, S1_OUT, ZT_OUT,
+    n_rows, V, K, inv_t, tiles_per_split,
+    stride_hn, stride_hk, stride_wv, stride_wk,
+    HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows = tl.load(IDX + offs_n, mask=mask_n, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=mask_n, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_N,), tl.float32)
+    s1 = tl.zeros((BLOCK_N,), tl.float32)
+    zt = tl.zeros((BLOCK_N,), tl.float32)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    for t in range(t0, t1):
+        offs_v = t * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask_v = offs_v < V
+        z = _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
+                         BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
+        if HAS_BIAS:
+            z += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        z = tl.where(mask_v[None, :], z * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s = s * alpha + tl.sum(p, axis=1)
+        if ENTROPY:
+            s1 = s1 * alpha + tl.sum(p * tl.where(mask_v[None, :], z, 0.0), axis=1)
+        zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
+        m = m_new
+    out = pid_s * n_rows + offs_n
+    tl.store(M_OUT + out, m, mask=mask_n)
+    tl.store(S_OUT + out, s, mask=mask_n)
+    tl.store(ZT_OUT + out, zt, mask=mask_n)
+    if ENTROPY:
+        tl.store(S1_OUT + out, s1, mask=mask_n)
+
+
+@triton.jit
+def _dash_pg_bwd_kernel(
+    H, W, B, IDX, TGT, G, LSE, GH, GW, GB,
+    n_rows, V, K, inv_t,
+    stride_hn, stride_hk, stride_wv, stride_wk,
+    HAS_BIAS: tl.constexpr, NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
+    DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_vblocks = tl.cdiv(V, BLOCK_V)
+    pid_n = pid // n_vblocks
+    pid_v = pid % n_vblocks
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows = tl.load(IDX + offs_n, mask=mask_n, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=mask_n, other=0)
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0)  # w * dL/dlogp * grad_output / T, compacted
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    z = _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
+                     BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
+    if HAS_BIAS:
+        z += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    p = tl.where(mask_v[None, :], tl.exp(z * inv_t - lse[:, None]), 0.0)
+    dz = (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p) * g[:, None]
+    if NEED_GB:
+        tl.atomic_add(GB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+    dz_in = dz.to(H.dtype.element_ty)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        if NEED_GH:
+            w = tl.load(W + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
+                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            gh = tl.dot(dz_in, w, input_precision=DOT_PREC)
+            tl.atomic_add(GH + rows[:, None] * K + offs_k[None, :], gh, mask=mask_n[:, None] & mask_k[None, :])
+        if NEED_GW:
+            h = tl.load(H + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            gw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PREC)
+            tl.atomic_add(GW + offs_v[:, None] * K + offs_k[None, :], gw, mask=mask_v[:, None] & mask_k[None, :])
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps)."""
+    if _interpret():
+        return 32, 128, 64, 4
+    if dtype == torch.float32:
+        return 64, 64, 32, 4
+    return 64, 128, 64, 8
+
+
+def _check(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"triton backend supports fp32/bf16/fp16, got {hidden.dtype}; use backend='torch'")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight dtypes differ ({hidden.dtype} vs {weight.dtype})")
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def triton_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    idx: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(logp, lse, entropy) in fp32 for the rows hidden[idx] (compacted order)."""
+    _check(hidden, weight)
+    targets, idx = targets.contiguous(), idx.contiguous()  # hidden / weight strides are kernel arguments
+    bias = None if bias is None else bias.contiguous()
+    n = idx.numel()
+    dev = hidden.device
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    if n == 0:
+        return lse, lse.clone(), (lse.clone() if return_entropy else None)
+    vocab, hdim = weight.shape
+    bn, bv, bk, warps = _blocks(hidden.dtype)
+    grid_n = triton.cdiv(n, bn)
+    n_tiles = triton.cdiv(vocab, bv)
+    splits = min(n_tiles, max(1, triton.cdiv(4 * _num_sms(dev), grid_n)))
+    per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per_split)
+    part = torch.empty(4, splits, n, dtype=torch.float32, device=dev)
+    _dash_pg_fwd_kernel[(grid_n, splits)](
+        hidden, weight, bias if bias is not None else hidden, idx, targets, part[0], part[1], part[2], part[3],
+        n, vocab, hdim, 1.0 / temperature, per_split,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, ENTROPY=return_entropy,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
+    )
+    m_part, s_part, s1_part, zt_part = part
+    m = m_part.amax(0)
+    scale = torch.exp(m_part - m)
+    s = (s_part * scale).sum(0)
+    torch.add(m, s.log(), out=lse)
+    logp = zt_part.sum(0) - lse
+    ent = None
+    if return_entropy:
+        ent = lse - (s1_part * scale).sum(0) / s
+    return logp, lse, ent
+
+
+def triton_pg_backward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    idx: torch.Tensor,
+    g: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    temperature: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """fp32 grads of sum_t L_t with g_t = dL_t/dlogp_t (already scaled by grad_output) at rows idx."""
+    vocab, hdim = weight.shape
+    dev = hidden.device
+    targets, idx = targets.contiguous(), idx.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    gh = torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if need_grad_hidden else None
+    gw = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_grad_weight else None
+    gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_grad_bias and bias is not None else None
+    n = idx.numel()
+    if n == 0:
+        return gh, gw, gb
+    bn, bv, bk, warps = _blocks(hidden.dtype)
+    grid = (triton.cdiv(n, bn) * triton.cdiv(vocab, bv),)
+    dummy = lse
+    _dash_pg_bwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, idx, targets,
+        (g / temperature).float().contiguous(), lse.contiguous(),
+        gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
+        n, vocab, hdim, 1.0 / temperature,
+        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+        HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None, NEED_GB=gb is not None,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
+    )
+    return gh, gw, gb

@@ -1,0 +1,73 @@
+"""Shared pieces of the fused policy-gradient ops: backend choice, token filter, per-token PG math, NVTX."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """`auto` picks Triton on CUDA and the chunked torch path everywhere else."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    return backend
+
+
+def nvtx_range(name: str, enabled: bool):
+    """NVTX range on CUDA tensors; a shared nullcontext (no cost) on CPU."""
+    return torch.cuda.nvtx.range(name) if enabled else _NULL
+
+
+_NULL = nullcontext()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp64 stays fp64 (tests); everything else accumulates in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def kept_index(advantages: torch.Tensor, token_weights: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """Indices of tokens that take part: weight != 0 and |A| > tau (compared in A's own dtype)."""
+    keep = token_weights != 0
+    if tau is not None:
+        keep &= advantages.abs() > torch.tensor(tau, dtype=advantages.dtype, device=advantages.device)
+    return keep.nonzero().squeeze(1)
+
+
+def pg_token_terms(
+    logp: torch.Tensor,
+    adv: torch.Tensor,
+    weight: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Weighted per-token loss, g = dloss/dlogp, clip flags and k3 KL, all on kept tokens only.
+
+    The gradient is written in closed form (rather than autograd) so that the fused ops can fold
+    it into the softmax tile: d surr / d logp = -A * rho unless the clip is active, then 0.
+    """
+    if old_logp is None:  # on-policy: rho == 1 in value, d rho / d logp == 1, never clipped
+        loss = -adv
+        g = -adv
+        clipped = torch.zeros_like(adv, dtype=torch.bool)
+    else:
+        rho = torch.exp(logp - old_logp)
+        clipped = ((rho < 1 - eps_low) & (adv < 0)) | ((rho > 1 + eps_high) & (adv > 0))
+        loss = -torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
+        g = torch.where(clipped, torch.zeros_like(rho), -adv * rho)
+    kl = None
+    if beta != 0.0:
+        d = ref_logp - logp
+        e = torch.exp(d)
+        kl = e - d - 1
+        loss = loss + beta * kl
+        g = g + beta * (1 - e)
+    return weight * loss, weight * g, clipped, kl
