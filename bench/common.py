@@ -1,0 +1,226 @@
+"""Shared benchmark helpers: timing percentiles, peak memory, device peak FLOPS, CSV + PNG output.
+
+Every bench script writes rows with COLUMNS to bench/results/<name>.csv and a PNG next to it.
+Memory on CPU is the process's peak resident set size (VmHWM) above its RSS just before the call,
+after `malloc_trim` has returned freed heap to the OS: it sees every allocation torch makes (the
+CPU allocator has no cache), counts pages actually touched, and resets per measurement through
+/proc/self/clear_refs. Where clear_refs is not writable it falls back to sampling RSS every 0.5 ms,
+which can miss short spikes (the note column says which method ran). On CUDA it is
+torch.cuda.max_memory_allocated above the allocation before the call.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import gc
+import importlib
+import importlib.util
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+COLUMNS = ["name", "provider", "metric", "x_name", "x_value", "p20", "p50", "p80", "unit", "device", "dtype",
+           "filter_fraction", "note"]
+
+
+def import_dash_kernels():
+    """`dash_kernels` (kernels/ mapped by setup.py), loaded from the source tree when not installed."""
+    try:
+        return importlib.import_module("dash_kernels")
+    except ModuleNotFoundError:
+        root = Path(__file__).resolve().parents[1] / "kernels"
+        spec = importlib.util.spec_from_file_location(
+            "dash_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
+        )
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["dash_kernels"] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _percentiles(xs: list[float]) -> tuple[float, float, float]:
+    q = torch.tensor(xs, dtype=torch.float64).quantile(torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64))
+    return tuple(float(v) for v in q)
+
+
+def time_fn(fn: Callable[[], object], warmup: int = 1, reps: int = 5, device: str = "cpu") -> tuple[float, float, float]:
+    """(p20, p50, p80) wall time of fn() in ms, synchronising CUDA around each call."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _percentiles(times)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _can_reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory(fn: Callable[[], object], device: str = "cpu") -> tuple[float, str]:
+    """(peak bytes above the pre-call level while fn() runs, method used)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base), "cuda max_memory_allocated"
+    _trim()
+    if _can_reset_hwm():
+        base = _rss_kb("VmRSS")
+        fn()
+        return float(_rss_kb("VmHWM") - base) * 1024, "peak RSS (VmHWM reset)"
+    base = _rss_kb("VmRSS")
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_kb("VmRSS"))
+            time.sleep(5e-4)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    fn()
+    done.set()
+    t.join()
+    return float(peak[0] - base) * 1024, "sampled RSS (0.5 ms)"
+
+
+_PEAK_CACHE: dict = {}
+# Dense tensor-core peaks (TFLOPS) from the vendor datasheets, SXM parts.
+_GPU_PEAKS = {"H100": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 494.0},
+              "H200": {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 494.0},
+              "A100": {torch.bfloat16: 312.0, torch.float16: 312.0, torch.float32: 156.0}}
+
+
+def device_peak_tflops(device: str, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak TFLOPS, where it comes from): datasheet on known GPUs, else a measured large matmul."""
+    key = (str(device), dtype)
+    if key in _PEAK_CACHE:
+        return _PEAK_CACHE[key]
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+        for k, table in _GPU_PEAKS.items():
+            if k in name and dtype in table:
+                _PEAK_CACHE[key] = (table[dtype], f"{k} datasheet")
+                return _PEAK_CACHE[key]
+    n = 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    _, best, _ = time_fn(lambda: a @ b, warmup=1, reps=5, device=device)
+    _PEAK_CACHE[key] = (2 * n**3 / (best * 1e-3) / 1e12, f"measured {n}^3 matmul")
+    return _PEAK_CACHE[key]
+
+
+def device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu x{torch.get_num_threads()} threads"
+
+
+def row(name: str, provider: str, metric: str, x_name: str, x_value, p: tuple[float, float, float], unit: str,
+        device: str, dtype: str, filter_fraction: float, note: str = "") -> dict:
+    return dict(zip(COLUMNS, [name, provider, metric, x_name, x_value, *(round(v, 6) for v in p), unit, device,
+                              dtype, filter_fraction, note]))
+
+
+def write_csv(name: str, rows: list[dict]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def print_table(rows: list[dict]) -> None:
+    cols = ["provider", "metric", "x_name", "x_value", "filter_fraction", "p20", "p50", "p80", "unit"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def plot(name: str, rows: list[dict]) -> Path | None:
+    """One panel per (x_name, metric): p50 per provider with a p20-p80 band."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return None
+    panels = sorted({(r["x_name"], r["metric"], r["unit"]) for r in rows})
+    x_names = sorted({p[0] for p in panels})
+    metrics = sorted({(p[1], p[2]) for p in panels})
+    fig, axes = plt.subplots(len(x_names), len(metrics), figsize=(4.2 * len(metrics), 3.3 * len(x_names)),
+                             squeeze=False)
+    for i, xn in enumerate(x_names):
+        for j, (metric, unit) in enumerate(metrics):
+            ax = axes[i][j]
+            for prov in sorted({r["provider"] for r in rows}):
+                pts = sorted((float(r["x_value"]), r["p20"], r["p50"], r["p80"]) for r in rows
+                             if r["x_name"] == xn and r["metric"] == metric and r["provider"] == prov)
+                if not pts:
+                    continue
+                x, lo, mid, hi = zip(*pts)
+                ax.plot(x, mid, marker="o", label=prov)
+                ax.fill_between(x, lo, hi, alpha=0.2)
+            ax.set_xlabel(xn)
+            ax.set_ylabel(f"{metric} [{unit}]")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    fig.suptitle(name)
+    fig.tight_layout()
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def set_threads(n: int | None) -> None:
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
