@@ -96,6 +96,10 @@ def make_task(cfg: TinyConfig, seed: int) -> tuple[list[dict], list[dict]]:
     seen: set[str] = set()
     rows: list[dict] = []
     want = cfg.n_train + cfg.n_test
+    possible = (cfg.max_operand + 1) ** cfg.n_terms
+    if want > possible:
+        raise ValueError(f"tiny: n_train + n_test = {want} but only {possible} distinct problems exist "
+                         f"with n_terms={cfg.n_terms}, max_operand={cfg.max_operand}")
     while len(rows) < want:
         p = make_problem(rng, cfg.n_terms, cfg.max_operand)
         if p["prompt"] not in seen:

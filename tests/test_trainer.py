@@ -1,0 +1,144 @@
+"""The trainer's update against the algorithm's promises (issue 3): global normaliser, filtering
+invariance, sampler/trainer log-prob agreement, and no old-logprob pass when K = 1 on-policy."""
+
+import pytest
+import torch
+
+from dash_fast import DashConfig, DashTrainer, algo
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+# grads_of_update disables optimizer.step, which the LR scheduler warns about
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like")
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
+                  max_operand=19, n_train=40, n_test=8)
+
+
+def make_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", **overrides) -> DashTrainer:
+    tok = build_tokenizer()
+    model = build_model(tok, TINY, seed=0).to(dtype)
+    train, test = make_task(TINY, seed=0)
+    args = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, max_completion_tokens=8,
+                max_prompt_tokens=16, loss_impl="naive", report_to=[], disable_tqdm=True,
+                max_grad_norm=None, learning_rate=1e-2, filter_tau=None, eval_examples=8)
+    args.update(overrides)
+    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train,
+                       eval_dataset=test, processing_class=tok)
+
+
+def rollout_for(trainer: DashTrainer, step: int = 0):
+    indices = trainer.sampler.next(trainer.args.prompts_per_step)
+    G = trainer.args.group_size
+    return trainer.generate([trainer.train_data.prompt_ids[i] for i in indices for _ in range(G)], step)
+
+
+def grads_of_update(trainer: DashTrainer, rollout, advantages, kept) -> dict[str, torch.Tensor]:
+    """Run trainer.update with the optimizer step disabled and return the accumulated gradients."""
+    trainer.optimizer.step = lambda *a, **k: None  # the scheduler warns about this; harmless here
+    trainer.update(rollout, advantages, kept)
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
+def test_gradient_accumulation_equals_one_batch(tmp_path, loss_agg):
+    trainer = make_trainer(tmp_path, loss_agg=loss_agg)
+    rollout = rollout_for(trainer)
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kept = torch.arange(len(rollout))
+    trainer.micro_batch_tokens = 10**6
+    one = grads_of_update(trainer, rollout, advantages, kept)
+    trainer.micro_batch_tokens = 20  # a few rows per micro-batch
+    n_micro = len(algo.pack_micro_batches(
+        [len(rollout.prompt_ids[r]) + int(rollout.completion_lengths[r]) for r in range(len(rollout))], 20))
+    assert n_micro >= 4
+    many = grads_of_update(trainer, rollout, advantages, kept)
+    assert_same_grads(one, many, rtol=1e-9, atol=1e-12)
+
+
+def test_normalize_over_all_dropping_zero_advantage_rows_leaves_gradient_unchanged(tmp_path):
+    trainer = make_trainer(tmp_path, normalize_over="all", loss_agg="token-mean")
+    rollout = rollout_for(trainer)
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    advantages[::3] = 0.0  # rows carrying no signal
+    trainer.micro_batch_tokens = 10**6
+    everything = grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout)))
+    filtered = grads_of_update(trainer, rollout, advantages, algo.filter_rows(advantages, 0.0))
+    assert algo.filter_rows(advantages, 0.0).numel() < len(rollout)
+    assert_same_grads(everything, filtered, rtol=1e-9, atol=1e-12)
+
+
+def test_normalize_over_kept_does_change_the_scale(tmp_path):
+    """The control for the test above: with 'kept' the same filtering rescales the gradient."""
+    trainer = make_trainer(tmp_path, normalize_over="kept", loss_agg="dr_grpo")
+    rollout = rollout_for(trainer)
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    advantages[::3] = 0.0
+    kept = algo.filter_rows(advantages, 0.0)
+    everything = grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout)))
+    filtered = grads_of_update(trainer, rollout, advantages, kept)
+    name = next(iter(everything))
+    ratio = (filtered[name].norm() / everything[name].norm()).item()
+    assert ratio == pytest.approx(len(rollout) / kept.numel(), rel=1e-6)
+
+
+def test_sampler_logprobs_match_trainer_logprobs(tmp_path):
+    trainer = make_trainer(tmp_path, dtype=torch.float32, temperature=0.7, top_k=5)
+    rollout = rollout_for(trainer)
+    rows = list(range(len(rollout)))
+    recomputed = trainer._logprob_pass(trainer.model, rollout, rows, "test")
+    mask = rollout.completion_mask.bool()
+    assert mask.sum() > 0
+    torch.testing.assert_close(recomputed[mask], rollout.sampling_logps[mask], rtol=1e-4, atol=1e-4)
+
+
+def count_decoder_forwards(trainer: DashTrainer) -> list[int]:
+    calls = [0]
+    trainer._decoder(trainer.model).register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+@pytest.mark.parametrize("K, M", [(1, 1), (2, 1), (1, 2)])
+def test_old_logprob_pass_only_when_off_policy(tmp_path, K, M):
+    trainer = make_trainer(tmp_path, updates_per_rollout=K, minibatches=M, micro_batch_tokens=10**6)
+    rollout = rollout_for(trainer)
+    advantages = torch.linspace(-1, 1, len(rollout), dtype=torch.float64)
+    calls = count_decoder_forwards(trainer)
+    trainer.update(rollout, advantages, torch.arange(len(rollout)))
+    train_forwards = K * M  # one micro-batch per minibatch with this budget
+    old_pass = 0 if (K, M) == (1, 1) else 1
+    assert calls[0] == train_forwards + old_pass
+
+
+def test_filtered_rows_never_reach_a_forward_pass(tmp_path):
+    trainer = make_trainer(tmp_path, micro_batch_tokens=10**6)
+    rollout = rollout_for(trainer)
+    seen = []
+    original = trainer._hidden_and_targets
+    trainer._hidden_and_targets = lambda model, r, rows: (seen.extend(rows), original(model, r, rows))[1]
+    advantages = torch.zeros(len(rollout), dtype=torch.float64)
+    advantages[[1, 6]] = torch.tensor([0.5, -0.7], dtype=torch.float64)
+    trainer.update(rollout, advantages, algo.filter_rows(advantages, 0.1))
+    assert sorted(seen) == [1, 6]
+
+
+def length_reward(prompts, completions, **columns):
+    """Varies within a group even for a random model, so the step has signal."""
+    return [float(len(c)) for c in completions]
+
+
+def test_train_step_reports_metrics_and_changes_weights(tmp_path):
+    trainer = make_trainer(tmp_path, dtype=torch.float32, reward=length_reward)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    record = trainer.train_step(1)
+    for key in ("step", "reward_mean", "reward_std", "accuracy", "kept_fraction", "clip_fraction", "kl",
+                "entropy", "completion_len_mean", "time_generate_s", "time_train_s", "time_step_s",
+                "tokens_per_s"):
+        assert key in record, key
+    assert 0 < record["kept_fraction"] <= 1
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
