@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -74,30 +75,45 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
                       seed=cfg.seed)
         print(f"dash-fast: SFT warm start: {cfg.sft.steps} steps, final loss {log[-1]['loss']:.3f}, "
               f"{log[-1]['time_s']:.1f}s")
-    model.save_pretrained(sft_dir)
-    tokenizer.save_pretrained(sft_dir)
+    tmp = f"{sft_dir}.tmp-{os.getpid()}"  # atomic: a kill mid-save must not leave a half-written model
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(sft_dir, ignore_errors=True)
+    os.replace(tmp, sft_dir)
     return sft_dir, paths["train"], paths["test"], time.perf_counter() - t0
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from dash_fast.trainer import DashTrainer
+    from dash_fast import distributed as ddp
+    from dash_fast.trainer import DashTrainer, resolve_device
 
     t0 = time.perf_counter()
     cfg = build_config(ns)
+    dist = ddp.init_distributed(resolve_device(cfg.device).type)  # under torchrun; a no-op otherwise
     if cfg.output_dir is None:
+        if dist.enabled:
+            raise SystemExit("dash-fast: under torchrun pass --output-dir (every rank must use the same one)")
         cfg.output_dir = time.strftime("runs/%Y%m%d-%H%M%S")
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    if dist.is_main:
+        with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
     sft_time = 0.0
     if cfg.model is None and cfg.dataset is None:
-        model, train, test, sft_time = prepare_embedded(cfg)
+        if dist.is_main:  # rank 0 builds the embedded model and task; the others then load them
+            model, train, test, sft_time = prepare_embedded(cfg)
+        ddp.barrier(dist)
+        if not dist.is_main:
+            model, train, test = (os.path.join(cfg.output_dir, *p) for p in
+                                  (["sft_model"], ["data", "train.jsonl"], ["data", "test.jsonl"]))
     else:
         if cfg.model is None or cfg.dataset is None:
             raise SystemExit("dash-fast: --model and --dataset go together (omit both for the embedded default)")
         model, train, test = cfg.model, cfg.dataset, cfg.eval_dataset
     trainer = DashTrainer(model, cfg.reward_funcs, args=cfg, train_dataset=train, eval_dataset=test)
     summary = trainer.train()
+    if not dist.is_main:
+        return 0
     summary.update({"wall_time_s": time.perf_counter() - t0, "sft_wall_time_s": sft_time})
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -111,14 +127,20 @@ def cmd_train(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from dash_fast.trainer import DashTrainer
 
-    cfg = build_config(ns)
     if not ns.dataset:
         raise SystemExit("dash-fast eval: --dataset FILE is required (e.g. RUN/data/test.jsonl)")
+    run_config = os.path.join(ns.checkpoint, os.pardir, os.pardir, "config.json")
+    if ns.config is None and os.path.exists(run_config):  # RUN/checkpoints/step-N: reuse the run's settings
+        ns.config = run_config
+    cfg = build_config(ns)
     cfg.output_dir = ns.output_dir or os.path.join(ns.checkpoint, "eval")
     cfg.report_to = []
+    cfg.resume = None
     trainer = DashTrainer(ns.checkpoint, cfg.reward_funcs, args=cfg, train_dataset=ns.dataset,
                           eval_dataset=ns.dataset)
-    result = trainer.evaluate(max_examples=ns.max_examples)
+    raw = trainer.evaluate(max_examples=ns.max_examples)
+    result = {"eval_accuracy": raw["accuracy"], "eval_examples": raw["examples"],
+              "completion_len_mean": raw["completion_len_mean"], "checkpoint": ns.checkpoint}
     print(json.dumps(result))
     with open(os.path.join(cfg.output_dir, "eval.json"), "w") as f:
         json.dump(result, f, indent=2)
