@@ -55,25 +55,37 @@ def save_checkpoint(
     tokenizer,
     trainer_state: dict,
     keep_last: int | None = None,
+    state_dict: dict | None = None,
 ) -> str:
-    """Write checkpoints/step-N atomically: HF model + tokenizer + trainer_state.pt (optimizer, RNG, ...)."""
+    """Write checkpoints/step-N atomically: HF model + tokenizer + trainer_state.pt (optimizer, RNG, ...).
+
+    `state_dict` overrides the model's own (FSDP2 passes the gathered full weights)."""
     os.makedirs(checkpoints_dir, exist_ok=True)
     final = os.path.join(checkpoints_dir, f"step-{step}")
+    for name in os.listdir(checkpoints_dir):  # leftovers of saves or deletions a kill interrupted
+        if name.startswith("."):
+            shutil.rmtree(os.path.join(checkpoints_dir, name), ignore_errors=True)
     tmp = os.path.join(checkpoints_dir, f".step-{step}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
     _fsync_tree(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. final == periodic): replace it
-        shutil.rmtree(final)
+    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+        _remove(final)
     os.replace(tmp, final)
     _fsync_tree(checkpoints_dir)
     if keep_last:
         for old in list_checkpoints(checkpoints_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
     return final
+
+
+def _remove(path: str) -> None:
+    """Rename out of sight first, so a kill mid-delete never leaves a half-deleted step-N."""
+    hidden = os.path.join(os.path.dirname(path), f".deleting-{os.path.basename(path)}")
+    os.replace(path, hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def list_checkpoints(checkpoints_dir: str) -> list[str]:

@@ -38,6 +38,7 @@ class DashConfig:
     # --- run ---
     output_dir: str | None = None  # default runs/<timestamp>
     seed: int = 0
+    data_seed: int | None = None  # prompt order; None: seed
     max_steps: int = 100
     preset: str | None = None  # "dash" | "grpo": applied under the file and overrides
     model: str | None = None  # HF path; None = the embedded tiny model
@@ -75,6 +76,7 @@ class DashConfig:
     loss_impl: str = "fused"  # fused | naive | liger
     overlap: bool = False
     engine: str = "torch"  # torch | vllm
+    parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
     adam_beta1: float = 0.9
@@ -127,6 +129,7 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
@@ -276,12 +279,17 @@ def make_config(
 # The tiny char-level model needs a far larger learning rate and much shorter completions than the
 # paper's Qwen2.5 runs; the algorithm settings (64 prompts x G=4, tau=0.1, temperature 0.9) are the paper's.
 EMBEDDED_DEFAULT: dict[str, Any] = {
+    # Tuned on 2 CPU cores (see README): SFT leaves the tiny model at ~40% greedy accuracy, then RL
+    # with 64 prompts x 8 samples lifts it by well over 15 points in a few minutes. G = 8 rather than
+    # the paper's 4: with a 0.4M-parameter policy, the larger group gives a less noisy advantage.
     "preset": "dash",
-    "max_steps": 60,
-    "learning_rate": 1e-3,
+    "max_steps": 300,
+    "learning_rate": 1e-4,
+    "group_size": 8,
     "max_prompt_tokens": 32,
     "max_completion_tokens": 24,
     "eval_examples": 500,
+    "eval_every": 100,
     "micro_batch_tokens": 4096,
-    "sft": {"steps": 300},
+    "sft": {"steps": 200},
 }

@@ -14,11 +14,13 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 
 from dash_fast import algo
+from dash_fast import distributed as ddp
 from dash_fast.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -41,7 +43,9 @@ class TrainingAborted(RuntimeError):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per local rank
+        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(name)
 
 
@@ -81,7 +85,9 @@ class DashTrainer:
         self.args = args = args or DashConfig()
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
+        self.dist = ddp.init_distributed(self.device.type)
         self.model = load_model(model, args.dtype, self.device)
+        ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
             if not source:
@@ -112,8 +118,14 @@ class DashTrainer:
         self.eval_data = None
         if eval_dataset is not None:
             self.eval_data = PromptDataset(load_rows(eval_dataset), self.tokenizer, name="eval_dataset", **data_kwargs)
-        self.sampler = PromptSampler(len(self.train_data), args.seed)
+        self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
+        ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
+        self.fsdp_root = None  # FSDP2 (GPU only, not run in this repository's tests)
+        if args.parallel == "fsdp2" and self.dist.enabled:
+            if args.beta > 0 or args.engine != "torch":
+                raise ValueError("parallel=fsdp2 supports beta=0 and engine=torch only")
+            self.fsdp_root = ddp.fully_shard_model(self.model)
         self.engine = self._make_engine()
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
@@ -129,8 +141,12 @@ class DashTrainer:
         os.makedirs(self.output_dir, exist_ok=True)
         self.state = TrainerState()
         self.state.max_steps = args.max_steps
+        self.state.logging_steps = args.logging_steps
+        self.state.save_steps = args.save_steps
+        self.state.is_world_process_zero = self.state.is_local_process_zero = self.dist.is_main
         self.control = TrainerControl()
         self.callbacks = list(callbacks or [])
+        self.callback_args: Any = args  # what callbacks receive as `args` (GRPOTrainer passes its GRPOConfig)
         self.micro_batch_tokens = args.micro_batch_tokens
         self.nonfinite_in_a_row = 0
         self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
@@ -217,7 +233,7 @@ class DashTrainer:
         """No-grad token log-probs of rollout rows, as a [B, L] tensor (old / ref passes)."""
         out = torch.zeros_like(rollout.sampling_logps)
         lengths = rollout.completion_lengths.tolist()
-        with nvtx_range(name):
+        with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
             for micro in algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
                                                  self.micro_batch_tokens):
                 micro_rows = [rows[i] for i in micro]
@@ -252,16 +268,19 @@ class DashTrainer:
         return algo.naive_linear_pg_loss(*inputs, **kwargs)
 
     # ------------------------------------------------------------------ sampling and rewards
-    def generate(self, prompt_ids: list[list[int]], step: int) -> Rollout:
-        """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset)."""
+    def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
+        """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset).
+        `row_offset` (this rank's first row in the global rollout) keys the sampling seed, so a chunk
+        samples the same tokens whichever rank or process generates it."""
         params = self._sampling_params(step)
+        params.seed += row_offset
         size = self.args.generation_batch_size or len(prompt_ids)
-        with nvtx_range("rollout/generate"):
+        with nvtx_range("rollout/generate"), ddp.gathered_params(self.fsdp_root):
             if size >= len(prompt_ids):
                 return self.engine.generate(prompt_ids, params)
             parts = []
             for i in range(0, len(prompt_ids), size):
-                params.seed = self._sampling_params(step).seed + i  # distinct, reproducible streams
+                params.seed = self._sampling_params(step).seed + row_offset + i  # distinct, reproducible streams
                 parts.append(self.engine.generate(prompt_ids[i : i + size], params))
             return Rollout.concat(parts, self.pad_id)
 
@@ -287,30 +306,37 @@ class DashTrainer:
         a = self.args
         G = a.group_size
         t_start = time.perf_counter()
-        indices = self.sampler.next(a.prompts_per_step)
+        indices = self.sampler.next(a.prompts_per_step)  # the same global prompts on every rank
+        lo, hi = ddp.shard_range(len(indices), self.dist)  # this rank samples prompts [lo, hi)
+        indices, row_offset = indices[lo:hi], lo * G
         prompt_ids = [self.train_data.prompt_ids[i] for i in indices for _ in range(G)]
-        rollout = self.generate(prompt_ids, step)
+        rollout = self.generate(prompt_ids, step, row_offset=row_offset)
         t_gen = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
-        rewards, per_func = self.compute_rewards(self.train_data, indices, rollout, G)
+        rewards, per_func = self._rewards_or_skip(indices, rollout, G, step)
+        if rewards is None:  # on_reward_error="skip": no update for this batch
+            return self._skipped_record(step, t_start, t_gen)
+        # every rank sees the whole rollout's rewards and lengths: same advantages, filter and normaliser
+        rewards, per_func = ddp.all_gather_rows(rewards, self.dist), ddp.all_gather_rows(per_func, self.dist)
+        all_lengths = ddp.all_gather_rows(rollout.completion_lengths, self.dist)
         advantages = algo.group_advantages(rewards, G, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
         t_reward = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        train_stats = self.update(rollout, advantages, kept)
+        train_stats = self.update(rollout, advantages, kept, row_offset=row_offset, lengths=all_lengths)
         t_train = time.perf_counter() - t0
         t_step = time.perf_counter() - t_start
 
-        lengths = rollout.completion_lengths.float()
+        lengths = all_lengths.float()
         acc = per_func[:, self.accuracy_index]
         record = {
             "step": step,
             "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),
-            "kept_fraction": kept.numel() / len(rollout),
+            "kept_fraction": kept.numel() / len(rewards),
             "completion_len_mean": lengths.mean().item(),
             "time_generate_s": t_gen,
             "time_reward_s": t_reward,
@@ -324,21 +350,57 @@ class DashTrainer:
             record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
         return record
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor) -> dict:
+    def _rewards_or_skip(self, indices: list[int], rollout: Rollout, G: int, step: int):
+        """Rewards of this rank's rows; (None, None) when a reward function failed on any rank and
+        on_reward_error="skip". With "raise" the RewardError propagates and the last checkpoint stays."""
+        from dash_fast.rewards import RewardError
+
+        error: RewardError | None = None
+        try:
+            rewards, per_func = self.compute_rewards(self.train_data, indices, rollout, G)
+        except RewardError as e:
+            error, rewards, per_func = e, None, None
+        if ddp.any_rank(error is not None, self.dist):
+            error = error or RewardError("a reward function failed on another rank")
+            if self.args.on_reward_error == "raise":
+                raise error
+            print(f"dash-fast: step {step}: {error}; batch skipped (on_reward_error=skip)")
+            return None, None
+        return rewards, per_func
+
+    def _skipped_record(self, step: int, t_start: float, t_gen: float) -> dict:
+        t_step = time.perf_counter() - t_start
+        nan = float("nan")
+        return {"step": step, "reward_mean": nan, "reward_std": nan, "accuracy": nan, "kept_fraction": 0.0,
+                "completion_len_mean": nan, "time_generate_s": t_gen, "time_reward_s": t_step - t_gen,
+                "time_train_s": 0.0, "time_step_s": t_step, "tokens_per_s": 0.0,
+                "lr": self.scheduler.get_last_lr()[0], "skipped_steps": 1, "reward_error": True}
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor, row_offset: int = 0,
+               lengths: torch.Tensor | None = None) -> dict:
         """K epochs x M minibatches of optimizer steps over the kept rows, each step accumulating
-        gradients over token-budget micro-batches with a global normaliser."""
+        gradients over token-budget micro-batches with a global normaliser.
+
+        `advantages`, `kept` and `lengths` cover the whole (global) rollout; this rank's `rollout` holds
+        rows [row_offset, row_offset + len(rollout)) of it (all of it in one process)."""
         a = self.args
         kept_rows = kept.tolist()
-        lengths = rollout.completion_lengths
+        lengths = rollout.completion_lengths if lengths is None else lengths
+        n_local = len(rollout)
+        local_adv = advantages[row_offset : row_offset + n_local]
+
+        def local(rows: list[int]) -> list[int]:
+            return [r - row_offset for r in rows if row_offset <= r < row_offset + n_local]
+
         needs_old = a.updates_per_rollout > 1 or a.minibatches > 1
         old = None
         if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
             old = rollout.sampling_logps
         elif needs_old:
-            old = self._logprob_pass(self.model, rollout, kept_rows, "train/logprob_old")
+            old = self._logprob_pass(self.model, rollout, local(kept_rows), "train/logprob_old")
         ref = None
         if self.ref_model is not None:
-            ref = self._logprob_pass(self.ref_model, rollout, kept_rows, "train/logprob_ref")
+            ref = self._logprob_pass(self.ref_model, rollout, local(kept_rows), "train/logprob_ref")
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
                  "skipped_steps": 0}
@@ -353,7 +415,7 @@ class DashTrainer:
                     norm = algo.loss_normaliser(a.loss_agg, lengths, a.max_completion_tokens)
                     norm *= len(rows) / len(kept_rows)
                 weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
-                step_stats = self._optimizer_step(rollout, rows, advantages, weights, old, ref)
+                step_stats = self._optimizer_step(rollout, local(rows), local_adv, weights, old, ref)
                 n_updates += 1
                 for k in stats:
                     stats[k] += step_stats.get(k, 0.0) or 0.0
@@ -363,56 +425,94 @@ class DashTrainer:
         return stats
 
     def _optimizer_step(self, rollout, rows, advantages, weights, old, ref) -> dict:
-        """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory."""
+        """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory
+        (on every rank when any rank ran out, so the ranks stay in step)."""
         while True:
+            sums, oom = None, False
             try:
-                return self._accumulate_and_step(rollout, rows, advantages, weights, old, ref)
+                sums = self._accumulate(rollout, rows, advantages, weights, old, ref)
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.micro_batch_tokens <= 1:
-                    raise
-                self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
-                print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                oom = True
+            if not ddp.any_rank(oom, self.dist):
+                return self._step(sums)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.micro_batch_tokens <= 1:
+                raise TrainingAborted("out of memory in backward even with micro_batch_tokens=1")
+            self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
+            print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-    def _accumulate_and_step(self, rollout, rows, advantages, weights, old, ref) -> dict:
+    def _micro_loss(self, rollout, micro_rows, advantages, weights, old, ref):
+        """Forward + loss of one micro-batch. Under FSDP2 it runs inside the root's forward, where the
+        lm_head weight it reads directly is unsharded."""
         a = self.args
+        hidden, targets = self._hidden_and_targets(self.model, rollout, micro_rows)
+        weight, bias = self._lm_head(self.model)
+        loss, st = self._loss_fn(
+            hidden, weight, bias, targets,
+            self._per_token(advantages, rollout, micro_rows),
+            self._per_token(weights, rollout, micro_rows),
+            None if old is None else self._per_token(old, rollout, micro_rows),
+            None if ref is None else self._per_token(ref, rollout, micro_rows),
+            temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
+            tau=None,  # rows were filtered before this forward; the kept fallback row must stay
+            return_entropy=True,
+        )
+        return loss, st, targets.numel()
+
+    def _dummy_loss(self, rollout):
+        """A zero loss through every parameter: FSDP2 ranks with fewer micro-batches run it so that all
+        ranks take part in the same number of forward/backward collectives."""
+        hidden, _ = self._hidden_and_targets(self.model, rollout, [0])
+        weight, _ = self._lm_head(self.model)
+        return hidden.sum() * 0.0 + weight.sum() * 0.0
+
+    def _accumulate(self, rollout, rows, advantages, weights, old, ref) -> list[float]:
+        """Forward/backward over token-budget micro-batches of this rank's `rows`; returns loss sums."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        weight, bias = self._lm_head(self.model)
         lengths = rollout.completion_lengths.tolist()
+        micros: list = algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
+                                               self.micro_batch_tokens) if rows else []
+        if self.fsdp_root is not None:  # same number of forwards on every rank
+            micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
-        for micro in algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
-                                             self.micro_batch_tokens):
-            micro_rows = [rows[i] for i in micro]
+        for micro in micros:
             with nvtx_range("train/forward"):
                 self.forward_passes += 1
-                hidden, targets = self._hidden_and_targets(self.model, rollout, micro_rows)
-                loss, st = self._loss_fn(
-                    hidden, weight, bias, targets,
-                    self._per_token(advantages, rollout, micro_rows),
-                    self._per_token(weights, rollout, micro_rows),
-                    None if old is None else self._per_token(old, rollout, micro_rows),
-                    None if ref is None else self._per_token(ref, rollout, micro_rows),
-                    temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
-                    tau=None,  # rows were filtered before this forward; the kept fallback row must stay
-                    return_entropy=True,
-                )
+                if micro is None:
+                    loss, st, n = self.fsdp_root(self._dummy_loss, rollout), None, 0
+                else:
+                    micro_rows = [rows[i] for i in micro]
+                    run = self._micro_loss if self.fsdp_root is None else partial(self.fsdp_root, self._micro_loss)
+                    loss, st, n = run(rollout, micro_rows, advantages, weights, old, ref)
             with nvtx_range("train/backward"):
                 loss.backward()
-            n = targets.numel()
+            if st is None:
+                continue
             total_loss += loss.item()
             clip_sum += st["clip_fraction"] * n
             kl_sum += (st["kl_mean"] or 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n
+        return [total_loss, clip_sum, kl_sum, ent_sum, float(tokens)]
 
+    def _step(self, sums: list[float]) -> dict:
+        """Sum gradients (and loss statistics) over ranks, clip, and take the optimizer step unless the
+        loss or gradient is non-finite."""
+        a = self.args
         with nvtx_range("optim/step"):
+            if self.dist.enabled:
+                sums = [ddp.all_reduce_sum(v, self.dist) for v in sums]
+                if self.fsdp_root is None:  # FSDP2 reduce-scatters gradients itself during backward
+                    ddp.all_reduce_grads([p for p in self.model.parameters() if p.requires_grad], self.dist)
+            total_loss, clip_sum, kl_sum, ent_sum, tokens = sums
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = a.max_grad_norm if a.max_grad_norm is not None else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm)) if params else 0.0
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
             if finite:
                 self.optimizer.step()
@@ -434,35 +534,41 @@ class DashTrainer:
     @torch.no_grad()
     def evaluate(self, dataset: PromptDataset | None = None, max_examples: int | None = None,
                  batch_size: int = 256) -> dict:
-        """Greedy accuracy (mean of the accuracy reward) on held-out prompts."""
+        """Greedy accuracy (mean of the accuracy reward) on held-out prompts (split over ranks)."""
         dataset = dataset or self.eval_data
         if dataset is None:
             raise ValueError("no eval dataset")
         n = min(len(dataset), max_examples or self.args.eval_examples)
         params = self._sampling_params(0, greedy=True, max_new=self.args.eval_max_completion_tokens)
-        correct, lengths = [], []
-        for start in range(0, n, batch_size):
-            idx = list(range(start, min(n, start + batch_size)))
-            rollout = self.engine.generate([dataset.prompt_ids[i] for i in idx], params)
-            _, per_func = self.compute_rewards(dataset, idx, rollout, 1)
-            correct.append(per_func[:, self.accuracy_index])
-            lengths.append(rollout.completion_lengths.float())
-        acc = torch.cat(correct)
-        return {"accuracy": torch.nanmean(acc).item(), "examples": n,
-                "completion_len_mean": torch.cat(lengths).mean().item()}
+        share = -(-n // self.dist.world_size)
+        lo, hi = min(n, self.dist.rank * share), min(n, (self.dist.rank + 1) * share)
+        acc_sum, acc_count, len_sum = 0.0, 0.0, 0.0
+        with ddp.gathered_params(self.fsdp_root):
+            for start in range(lo, hi, batch_size):
+                idx = list(range(start, min(hi, start + batch_size)))
+                rollout = self.engine.generate([dataset.prompt_ids[i] for i in idx], params)
+                _, per_func = self.compute_rewards(dataset, idx, rollout, 1)
+                acc = per_func[:, self.accuracy_index]
+                acc_sum += float(torch.nansum(acc))
+                acc_count += float((~acc.isnan()).sum())
+                len_sum += float(rollout.completion_lengths.sum())
+        acc_sum, acc_count, len_sum = (ddp.all_reduce_sum(v, self.dist) for v in (acc_sum, acc_count, len_sum))
+        return {"accuracy": acc_sum / acc_count if acc_count else float("nan"), "examples": n,
+                "completion_len_mean": len_sum / max(n, 1)}
 
     # ------------------------------------------------------------------ loop
     def _callback(self, event: str, **kwargs) -> None:
         for cb in self.callbacks:
             fn = getattr(cb, event, None)
             if fn is not None:
-                fn(self.args, self.state, self.control, model=self.model, processing_class=self.tokenizer,
-                   optimizer=self.optimizer, lr_scheduler=self.scheduler, **kwargs)
+                fn(self.callback_args, self.state, self.control, model=self.model,
+                   processing_class=self.tokenizer, optimizer=self.optimizer, lr_scheduler=self.scheduler,
+                   **kwargs)
 
-    def _checkpoint_state(self) -> dict:
+    def _checkpoint_state(self, optimizer: bool = True) -> dict:
         return {
             "step": self.state.global_step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer else None,
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
@@ -473,9 +579,21 @@ class DashTrainer:
             "config": self.args.to_dict(),
         }
 
-    def save(self, step: int) -> str:
-        return save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
-                               self._checkpoint_state(), keep_last=self.args.keep_last_checkpoints)
+    def save(self, step: int) -> str | None:
+        """Checkpoint on rank 0 (every rank takes part in gathering FSDP2 state); returns its path."""
+        model_sd = None
+        state = self._checkpoint_state() if self.fsdp_root is None else None
+        if self.fsdp_root is not None:  # collective: full weights and optimizer state, on rank 0's CPU
+            model_sd = ddp.full_state_dict(self.fsdp_root)
+            state = {**self._checkpoint_state(optimizer=False),
+                     "optimizer": ddp.full_optimizer_state(self.fsdp_root, self.optimizer)}
+        path = None
+        if self.dist.is_main:
+            path = save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
+                                   state, keep_last=self.args.keep_last_checkpoints, state_dict=model_sd)
+        ddp.barrier(self.dist)
+        self._callback("on_save")
+        return path
 
     def _resume(self) -> int:
         resume = self.args.resume
@@ -487,9 +605,12 @@ class DashTrainer:
         from transformers import AutoModelForCausalLM
 
         saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(self.model.parameters()).dtype)
-        self.model.load_state_dict(saved.state_dict())
         state = load_trainer_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp_root is None:
+            self.model.load_state_dict(saved.state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+        else:
+            ddp.load_full_state(self.fsdp_root, self.optimizer, saved.state_dict(), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
@@ -502,7 +623,10 @@ class DashTrainer:
         return state["step"]
 
     def _on_signal(self, signum, frame) -> None:
-        print(f"dash-fast: got signal {signum}; saving at the end of this step")
+        if self.stop_requested:  # a second signal: stop now, without a checkpoint
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        print(f"dash-fast: got signal {signum}; saving at the end of this step (again to stop now)", flush=True)
         self.stop_requested = True
 
     def train(self) -> dict:
@@ -510,8 +634,8 @@ class DashTrainer:
         a = self.args
         t_begin = time.perf_counter()
         start = self._resume()
-        logger = MetricsLogger(self.output_dir, a.report_to, append=start > 0)
-        if start > 0:
+        logger = MetricsLogger(self.output_dir, a.report_to, append=start > 0) if self.dist.is_main else None
+        if start > 0 and logger is not None:
             logger.truncate_after(start)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _main_thread() else {}
@@ -521,7 +645,7 @@ class DashTrainer:
                 self._evaluate(0)
             self._callback("on_train_begin")
             bar = None
-            if not a.disable_tqdm:
+            if not a.disable_tqdm and self.dist.is_main:
                 from tqdm.auto import tqdm
 
                 bar = tqdm(total=a.max_steps, initial=start, desc="dash-fast RL", dynamic_ncols=True)
@@ -534,7 +658,8 @@ class DashTrainer:
                 self.state.log_history.append(record)
                 if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0) or step == a.max_steps):
                     record.update({f"eval_{k}": v for k, v in self._evaluate(step).items()})
-                logger.log(record)
+                if logger is not None:
+                    logger.log(record)
                 self._callback("on_step_end")
                 if a.logging_steps and step % a.logging_steps == 0:
                     self._callback("on_log", logs=record)
@@ -543,10 +668,12 @@ class DashTrainer:
                     bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=f"{record['kept_fraction']:.2f}",
                                     acc=f"{record['accuracy']:.3f}")
                 last = step == a.max_steps
-                if (a.save_steps and step % a.save_steps == 0) or last or self.stop_requested \
-                        or self.control.should_training_stop:
+                stop = ddp.any_rank(self.stop_requested or self.control.should_training_stop, self.dist)
+                if (a.save_steps and step % a.save_steps == 0) or last or stop:
                     self.save(step)
-                if self.stop_requested or self.control.should_training_stop:
+                if stop:
+                    if not last:
+                        print(f"dash-fast: stopped at step {step}; continue with --resume auto", flush=True)
                     break
             if bar is not None:
                 bar.close()
@@ -554,14 +681,16 @@ class DashTrainer:
             self._callback("on_train_end")
             return summary
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
 
     def _evaluate(self, step: int) -> dict:
         result = self.evaluate()
         self.eval_history.append({"step": step, **result})
-        print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
+        if self.dist.is_main:
+            print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
         return result
 
     def _finish(self, t_begin: float) -> dict:
@@ -580,10 +709,11 @@ class DashTrainer:
             "kept_fraction_mean": sum(r["kept_fraction"] for r in records) / max(len(records), 1),
             "config": self.args.to_dict(),
         }
-        with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        if records:
-            plot_run(self.output_dir)
+        if self.dist.is_main:
+            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+            if records:
+                plot_run(self.output_dir)
         return summary
 
 
