@@ -52,6 +52,12 @@ def check_columns(rows: list[dict], required: list[str], name: str = "dataset") 
         for col in required:
             if col not in row or row[col] is None:
                 raise DataError(f"{name}: row {i} has no column {col!r} (columns: {sorted(row)})")
+    # a column some rows lack would reach the reward functions as None ("not applicable") unnoticed
+    every = set().union(*rows)
+    for i, row in enumerate(rows):
+        if len(row) < len(every):
+            missing = sorted(every - set(row))
+            raise DataError(f"{name}: row {i} has no column {missing[0]!r} (other rows have it)")
 
 
 def prompt_text(tokenizer, prompt: Any, system_prompt: str | None, use_chat_template: bool | None) -> str:

@@ -619,7 +619,8 @@ class DashTrainer:
         self.state.log_history = state["log_history"]
         self.eval_history = state["eval_history"]
         self.state.global_step = state["step"]
-        print(f"dash-fast: resumed from {path} (step {state['step']})")
+        if self.dist.is_main:
+            print(f"dash-fast: resumed from {path} (step {state['step']})")
         return state["step"]
 
     def _on_signal(self, signum, frame) -> None:

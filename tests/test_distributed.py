@@ -1,0 +1,83 @@
+"""Data parallelism on CPU (gloo): two ranks, each sampling half the prompts, give the same gradient,
+rewards, filter and eval accuracy as one process on the whole rollout."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dash_fast import DashConfig, DashTrainer
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
+                  n_train=40, n_test=8)
+
+
+def length_reward(completions, **columns):
+    """Varies within groups for an untrained model, so rows are kept on both ranks."""
+    return [float(len(c) % 4) for c in completions]
+
+
+def run(out: str) -> dict:
+    tok = build_tokenizer()
+    model = build_model(tok, TINY, seed=0).double()
+    train, test = make_task(TINY, seed=0)
+    args = DashConfig(output_dir=out, max_steps=1, prompts_per_step=4, group_size=4,
+                      generation_batch_size=8,  # one rank's rows: the same sampling chunks either way
+                      max_completion_tokens=8, max_prompt_tokens=16, loss_impl="naive", scale_rewards="batch",
+                      loss_agg="token-mean", filter_tau=0.1, max_grad_norm=None, learning_rate=1e-2,
+                      micro_batch_tokens=40, report_to=[], disable_tqdm=True, eval_examples=6)
+    trainer = DashTrainer(model, length_reward, args=args, train_dataset=train, eval_dataset=test,
+                          processing_class=tok)
+    trainer.train()
+    return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+            "record": trainer.state.log_history[-1], "eval": trainer.eval_history,
+            "world": trainer.dist.world_size}
+
+
+def worker(rank: int, world: int, out: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    result = run(out)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    out = str(tmp_path_factory.mktemp("ddp"))
+    mp.spawn(worker, args=(2, out, free_port()), nprocs=2, join=True)
+    return [{**torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False), "out": out} for r in range(2)]
+
+
+def test_two_ranks_give_the_gradient_of_one_process_on_the_whole_batch(two_ranks, tmp_path):
+    one = run(str(tmp_path))
+    assert one["world"] == 1 and two_ranks[0]["world"] == 2
+    for key in ("reward_mean", "reward_std", "kept_fraction", "completion_len_mean", "loss"):
+        assert two_ranks[0]["record"][key] == pytest.approx(one["record"][key], rel=1e-6), key
+    assert 0 < one["record"]["kept_fraction"] < 1  # the filter dropped some rows, kept some
+    for rank in two_ranks:
+        assert rank["grads"].keys() == one["grads"].keys()
+        for name, g in one["grads"].items():
+            # the loss takes log-softmax in float32: agreement to float32 rounding, not bit for bit
+            torch.testing.assert_close(rank["grads"][name], g, rtol=1e-5, atol=1e-8, msg=name)
+    assert [e["accuracy"] for e in two_ranks[1]["eval"]] == pytest.approx([e["accuracy"] for e in one["eval"]])
+
+
+def test_only_rank_zero_writes_checkpoints_and_metrics(two_ranks):
+    out = two_ranks[0]["out"]
+    assert os.listdir(os.path.join(out, "checkpoints")) == ["step-1"]
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert len(f.readlines()) == 1
