@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     ns = parser.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard load/save bars drown dash-fast's own progress bar
 
     from dash_fast.config import ConfigError
     from dash_fast.data import DataError

@@ -6,8 +6,8 @@ formats so the rest of dash-fast loads it through the same paths it uses for rea
 
 The task: sum `n_terms` numbers, collapsing the first two terms per step (a short chain of thought):
 
-    prompt      "17+25+9="
-    completion  "42+9=51"          (then <eos>; the answer is what follows the last '=')
+    prompt      "7+5+9+3="
+    completion  "12+9+3=21+3=24"   (then <eos>; the answer is what follows the last '=')
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ class TinyConfig:
     num_layers: int = 2
     num_heads: int = 4
     intermediate_size: int = 384
-    n_terms: int = 3
-    max_operand: int = 99
-    n_train: int = 20000
+    n_terms: int = 4
+    max_operand: int = 9
+    n_train: int = 9000
     n_test: int = 500
 
 
