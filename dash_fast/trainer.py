@@ -692,6 +692,7 @@ class DashTrainer:
         self.eval_history.append({"step": step, **result})
         if self.dist.is_main:
             print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
+        self._callback("on_evaluate", metrics={f"eval_{k}": v for k, v in result.items()})
         return result
 
     def _finish(self, t_begin: float) -> dict:

@@ -99,6 +99,7 @@ def test_trl_script_runs_with_only_the_import_changed(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-2", "step-3"]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # TRL's own default gradient_checkpointing=True
 def test_the_same_script_is_valid_trl():
     """The script's arguments are TRL's own: trl.GRPOConfig accepts them (when TRL is installed)."""
     trl = pytest.importorskip("trl")
@@ -114,7 +115,12 @@ def test_should_training_stop_and_resume_from_checkpoint(tmp_path):
 
     from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
+    evaluated = []
+
     class StopAtTwo(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            evaluated.append((state.global_step, "eval_accuracy" in metrics))
+
         def on_step_end(self, args, state, control, **kwargs):
             assert isinstance(args, GRPOConfig)  # callbacks see the GRPOConfig, as in TRL
             if state.global_step == 2:
@@ -125,14 +131,15 @@ def test_should_training_stop_and_resume_from_checkpoint(tmp_path):
     rows, _ = make_task(tiny, seed=0)
     data = Dataset.from_list(rows)
     args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=6, max_steps=4, use_cpu=True, disable_tqdm=True)
+                      max_completion_length=6, max_steps=4, use_cpu=True, disable_tqdm=True, eval_examples=4)
 
     def make(callbacks):
         return GRPOTrainer(build_model(tok, tiny), "exact_answer", args=args, train_dataset=data,
-                           processing_class=tok, callbacks=callbacks)
+                           eval_dataset=rows[:4], processing_class=tok, callbacks=callbacks)
 
     out = make([StopAtTwo]).train()  # a callback class is instantiated, as transformers does
     assert out.global_step == 2 and os.listdir(tmp_path / "checkpoints") == ["step-2"]
+    assert evaluated == [(0, True)]  # before training (dash-fast also evaluates at the end of max_steps)
     trainer = make([])
     assert trainer.train(resume_from_checkpoint=True).global_step == 4
 
