@@ -25,8 +25,10 @@ class _FusedLinearPGLoss(torch.autograd.Function):
         n = hidden.shape[0]
         cdt = compute_dtype(hidden.dtype)
         dev = hidden.device
-        backend, temperature, eps_low, eps_high, beta, return_entropy, chunk_size = cfg
-        need_gh, need_gw, need_gb = ctx.needs_input_grad[:3]
+        backend, temperature, eps_low, eps_high, beta, return_entropy, chunk_size, grad_mode = cfg
+        # needs_input_grad ignores no_grad(): without the caller's grad mode an eval forward would
+        # pay for a gradient nobody asks for.
+        need_gh, need_gw, need_gb = (grad_mode and x for x in ctx.needs_input_grad[:3])
         need_grad = need_gh or need_gw or need_gb
 
         k = idx.numel()
@@ -155,7 +157,8 @@ def fused_linear_pg_loss(
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
     resolved = resolve_backend(backend, hidden.device)
-    cfg = (resolved, float(temperature), eps_low, eps_high, float(beta), return_entropy, chunk_size)
+    cfg = (resolved, float(temperature), eps_low, eps_high, float(beta), return_entropy, chunk_size,
+           torch.is_grad_enabled())
     with nvtx_range("dash_kernels/pg_loss_fwd", hidden.is_cuda):
         idx = kept_index(advantages, token_weights, tau)  # in-kernel filtering: only these rows are touched
         loss, logp, clip_fraction, kl_mean, entropy = _FusedLinearPGLoss.apply(

@@ -301,6 +301,23 @@ def test_no_grad_forward_and_stats_detached():
     assert not any(t.requires_grad for t in (st["logp"], st["clip_fraction"], st["kl_mean"], st["entropy"]))
 
 
+def test_no_grad_forward_skips_gradient_work(monkeypatch):
+    """Under no_grad the torch path must not compute the gradient it would otherwise fold into the
+    forward (needs_input_grad alone does not see the grad mode)."""
+    import dash_kernels.fused_linear_pg as flp
+
+    seen = []
+    real = flp.chunked_pg
+    monkeypatch.setattr(flp, "chunked_pg", lambda *a, **kw: (seen.append(kw), real(*a, **kw))[1])
+    inp = make_inputs(off_policy="outside")
+    inp["hidden"].requires_grad_(True)
+    with torch.no_grad():
+        dk.fused_linear_pg_loss(*inp.values(), backend="torch")
+    dk.fused_linear_pg_loss(*inp.values(), backend="torch")
+    flags = [(kw["need_grad_hidden"], kw["need_grad_weight"]) for kw in seen]
+    assert flags == [(False, False), (True, False)]
+
+
 def test_backend_argument():
     inp = make_inputs(n=8, rows=2)
     a, _ = dk.fused_linear_pg_loss(*inp.values(), backend="auto")
@@ -384,14 +401,37 @@ def test_matches_liger_grpo(off_policy, beta):
         torch.testing.assert_close(st["kl_mean"], metrics[0], atol=1e-6, rtol=1e-4)
 
 
-def test_liger_adapter_matches_reference():
+@pytest.mark.parametrize("agg,beta,dtype", [("token-mean", 0.0, torch.float32),
+                                             ("seq-mean-token-mean", 0.0, torch.float32),
+                                             ("seq-mean-token-mean", 0.1, torch.float32),
+                                             ("dr_grpo", 0.04, F64)])
+def test_liger_adapter_matches_reference(agg, beta, dtype):
+    """The trainer's loss_impl=liger: same contract as the fused op (beta > 0 with unequal weights
+    runs one Liger call per distinct weight)."""
+    _liger_or_skip()
+    from dash_kernels.liger_adapter import liger_pg_loss
+
+    inp = make_inputs(dtype=dtype, off_policy="outside", agg=agg)
+    kw = {"tau": 0.1, "temperature": 0.8, "return_entropy": True, "beta": beta}
+    tol = {"atol": 1e-5, "rtol": 1e-4}  # Liger computes its log-softmax in fp32 even for fp64 inputs
+    ref_loss, ref_st, ref_g = run(dk.pg_loss_ref, inp, **kw)
+    loss, st, g = run(liger_pg_loss, inp, **kw, compiled=False)
+    torch.testing.assert_close(loss, ref_loss, **tol)
+    for k in g:
+        torch.testing.assert_close(g[k], ref_g[k], **tol)
+    keep = kept_mask(inp, 0.1)
+    torch.testing.assert_close(st["logp"][keep], ref_st["logp"][keep], **tol)
+    torch.testing.assert_close(st["entropy"][keep], ref_st["entropy"][keep], **tol)
+    torch.testing.assert_close(st["clip_fraction"].double(), ref_st["clip_fraction"].double())
+    if beta:
+        torch.testing.assert_close(st["kl_mean"].double(), ref_st["kl_mean"].double(), **tol)
+
+
+def test_liger_adapter_all_filtered():
     _liger_or_skip()
     from dash_kernels.liger_adapter import liger_pg_loss
 
     inp = make_inputs(dtype=torch.float32, off_policy="outside")
-    kw = {"tau": 0.1, "temperature": 0.8, "return_entropy": True}
-    ref_loss, _, ref_g = run(dk.pg_loss_ref, inp, **kw)
-    loss, st, g = run(liger_pg_loss, inp, **kw, compiled=False)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-4)
-    for k in g:
-        torch.testing.assert_close(g[k], ref_g[k], atol=1e-5, rtol=1e-4)
+    loss, st, g = run(liger_pg_loss, inp, tau=10.0, beta=0.1, compiled=False)
+    assert float(loss) == 0.0 and st["kept_tokens"] == 0
+    assert all(float(t.abs().sum()) == 0.0 for t in g.values())
