@@ -249,23 +249,25 @@ class DashTrainer:
         return out
 
     def _logprobs_fn(self, hidden, weight, bias, targets) -> torch.Tensor:
-        if self.args.loss_impl == "fused":
-            from dash_kernels import fused_logprobs
+        with nvtx_range(f"logprobs/{self.args.loss_impl}"):
+            if self.args.loss_impl == "fused":
+                from dash_kernels import fused_logprobs
 
-            return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
-        return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
+                return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
+            return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
 
     def _loss_fn(self, *inputs, **kwargs):
         impl = self.args.loss_impl
-        if impl == "fused":
-            from dash_kernels import fused_linear_pg_loss
+        with nvtx_range(f"loss/{impl}"):  # the backward runs later, under train/backward
+            if impl == "fused":
+                from dash_kernels import fused_linear_pg_loss
 
-            return fused_linear_pg_loss(*inputs, **kwargs)
-        if impl == "liger":
-            from dash_kernels.liger_adapter import liger_pg_loss
+                return fused_linear_pg_loss(*inputs, **kwargs)
+            if impl == "liger":
+                from dash_kernels.liger_adapter import liger_pg_loss
 
-            return liger_pg_loss(*inputs, **kwargs)
-        return algo.naive_linear_pg_loss(*inputs, **kwargs)
+                return liger_pg_loss(*inputs, **kwargs)
+            return algo.naive_linear_pg_loss(*inputs, **kwargs)
 
     # ------------------------------------------------------------------ sampling and rewards
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
