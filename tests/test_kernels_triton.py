@@ -32,7 +32,7 @@ CASES = {
     "n1": ({"n": 1, "rows": 1}, {}, 1.0),
     "v_not_multiple_many_tiles": ({"v": 1031, "n": 21, "h": 40}, {"temperature": 1.3}, 1.0),
 }
-EXTRA = ["all_filtered", "non_contiguous", "logprobs"]
+EXTRA = ["all_filtered", "non_contiguous", "logprobs", "nonfinite_dropped_inputs_unmodified"]
 
 
 def _main() -> None:
@@ -77,6 +77,26 @@ def _main() -> None:
         torch.testing.assert_close(lp, ref_lp, **tol)
         torch.testing.assert_close(ent, ref_ent, **tol)
 
+    def case_nonfinite_dropped_inputs_unmodified():
+        inp = tk.make_inputs(dtype=torch.float32, off_policy="inside")
+        kw = {"tau": 0.1, "beta": 0.1}
+        ref_loss, _, ref_g = tk.run(dk.pg_loss_ref, inp, **kw)
+        dropped = ~tk.kept_mask(inp, 0.1)
+        inp["old_logp"] = inp["old_logp"].masked_fill(dropped, float("nan"))
+        inp["ref_logp"] = inp["ref_logp"].masked_fill(dropped, float("inf"))
+        before = {k: v.clone() for k, v in inp.items() if v is not None}
+        for k in ("hidden", "weight", "bias"):
+            inp[k].requires_grad_(True)
+        loss, st = triton_op(*inp.values(), **kw)
+        loss.backward()
+        for k, v in before.items():  # nothing written in place
+            torch.testing.assert_close(inp[k].detach(), v, rtol=0, atol=0, equal_nan=True)
+        g = {k: inp[k].grad for k in ("hidden", "weight", "bias")}
+        assert torch.isfinite(st["kl_mean"]) and torch.isfinite(st["clip_fraction"])
+        torch.testing.assert_close(loss, ref_loss, **tol)
+        for k in g:
+            torch.testing.assert_close(g[k], ref_g[k], **tol)
+
     results = {}
     for name, (inp_kw, kw, scale) in CASES.items():
         try:
@@ -85,7 +105,8 @@ def _main() -> None:
             results[name] = "ok"
         except Exception as e:  # report, keep going
             results[name] = f"{type(e).__name__}: {e}"
-    for name, fn in zip(EXTRA, (case_all_filtered, case_non_contiguous, case_logprobs)):
+    extra = (case_all_filtered, case_non_contiguous, case_logprobs, case_nonfinite_dropped_inputs_unmodified)
+    for name, fn in zip(EXTRA, extra):
         try:
             fn()
             results[name] = "ok"
