@@ -1,14 +1,26 @@
-"""The embedded sampler: batched prefill + KV-cached decode on the trainer's own module (no weight copy).
+"""The embedded sampler: batched prefill + KV-cached decode on the trainer's own parameter tensors.
 
-Finished rows are dropped from the batch (and from the KV cache) as soon as they emit a stop token, so
-the decode cost follows the rows still running, not the longest one.
+Two paths behind one `TorchEngine.generate`:
+
+- "static" (Llama / Qwen2 / Qwen3 / Mistral-shaped decoders): a hand-rolled forward over a
+  pre-allocated KV cache (gpt-fast style). It reads the module's parameter tensors directly (zero-copy:
+  the optimizer's in-place updates are seen at the next call), skips Hugging Face's per-call mask and
+  cache machinery, and drops finished rows by compacting the cache. On CUDA the decode step is captured
+  once per batch-size bucket as a CUDA graph and replayed.
+- "dynamic": the model's own forward with a transformers DynamicCache. Works for any causal LM.
+
+Both sample with `sample_next`, so they give the same tokens for the same logits (greedy is exact up to
+float rounding; a test holds them to it in float64).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dash_fast.rollout.base import Rollout, SamplingParams
+
+STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
 
 
 def sample_next(
@@ -17,67 +29,378 @@ def sample_next(
     """Pick one token per row. Returns (tokens, log p(token) under softmax(logits / temperature)).
 
     top-k / top-p only restrict which tokens can be drawn; the returned log-prob is on the full
-    tempered distribution, as TRL computes it in the trainer, so the two agree.
+    tempered distribution, as TRL computes it in the trainer, so the two agree. The draw is by inverse
+    CDF (one uniform per row, float64 cumsum) rather than torch.multinomial, whose per-vocabulary-entry
+    exponential noise dominates a small model's decode step on CPU.
     """
     logits = logits.float()
     if params.temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    scaled = logits / params.temperature
-    logprobs = torch.log_softmax(scaled, dim=-1)
-    masked = scaled
-    if 0 < params.top_k < masked.shape[-1]:
-        kth = torch.topk(masked, params.top_k, dim=-1).values[:, -1:]
-        masked = masked.masked_fill(masked < kth, float("-inf"))
+    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
+    allowed = logprobs
+    if 0 < params.top_k < allowed.shape[-1]:
+        kth = torch.topk(allowed, params.top_k, dim=-1).values[:, -1:]
+        allowed = allowed.masked_fill(allowed < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(masked, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop_sorted = cum - torch.softmax(sorted_logits, -1) > params.top_p  # keep the token crossing p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        masked = masked.masked_fill(drop, float("-inf"))
-    probs = torch.softmax(masked, dim=-1)
-    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        sorted_lp, order = torch.sort(allowed, dim=-1, descending=True)
+        probs = torch.softmax(sorted_lp, -1)  # renormalised after top-k, as HF's warpers
+        drop_sorted = probs.cumsum(-1) - probs > params.top_p  # keep the token crossing p
+        allowed = allowed.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    cdf = allowed.exp().double().cumsum(-1)  # unnormalised; dropped tokens add 0 and are never drawn
+    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=torch.float64)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
-class TorchEngine:
-    """Generates with a Hugging Face causal LM's own forward and a DynamicCache."""
+def static_unsupported(model: torch.nn.Module) -> str | None:
+    """Why the static path cannot run this model (None when it can)."""
+    config = getattr(model, "config", None)
+    kind = getattr(config, "model_type", None)
+    if kind not in STATIC_MODEL_TYPES:
+        return f"model_type {kind!r} is not one of {STATIC_MODEL_TYPES}"
+    decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
+        return "no .model.layers / .model.rotary_emb"
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
+        return "sliding-window layers"
+    if kind == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(decoder.rotary_emb, "rope_type", "default") in ("dynamic", "longrope"):
+        return "length-dependent RoPE"
+    if type(decoder.embed_tokens.weight).__name__ == "DTensor":
+        return "sharded (FSDP2) parameters"
+    return None
 
-    def __init__(self, model: torch.nn.Module, pad_token_id: int) -> None:
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Hugging Face's Llama/Qwen RMSNorm (normalise in float32, scale in the input dtype); one op in fp32."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
+    """x + linear(a) with the residual add fused into the GEMM (x, a: [N, *])."""
+    out = torch.addmm(x, a, linear.weight.t())
+    return out if linear.bias is None else out + linear.bias
+
+
+class StaticDecoder:
+    """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
+
+    Cache layout: per layer k, v of [B_max, n_kv_heads, S_max, head_dim]. Prompts are left-padded to
+    a common length P, so at decode step t every row writes slot P + t (one slice, no scatter);
+    `key_valid[b, s]` masks the padding slots. Rows are compacted to the front when rows finish.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        cfg = model.config
+        self.decoder = model.model
+        self.layers = list(self.decoder.layers[: cfg.num_hidden_layers])
+        attn = self.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads
+        self.eps = cfg.rms_norm_eps
+        self.qk_norm = hasattr(attn, "q_norm")
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        self.key_valid = torch.empty(0)
+        self.rope_q = self.rope_k = self.rot = torch.empty(0)
+        self.graphs: dict[int, tuple] = {}  # bucket size -> (graph, static inputs, static logits); CUDA
+        self._param_ptrs: tuple = ()
+
+    # ---------------------------------------------------------------- buffers
+    def reserve(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
+        """(Re)allocate the cache when it is too small or on another device/dtype; reused across calls."""
+        have = self.k[0].shape if self.k else None
+        if (have is not None and have[0] >= batch and have[2] >= length and self.k[0].device == device
+                and self.k[0].dtype == dtype):
+            return
+        if device.type == "cuda":
+            length = -(-length // 64) * 64  # round up: one cache (and one set of graphs) fits many calls
+        shape = (batch, self.n_kv, length, self.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
+        self.key_valid = torch.zeros((batch, length), device=device, dtype=torch.bool)
+        cos, sin = self.decoder.rotary_emb(self.k[0], torch.arange(length, device=device)[None])
+        self.rope_k = torch.stack([cos[0], sin[0]], dim=1)  # the model's own RoPE as a table: [S, 2, D]
+        self.rope_q = self.rope_k * self.scaling  # queries carry the softmax scale: one op less per layer
+        half = self.head_dim // 2  # rotate_half(x) == x @ rot: a signed permutation, exact in any dtype
+        eye = torch.eye(half, device=device, dtype=dtype)
+        self.rot = torch.zeros(self.head_dim, self.head_dim, device=device, dtype=dtype)
+        self.rot[half:, :half] = -eye
+        self.rot[:half, half:] = eye
+        self.graphs.clear()
+
+    def compact(self, keep: torch.Tensor, used: int) -> None:
+        """Move cache rows `keep` (ascending) to the front, copying only the `used` slots written so far;
+        the rows after them keep stale but finite data."""
+        n = keep.numel()
+        for buf in (*self.k, *self.v):
+            buf[:n, :, :used] = buf[:, :, :used].index_select(0, keep)
+        self.key_valid[:n] = self.key_valid.index_select(0, keep)
+
+    # ---------------------------------------------------------------- the forward
+    def _rope(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin)."""
+        cos, sin = table[..., 0, :], table[..., 1, :]
+        return torch.addcmul(x * cos, x @ self.rot, sin)
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q [b, T, H, D] (pre-scaled), cache views k, v [b, H_kv, S, D] -> [b * T, H * D].
+
+        SDPA with a boolean mask, except for one-token decode on CPU: there `mask` is an additive float
+        bias [b * H_kv, g, S] and two batched GEMMs beat PyTorch's CPU flash kernel ~2x. Query heads are
+        grouped onto their KV head (GQA without repeating K/V)."""
+        b, T, _, D = q.shape
+        if mask.dtype == torch.bool:
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
+                                               enable_gqa=self.n_kv != self.n_heads)
+            return o.transpose(1, 2).reshape(b * T, -1)
+        S = k.shape[2]
+        g = self.n_heads // self.n_kv
+        scores = torch.baddbmm(mask, q.reshape(b * self.n_kv, g, D), k.reshape(b * self.n_kv, S, D).transpose(1, 2))
+        return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * self.n_kv, S, D)).view(b, -1)
+
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int | torch.Tensor, kv_len: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position for `ids` [b, T] at RoPE positions `pos` [b, T], whose K/V go to
+        cache slots start .. start+T-1; attention reads slots [0, kv_len) under `mask` (see _attention).
+        `start` is a device tensor in CUDA-graph mode (so one captured graph serves every step)."""
+        b, T = ids.shape
+        nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
+        x = F.embedding(ids.reshape(-1), self.decoder.embed_tokens.weight)  # [b * T, hidden]
+        flat = pos.reshape(-1)  # index_select: several times faster than advanced indexing on CPU
+        rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
+        rope_k = self.rope_k.index_select(0, flat).view(b, T, 1, 2, D)
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
+            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, T, nh, D)
+            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, T, nkv, D)
+            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, T, nkv, D)
+            if self.qk_norm:  # Qwen3
+                q = _rms_norm(q, attn.q_norm.weight, self.eps)
+                k = _rms_norm(k, attn.k_norm.weight, self.eps)
+            q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
+            kc, vc = self.k[i][:b], self.v[i][:b]
+            if isinstance(start, torch.Tensor):
+                kc.index_copy_(2, start, k)
+                vc.index_copy_(2, start, v.transpose(1, 2))
+            else:
+                kc[:, :, start : start + T] = k
+                vc[:, :, start : start + T] = v.transpose(1, 2)
+            o = self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+            x = _linear_add(x, o, attn.o_proj)
+            mlp = layer.mlp
+            h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
+            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+            x = _linear_add(x, mlp.act_fn(gate).mul_(up), mlp.down_proj)
+        h = _rms_norm(x.view(b, T, -1)[:, -1], self.decoder.norm.weight, self.eps)
+        head = self.model.get_output_embeddings()
+        return F.linear(h, head.weight, getattr(head, "bias", None))
+
+    def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """All prompts at once: left-padded `ids` [B, P] with `attn` [B, P]; returns next-token logits."""
+        B, P = ids.shape
+        self.key_valid[:B] = False
+        self.key_valid[:B, :P] = attn.bool()
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        eye = torch.eye(P, dtype=torch.bool, device=ids.device)  # padding queries see themselves: no NaN
+        mask = (causal & self.key_valid[:B, None, None, :P]) | eye
+        return self.forward(ids, pos, 0, P, mask)
+
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, full_length: bool) -> torch.Tensor:
+        """One token per row at cache `slot`. `full_length` attends over the whole cache (static shapes,
+        what a CUDA graph captures); otherwise over slots [0, slot] only (less work, eager)."""
+        b = tokens.shape[0]
+        self.key_valid[:b, slot] = True
+        kv_len = self.key_valid.shape[1] if full_length else slot + 1
+        mask = self._decode_mask(b, kv_len)
+        start = torch.tensor([slot], device=tokens.device) if full_length else slot
+        return self.forward(tokens[:, None], pos[:, None], start, kv_len, mask)
+
+    def _decode_mask(self, b: int, kv_len: int) -> torch.Tensor:
+        valid = self.key_valid[:b, None, None, :kv_len]
+        if valid.device.type != "cpu":
+            return valid
+        g = self.n_heads // self.n_kv  # the CPU GEMM path's additive bias, built once per step
+        bias = torch.zeros((b, self.n_kv, g, kv_len), dtype=self.k[0].dtype)
+        return bias.masked_fill_(~valid, float("-inf")).view(b * self.n_kv, g, kv_len)
+
+    # ---------------------------------------------------------------- CUDA graphs (GPU only)
+    def drop_stale_graphs(self) -> None:
+        """Graphs read parameters by address: in-place optimizer updates are picked up, but a new storage
+        (model.to(), load_state_dict with assign=True) invalidates them."""
+        ptrs = tuple(p.data_ptr() for p in self.model.parameters())
+        if ptrs != self._param_ptrs:
+            self.graphs.clear()
+            self._param_ptrs = ptrs
+
+    def decode_graph(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
+        """`decode(..., full_length=True)` replayed from a CUDA graph captured once per batch size.
+        GPU only: CPU-only CI runs the same static-shape step eagerly instead."""
+        b = tokens.shape[0]
+        if b not in self.graphs:
+            static = {"tokens": tokens.clone(), "pos": pos.clone(),
+                      "slot": torch.full((1,), slot, dtype=torch.long, device=tokens.device)}
+
+            def step() -> torch.Tensor:
+                self.key_valid[:b].index_fill_(1, static["slot"], True)
+                mask = self._decode_mask(b, self.key_valid.shape[1])
+                return self.forward(static["tokens"][:, None], static["pos"][:, None], static["slot"],
+                                    self.key_valid.shape[1], mask)
+
+            # Warm-up on a side stream (cuBLAS workspaces, allocator) with this step's real inputs: its
+            # cache and mask writes are exactly the ones the replay below repeats.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                step()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = step()
+            self.graphs[b] = (graph, static, logits)
+        graph, static, logits = self.graphs[b]
+        static["tokens"].copy_(tokens)
+        static["pos"].copy_(pos)
+        static["slot"].fill_(slot)
+        graph.replay()
+        return logits
+
+
+def _bucket(n: int, largest: int) -> int:
+    """Batch-size bucket for CUDA graphs: the next power of two (capped at the full batch)."""
+    return min(largest, 1 << max(0, (n - 1).bit_length()))
+
+
+class TorchEngine:
+    """The embedded rollout engine (see the module docstring).
+
+    `kv_cache`: "auto" (static when the architecture is supported, else dynamic), "static", "dynamic".
+    `cuda_graphs`: None = on when the model is on CUDA (static path only).
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
+                 cuda_graphs: bool | None = None) -> None:
+        if kv_cache not in ("auto", "static", "dynamic"):
+            raise ValueError(f"kv_cache={kv_cache!r}: must be auto, static or dynamic")
         self.model = model
         self.pad_token_id = pad_token_id
+        self.kv_cache = kv_cache
+        self.cuda_graphs = cuda_graphs
+        self._static: StaticDecoder | None = None
 
     def sync_weights(self, model: torch.nn.Module) -> None:
-        """Nothing to do: the engine samples from the trainer's parameter tensors themselves."""
-        self.model = model
+        """Nothing to copy: the engine samples from the trainer's parameter tensors themselves."""
+        if model is not self.model:
+            self.model, self._static = model, None
+
+    def path(self) -> str:
+        """"static" or "dynamic": which path generate() takes for the current model."""
+        if self.kv_cache == "dynamic":
+            return "dynamic"
+        reason = static_unsupported(self.model)
+        if reason is None:
+            return "static"
+        if self.kv_cache == "static":
+            raise ValueError(f"kv_cache='static' cannot run this model: {reason}")
+        return "dynamic"
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
-        from transformers import DynamicCache
-
-        model = self.model
-        was_training = model.training
-        model.eval()
-        device = next(model.parameters()).device
-        B = len(prompt_ids)
-        P = max(len(p) for p in prompt_ids)
+        device = next(self.model.parameters()).device
+        B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
         ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
         attn = torch.zeros((B, P), dtype=torch.long)
         for i, p in enumerate(prompt_ids):  # left padding: every row's next token is at column P
             ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p) :] = 1
         ids, attn = ids.to(device), attn.to(device)
-        positions = (attn.cumsum(-1) - 1).clamp(min=0)
-
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
-        stop = torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device)
+        run = self._generate_static if self.path() == "static" else self._generate_dynamic
+        tokens, logps, lengths, stats = run(ids, attn, params, generator)
+        width = max(int(lengths.max()), 1)
+        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
+        return Rollout(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=tokens[:, :width].masked_fill(mask == 0, self.pad_token_id).cpu(),
+            completion_mask=mask.cpu(),
+            sampling_logps=(logps[:, :width] * mask).cpu(),
+            stats={**stats, "generated_tokens": int(lengths.sum())},
+        )
 
-        out_tokens = torch.full((B, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device)
-        out_logps = torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=device)
-        lengths = torch.zeros(B, dtype=torch.long, device=device)
-        active = torch.arange(B, device=device)  # original row index of each row still in the batch
+    def _outputs(self, B: int, params: SamplingParams, device: torch.device):
+        return (torch.full((B, params.max_new_tokens), self.pad_token_id, dtype=torch.long, device=device),
+                torch.zeros((B, params.max_new_tokens), dtype=torch.float32, device=device),
+                torch.zeros(B, dtype=torch.long, device=device),
+                torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device))
+
+    def _generate_static(self, ids, attn, params: SamplingParams, generator):
+        model = self.model
+        device, dtype = ids.device, model.get_output_embeddings().weight.dtype
+        B, P = ids.shape
+        if self._static is None or self._static.model is not model:
+            self._static = StaticDecoder(model)
+        dec = self._static
+        dec.reserve(B, P + params.max_new_tokens, device, dtype)
+        graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
+        if graphs and device.type == "cuda":
+            dec.drop_stale_graphs()
+        out_tokens, out_logps, lengths, stop = self._outputs(B, params, device)
+
+        logits = dec.prefill(ids, attn)
+        pos = attn.sum(-1)  # next RoPE position of each row
+        rows = torch.arange(B, device=device)  # original row of each cache row in use
+        n = B  # rows still running: cache rows [0, n); rows [n, size) are finished filler
+        size = B
+        decode_steps = 0
+        for t in range(params.max_new_tokens):
+            tokens, logps = sample_next(logits[:n], params, generator)
+            out_tokens[rows, t] = tokens
+            out_logps[rows, t] = logps
+            lengths[rows] = t + 1
+            done = torch.isin(tokens, stop)
+            n_done = int(done.sum())
+            if t == params.max_new_tokens - 1 or n_done == n:
+                break
+            if n_done:  # drop finished rows: compact the cache (to a graph bucket on CUDA)
+                keep = (~done).nonzero().view(-1)
+                dec.compact(keep, P + t)
+                rows, tokens, pos, n = rows[keep], tokens[keep], pos[keep], keep.numel()
+                size = _bucket(n, B) if graphs else n
+            if graphs:  # static shapes: `size` rows, the last size - n of them finished filler
+                padded = torch.cat([tokens, tokens.new_full((size - n,), self.pad_token_id)])
+                padded_pos = torch.cat([pos, pos.new_zeros(size - n)])
+                if device.type == "cuda":
+                    logits = dec.decode_graph(padded, padded_pos, P + t)
+                else:  # the same static-shape step, eager: what tests can check without a GPU
+                    logits = dec.decode(padded, padded_pos, P + t, full_length=True)
+            else:
+                logits = dec.decode(tokens, pos, P + t, full_length=False)
+            pos = pos + 1
+            decode_steps += 1
+        return out_tokens, out_logps, lengths, {"decode_steps": decode_steps + 1, "kv_cache": "static"}
+
+    def _generate_dynamic(self, ids, attn, params: SamplingParams, generator):
+        from transformers import DynamicCache
+
+        model = self.model
+        was_training = model.training
+        model.eval()
+        device = ids.device
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        out_tokens, out_logps, lengths, stop = self._outputs(ids.shape[0], params, device)
+        active = torch.arange(ids.shape[0], device=device)  # original row of each row still in the batch
 
         cache = DynamicCache()
         out = model(input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache,
@@ -103,15 +426,5 @@ class TorchEngine:
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
             decode_steps += 1
-
         model.train(was_training)
-        width = max(int(lengths.max()), 1)
-        mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
-        tokens_cpu = out_tokens[:, :width].masked_fill(mask == 0, self.pad_token_id)
-        return Rollout(
-            prompt_ids=[list(p) for p in prompt_ids],
-            completion_ids=tokens_cpu.cpu(),
-            completion_mask=mask.cpu(),
-            sampling_logps=(out_logps[:, :width] * mask).cpu(),
-            stats={"decode_steps": decode_steps + 1, "generated_tokens": int(lengths.sum())},
-        )
+        return out_tokens, out_logps, lengths, {"decode_steps": decode_steps + 1, "kv_cache": "dynamic"}

@@ -1,0 +1,186 @@
+"""The embedded rollout engine: static-cache and dynamic-cache paths agree, log-probs are the sampler's,
+stop tokens / max_new_tokens / top-k / top-p hold, and it samples from the live parameters (zero-copy)."""
+
+import pytest
+import torch
+
+from dash_fast.rollout.base import SamplingParams
+from dash_fast.rollout.torch_engine import TorchEngine, sample_next, static_unsupported
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+
+TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+PAD = 0
+
+
+def tiny_model(dtype=torch.float64, seed=0):
+    return build_model(build_tokenizer(), TINY, seed=seed).to(dtype)
+
+
+def prompts(n=12, seed=0, vocab=23):
+    """Prompts of different lengths, so left padding and per-row RoPE positions matter."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def engines(model):
+    return {"static": TorchEngine(model, PAD, kv_cache="static"),
+            "static_shapes": TorchEngine(model, PAD, kv_cache="static", cuda_graphs=True),  # graph-mode step, eager
+            "dynamic": TorchEngine(model, PAD, kv_cache="dynamic")}
+
+
+def recomputed_logps(model, rollout, temperature):
+    """log softmax(logits / T)[token] from one plain forward over each prompt + completion."""
+    out = torch.zeros_like(rollout.sampling_logps, dtype=torch.float64)
+    for i, (p, comp) in enumerate(zip(rollout.prompt_ids, rollout.completion_token_lists())):
+        ids = torch.tensor([p + comp])
+        logits = model(input_ids=ids).logits[0, len(p) - 1 : len(p) - 1 + len(comp)].double()
+        out[i, : len(comp)] = torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(comp)[:, None])[:, 0]
+    return out
+
+
+def test_auto_picks_static_for_the_tiny_model():
+    assert static_unsupported(tiny_model()) is None
+    assert TorchEngine(tiny_model(), PAD).path() == "static"
+
+
+@pytest.mark.parametrize("path", ["static", "static_shapes", "dynamic"])
+def test_sampling_logprobs_match_a_recomputed_forward(path):
+    model = tiny_model()
+    engine = engines(model)[path]
+    params = SamplingParams(temperature=0.7, top_k=5, top_p=0.9, max_new_tokens=10, stop_token_ids=(2,), seed=3)
+    rollout = engine.generate(prompts(), params)
+    with torch.no_grad():
+        expected = recomputed_logps(model, rollout, params.temperature)
+    torch.testing.assert_close(rollout.sampling_logps.double(), expected * rollout.completion_mask, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_static_and_dynamic_paths_give_identical_greedy_tokens(dtype):
+    model = tiny_model(dtype)
+    params = SamplingParams(temperature=0.0, max_new_tokens=16, stop_token_ids=(5, 9))
+    out = {name: e.generate(prompts(16), params) for name, e in engines(model).items()}
+    for name in ("static", "static_shapes"):
+        assert torch.equal(out[name].completion_ids, out["dynamic"].completion_ids), name
+        assert torch.equal(out[name].completion_mask, out["dynamic"].completion_mask), name
+    lengths = out["dynamic"].completion_lengths
+    assert lengths.min() < lengths.max()  # rows finished at different steps: the cache was compacted
+
+
+def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed():
+    model = tiny_model()
+    params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=20, stop_token_ids=(2, 7), seed=11)
+    out = {name: e.generate(prompts(24), params) for name, e in engines(model).items()}
+    for name in ("static", "static_shapes"):
+        assert torch.equal(out[name].completion_ids, out["dynamic"].completion_ids), name
+        torch.testing.assert_close(out[name].sampling_logps, out["dynamic"].sampling_logps, atol=1e-9, rtol=0)
+    assert len(set(out["dynamic"].completion_lengths.tolist())) > 2
+
+
+def test_greedy_matches_hugging_face_generate():
+    model = tiny_model().eval()
+    ps = prompts(8)
+    width = max(map(len, ps))
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in ps])
+    attn = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in ps])[:, None]).long()
+    hf = model.generate(input_ids=ids, attention_mask=attn, do_sample=False, max_new_tokens=12, min_new_tokens=12,
+                        pad_token_id=PAD)[:, width:]
+    ours = TorchEngine(model, PAD).generate(ps, SamplingParams(temperature=0.0, max_new_tokens=12))
+    assert torch.equal(ours.completion_ids, hf)
+
+
+def test_stop_tokens_and_max_new_tokens_are_honoured():
+    model = tiny_model()
+    stops = (4, 6, 8)
+    params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=9, stop_token_ids=stops, seed=0)
+    for engine in engines(model).values():
+        rollout = engine.generate(prompts(32), params)
+        assert rollout.completion_ids.shape[1] <= 9
+        for row, mask in zip(rollout.completion_ids.tolist(), rollout.completion_mask.tolist()):
+            n = int(sum(mask))
+            assert mask == [1.0] * n + [0.0] * (len(mask) - n)
+            body = row[:n]
+            assert not any(t in stops for t in body[:-1])  # nothing after the first stop token
+            assert body[-1] in stops or n == 9  # ended by a stop token (kept, masked in) or by the limit
+            assert all(t == PAD for t in row[n:])
+        assert (rollout.sampling_logps[rollout.completion_mask == 0] == 0).all()
+
+
+def test_top_k_and_top_p_restrict_draws_but_logprobs_stay_on_the_full_distribution():
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]])).repeat(4000, 1)
+    g = torch.Generator().manual_seed(0)
+    drawn, logp = sample_next(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0), g)
+    assert set(drawn.tolist()) == {0, 1}
+    torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(1, drawn[:, None])[:, 0])
+    freq0 = (drawn == 0).float().mean().item()
+    assert abs(freq0 - 0.4 / 0.7) < 0.03  # renormalised over the kept tokens
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.75), g)
+    assert set(drawn.tolist()) == {0, 1, 2}  # 0.4 + 0.3 < 0.75: the token crossing p is kept
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.35), g)
+    assert set(drawn.tolist()) == {0}
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), g)
+    assert set(drawn.tolist()) == {0, 1, 2, 3, 4}
+
+
+def test_top_k_one_is_greedy_in_the_engine():
+    model = tiny_model()
+    greedy = TorchEngine(model, PAD).generate(prompts(), SamplingParams(temperature=0.0, max_new_tokens=8))
+    top1 = TorchEngine(model, PAD).generate(prompts(), SamplingParams(temperature=0.8, top_k=1, max_new_tokens=8, seed=5))
+    assert torch.equal(greedy.completion_ids, top1.completion_ids)
+
+
+def test_engine_reads_the_live_parameters_zero_copy():
+    """An in-place update (what optimizer.step does) is seen by the next generate with no sync call, and
+    the static path holds no copy of any parameter."""
+    model = tiny_model()
+    engine = TorchEngine(model, PAD)
+    params = SamplingParams(temperature=0.0, max_new_tokens=8)
+    before = engine.generate(prompts(), params)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    after = engine.generate(prompts(), params)
+    fresh = TorchEngine(model, PAD, kv_cache="dynamic").generate(prompts(), params)
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    assert torch.equal(after.completion_ids, fresh.completion_ids)
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    dec = engine._static
+    held = [*dec.k, *dec.v, dec.rope_q, dec.rope_k, dec.rot, dec.key_valid]
+    assert not param_ptrs & {t.untyped_storage().data_ptr() for t in held}
+    assert sum(t.numel() for t in held) < sum(p.numel() for p in model.parameters()) * 4  # cache-sized, no copy
+
+
+def other_architectures():
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
+    torch.manual_seed(0)
+    return {"llama_gqa": LlamaForCausalLM(LlamaConfig(**common, attention_bias=True)),
+            "qwen3_qk_norm": Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))}
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen3_qk_norm"])
+def test_static_path_on_other_architectures(name):
+    model = other_architectures()[name].double()
+    assert static_unsupported(model) is None
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, stop_token_ids=(3, 5))
+    out = {k: e.generate(prompts(10, vocab=40), params) for k, e in engines(model).items()}
+    assert torch.equal(out["static"].completion_ids, out["dynamic"].completion_ids)
+    assert torch.equal(out["static_shapes"].completion_ids, out["dynamic"].completion_ids)
+    sampled = TorchEngine(model, PAD).generate(prompts(10, vocab=40), SamplingParams(temperature=0.9, max_new_tokens=6, seed=1))
+    with torch.no_grad():
+        expected = recomputed_logps(model, sampled, 0.9)
+    torch.testing.assert_close(sampled.sampling_logps.double(), expected * sampled.completion_mask, atol=1e-6, rtol=0)
+
+
+def test_unsupported_architecture_falls_back_to_the_dynamic_path():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    assert "gpt2" in static_unsupported(model)
+    assert TorchEngine(model, PAD).path() == "dynamic"
+    out = TorchEngine(model, PAD).generate(prompts(4), SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert out.completion_ids.shape == (4, 4)
+    with pytest.raises(ValueError, match="kv_cache='static' cannot run"):
+        TorchEngine(model, PAD, kv_cache="static").generate(prompts(4), SamplingParams(max_new_tokens=2))
