@@ -13,8 +13,7 @@ as BLOCK_N x BLOCK_V register tiles.
   with fp32 atomics (the tile never leaves the SM).
 
 Block sizes are fixed per dtype (no autotune: the backward accumulates with atomics, and the
-interpreter runs a single config anyway). Under TRITON_INTERPRET=1 the blocks are large so that the
-number of programs, which drives the interpreter's cost, stays small.
+interpreter runs a single config anyway); see GPU_BLOCKS.
 """
 
 from __future__ import annotations
@@ -133,13 +132,20 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# (BLOCK_N, BLOCK_V, BLOCK_K, num_warps). GPU blocks are picked so that ptxas reports no register
+# spills on sm_90 (tests/test_kernels_triton.py compiles both kernels ahead of time, no GPU needed);
+# they are not tuned on a GPU. Interpreter blocks are large: its cost grows with the number of programs.
+GPU_BLOCKS = {torch.float32: (64, 64, 32, 8), torch.bfloat16: (64, 128, 32, 8), torch.float16: (64, 128, 32, 8)}
+INTERPRET_BLOCKS = (32, 128, 64, 4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs: exact fp32 products (the reference precision); bf16/fp16: tensor cores (ignored)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_K, num_warps)."""
-    if _interpret():
-        return 32, 128, 64, 4
-    if dtype == torch.float32:
-        return 64, 64, 32, 4
-    return 64, 128, 64, 8
+    return INTERPRET_BLOCKS if _interpret() else GPU_BLOCKS[dtype]
 
 
 def _check(hidden: torch.Tensor, weight: torch.Tensor) -> None:
@@ -187,7 +193,7 @@ def triton_logprobs(
         n, vocab, hdim, 1.0 / temperature, per_split,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, ENTROPY=return_entropy,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_PREC=dot_precision(hidden.dtype),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
     )
     m_part, s_part, s1_part, zt_part = part
@@ -237,7 +243,7 @@ def triton_pg_backward(
         n, vocab, hdim, 1.0 / temperature,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None, NEED_GB=gb is not None,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        DOT_PREC=dot_precision(hidden.dtype),
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
     )
     return gh, gw, gb
