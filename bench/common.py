@@ -69,6 +69,23 @@ def time_fn(fn: Callable[[], object], warmup: int = 1, reps: int = 5, device: st
     return _percentiles(times)
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 1, reps: int = 5,
+                     device: str = "cpu") -> dict[str, tuple[float, float, float]]:
+    """time_fn for several functions, one call of each per round (fairer under background load)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: _percentiles(v) for k, v in times.items()}
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -10,6 +10,12 @@ Providers: naive (materialised logits, eager), compile (torch.compile of naive),
 (beta = 0, token-mean weights). dash_* filter in-op (tau = 0.1, dropped rows have A = 0); naive,
 compile and liger get only the kept rows (filtered by the caller, as a trainer without in-op
 filtering would), so the kept-fraction sweep compares equal useful work. TFLOPS count 8NHV x kept.
+
+CPU bars (base shape, fp32), checked and printed at the end: dash_torch time <= 0.8 x liger, dash_torch
+peak memory (first call) <= 1/8 naive, time at kept fraction f <= 1.15 x f x time at f = 1.
+GPU figures (dash_triton, bf16, % of H100 peak) need a CUDA device: on a CPU-only machine they are
+not measured, and the script says so; the Triton kernels are only checked for correctness there
+(tests/test_kernels_triton.py, TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def make_step(provider: str, p: dict, device: str):
                 t.grad = None
             loss = loss_fn()
             loss.backward()
-            return loss.detach()
+            step.last_loss = float(loss.detach())
 
         return step
 
@@ -110,6 +116,8 @@ def main() -> None:
     dev_name = common.device_name(device)
     peak, peak_src = common.device_peak_tflops(device, dtype)
     print(f"device: {dev_name}, dtype {dtype}, peak {peak:.2f} TFLOPS ({peak_src})")
+    if not gpu:
+        print("no CUDA device: the GPU figures (dash_triton speed, bf16, % of GPU peak) are NOT measured in this run")
     rows, skipped = [], {}
     for x_name, values in sweeps:
         for x in values:
@@ -127,8 +135,9 @@ def main() -> None:
             xv = n if x_name == "N" else x
             flops = 8 * n * cfg["hdim"] * cfg["vocab"] * kept
             print(f"\n== {x_name} = {xv}: N {n}, H {cfg['hdim']}, V {cfg['vocab']}, kept {kept:.2f}")
-            losses = {}
-            for prov in providers:
+            note = f"H={cfg['hdim']} V={cfg['vocab']} N={n}"
+            steps, mems = {}, {}
+            for prov in providers:  # peak memory first: the first call of the non-compiled providers
                 step = make_step(prov, prob, device)
                 if isinstance(step, str):
                     if prov not in skipped:
@@ -136,13 +145,17 @@ def main() -> None:
                     skipped[prov] = step
                     continue
                 compiled = prov in ("compile", "liger")
-                note = f"H={cfg['hdim']} V={cfg['vocab']} N={n}"
                 if compiled:  # compile happens on the first call: measure memory after it
                     step()
                 mem, how = common.peak_memory(step, device)
-                note_mem = f"{note}; {how}; " + ("after a warm-up call (compile)" if compiled else "first call")
-                t = common.time_fn(step, args.warmup, args.reps, device)
-                losses[prov] = float(step())
+                mems[prov] = (mem, f"{note}; {how}; " + ("after a warm-up call (compile)" if compiled else "first call"))
+                steps[prov] = step
+            # Reps interleaved across providers: on a shared machine a burst of background load then
+            # hits every provider alike instead of the one that happened to be running.
+            times = common.time_interleaved(steps, args.warmup, args.reps, device)
+            losses = {prov: step.last_loss for prov, step in steps.items()}
+            for prov, t in times.items():
+                mem, note_mem = mems[prov]
                 common_kw = dict(name="loss", provider=prov, x_name=x_name, x_value=xv, device=dev_name,
                                  dtype=str(dtype).replace("torch.", ""), filter_fraction=round(1 - kept, 4))
                 rows += [
@@ -155,7 +168,7 @@ def main() -> None:
                 ]
                 print(f"  {prov:12s} {t[1]:9.1f} ms (p20 {t[0]:.1f}, p80 {t[2]:.1f})  peak {mem / 2**20:8.1f} MiB  "
                       f"{flops / (t[1] * 1e-3) / 1e12:.3f} TFLOPS  loss {losses[prov]:+.6f}")
-                del step
+            del steps
             ref = losses.get("naive")
             for prov, val in losses.items():
                 if ref is not None and abs(val - ref) > 1e-3 * max(1.0, abs(ref)):
@@ -163,6 +176,8 @@ def main() -> None:
     print()
     common.print_table(rows)
     print_ratios(rows)
+    if not gpu:
+        print_cpu_bars(rows, base)
     path = common.write_csv("loss", rows)
     png = common.plot("loss", rows)
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
@@ -196,6 +211,33 @@ def print_ratios(rows: list[dict]) -> None:
                 if t1:
                     parts.append(f"time/(f x time@f=1) {t / (float(xv) * t1):.3f}")
             print(f"  {prov} {x_name}={xv}: " + ", ".join(parts))
+
+
+def print_cpu_bars(rows: list[dict], base: dict) -> None:
+    """The CPU bars at the base shape (kept-fraction sweep), from this run's p50s."""
+    def get(prov, metric, xv):
+        for r in rows:
+            if (r["provider"], r["metric"], r["x_name"], r["x_value"]) == (prov, metric, "kept_fraction", xv):
+                return r["p50"]
+        return None
+
+    print(f"\nCPU bars (N {base['rows'] * base['seq']}, H {base['hdim']}, V {base['vocab']}):")
+    t1, tl, m, mn = (get("dash_torch", "time_fwd_bwd", 1.0), get("liger", "time_fwd_bwd", 1.0),
+                     get("dash_torch", "peak_memory", 1.0), get("naive", "peak_memory", 1.0))
+    checks = []
+    if t1 and tl:
+        checks.append((f"dash_torch time / liger = {t1 / tl:.3f}", "<= 0.8", t1 / tl <= 0.8))
+    if m is not None and mn:
+        checks.append((f"dash_torch peak memory / naive = {m / mn:.3f}", "<= 0.125", m / mn <= 0.125))
+    for f in (0.5, 0.25):
+        tf = get("dash_torch", "time_fwd_bwd", f)
+        if t1 and tf:
+            checks.append((f"dash_torch time(f={f}) / (f x time(f=1)) = {tf / (f * t1):.3f}", "<= 1.15",
+                           tf / (f * t1) <= 1.15))
+    for what, bar, ok in checks:
+        print(f"  {what:55s} bar {bar:8s} {'PASS' if ok else 'FAIL'}")
+    if not checks:
+        print("  (providers missing from this run)")
 
 
 if __name__ == "__main__":
