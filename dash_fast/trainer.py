@@ -31,6 +31,7 @@ from dash_fast.checkpoint import (
 from dash_fast.config import DashConfig
 from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
 from dash_fast.metrics import MetricsLogger, plot_run
+from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import ProfileWindow, nvtx_range
 from dash_fast.rollout.base import Rollout, SamplingParams
 
@@ -127,6 +128,11 @@ class DashTrainer:
                 raise ValueError("parallel=fsdp2 supports beta=0 and engine=torch only")
             self.fsdp_root = ddp.fully_shard_model(self.model)
         self.engine = self._make_engine()
+        if args.overlap and self.fsdp_root is not None:
+            raise ValueError("overlap=True is not supported with parallel=fsdp2")
+        self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
+            if args.overlap else None
+        self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
@@ -286,6 +292,31 @@ class DashTrainer:
                 parts.append(self.engine.generate(prompt_ids[i : i + size], params))
             return Rollout.concat(parts, self.pad_id)
 
+    def _draw_prompts(self, step: int) -> Prefetched:
+        """The next `prompts_per_step` prompts (the same on every rank) and this rank's share of them."""
+        before = self.sampler.state_dict()
+        indices = self.sampler.next(self.args.prompts_per_step)
+        lo, hi = ddp.shard_range(len(indices), self.dist)  # this rank samples prompts [lo, hi)
+        return Prefetched(step, indices[lo:hi], lo * self.args.group_size, before, self.weights_version)
+
+    def _sample(self, job: Prefetched) -> Rollout:
+        G = self.args.group_size
+        prompt_ids = [self.train_data.prompt_ids[i] for i in job.indices for _ in range(G)]
+        return self.generate(prompt_ids, job.step, row_offset=job.row_offset)
+
+    def _rollout_for(self, step: int) -> Prefetched:
+        """Step `step`'s prompts and rollout: the one sampled ahead (overlap=True) or a fresh one."""
+        job = self.overlap.take(step) if self.overlap is not None else None
+        if job is None:
+            job = self._draw_prompts(step)
+            job.rollout = self._sample(job)
+        return job
+
+    def _prefetch(self, step: int) -> None:
+        """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py)."""
+        job = self._draw_prompts(step)
+        self.overlap.launch(job, lambda: self._sample(job))
+
     def compute_rewards(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
                         repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
@@ -308,11 +339,11 @@ class DashTrainer:
         a = self.args
         G = a.group_size
         t_start = time.perf_counter()
-        indices = self.sampler.next(a.prompts_per_step)  # the same global prompts on every rank
-        lo, hi = ddp.shard_range(len(indices), self.dist)  # this rank samples prompts [lo, hi)
-        indices, row_offset = indices[lo:hi], lo * G
-        prompt_ids = [self.train_data.prompt_ids[i] for i in indices for _ in range(G)]
-        rollout = self.generate(prompt_ids, step, row_offset=row_offset)
+        job = self._rollout_for(step)
+        indices, row_offset, rollout = job.indices, job.row_offset, job.rollout
+        lag = self.weights_version - job.weights_version  # 1 with overlap (after step 1), else 0
+        if self.overlap is not None and step < a.max_steps:  # rollout step+1 from these same weights
+            self._prefetch(step + 1)
         t_gen = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
@@ -341,6 +372,7 @@ class DashTrainer:
             "kept_fraction": kept.numel() / len(rewards),
             "completion_len_mean": lengths.mean().item(),
             "time_generate_s": t_gen,
+            "rollout_lag": lag,
             "time_reward_s": t_reward,
             "time_train_s": t_train,
             "time_step_s": t_step,
@@ -517,7 +549,12 @@ class DashTrainer:
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
             if finite:
+                if self.overlap is not None:  # the sampler of the next rollout must be done reading theta
+                    self.overlap.wait()
                 self.optimizer.step()
+                self.weights_version += 1
+                with nvtx_range("sync/weights"):
+                    self.engine.sync_weights(self.model)
                 self.nonfinite_in_a_row = 0
             else:  # skip the step, keep the weights
                 self.optimizer.zero_grad(set_to_none=True)
@@ -538,6 +575,8 @@ class DashTrainer:
                  batch_size: int = 256) -> dict:
         """Greedy accuracy (mean of the accuracy reward) on held-out prompts (split over ranks)."""
         dataset = dataset or self.eval_data
+        if self.overlap is not None:  # the engine is busy with a rollout sampled ahead
+            self.overlap.wait()
         if dataset is None:
             raise ValueError("no eval dataset")
         n = min(len(dataset), max_examples or self.args.eval_examples)
@@ -579,7 +618,18 @@ class DashTrainer:
             "log_history": self.state.log_history,
             "eval_history": self.eval_history,
             "config": self.args.to_dict(),
+            "weights_version": self.weights_version,
+            **self._overlap_state(),
         }
+
+    def _overlap_state(self) -> dict:
+        """A rollout sampled ahead is saved with the state in one process; under torchrun (rank 0 saves)
+        it is undone instead: the saved sampler position is the one before its prompts (overlap.py)."""
+        job = self.overlap.pending if self.overlap is not None else None
+        if job is None:
+            return {}
+        self.overlap.wait()
+        return {"sampler": job.sampler_before} if self.dist.enabled else {"pending_rollout": job.state_dict()}
 
     def save(self, step: int) -> str | None:
         """Checkpoint on rank 0 (every rank takes part in gathering FSDP2 state); returns its path."""
@@ -615,6 +665,12 @@ class DashTrainer:
             ddp.load_full_state(self.fsdp_root, self.optimizer, saved.state_dict(), state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
+        pending = state.get("pending_rollout")
+        if pending is not None and self.overlap is not None:
+            self.overlap.pending = Prefetched.from_state_dict(pending)
+        elif pending is not None:  # resumed with overlap=False: give its prompts back to the sampler
+            self.sampler.load_state_dict(pending["sampler_before"])
+        self.weights_version = state.get("weights_version", state["step"])
         set_rng_state(state["rng"])
         self.micro_batch_tokens = state["micro_batch_tokens"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]

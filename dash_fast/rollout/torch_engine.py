@@ -303,6 +303,12 @@ class TorchEngine:
         if model is not self.model:
             self.model, self._static = model, None
 
+    @property
+    def thread_safe(self) -> bool:
+        """May sample in a worker thread beside training (overlap.py): the static path reads parameters
+        and touches no module state; the dynamic one toggles model.eval()/train()."""
+        return self.path() == "static"
+
     def path(self) -> str:
         """"static" or "dynamic": which path generate() takes for the current model."""
         if self.kv_cache == "dynamic":

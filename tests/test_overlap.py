@@ -1,0 +1,189 @@
+"""The overlap schedule's bookkeeping on CPU (sequential, same results as the CUDA-stream schedule):
+rollout r+1 is sampled from theta_r (the weights before step r's optimizer step), its sampler log-probs
+are the old log-probs, prompts are consumed in the same order as without overlap, and a checkpoint taken
+with a rollout pending neither loses nor repeats prompts."""
+
+import shutil
+
+import pytest
+import torch
+
+from dash_fast import DashConfig, DashTrainer
+from dash_fast.checkpoint import load_trainer_state
+from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.rollout.torch_engine import TorchEngine
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
+                  max_operand=19, n_train=40, n_test=8)
+
+
+def length_reward(completions, **columns):
+    """Varies within every group even for a random model, so every step moves the weights."""
+    return [float(len(c) % 5) for c in completions]
+
+
+def make_trainer(tmp_path, **overrides) -> DashTrainer:
+    tok = build_tokenizer()
+    model = build_model(tok, TINY, seed=0)
+    train, _ = make_task(TINY, seed=0)
+    args = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, max_completion_tokens=8,
+                max_prompt_tokens=16, loss_impl="naive", report_to=[], disable_tqdm=True, learning_rate=1e-2,
+                filter_tau=None, max_steps=4, seed=1)
+    args.update(overrides)
+    return DashTrainer(model, length_reward, args=DashConfig(**args), train_dataset=train, processing_class=tok)
+
+
+def params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Recorder:
+    """Wraps the trainer: weights when each rollout was sampled, at the start of each step, the rollout
+    and old log-probs each step trained on, and its prompts."""
+
+    def __init__(self, trainer: DashTrainer) -> None:
+        self.sampled_with: list[tuple[int, dict]] = []  # (seed, weights) per generate call
+        self.at_begin: dict[int, dict] = {}
+        self.used: dict[int, tuple] = {}  # step -> (rollout, old)
+        self.prompts: dict[int, list[int]] = {}
+        generate, update, rollout_for = trainer.engine.generate, trainer.update, trainer._rollout_for
+
+        def gen(prompt_ids, p):
+            self.sampled_with.append((p.seed, params(trainer.model)))
+            return generate(prompt_ids, p)
+
+        def rollout_for_(step):
+            self.at_begin[step] = params(trainer.model)
+            job = rollout_for(step)
+            self.prompts[step] = list(job.indices)
+            return job
+
+        def upd(rollout, *a, **k):
+            step = trainer.state.global_step + 1
+            opt = trainer._optimizer_step
+
+            def capture(rollout_, rows, adv, weights, old, ref):
+                self.used[step] = (rollout_, old)
+                return opt(rollout_, rows, adv, weights, old, ref)
+
+            trainer._optimizer_step = capture
+            try:
+                return update(rollout, *a, **k)
+            finally:
+                trainer._optimizer_step = opt
+
+        trainer.engine.generate, trainer.update, trainer._rollout_for = gen, upd, rollout_for_
+
+
+def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r(tmp_path):
+    trainer = make_trainer(tmp_path, overlap=True)
+    rec = Recorder(trainer)
+    trainer.train()
+    assert [r["rollout_lag"] for r in trainer.state.log_history] == [0, 1, 1, 1]
+    seeds = [trainer._sampling_params(s).seed for s in range(1, 5)]
+    assert [seed for seed, _ in rec.sampled_with] == seeds  # one generate per step, in step order
+    for step in range(2, 5):
+        _, weights = rec.sampled_with[step - 1]
+        assert same(weights, rec.at_begin[step - 1])  # theta_{r}: before step r's optimizer step ...
+        assert not same(weights, rec.at_begin[step])  # ... not the weights step r+1 trains
+    # regenerating from a snapshot of theta_r with step r+1's seed gives exactly the rollout step r+1 used
+    snapshot = build_model(build_tokenizer(), TINY, seed=0)
+    snapshot.load_state_dict(rec.at_begin[2])
+    used, _ = rec.used[3]
+    again = TorchEngine(snapshot, trainer.pad_id).generate(used.prompt_ids, trainer._sampling_params(3))
+    assert torch.equal(again.completion_ids, used.completion_ids)
+
+
+def test_with_overlap_old_logprobs_are_the_sampling_logprobs(tmp_path):
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=3)
+    rec = Recorder(trainer)
+    trainer.train()
+    for step, (rollout, old) in rec.used.items():
+        assert old is rollout.sampling_logps, step
+    assert trainer.forward_passes == len(rec.used)  # one micro-batch per step and no old-logprob pass
+
+
+def test_without_overlap_sampling_is_strictly_on_policy(tmp_path):
+    trainer = make_trainer(tmp_path, overlap=False)
+    rec = Recorder(trainer)
+    trainer.train()
+    assert [r["rollout_lag"] for r in trainer.state.log_history] == [0, 0, 0, 0]
+    for step in range(1, 5):
+        assert same(rec.sampled_with[step - 1][1], rec.at_begin[step])
+        assert rec.used[step][1] is None  # K = 1 on-policy: no old log-probs at all
+
+
+def test_prompts_are_consumed_in_the_same_order_with_and_without_overlap(tmp_path):
+    runs = {}
+    for overlap in (False, True):
+        trainer = make_trainer(tmp_path / str(overlap), overlap=overlap, max_steps=5)
+        rec = Recorder(trainer)
+        trainer.train()
+        runs[overlap] = (rec, trainer)
+    assert runs[True][0].prompts == runs[False][0].prompts
+    assert runs[True][1].sampler.state_dict() == runs[False][1].sampler.state_dict()  # nothing drawn past the end
+    r_on, r_off = runs[True][0].used, runs[False][0].used
+    assert torch.equal(r_on[1][0].completion_ids, r_off[1][0].completion_ids)  # step 1: same weights, same seed
+
+
+def final_params(tmp_path, **kw) -> tuple[dict, list]:
+    trainer = make_trainer(tmp_path, **kw)
+    rec = Recorder(trainer)
+    trainer.train()
+    return params(trainer.model), [rec.prompts[s] for s in sorted(rec.prompts)]
+
+
+def test_resume_with_a_pending_rollout_is_exact_and_loses_no_prompt(tmp_path):
+    full, full_prompts = final_params(tmp_path / "full", overlap=True, max_steps=5)
+    final_params(tmp_path / "cut", overlap=True, max_steps=5, save_steps=2)  # writes step-2 and step-4
+    state = load_trainer_state(str(tmp_path / "cut" / "checkpoints" / "step-4"))
+    pending = state["pending_rollout"]
+    assert pending["step"] == 5 and pending["indices"] == full_prompts[4]
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-5")  # as if killed after saving step 4
+    resumed, resumed_prompts = final_params(tmp_path / "cut", overlap=True, max_steps=5, resume="auto")
+    assert resumed_prompts == [full_prompts[4]]  # the pending rollout was used, not re-drawn
+    assert same(resumed, full)
+
+
+def test_resume_without_overlap_gives_the_pending_prompts_back(tmp_path):
+    _, full_prompts = final_params(tmp_path / "a", overlap=True, max_steps=3, save_steps=2)
+    shutil.rmtree(tmp_path / "a" / "checkpoints" / "step-3")
+    _, resumed_prompts = final_params(tmp_path / "a", overlap=False, max_steps=3, resume="auto")
+    assert resumed_prompts == [full_prompts[2]]  # re-sampled on-policy, same prompts
+
+
+def test_under_torchrun_a_pending_rollout_is_undone_in_the_checkpoint(tmp_path):
+    """Rank 0 alone writes the checkpoint, so the state rewinds the sampler to before the pending prompts."""
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=2)
+    trainer.train_step(1)
+    before = trainer.overlap.pending.sampler_before
+    assert trainer.sampler.state_dict() != before
+    assert "pending_rollout" in trainer._checkpoint_state()
+
+    class FakeDist:
+        enabled = True
+
+    trainer.dist = FakeDist()
+    state = trainer._checkpoint_state()
+    assert state["sampler"] == before and "pending_rollout" not in state
+
+
+def test_scheduler_runs_in_order_on_cpu_and_reraises_sampler_errors():
+    sched = OverlapScheduler(torch.device("cpu"), concurrent=True)
+    assert not sched.concurrent  # CPU: no side stream, no thread
+    calls = []
+    sched.launch(Prefetched(2, [0], 0, {}, 0), lambda: calls.append("sampled") or "rollout")
+    assert calls == ["sampled"]  # ran at launch: before any optimizer step that follows
+    assert sched.take(3) is None and sched.take(2).rollout == "rollout" and sched.pending is None
+
+    def boom():
+        raise RuntimeError("sampler failed")
+
+    with pytest.raises(RuntimeError, match="sampler failed"):
+        sched.launch(Prefetched(3, [1], 0, {}, 0), boom)
+    assert sched.pending is None
