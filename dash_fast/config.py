@@ -76,6 +76,7 @@ class DashConfig:
     loss_impl: str = "fused"  # fused | naive | liger
     overlap: bool = False
     engine: str = "torch"  # torch | vllm
+    vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
@@ -129,6 +130,7 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",

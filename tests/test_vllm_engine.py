@@ -1,0 +1,209 @@
+"""The vLLM engine without vLLM: the install hint, weight bucketing, RequestOutput -> Rollout, the
+sleep/wake/push lifecycle against a fake `vllm` module, and the trainer syncing after each optimizer step."""
+
+import sys
+import types
+from collections import namedtuple
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dash_fast import DashConfig, DashTrainer
+from dash_fast.rollout import vllm_engine
+from dash_fast.rollout.base import SamplingParams
+from dash_fast.rollout.torch_engine import TorchEngine
+from dash_fast.rollout.vllm_engine import bucket_tensors, rollout_from_outputs
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+Logprob = namedtuple("Logprob", "logprob rank decoded_token")
+CompletionOutput = namedtuple("CompletionOutput", "index text token_ids cumulative_logprob logprobs finish_reason")
+RequestOutput = namedtuple("RequestOutput", "request_id prompt prompt_token_ids outputs finished")
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
+                  max_operand=19, n_train=40, n_test=8)
+
+
+def request_output(prompt, tokens, logps, extra_top=True):
+    """What vLLM returns with logprobs=0: per position the sampled token (plus, at times, a top-1 other)."""
+    per_pos = []
+    for tok, lp in zip(tokens, logps):
+        d = {tok: Logprob(lp, 3, None)}
+        if extra_top:
+            d[99] = Logprob(-0.01, 1, None)
+        per_pos.append(d)
+    comp = CompletionOutput(0, "", tokens, sum(logps), per_pos, "stop")
+    return RequestOutput("0", None, prompt, [comp], True)
+
+
+def test_missing_vllm_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
+    with pytest.raises(ImportError, match=r"pip install dash-fast\[vllm\]"):
+        vllm_engine.import_vllm()
+    tok = build_tokenizer()
+    train, _ = make_task(TINY, seed=0)
+    with pytest.raises(ImportError, match=r"pip install dash-fast\[vllm\]"):
+        DashTrainer(build_model(tok, TINY), "exact_answer", args=DashConfig(engine="vllm", report_to=[]),
+                    train_dataset=train, processing_class=tok)
+
+
+def test_buckets_are_bounded_ordered_and_complete():
+    named = [(f"p{i}", torch.zeros(n)) for i, n in enumerate([10, 30, 5, 100, 1, 1, 60, 2])]  # float32: 4 B each
+    buckets = bucket_tensors(named, max_bytes=160)
+    flat = [name for b in buckets for name, _ in b]
+    assert flat == [name for name, _ in named]  # every tensor once, in order
+    for b in buckets:
+        size = sum(t.numel() * 4 for _, t in b)
+        assert size <= 160 or len(b) == 1  # only a tensor bigger than the bound travels alone
+    assert [len(b) for b in buckets] == [2, 1, 1, 2, 1, 1]  # 10+30 | 5 | 100 (alone) | 1+1 | 60 | 2
+    assert bucket_tensors([], 10) == []
+    assert [len(b) for b in bucket_tensors(named, max_bytes=1 << 30)] == [len(named)]
+
+
+def test_request_outputs_become_a_rollout():
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    outs = [request_output(prompts[0], [7, 8, 2], [-0.5, -1.0, -0.25]),
+            request_output(prompts[1], [9], [-2.0], extra_top=False),
+            request_output(prompts[2], [], [])]  # vLLM can return an empty completion
+    r = rollout_from_outputs(outs, prompts, pad_token_id=0)
+    assert r.prompt_ids == prompts
+    assert r.completion_ids.tolist() == [[7, 8, 2], [9, 0, 0], [0, 0, 0]]
+    assert r.completion_mask.tolist() == [[1, 1, 1], [1, 0, 0], [0, 0, 0]]
+    assert r.sampling_logps.tolist() == [[-0.5, -1.0, -0.25], [-2.0, 0, 0], [0, 0, 0]]
+    assert r.completion_token_lists() == [[7, 8, 2], [9], []]
+    assert r.stats["generated_tokens"] == 4
+    bad = [request_output(prompts[1], [9], [-2.0])._replace(outputs=[CompletionOutput(0, "", [9], 0, None, "stop")])]
+    with pytest.raises(ValueError, match="logprobs=0"):
+        rollout_from_outputs(bad, prompts[1:2], 0)
+
+
+class FakeLLM:
+    """Stands in for vllm.LLM: its own copy of the model (weights only change through load_weights),
+    sleep/wake bookkeeping, and generate through the embedded engine, returned as RequestOutputs."""
+
+    instances: list = []
+
+    def __init__(self, model, **kwargs):
+        from transformers import AutoModelForCausalLM
+
+        self.kwargs = kwargs
+        self.copy = AutoModelForCausalLM.from_pretrained(model)
+        self.log: list[str] = []
+        self.loaded: list[list[str]] = []
+        self.awake = {"weights", "kv_cache"}
+        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
+        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
+            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
+        FakeLLM.instances.append(self)
+
+    def load_weights(self, pairs):
+        assert "weights" in self.awake, "load_weights while the weights sleep"
+        pairs = list(pairs)
+        params = dict(self.copy.named_parameters())
+        with torch.no_grad():
+            for name, t in pairs:
+                params[name].copy_(t)
+        self.loaded.append([n for n, _ in pairs])
+        self.log.append("load")
+
+    def sleep(self, level):
+        self.log.append(f"sleep{level}")
+        self.awake = set()
+
+    def wake_up(self, tags):
+        self.log.append("wake:" + ",".join(tags))
+        self.awake |= set(tags)
+
+    def reset_prefix_cache(self):
+        self.log.append("reset")
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        assert self.awake == {"weights", "kv_cache"}, "generate while asleep"
+        self.log.append("generate")
+        sp = sampling_params[0]
+        assert sp.logprobs == 0 and all(s.seed == sp.seed + i for i, s in enumerate(sampling_params))
+        params = SamplingParams(temperature=sp.temperature, top_k=max(sp.top_k, 0), top_p=sp.top_p,
+                                max_new_tokens=sp.max_tokens, stop_token_ids=tuple(sp.stop_token_ids), seed=sp.seed)
+        ids = [p["prompt_token_ids"] for p in prompts]
+        r = TorchEngine(self.copy, 0).generate(ids, params)
+        return [request_output(p, toks, r.sampling_logps[i, : len(toks)].tolist())
+                for i, (p, toks) in enumerate(zip(ids, r.completion_token_lists()))]
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.LLM = FakeLLM
+    module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    FakeLLM.instances.clear()
+    return module
+
+
+def saved_tiny(tmp_path):
+    tok = build_tokenizer()
+    path = str(tmp_path / "tiny_model")
+    build_model(tok, TINY, seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pb = dict(b.named_parameters())
+    return all(torch.equal(p, pb[n]) for n, p in a.named_parameters())
+
+
+def test_engine_lifecycle_with_a_fake_vllm(tmp_path, fake_vllm):
+    from transformers import AutoModelForCausalLM
+
+    path = saved_tiny(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    args = DashConfig(max_prompt_tokens=16, max_completion_tokens=8, seed=3)
+    engine = vllm_engine.VLLMEngine(model, build_tokenizer(), args, bucket_bytes=20_000)
+    llm = FakeLLM.instances[-1]
+    assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert llm.kwargs["max_model_len"] == 24 and llm.log == ["sleep2"]  # asleep until needed
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the trainer's weights differ from the files
+    params = SamplingParams(temperature=0.9, top_k=0, max_new_tokens=6, stop_token_ids=(2,), seed=5)
+    prompts = [[3, 4, 5], [6, 7]]
+    rollout = engine.generate(prompts, params)
+    assert llm.log[1:] == ["wake:weights", *["load"] * len(llm.loaded), "reset", "wake:kv_cache", "generate", "sleep2"]
+    assert [n for b in llm.loaded for n in b] == [n for n, _ in model.named_parameters()]  # all, in order
+    assert len(llm.loaded) > 1 and same_weights(llm.copy, model)
+    expected = TorchEngine(model, 0).generate(prompts, params)
+    assert torch.equal(rollout.completion_ids, expected.completion_ids)
+    torch.testing.assert_close(rollout.sampling_logps, expected.sampling_logps)
+    llm.log.clear()
+    engine.sync_weights(model)  # after an optimizer step: weights only, the KV cache stays asleep
+    engine.generate(prompts, params)
+    assert llm.log.count("load") == len(llm.loaded) // 2 and "wake:kv_cache" in llm.log
+    assert llm.log.index("generate") > max(i for i, e in enumerate(llm.log) if e == "load")
+
+
+@pytest.mark.filterwarnings("ignore:Seems like")  # optimizer.step is wrapped below
+def test_trainer_syncs_the_engine_after_each_optimizer_step(tmp_path, fake_vllm):
+    path = saved_tiny(tmp_path)
+    train, _ = make_task(TINY, seed=0)
+    args = DashConfig(output_dir=str(tmp_path / "run"), engine="vllm", prompts_per_step=2, group_size=4,
+                      max_completion_tokens=6, max_prompt_tokens=16, loss_impl="naive", report_to=[],
+                      disable_tqdm=True, learning_rate=1e-2, filter_tau=None, max_steps=3, updates_per_rollout=2)
+    trainer = DashTrainer(path, lambda completions, **kw: [float(len(c) % 3) for c in completions],
+                          args=args, train_dataset=train)
+    assert isinstance(trainer.engine, vllm_engine.VLLMEngine)
+    events = []
+    step, sync = trainer.optimizer.step, trainer.engine.sync_weights
+
+    def opt_step(*a, **k):
+        events.append("step")
+        return step(*a, **k)
+
+    def sync_weights(model):
+        events.append("sync")
+        sync(model)
+        assert same_weights(FakeLLM.instances[-1].copy, trainer.model)  # vLLM now holds theta after the step
+
+    trainer.optimizer.step, trainer.engine.sync_weights = opt_step, sync_weights
+    trainer.train()
+    # the first generate pushes the loaded weights; then 3 rollouts x K = 2 optimizer steps, a push after each
+    assert events == ["sync"] + ["step", "sync"] * 6
