@@ -50,19 +50,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def attn_implementation(device: torch.device, dtype: str) -> str:
+    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed (`pip install dash-fast[flash]`),
+    else PyTorch SDPA (which itself picks a flash / memory-efficient kernel on CUDA)."""
+    import importlib.util
+
+    if device.type == "cuda" and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
+        return "flash_attention_2"
+    return "sdpa"
+
+
 def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -> torch.nn.Module:
     if isinstance(model, torch.nn.Module):
         return model.to(device)
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            kwargs["attn_implementation"] = "flash_attention_2"
-        except ImportError:
-            kwargs["attn_implementation"] = "sdpa"
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation(device, dtype)}
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
 
 

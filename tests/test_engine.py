@@ -184,3 +184,22 @@ def test_unsupported_architecture_falls_back_to_the_dynamic_path():
     assert out.completion_ids.shape == (4, 4)
     with pytest.raises(ValueError, match="kv_cache='static' cannot run"):
         TorchEngine(model, PAD, kv_cache="static").generate(prompts(4), SamplingParams(max_new_tokens=2))
+
+
+@pytest.mark.parametrize("device,dtype,installed,expected", [
+    ("cuda", "bfloat16", True, "flash_attention_2"),
+    ("cuda", "float16", True, "flash_attention_2"),
+    ("cuda", "float32", True, "sdpa"),  # flash-attn has no fp32 kernels
+    ("cuda", "bfloat16", False, "sdpa"),
+    ("cpu", "bfloat16", True, "sdpa"),
+    ("cpu", "float32", False, "sdpa"),
+])
+def test_attention_implementation_selection(monkeypatch, device, dtype, installed, expected):
+    import importlib.util
+
+    from dash_fast.trainer import attn_implementation
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: (object() if installed else None) if name == "flash_attn" else real(name, *a))
+    assert attn_implementation(torch.device(device), dtype) == expected
