@@ -701,7 +701,8 @@ class DashTrainer:
             logger.truncate_after(start)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)} \
             if _main_thread() else {}
-        profile = ProfileWindow(a.profile_steps)
+        trace = os.path.join(self.output_dir, f"trace-rank{self.dist.rank}.json" if self.dist.enabled else "trace.json")
+        profile = ProfileWindow(a.profile_steps, trace_path=trace if a.trace else None)
         try:
             if start == 0 and self.eval_data is not None:
                 self._evaluate(0)
@@ -743,6 +744,7 @@ class DashTrainer:
             self._callback("on_train_end")
             return summary
         finally:
+            profile.close()
             if logger is not None:
                 logger.close()
             for s, h in handlers.items():
