@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch",  # never pinned here: the README's CPU commands install torch==2.13.0 first
         "triton",
-        "transformers>=5.0",  # the sampler uses the 5.x cache API,
+        "transformers>=5.0",  # the sampler uses the 5.x cache API
         "tokenizers",
         "liger-kernel",
         "nvtx",
