@@ -129,22 +129,23 @@ def naive_linear_pg_loss(
         keep &= advantages.abs() > tau
     idx = keep.nonzero().view(-1)
     h, y, a, w = hidden[idx], targets[idx], advantages[idx], token_weights[idx]
-    logits = torch.nn.functional.linear(h, weight, bias).float() / temperature
+    compute = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
+    logits = torch.nn.functional.linear(h, weight, bias).to(compute) / temperature
     logprobs = torch.log_softmax(logits, dim=-1)
     logp = logprobs.gather(1, y.view(-1, 1)).view(-1)
-    old = None if old_logp is None else old_logp[idx].float()
-    ref = None if ref_logp is None else ref_logp[idx].float()
-    loss_t, clip_active, kl = pg_token_loss(logp, a.float(), old, ref, eps_low, eps_high, beta)
-    loss = (loss_t * w.float()).sum()
+    old = None if old_logp is None else old_logp[idx].to(compute)
+    ref = None if ref_logp is None else ref_logp[idx].to(compute)
+    loss_t, clip_active, kl = pg_token_loss(logp, a.to(compute), old, ref, eps_low, eps_high, beta)
+    loss = (loss_t * w.to(compute)).sum()
     stats: dict = {
-        "logp": torch.zeros(hidden.shape[0]).index_copy(0, idx, logp.detach()),
+        "logp": torch.zeros(hidden.shape[0], dtype=compute).index_copy(0, idx, logp.detach()),
         "clip_fraction": clip_active.float().mean().item() if idx.numel() else 0.0,
         "kl_mean": kl.detach().mean().item() if kl is not None and idx.numel() else None,
         "kept_tokens": int(idx.numel()),
     }
     if return_entropy:
         ent = -(logprobs.exp() * logprobs).sum(-1).detach()
-        stats["entropy"] = torch.zeros(hidden.shape[0]).index_copy(0, idx, ent)
+        stats["entropy"] = torch.zeros(hidden.shape[0], dtype=compute).index_copy(0, idx, ent)
     return loss, stats
 
 
@@ -152,7 +153,8 @@ def naive_logprobs(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    logits = torch.nn.functional.linear(hidden, weight, bias).float() / temperature
+    compute = torch.promote_types(hidden.dtype, torch.float32)
+    logits = torch.nn.functional.linear(hidden, weight, bias).to(compute) / temperature
     return torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).view(-1)
 
 
