@@ -1,0 +1,170 @@
+"""Rollout throughput: the embedded engine vs Hugging Face `model.generate` (and vLLM when installed).
+
+    python bench/rollout.py --quick        # CPU: tiny embedded model, batch 64, 24 new tokens
+    python bench/rollout.py                # + batch sweep (16, 64, 256) and length sweep (24, 48, 96)
+    python bench/rollout.py --device cuda --dtype bfloat16
+
+Every provider samples the same prompts (the embedded arithmetic task, left-padded) with the same
+settings: temperature 0.9, top-k 50, exactly `new_tokens` tokens per row (no stop token, so all
+providers do the same work; HF's EOS is switched off in its generation config rather than forced with
+min_new_tokens). Providers:
+
+- dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU)
+- dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
+- hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
+- vllm: `vllm.LLM.generate` on the same model (GPU, when vLLM is installed; otherwise a printed skip)
+
+The embedded engine also returns each token's sampling log-prob; HF generate is timed without them
+(asking it for scores would only slow it down). Throughput = batch x new_tokens / wall time; the
+providers' repetitions are interleaved so that other load on a shared machine hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+from dash_fast.rollout.base import SamplingParams  # noqa: E402
+from dash_fast.rollout.torch_engine import TorchEngine  # noqa: E402
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+
+PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
+TEMPERATURE, TOP_K = 0.9, 50
+
+
+def make_inputs(tokenizer, batch: int, seed: int = 0) -> list[list[int]]:
+    rows, _ = make_task(TinyConfig(n_train=max(batch, 64), n_test=1), seed)
+    return [tokenizer(r["prompt"])["input_ids"] for r in rows[:batch]]
+
+
+def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tokens: int, device: str,
+              model_dir: str):
+    """A closure generating once, or a string saying why the provider cannot run."""
+    pad = tokenizer.pad_token_id
+    params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
+                            seed=0)
+    if provider in ("dash_static", "dash_dynamic"):
+        engine = TorchEngine(model, pad, kv_cache=provider.removeprefix("dash_"))
+        return lambda: engine.generate(prompts, params)
+    if provider == "hf_generate":
+        width = max(map(len, prompts))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attn = (ids != pad).long()
+        config = copy.deepcopy(model.generation_config)
+        config.update(eos_token_id=None, pad_token_id=pad, do_sample=True, temperature=TEMPERATURE, top_k=TOP_K,
+                      max_new_tokens=new_tokens)  # no EOS: exactly new_tokens per row, like the other providers
+
+        def step():
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
+
+        return step
+    if provider == "vllm":
+        try:
+            import vllm
+        except ImportError:
+            return "vLLM not installed (pip install dash-fast[vllm])"
+        if not device.startswith("cuda"):
+            return "vLLM runs on CUDA only"
+        llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+                       gpu_memory_utilization=0.3, seed=0)
+        sp = vllm.SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=new_tokens, ignore_eos=True,
+                                 logprobs=0, detokenize=False)
+        requests = [{"prompt_token_ids": p} for p in prompts]
+        return lambda: llm.generate(requests, sp, use_tqdm=False)
+    raise ValueError(provider)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="batch 64 x 24 new tokens only")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
+    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    common.set_threads(args.threads)
+    dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = getattr(torch, dtype_name)
+    device_label = common.device_name(args.device)
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, TinyConfig(), seed=0).to(args.device, dtype).eval()
+    model_dir = tempfile.mkdtemp(prefix="dash-fast-bench-")
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+
+    shapes = [("batch", 64, 24)] if args.quick else (
+        [("batch", b, 24) for b in (16, 64, 256)] + [("new_tokens", 64, n) for n in (24, 48, 96)])
+    rows, skipped = [], {}
+    for x_name, batch, new_tokens in shapes:
+        prompts = make_inputs(tokenizer, batch)
+        steps = {}
+        for provider in args.providers.split(","):
+            if provider in skipped:
+                continue
+            step = make_step(provider, model, tokenizer, prompts, new_tokens, args.device, model_dir)
+            if isinstance(step, str):
+                skipped[provider] = step
+                print(f"skip {provider}: {step}")
+            else:
+                steps[provider] = step
+        for provider, (t20, t50, t80) in time_round_robin(steps, args.warmup, args.reps, args.device).items():
+            tokens = batch * new_tokens
+            note = f"batch {batch} x {new_tokens} new tokens, prompts {min(map(len, prompts))}-{max(map(len, prompts))}"
+            x_value = batch if x_name == "batch" else new_tokens
+            rows.append(common.row("rollout", provider, "time", x_name, x_value, (t20, t50, t80), "ms",
+                                   device_label, dtype_name, 1.0, note))
+            rows.append(common.row("rollout", provider, "throughput", x_name, x_value,
+                                   (tokens / t80 * 1e3, tokens / t50 * 1e3, tokens / t20 * 1e3), "tokens/s",
+                                   device_label, dtype_name, 1.0, note))
+    common.print_table(rows)
+    print_ratios(rows)
+    path = common.write_csv("rollout", rows)
+    png = common.plot("rollout", rows)
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+
+
+def time_round_robin(steps: dict, warmup: int, reps: int, device: str) -> dict[str, tuple[float, float, float]]:
+    """(p20, p50, p80) ms per provider, the providers' repetitions interleaved, so that load from other
+    processes on a shared machine falls on all of them alike (common.time_fn times one at a time)."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for rep in range(warmup + reps):
+        for name, step in steps.items():
+            common.sync(device)
+            t0 = time.perf_counter()
+            step()
+            common.sync(device)
+            if rep >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: common._percentiles(ts) for name, ts in times.items()}
+
+
+def print_ratios(rows: list[dict]) -> None:
+    """Throughput of each provider over HF generate at the same shape (p50), and the batch-64 bar."""
+    tput = {(r["provider"], r["x_name"], r["x_value"]): r["p50"] for r in rows if r["metric"] == "throughput"}
+    print("\nthroughput / hf_generate (p50):")
+    for (provider, x_name, x_value), v in sorted(tput.items()):
+        base = tput.get(("hf_generate", x_name, x_value))
+        if provider != "hf_generate" and base:
+            print(f"  {provider:13s} {x_name}={x_value:<4} {v / base:5.2f}x  ({v:,.0f} vs {base:,.0f} tokens/s)")
+    ours, base = tput.get(("dash_static", "batch", 64)), tput.get(("hf_generate", "batch", 64))
+    if ours and base:
+        verdict = "meets" if ours / base >= 5 else "misses"
+        print(f"\nbatch 64: dash_static is {ours / base:.2f}x HF generate ({verdict} the >= 5x bar)")
+
+
+if __name__ == "__main__":
+    main()
