@@ -21,7 +21,6 @@ prompts from the checkpoint's weights (no prompt lost or repeated; that one roll
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +39,6 @@ class Prefetched:
     sampler_before: dict  # the prompt sampler's state before `indices` were drawn
     weights_version: int  # optimizer steps applied to the weights it was sampled from
     rollout: Rollout | None = None
-    seconds: float = 0.0
     error: BaseException | None = field(default=None, repr=False)
 
     def state_dict(self) -> dict:
@@ -72,19 +70,17 @@ class OverlapScheduler:
         self.pending = job
 
         def work() -> None:
-            t0 = time.perf_counter()
             try:
                 with torch.no_grad():
                     if self.stream is None:
                         job.rollout = sample()
-                    else:
-                        with torch.cuda.stream(self.stream):
+                    else:  # a new thread starts on cuda:0: select this rank's device first
+                        with torch.cuda.device(self.stream.device), torch.cuda.stream(self.stream):
                             job.rollout = sample()
                             self._event = torch.cuda.Event()
                             self._event.record(self.stream)
             except BaseException as e:  # re-raised by wait(), in the training thread
                 job.error = e
-            job.seconds = time.perf_counter() - t0
 
         if not self.concurrent:
             work()
