@@ -64,7 +64,7 @@ class DashConfig:
     # --- algorithm ---
     scale_rewards: str = "group"
     filter_tau: float | None = 0.1  # None disables the gradient filter
-    refill: bool = False
+    refill: bool = False  # DAPO-style refill of filtered rows: not implemented yet (True is refused)
     loss_agg: str = "dr_grpo"
     normalize_over: str = "kept"  # kept | all
     epsilon: float = 0.2
@@ -132,6 +132,7 @@ class DashConfig:
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
+        need(not self.refill, "refill", "True is not implemented yet (DASH itself does not refill)")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
