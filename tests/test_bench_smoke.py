@@ -1,0 +1,58 @@
+"""bench/e2e.py and bench/paper.py run end to end in --smoke mode (tiny model, 2 steps) and write their
+results with the expected columns and rows, so the scripts cannot silently rot."""
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import common  # noqa: E402
+
+
+def _run(script: str, tmp_path: Path) -> str:
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--smoke", "--results-dir", str(tmp_path / "results"),
+           "--workdir", str(tmp_path / "warm")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == common.COLUMNS
+        return list(reader)
+
+
+def test_e2e_and_paper_smoke(tmp_path):
+    out = _run("e2e.py", tmp_path)
+    rows = _rows(tmp_path / "results" / "e2e.csv")
+    providers = ["dash", "grpo", "dash_overlap", "grpo_overlap"]
+    if importlib.util.find_spec("trl") is not None:
+        providers.append("trl")
+    for prov in providers:
+        metrics = {r["metric"] for r in rows if r["provider"] == prov}
+        assert {"step_time", "time_per_1k_tokens", "time_generate", "time_backward", "time_optimizer", "time_sync",
+                "heldout_accuracy"} <= metrics, (prov, metrics)
+        step = next(r for r in rows if r["provider"] == prov and r["metric"] == "step_time")
+        assert 0 < float(step["p20"]) <= float(step["p50"]) <= float(step["p80"])
+        curve = [r for r in rows if r["provider"] == prov and r["metric"] == "heldout_accuracy"]
+        assert len(curve) == 2 and all(0 <= float(r["p50"]) <= 1 for r in curve)  # step 0 and step 2
+    assert any(r["metric"] == "step time speed-up" for r in rows)
+    assert "dash_vs_grpo: step time speed-up" in out
+    assert (tmp_path / "results" / "e2e.png").exists()
+
+    _run("paper.py", tmp_path)  # reuses the warm start built above
+    md = (tmp_path / "results" / "paper.md").read_text()
+    for heading in ("## 1. GRPO vs No-GF vs DASH", "## 2. PG vs PPO Multi vs PPO Mini", "## 3. KL vs No-KL"):
+        assert heading in md
+    for label in ("| GRPO |", "| No-GF |", "| DASH |", "| PG (K = 1) = DASH |", "| PPO Multi (K = 3) |",
+                  "| PPO Mini (M = 8) |", "| No-KL = DASH |", "| KL |"):
+        assert label in md, label
+    assert "seed 0" in md
+    paper_rows = _rows(tmp_path / "results" / "paper.csv")
+    assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "PPO Multi", "PPO Mini", "KL"}
+    assert (tmp_path / "results" / "paper.png").exists()
