@@ -77,6 +77,32 @@ def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed():
     assert len(set(out["dynamic"].completion_lengths.tolist())) > 2
 
 
+@pytest.mark.parametrize("path", ["static", "static_shapes", "dynamic"])
+def test_a_group_prefills_its_prompt_once_and_samples_as_if_each_row_had_its_own(path):
+    """G rows per prompt (GRPO): one prefill per distinct prompt, its K/V copied to the rows. Tokens
+    and log-probs must equal sampling with no sharing: each row generated alone (greedy, fp64) and the
+    sampler's log-probs equal a recomputed forward (sampled)."""
+    model = tiny_model()
+    engine = engines(model)[path]
+    distinct = prompts(3)
+    grouped = [p for p in distinct for _ in range(4)]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=12, stop_token_ids=(5,))
+    out = engine.generate(grouped, greedy)
+    assert out.stats["prefill_prompts"] == 3
+    for i, p in enumerate(grouped):
+        alone = engine.generate([p], greedy)
+        assert alone.stats["prefill_prompts"] == 1
+        n = int(alone.completion_lengths[0])
+        assert out.completion_token_lists()[i] == alone.completion_token_lists()[0], i
+        torch.testing.assert_close(out.sampling_logps[i, :n], alone.sampling_logps[0, :n], atol=1e-9, rtol=0)
+    sampled = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=12, stop_token_ids=(2, 7), seed=5)
+    out = engine.generate(grouped, sampled)
+    assert len({tuple(t) for t in out.completion_token_lists()}) > 3  # rows of a group still differ
+    with torch.no_grad():
+        expected = recomputed_logps(model, out, sampled.temperature)
+    torch.testing.assert_close(out.sampling_logps.double(), expected * out.completion_mask, atol=1e-6, rtol=0)
+
+
 def test_greedy_matches_hugging_face_generate():
     model = tiny_model().eval()
     ps = prompts(8)

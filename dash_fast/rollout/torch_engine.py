@@ -137,8 +137,9 @@ class StaticDecoder:
         self.graphs.clear()
 
     def compact(self, keep: torch.Tensor, used: int) -> None:
-        """Move cache rows `keep` (ascending) to the front, copying only the `used` slots written so far;
-        the rows after them keep stale but finite data."""
+        """Gather cache rows `keep` to the front, copying only the `used` slots written so far; the rows
+        after them keep stale but finite data. `keep` is ascending when finished rows are dropped, and
+        repeats rows when one prefilled prompt feeds the G rows sampled from it."""
         n = keep.numel()
         for buf in (*self.k, *self.v):
             buf[:n, :, :used] = buf[:, :, :used].index_select(0, keep)
@@ -276,6 +277,15 @@ class StaticDecoder:
         return logits
 
 
+def unique_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Distinct prompts (first-seen order) and, per row, the index of its prompt among them. GRPO samples
+    each prompt G times: prefilling it once cuts the prefill work by G (vLLM calls this prefix caching)."""
+    first: dict[tuple[int, ...], int] = {}
+    row_prompt = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
+    unique = [list(k) for k in first]
+    return unique, torch.tensor(row_prompt, dtype=torch.long)
+
+
 def _bucket(n: int, largest: int) -> int:
     """Batch-size bucket for CUDA graphs: the next power of two (capped at the full batch)."""
     return min(largest, 1 << max(0, (n - 1).bit_length()))
@@ -323,18 +333,19 @@ class TorchEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         device = next(self.model.parameters()).device
-        B, P = len(prompt_ids), max(len(p) for p in prompt_ids)
-        ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):  # left padding: every row's next token is at column P
+        unique, row_prompt = unique_prompts(prompt_ids)
+        P = max(len(p) for p in unique)
+        ids = torch.full((len(unique), P), self.pad_token_id, dtype=torch.long)
+        attn = torch.zeros((len(unique), P), dtype=torch.long)
+        for i, p in enumerate(unique):  # left padding: every row's next token is at column P
             ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
             attn[i, P - len(p) :] = 1
-        ids, attn = ids.to(device), attn.to(device)
+        ids, attn, row_prompt = ids.to(device), attn.to(device), row_prompt.to(device)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         run = self._generate_static if self.path() == "static" else self._generate_dynamic
-        tokens, logps, lengths, stats = run(ids, attn, params, generator)
+        tokens, logps, lengths, stats = run(ids, attn, row_prompt, params, generator)
         width = max(int(lengths.max()), 1)
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
         return Rollout(
@@ -342,7 +353,7 @@ class TorchEngine:
             completion_ids=tokens[:, :width].masked_fill(mask == 0, self.pad_token_id).cpu(),
             completion_mask=mask.cpu(),
             sampling_logps=(logps[:, :width] * mask).cpu(),
-            stats={**stats, "generated_tokens": int(lengths.sum())},
+            stats={**stats, "generated_tokens": int(lengths.sum()), "prefill_prompts": len(unique)},
         )
 
     def _outputs(self, B: int, params: SamplingParams, device: torch.device):
@@ -351,10 +362,10 @@ class TorchEngine:
                 torch.zeros(B, dtype=torch.long, device=device),
                 torch.tensor(sorted(set(params.stop_token_ids)) or [-1], device=device))
 
-    def _generate_static(self, ids, attn, params: SamplingParams, generator):
+    def _generate_static(self, ids, attn, row_prompt, params: SamplingParams, generator):
         model = self.model
         device, dtype = ids.device, model.get_output_embeddings().weight.dtype
-        B, P = ids.shape
+        B, P = row_prompt.numel(), ids.shape[1]
         if self._static is None or self._static.model is not model:
             self._static = StaticDecoder(model)
         dec = self._static
@@ -364,7 +375,10 @@ class TorchEngine:
             dec.drop_stale_graphs()
         out_tokens, out_logps, lengths, stop = self._outputs(B, params, device)
 
-        logits = dec.prefill(ids, attn)
+        logits = dec.prefill(ids, attn)  # each distinct prompt once (a group's G rows share it) ...
+        if ids.shape[0] < B:  # ... then its K/V rows are copied to every row that samples from it
+            dec.compact(row_prompt, P)
+            logits, attn = logits.index_select(0, row_prompt), attn.index_select(0, row_prompt)
         pos = attn.sum(-1)  # next RoPE position of each row
         rows = torch.arange(B, device=device)  # original row of each cache row in use
         n = B  # rows still running: cache rows [0, n); rows [n, size) are finished filler
@@ -397,7 +411,7 @@ class TorchEngine:
             decode_steps += 1
         return out_tokens, out_logps, lengths, {"decode_steps": decode_steps + 1, "kv_cache": "static"}
 
-    def _generate_dynamic(self, ids, attn, params: SamplingParams, generator):
+    def _generate_dynamic(self, ids, attn, row_prompt, params: SamplingParams, generator):
         from transformers import DynamicCache
 
         model = self.model
@@ -405,13 +419,16 @@ class TorchEngine:
         model.eval()
         device = ids.device
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
-        out_tokens, out_logps, lengths, stop = self._outputs(ids.shape[0], params, device)
-        active = torch.arange(ids.shape[0], device=device)  # original row of each row still in the batch
+        out_tokens, out_logps, lengths, stop = self._outputs(row_prompt.numel(), params, device)
+        active = torch.arange(row_prompt.numel(), device=device)  # original row of each row still in the batch
 
         cache = DynamicCache()
         out = model(input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
+        if ids.shape[0] < row_prompt.numel():  # one prefill per distinct prompt, copied to its rows
+            cache.batch_select_indices(row_prompt)
+            logits, attn, positions = logits[row_prompt], attn[row_prompt], positions[row_prompt]
         next_pos = positions[:, -1:] + 1
         decode_steps = 0
         for t in range(params.max_new_tokens):
