@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .torch_ref import chunked_pg
-from .utils import compute_dtype, kept_index, nvtx_range, pg_token_terms, resolve_backend
+from .utils import check_inputs, compute_dtype, kept_index, nvtx_range, pg_token_terms, resolve_backend
 
 
 class _FusedLinearPGLoss(torch.autograd.Function):
@@ -147,15 +147,8 @@ def fused_linear_pg_loss(
     `logp` [N] (valid on kept tokens), `clip_fraction`, `kl_mean` (None when beta = 0) and
     `entropy` [N] (None unless return_entropy). Loss is fp32 (fp64 for fp64 inputs).
     """
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("fused_linear_pg_loss: beta > 0 needs ref_logp (the reference policy's log-probs)")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    n = hidden.shape[0]
-    for name, t in (("targets", targets), ("advantages", advantages), ("token_weights", token_weights),
-                    ("old_logp", old_logp), ("ref_logp", ref_logp)):
-        if t is not None and t.shape != (n,):
-            raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+    check_inputs("fused_linear_pg_loss", hidden, weight, beta, targets=targets, advantages=advantages,
+                 token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
     resolved = resolve_backend(backend, hidden.device)
     cfg = (resolved, float(temperature), eps_low, eps_high, float(beta), return_entropy, chunk_size,
            torch.is_grad_enabled())

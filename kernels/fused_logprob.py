@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .torch_ref import chunked_pg
-from .utils import nvtx_range, resolve_backend
+from .utils import check_inputs, nvtx_range, resolve_backend
 
 
 @torch.no_grad()
@@ -24,10 +24,7 @@ def fused_logprobs(
 
     With return_entropy, also the per-token entropy of the same distribution.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
-    if targets.shape != (hidden.shape[0],):
-        raise ValueError(f"targets must have shape [{hidden.shape[0]}], got {tuple(targets.shape)}")
+    check_inputs("fused_logprobs", hidden, weight, targets=targets)
     with nvtx_range("dash_kernels/logprobs", hidden.is_cuda):
         if resolve_backend(backend, hidden.device) == "triton":
             from .triton_kernels import triton_logprobs

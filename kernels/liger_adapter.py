@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .fused_logprob import fused_logprobs
-from .utils import compute_dtype, kept_index
+from .utils import check_inputs, compute_dtype, kept_index
 
 
 def liger_pg_loss(
@@ -41,8 +41,8 @@ def liger_pg_loss(
     on CUDA only: on CPU every new micro-batch shape would cost a torch.compile run."""
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("liger_pg_loss: beta > 0 needs ref_logp")
+    check_inputs("liger_pg_loss", hidden, weight, beta, targets=targets, advantages=advantages,
+                 token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
     n, dev = hidden.shape[0], hidden.device
     cdt = compute_dtype(hidden.dtype)
     idx = kept_index(advantages, token_weights, tau)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .utils import compute_dtype, pg_token_terms
+from .utils import check_inputs, compute_dtype, pg_token_terms
 
 CHUNK_BYTES = 32 * 2**20  # logits chunk budget; 256 rows at V = 32k fp32 (tuned in bench/loss.py on 2 cores)
 
@@ -159,8 +159,8 @@ def pg_loss_ref(
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """DESIGN.md section 3 written the obvious way, with autograd on materialised logits."""
-    if beta != 0.0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
+    check_inputs("pg_loss_ref", hidden, weight, beta, targets=targets, advantages=advantages,
+                 token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
     out = logprobs_ref(hidden, weight, bias, targets, temperature=temperature, return_entropy=return_entropy)
     logp, ent = out if return_entropy else (out, None)
     cdt = logp.dtype

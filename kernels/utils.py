@@ -1,4 +1,5 @@
-"""Shared pieces of the fused policy-gradient ops: backend choice, token filter, per-token PG math, NVTX."""
+"""Shared pieces of the fused policy-gradient ops: argument checks, backend choice, token filter, per-token PG
+math, NVTX."""
 
 from __future__ import annotations
 
@@ -7,6 +8,20 @@ from contextlib import contextmanager
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+
+
+def check_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, beta: float = 0.0,
+                 **per_token: torch.Tensor | None) -> None:
+    """The contract's argument checks (DESIGN.md section 3), shared by every op: beta > 0 needs ref_logp,
+    hidden is [N, H] and weight [V, H], and each per-token tensor given (None: not passed) is [N]."""
+    if beta != 0.0 and per_token.get("ref_logp") is None:
+        raise ValueError(f"{op}: beta > 0 needs ref_logp (the reference policy's log-probs)")
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"expected hidden [N, H] and weight [V, H], got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    n = hidden.shape[0]
+    for name, t in per_token.items():
+        if t is not None and t.shape != (n,):
+            raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
