@@ -74,6 +74,7 @@ class DashConfig:
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
     loss_impl: str = "fused"  # fused | naive | liger
+    train_forward: str = "auto"  # auto | shared_prompt (each prompt once per group) | hf (the model's own)
     overlap: bool = False
     engine: str = "torch"  # torch | vllm
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)
@@ -130,6 +131,8 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
+             "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
         need(not self.refill, "refill", "True is not implemented yet (DASH itself does not refill)")

@@ -130,6 +130,7 @@ class DashTrainer:
             if args.beta > 0 or args.engine != "torch":
                 raise ValueError("parallel=fsdp2 supports beta=0 and engine=torch only")
             self.fsdp_root = ddp.fully_shard_model(self.model)
+        self.shared_prompt = self._use_shared_prompt()
         self.engine = self._make_engine()
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
@@ -187,6 +188,17 @@ class DashTrainer:
             names.append(getattr(f, "__name__", type(f).__name__))
         return resolved, names
 
+    def _use_shared_prompt(self) -> bool:
+        """Train with each prompt computed once per group (shared_prompt.py) where the model allows it."""
+        from dash_fast.shared_prompt import shared_prompt_unsupported
+
+        if self.args.train_forward == "hf":
+            return False
+        reason = "parameters sharded by FSDP2" if self.fsdp_root is not None else shared_prompt_unsupported(self.model)
+        if reason and self.args.train_forward == "shared_prompt":
+            raise ValueError(f"train_forward='shared_prompt' cannot run this model: {reason}")
+        return reason is None
+
     def _make_engine(self):
         if self.args.engine == "vllm":
             from dash_fast.rollout.vllm_engine import VLLMEngine
@@ -208,11 +220,27 @@ class DashTrainer:
     def _decoder(self, model: torch.nn.Module) -> torch.nn.Module:
         return getattr(model, model.base_model_prefix)
 
+    def _micro_batches(self, rollout: Rollout, rows: list[int]) -> list[list[int]]:
+        """Indices into `rows`, grouped into micro-batches of about `micro_batch_tokens` padded tokens."""
+        lengths = rollout.completion_lengths.tolist()
+        if self.shared_prompt:
+            from dash_fast.shared_prompt import pack_shared
+
+            return pack_shared([rollout.prompt_ids[r] for r in rows], [lengths[r] for r in rows],
+                               self.micro_batch_tokens)
+        return algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
+                                       self.micro_batch_tokens)
+
     def _hidden_and_targets(self, model, rollout: Rollout, rows: list[int]):
         """One forward of the decoder over prompt+completion rows; returns the hidden states that predict
-        each completion token, flattened to [N, H], with their targets and (row, token) positions."""
+        each completion token, flattened to [N, H] in row order, with their targets."""
         lengths = rollout.completion_lengths.tolist()
         comp = rollout.completion_ids
+        if self.shared_prompt:
+            from dash_fast.shared_prompt import shared_prompt_hidden
+
+            return shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
+                                        [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id)
         seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
         ids, attn = pad_right(seqs, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -243,8 +271,7 @@ class DashTrainer:
         out = torch.zeros_like(rollout.sampling_logps)
         lengths = rollout.completion_lengths.tolist()
         with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
-            for micro in algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
-                                                 self.micro_batch_tokens):
+            for micro in self._micro_batches(rollout, rows):
                 micro_rows = [rows[i] for i in micro]
                 if model is self.model:
                     self.forward_passes += 1
@@ -509,9 +536,7 @@ class DashTrainer:
         """Forward/backward over token-budget micro-batches of this rank's `rows`; returns loss sums."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        lengths = rollout.completion_lengths.tolist()
-        micros: list = algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
-                                               self.micro_batch_tokens) if rows else []
+        micros: list = self._micro_batches(rollout, rows) if rows else []
         if self.fsdp_root is not None:  # same number of forwards on every rank
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0

@@ -1,0 +1,147 @@
+"""The training forward with each prompt computed once per group (Llama-family decoders).
+
+GRPO trains on G completions of every prompt. A plain forward runs the prompt G times; here the prompt
+tokens of a micro-batch run once per distinct prompt, and each completion attends to its prompt's keys
+and values (gathered by index, so the gradient of all G rows flows back into the one prompt pass) and
+causally to its own tokens. The loss and every gradient are those of the plain forward (a test holds
+them equal in float64); the work saved is (G - 1) prompt passes per group.
+
+Layout of one micro-batch: U distinct prompts left-padded to [U, P], R completions right-padded to
+[R, C]; the decoder's linear layers run on the flat [U * P + R * C, hidden] tokens, attention in two
+SDPA calls (prompts over themselves; completions over their prompt plus themselves).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dash_fast.rollout.torch_engine import _linear_add, _rms_norm, static_unsupported, unique_prompts
+
+
+def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
+    """Why this model must train with its own forward instead (None when the shared forward applies)."""
+    reason = static_unsupported(model)
+    if reason is not None:
+        return reason
+    if getattr(model.config, "attention_dropout", 0.0):  # training would apply it; this forward does not
+        return "attention dropout"
+    return None
+
+
+def pack_shared(prompts: list[list[int]], completion_lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Micro-batches of row indices whose padded size U * P + R * C stays within `token_budget`.
+
+    Rows are taken in order of completion length (little padding in [R, C]); a prompt counts once per
+    micro-batch however many of its rows are in it. A row alone may exceed the budget."""
+    order = sorted(range(len(prompts)), key=lambda i: completion_lengths[i])
+    batches: list[list[int]] = []
+    current: list[int] = []
+    seen: set[tuple[int, ...]] = set()
+    longest_prompt = longest_completion = 0
+    for i in order:
+        key = tuple(prompts[i])
+        p = max(longest_prompt, len(prompts[i]))
+        c = max(longest_completion, completion_lengths[i])
+        cost = (len(seen) + (key not in seen)) * p + (len(current) + 1) * c
+        if current and cost > token_budget:
+            batches.append(current)
+            current, seen = [], set()
+            p, c = len(prompts[i]), completion_lengths[i]
+        current.append(i)
+        seen.add(key)
+        longest_prompt, longest_completion = p, c
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm in max(dtype, float32). Hugging Face rounds a float64 model's norm to float32 too; here
+    float64 stays float64, so gradients summed over micro-batches that split a group's rows stay exact."""
+    if x.dtype == torch.float64:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]],
+                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Final-norm hidden states that predict each completion token, flattened in row order to [N, H],
+    and the tokens they predict [N]. Row r predicts completions[r] after prompts[r]."""
+    cfg, decoder = model.config, model.model
+    device = decoder.embed_tokens.weight.device
+    unique, group = unique_prompts(prompts)
+    U, R = len(unique), len(completions)
+    P = max(len(p) for p in unique)
+    C = max(1, max(len(c) for c in completions) - 1)  # the last completion token predicts nothing
+
+    ids_p = torch.full((U, P), pad_id, dtype=torch.long)
+    valid_p = torch.zeros((U, P), dtype=torch.bool)
+    for u, p in enumerate(unique):
+        ids_p[u, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        valid_p[u, P - len(p) :] = True
+    ids_c = torch.full((R, C), pad_id, dtype=torch.long)
+    for r, c in enumerate(completions):
+        if len(c) > 1:
+            ids_c[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+    prompt_len = valid_p.sum(-1)
+    pos_p = (valid_p.long().cumsum(-1) - 1).clamp(min=0)
+    pos_c = prompt_len[group][:, None] + torch.arange(C)[None, :]
+    ids_p, ids_c, valid_p, group = ids_p.to(device), ids_c.to(device), valid_p.to(device), group.to(device)
+    positions = torch.cat([pos_p.reshape(-1), pos_c.reshape(-1)]).to(device)
+
+    # masks: prompts causal over their valid keys (padding queries see themselves: no NaN); completions
+    # see their prompt's valid keys and, causally, their own tokens
+    causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
+    mask_p = ((causal_p & valid_p[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+    causal_c = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    mask_c = torch.cat([valid_p[group][:, None, :].expand(R, C, P), causal_c.expand(R, C, C)], dim=-1)[:, None]
+
+    embed = decoder.embed_tokens  # its padding_idx: that row gets no gradient, as in the model's own forward
+    x = F.embedding(torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]), embed.weight, embed.padding_idx)
+    cos, sin = decoder.rotary_emb(x, positions[None])
+    cos, sin = cos[0, :, None], sin[0, :, None]
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    n_p = U * P
+    for layer in decoder.layers[: cfg.num_hidden_layers]:
+        attn = layer.self_attn
+        D = attn.head_dim
+        h = _norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
+        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(-1, nh, D)
+        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(-1, nkv, D)
+        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(-1, nkv, D)
+        if hasattr(attn, "q_norm"):  # Qwen3
+            q = _norm(q, attn.q_norm.weight, cfg.rms_norm_eps)
+            k = _norm(k, attn.k_norm.weight, cfg.rms_norm_eps)
+        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+        gqa = nkv != nh
+        q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
+        q_c, k_c, v_c = (t[n_p:].view(R, C, -1, D).transpose(1, 2) for t in (q, k, v))
+        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask_p, scale=attn.scaling, enable_gqa=gqa)
+        k_c = torch.cat([k_p.index_select(0, group), k_c], dim=2)  # [R, kv heads, P + C, D]
+        v_c = torch.cat([v_p.index_select(0, group), v_c], dim=2)
+        o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask_c, scale=attn.scaling, enable_gqa=gqa)
+        o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
+        x = _linear_add(x, o, attn.o_proj)
+        mlp = layer.mlp
+        h = _norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
+        x = _linear_add(x, mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))
+                        * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj)
+
+    # row r: the prompt's last position predicts token 0, completion position j predicts token j + 1
+    index = []
+    for r, c in enumerate(completions):
+        if not c:  # an engine may return a row with no tokens: it predicts nothing
+            continue
+        index.append(int(group[r]) * P + P - 1)
+        index.extend(range(n_p + r * C, n_p + r * C + len(c) - 1))
+    hidden = _norm(x.index_select(0, torch.tensor(index, dtype=torch.long, device=device)), decoder.norm.weight, cfg.rms_norm_eps)
+    targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
+    return hidden, targets
