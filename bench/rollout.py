@@ -1,13 +1,16 @@
 """Rollout throughput: the embedded engine vs Hugging Face `model.generate` (and vLLM when installed).
 
     python bench/rollout.py --quick        # CPU: tiny embedded model, batch 64, 24 new tokens
-    python bench/rollout.py                # + batch sweep (16, 64, 256) and length sweep (24, 48, 96)
+    python bench/rollout.py                # + batch sweep (16, 64, 256), length sweep (24, 48, 96) and GRPO groups
+    python bench/rollout.py --group 8      # batch 64 = 8 prompts x 8 samples each (GRPO's shape)
     python bench/rollout.py --device cuda --dtype bfloat16
 
 Every provider samples the same prompts (the embedded arithmetic task, left-padded) with the same
 settings: temperature 0.9, top-k 50, exactly `new_tokens` tokens per row (no stop token, so all
 providers do the same work; HF's EOS is switched off in its generation config rather than forced with
-min_new_tokens). Providers:
+min_new_tokens). With `--group G` (and the "group" sweep) the batch is batch/G distinct prompts sampled
+G times each, GRPO's shape: the embedded engine prefills each distinct prompt once, HF generate prefills
+every row (as with num_return_sequences). Providers:
 
 - dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
@@ -42,9 +45,10 @@ PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50
 
 
-def make_inputs(tokenizer, batch: int, seed: int = 0) -> list[list[int]]:
+def make_inputs(tokenizer, batch: int, group: int = 1, seed: int = 0) -> list[list[int]]:
+    """`batch` prompts: batch / group distinct ones, each repeated `group` times (GRPO's rollout shape)."""
     rows, _ = make_task(TinyConfig(n_train=max(batch, 64), n_test=1), seed)
-    return [tokenizer(r["prompt"])["input_ids"] for r in rows[:batch]]
+    return [tokenizer(r["prompt"])["input_ids"] for r in rows[: batch // group] for _ in range(group)]
 
 
 def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tokens: int, device: str,
@@ -88,6 +92,7 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="batch 64 x 24 new tokens only")
+    ap.add_argument("--group", type=int, default=1, help="samples per distinct prompt (batch / group prompts)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 (CPU default) or bfloat16 (GPU default)")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
@@ -106,11 +111,13 @@ def main() -> None:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
-    shapes = [("batch", 64, 24)] if args.quick else (
-        [("batch", b, 24) for b in (16, 64, 256)] + [("new_tokens", 64, n) for n in (24, 48, 96)])
+    g = args.group
+    shapes = [("batch", 64, 24, g)] if args.quick else (
+        [("batch", b, 24, g) for b in (16, 64, 256)] + [("new_tokens", 64, n, g) for n in (24, 48, 96)]
+        + [("group", 64, 24, G) for G in (4, 8) if G != g])
     rows, skipped = [], {}
-    for x_name, batch, new_tokens in shapes:
-        prompts = make_inputs(tokenizer, batch)
+    for x_name, batch, new_tokens, group in shapes:
+        prompts = make_inputs(tokenizer, batch, group)
         steps = {}
         for provider in args.providers.split(","):
             if provider in skipped:
@@ -123,8 +130,9 @@ def main() -> None:
                 steps[provider] = step
         for provider, (t20, t50, t80) in time_round_robin(steps, args.warmup, args.reps, args.device).items():
             tokens = batch * new_tokens
-            note = f"batch {batch} x {new_tokens} new tokens, prompts {min(map(len, prompts))}-{max(map(len, prompts))}"
-            x_value = batch if x_name == "batch" else new_tokens
+            note = (f"batch {batch} ({batch // group} prompts x {group}) x {new_tokens} new tokens, "
+                    f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}")
+            x_value = {"batch": batch, "new_tokens": new_tokens, "group": group}[x_name]
             rows.append(common.row("rollout", provider, "time", x_name, x_value, (t20, t50, t80), "ms",
                                    device_label, dtype_name, 1.0, note))
             rows.append(common.row("rollout", provider, "throughput", x_name, x_value,
