@@ -78,6 +78,7 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     cfg, decoder = model.config, model.model
     device = decoder.embed_tokens.weight.device
     unique, group = unique_prompts(prompts)
+    row_prompt = group.tolist()
     U, R = len(unique), len(completions)
     P = max(len(p) for p in unique)
     C = max(1, max(len(c) for c in completions) - 1)  # the last completion token predicts nothing
@@ -137,11 +138,12 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
 
     # row r: the prompt's last position predicts token 0, completion position j predicts token j + 1
     index = []
-    for r, c in enumerate(completions):
+    for r, (u, c) in enumerate(zip(row_prompt, completions)):
         if not c:  # an engine may return a row with no tokens: it predicts nothing
             continue
-        index.append(int(group[r]) * P + P - 1)
+        index.append(u * P + P - 1)
         index.extend(range(n_p + r * C, n_p + r * C + len(c) - 1))
-    hidden = _norm(x.index_select(0, torch.tensor(index, dtype=torch.long, device=device)), decoder.norm.weight, cfg.rms_norm_eps)
+    index = torch.tensor(index, dtype=torch.long, device=device)
+    hidden = _norm(x.index_select(0, index), decoder.norm.weight, cfg.rms_norm_eps)
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
     return hidden, targets
