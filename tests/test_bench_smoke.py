@@ -49,10 +49,10 @@ def test_e2e_and_paper_smoke(tmp_path):
     md = (tmp_path / "results" / "paper.md").read_text()
     for heading in ("## 1. GRPO vs No-GF vs DASH", "## 2. PG vs PPO Multi vs PPO Mini", "## 3. KL vs No-KL"):
         assert heading in md
-    for label in ("| GRPO |", "| No-GF |", "| DASH |", "| PG (K = 1) = DASH |", "| PPO Multi (K = 3) |",
+    for label in ("| GRPO |", "| No-GF |", "| DASH |", "| DASH-all |", "DASH-all vs No-GF: ", "| PG (K = 1) = DASH |", "| PPO Multi (K = 3) |",
                   "| PPO Mini (M = 8) |", "| No-KL = DASH |", "| KL |"):
         assert label in md, label
     assert "seed 0" in md
     paper_rows = _rows(tmp_path / "results" / "paper.csv")
-    assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "PPO Multi", "PPO Mini", "KL"}
+    assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "DASH-all", "PPO Multi", "PPO Mini", "KL"}
     assert (tmp_path / "results" / "paper.png").exists()
