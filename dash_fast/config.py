@@ -74,7 +74,7 @@ class DashConfig:
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
     loss_impl: str = "fused"  # fused | naive | liger
-    train_forward: str = "auto"  # auto | shared_prompt (each prompt once per group) | hf (the model's own)
+    train_forward: str = "auto"  # auto (shared_prompt on CPU) | shared_prompt (each prompt once per group) | hf
     overlap: bool = False
     engine: str = "torch"  # torch | vllm
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)

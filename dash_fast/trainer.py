@@ -189,10 +189,11 @@ class DashTrainer:
         return resolved, names
 
     def _use_shared_prompt(self) -> bool:
-        """Train with each prompt computed once per group (shared_prompt.py) where the model allows it."""
+        """Train with each prompt computed once per group (shared_prompt.py) where the model allows it.
+        `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
         from dash_fast.shared_prompt import shared_prompt_unsupported
 
-        if self.args.train_forward == "hf":
+        if self.args.train_forward == "hf" or (self.args.train_forward == "auto" and self.device.type != "cpu"):
             return False
         reason = "parameters sharded by FSDP2" if self.fsdp_root is not None else shared_prompt_unsupported(self.model)
         if reason and self.args.train_forward == "shared_prompt":

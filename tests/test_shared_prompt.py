@@ -115,7 +115,10 @@ def test_training_update_equals_the_hf_forward(tmp_path, budget):
 
 def test_models_it_cannot_run_use_their_own_forward(tmp_path):
     trainer = make_trainer(tmp_path)
-    assert trainer.shared_prompt  # auto, tiny Qwen2
+    assert trainer.shared_prompt  # auto, tiny Qwen2, CPU
+    trainer.device = torch.device("cuda")  # auto stays with the model's own forward on GPU (speed unmeasured)
+    assert not trainer._use_shared_prompt()
+    trainer.device = torch.device("cpu")
     trainer.model.config.attention_dropout = 0.1
     assert shared_prompt_unsupported(trainer.model) == "attention dropout"
     assert not trainer._use_shared_prompt()
