@@ -490,6 +490,22 @@ def settings(args: argparse.Namespace) -> dict:
     return s
 
 
+def setup_run(args: argparse.Namespace) -> dict:
+    """What e2e.py and paper.py do before their first step: results dir, threads, quiet logs, warm start."""
+    if args.results_dir:
+        common.RESULTS = Path(args.results_dir)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    common.set_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
+    workdir = args.workdir or str(REPO / "runs" / ("bench-warm-smoke" if args.smoke else "bench-warm"))
+    return warm_start(workdir, args.seed, smoke=args.smoke)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="12 steps, eval every 6 (a few minutes)")
@@ -507,19 +523,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="warm start cache (default runs/bench-warm[-smoke])")
     ap.add_argument("--results-dir", default=None, help="where e2e.csv / e2e.png go (default bench/results)")
     args = ap.parse_args()
-    if args.results_dir:
-        common.RESULTS = Path(args.results_dir)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    common.set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*optimizer.step\\(\\)` has been overridden.*")
     s = settings(args)
-    workdir = args.workdir or str(REPO / "runs" / ("bench-warm-smoke" if args.smoke else "bench-warm"))
-    warm = warm_start(workdir, args.seed, smoke=args.smoke)
+    warm = setup_run(args)
     names = args.providers.split(",")
     print(f"settings: {json.dumps(s)}\nproviders: {names}\ndevice: {common.device_name('cpu')}")
     from dash_fast.config import DashConfig

@@ -19,10 +19,8 @@ bench/results/paper.md, paper.csv and paper.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -189,19 +187,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="warm start cache (default runs/bench-warm[-smoke])")
     ap.add_argument("--results-dir", default=None, help="where paper.md / .csv / .png go (default bench/results)")
     args = ap.parse_args()
-    if args.results_dir:
-        common.RESULTS = Path(args.results_dir)
-    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    common.set_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
     s = settings(args)
-    workdir = args.workdir or str(e2e.REPO / "runs" / ("bench-warm-smoke" if args.smoke else "bench-warm"))
     t0 = time.perf_counter()
-    warm = e2e.warm_start(workdir, args.seed, smoke=args.smoke)
+    warm = e2e.setup_run(args)
     s["sft_steps"] = warm["sft_steps"]
     names = args.variants.split(",")
     print(f"settings: {s}\nvariants: {names}\ndevice: {common.device_name('cpu')}")
