@@ -44,11 +44,16 @@ def exact_norms(model) -> None:
 
 
 def models():
+    from transformers import MistralConfig, MistralForCausalLM
+
     tiny = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
-    return {"qwen2": build_model(build_tokenizer(), tiny, seed=0), **other_architectures()}
+    mistral = MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=1, sliding_window=None, pad_token_id=PAD)
+    return {"qwen2": build_model(build_tokenizer(), tiny, seed=0), **other_architectures(),
+            "mistral_mqa": MistralForCausalLM(mistral)}
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama_gqa", "qwen3_qk_norm"])
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa", "qwen3_qk_norm", "mistral_mqa"])
 def test_hidden_states_and_gradients_match_the_models_own_forward(name):
     model = models()[name].double()
     exact_norms(model)
