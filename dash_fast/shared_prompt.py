@@ -16,7 +16,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dash_fast.rollout.torch_engine import _linear_add, _rms_norm, static_unsupported, unique_prompts
+from dash_fast.data import pad_left
+from dash_fast.rollout.torch_engine import (
+    _linear_add,
+    _rms_norm,
+    prompt_attention_mask,
+    static_unsupported,
+    unique_prompts,
+)
 
 
 def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
@@ -80,28 +87,23 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     unique, group = unique_prompts(prompts)
     row_prompt = group.tolist()
     U, R = len(unique), len(completions)
-    P = max(len(p) for p in unique)
     C = max(1, max(len(c) for c in completions) - 1)  # the last completion token predicts nothing
 
-    ids_p = torch.full((U, P), pad_id, dtype=torch.long)
-    valid_p = torch.zeros((U, P), dtype=torch.bool)
-    for u, p in enumerate(unique):
-        ids_p[u, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        valid_p[u, P - len(p) :] = True
+    ids_p, attn_p = pad_left(unique, pad_id)
+    P, valid_p = ids_p.shape[1], attn_p.bool()
     ids_c = torch.full((R, C), pad_id, dtype=torch.long)
     for r, c in enumerate(completions):
         if len(c) > 1:
             ids_c[r, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
     prompt_len = valid_p.sum(-1)
-    pos_p = (valid_p.long().cumsum(-1) - 1).clamp(min=0)
+    pos_p = (attn_p.cumsum(-1) - 1).clamp(min=0)
     pos_c = prompt_len[group][:, None] + torch.arange(C)[None, :]
     ids_p, ids_c, valid_p, group = ids_p.to(device), ids_c.to(device), valid_p.to(device), group.to(device)
     positions = torch.cat([pos_p.reshape(-1), pos_c.reshape(-1)]).to(device)
 
-    # masks: prompts causal over their valid keys (padding queries see themselves: no NaN); completions
-    # see their prompt's valid keys and, causally, their own tokens
-    causal_p = torch.ones(P, P, dtype=torch.bool, device=device).tril()
-    mask_p = ((causal_p & valid_p[:, None, :]) | torch.eye(P, dtype=torch.bool, device=device))[:, None]
+    # masks: prompts as in the engine's prefill; completions see their prompt's valid keys and, causally,
+    # their own tokens
+    mask_p = prompt_attention_mask(valid_p)
     causal_c = torch.ones(C, C, dtype=torch.bool, device=device).tril()
     mask_c = torch.cat([valid_p[group][:, None, :].expand(R, C, P), causal_c.expand(R, C, C)], dim=-1)[:, None]
 

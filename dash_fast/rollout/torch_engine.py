@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dash_fast.data import pad_left
 from dash_fast.rollout.base import Rollout, SamplingParams
 
 STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -78,6 +79,15 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def prompt_attention_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[B, 1, P, P] SDPA mask of left-padded prompts: causal over each row's valid keys `valid` [B, P];
+    padding queries see themselves, so no softmax row is empty (no NaN)."""
+    P = valid.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(P, dtype=torch.bool, device=valid.device)
+    return ((causal & valid[:, None, :]) | eye)[:, None]
 
 
 def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module) -> torch.Tensor:
@@ -212,10 +222,7 @@ class StaticDecoder:
         self.key_valid[:B] = False
         self.key_valid[:B, :P] = attn.bool()
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
-        eye = torch.eye(P, dtype=torch.bool, device=ids.device)  # padding queries see themselves: no NaN
-        mask = (causal & self.key_valid[:B, None, None, :P]) | eye
-        return self.forward(ids, pos, 0, P, mask)
+        return self.forward(ids, pos, 0, P, prompt_attention_mask(self.key_valid[:B, :P]))
 
     def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, full_length: bool) -> torch.Tensor:
         """One token per row at cache `slot`. `full_length` attends over the whole cache (static shapes,
@@ -334,12 +341,7 @@ class TorchEngine:
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
         device = next(self.model.parameters()).device
         unique, row_prompt = unique_prompts(prompt_ids)
-        P = max(len(p) for p in unique)
-        ids = torch.full((len(unique), P), self.pad_token_id, dtype=torch.long)
-        attn = torch.zeros((len(unique), P), dtype=torch.long)
-        for i, p in enumerate(unique):  # left padding: every row's next token is at column P
-            ids[i, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[i, P - len(p) :] = 1
+        ids, attn = pad_left(unique, self.pad_token_id)  # every row's next token is at column P
         ids, attn, row_prompt = ids.to(device), attn.to(device), row_prompt.to(device)
         generator = None
         if params.seed is not None:
