@@ -18,9 +18,10 @@ TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=6
                   n_train=40, n_test=8)
 
 
-def length_reward(completions, **columns):
-    """Varies within groups for an untrained model, so rows are kept on both ranks."""
-    return [float(len(c) % 4) for c in completions]
+def length_reward(prompts, completions, **columns):
+    """Varies within groups for an untrained model, so rows are kept on both ranks; constant for about half
+    of the prompts, so the filter drops their groups."""
+    return [0.0 if sum(map(ord, p)) % 2 else float(len(c) % 4) for p, c in zip(prompts, completions)]
 
 
 def run(out: str) -> dict:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine, sample_next, static_unsupported
+from dash_fast.rollout.torch_engine import TorchEngine, draw_uniforms, sample_next, static_unsupported
 from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -77,6 +77,23 @@ def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed():
     assert len(set(out["dynamic"].completion_lengths.tolist())) > 2
 
 
+def test_when_finished_rows_are_dropped_does_not_change_seeded_samples(monkeypatch):
+    """Eager decode drops finished rows in batches (DROP_FRACTION); uniforms are drawn per output row, so
+    dropping after every finish, in batches, or never gives the same tokens and log-probs."""
+    import dash_fast.rollout.torch_engine as torch_engine
+
+    model = tiny_model()
+    params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=16, stop_token_ids=(2, 7), seed=4)
+    out = {}
+    for fraction in (0.0, 0.25, 1.0):  # 0: every step a row finishes; 1.0: never (finished rows ride along)
+        monkeypatch.setattr(torch_engine, "DROP_FRACTION", fraction)
+        out[fraction] = TorchEngine(model, PAD, kv_cache="static").generate(prompts(24), params)
+    assert len(set(out[0.0].completion_lengths.tolist())) > 2
+    for fraction in (0.25, 1.0):
+        assert torch.equal(out[fraction].completion_ids, out[0.0].completion_ids), fraction
+        torch.testing.assert_close(out[fraction].sampling_logps, out[0.0].sampling_logps, atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("path", ["static", "static_shapes", "dynamic"])
 def test_a_group_prefills_its_prompt_once_and_samples_as_if_each_row_had_its_own(path):
     """G rows per prompt (GRPO): one prefill per distinct prompt, its K/V copied to the rows. Tokens
@@ -135,16 +152,20 @@ def test_stop_tokens_and_max_new_tokens_are_honoured():
 def test_top_k_and_top_p_restrict_draws_but_logprobs_stay_on_the_full_distribution():
     logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.06, 0.04]])).repeat(4000, 1)
     g = torch.Generator().manual_seed(0)
-    drawn, logp = sample_next(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0), g)
+
+    def uniforms(g):
+        return draw_uniforms(len(logits), SamplingParams(temperature=1.0), g, logits.device)
+
+    drawn, logp = sample_next(logits, SamplingParams(temperature=1.0, top_k=2, top_p=1.0), uniforms(g))
     assert set(drawn.tolist()) == {0, 1}
     torch.testing.assert_close(logp, torch.log_softmax(logits, -1).gather(1, drawn[:, None])[:, 0])
     freq0 = (drawn == 0).float().mean().item()
     assert abs(freq0 - 0.4 / 0.7) < 0.03  # renormalised over the kept tokens
-    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.75), g)
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.75), uniforms(g))
     assert set(drawn.tolist()) == {0, 1, 2}  # 0.4 + 0.3 < 0.75: the token crossing p is kept
-    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.35), g)
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=0.35), uniforms(g))
     assert set(drawn.tolist()) == {0}
-    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), g)
+    drawn, _ = sample_next(logits, SamplingParams(temperature=1.0, top_k=0, top_p=1.0), uniforms(g))
     assert set(drawn.tolist()) == {0, 1, 2, 3, 4}
 
 

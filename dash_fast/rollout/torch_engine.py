@@ -5,12 +5,14 @@ Two paths behind one `TorchEngine.generate`:
 - "static" (Llama / Qwen2 / Qwen3 / Mistral-shaped decoders): a hand-rolled forward over a
   pre-allocated KV cache (gpt-fast style). It reads the module's parameter tensors directly (zero-copy:
   the optimizer's in-place updates are seen at the next call), skips Hugging Face's per-call mask and
-  cache machinery, and drops finished rows by compacting the cache. On CUDA the decode step is captured
-  once per batch-size bucket as a CUDA graph and replayed.
+  cache machinery, and drops finished rows by compacting the cache, in batches (a finished row rides
+  along until a quarter of the rows have finished, or a CUDA-graph bucket can shrink). On CUDA the decode
+  step is captured once per batch-size bucket as a CUDA graph and replayed.
 - "dynamic": the model's own forward with a transformers DynamicCache. Works for any causal LM.
 
-Both sample with `sample_next`, so they give the same tokens for the same logits (greedy is exact up to
-float rounding; a test holds them to it in float64).
+Both sample with `sample_next` from one uniform per output row and step, so they give the same tokens
+for the same logits whatever rows are still in the batch (greedy is exact up to float rounding; tests
+hold them to it in float64).
 """
 
 from __future__ import annotations
@@ -22,12 +24,24 @@ from dash_fast.data import pad_left
 from dash_fast.rollout.base import Rollout, SamplingParams
 
 STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of its rows has finished
+
+
+def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
+                  device: torch.device) -> torch.Tensor | None:
+    """One float64 uniform per output row for this decode step (None when greedy). The engines draw for
+    every row and index by output row, so a seeded row's tokens do not depend on which other rows are
+    still in the batch (compaction policy, static vs dynamic path)."""
+    if params.temperature == 0:
+        return None
+    return torch.rand(n, generator=generator, device=device, dtype=torch.float64)
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick one token per row. Returns (tokens, log p(token) under softmax(logits / temperature)).
+    """Pick one token per row, by inverse CDF at `uniform` [rows] (see draw_uniforms; unused when greedy).
+    Returns (tokens, log p(token) under softmax(logits / temperature)).
 
     top-k / top-p only restrict which tokens can be drawn; the returned log-prob is on the full
     tempered distribution, as TRL computes it in the trainer, so the two agree. The draw is by inverse
@@ -49,8 +63,7 @@ def sample_next(
         drop_sorted = probs.cumsum(-1) - probs > params.top_p  # keep the token crossing p
         allowed = allowed.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     cdf = allowed.exp().double().cumsum(-1)  # unnormalised; dropped tokens add 0 and are never drawn
-    u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device, dtype=torch.float64)
-    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+    tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -293,6 +306,15 @@ def unique_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], torch.
     return unique, torch.tensor(row_prompt, dtype=torch.long)
 
 
+def _drop_finished_now(running: int, in_use: int, size: int, largest: int, graphs: bool) -> bool:
+    """Whether to compact finished rows out of the cache now. Compaction copies every running row's cache;
+    a finished row left in place costs one row of decode. So rows are dropped in batches: when a graph
+    bucket can shrink, or (eager) when at least DROP_FRACTION of the rows in use have finished."""
+    if graphs:
+        return _bucket(running, largest) < size
+    return in_use - running >= max(1, DROP_FRACTION * in_use)
+
+
 def _bucket(n: int, largest: int) -> int:
     """Batch-size bucket for CUDA graphs: the next power of two (capped at the full batch)."""
     return min(largest, 1 << max(0, (n - 1).bit_length()))
@@ -375,32 +397,33 @@ class TorchEngine:
         graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
         if graphs and device.type == "cuda":
             dec.drop_stale_graphs()
-        out_tokens, out_logps, lengths, stop = self._outputs(B, params, device)
+        out_tokens, out_logps, lengths, stop = self._outputs(B + 1, params, device)  # row B: finished rows' sink
 
         logits = dec.prefill(ids, attn)  # each distinct prompt once (a group's G rows share it) ...
         if ids.shape[0] < B:  # ... then its K/V rows are copied to every row that samples from it
             dec.compact(row_prompt, P)
             logits, attn = logits.index_select(0, row_prompt), attn.index_select(0, row_prompt)
         pos = attn.sum(-1)  # next RoPE position of each row
-        rows = torch.arange(B, device=device)  # original row of each cache row in use
-        n = B  # rows still running: cache rows [0, n); rows [n, size) are finished filler
+        rows = torch.arange(B, device=device)  # output row of each cache row in use; B once it has finished
+        n = B  # cache rows in use: running rows and finished ones not yet dropped
         size = B
         decode_steps = 0
         for t in range(params.max_new_tokens):
-            tokens, logps = sample_next(logits[:n], params, generator)
+            uniform = draw_uniforms(B, params, generator, device)  # finished rows (B) reuse row B-1's: discarded
+            tokens, logps = sample_next(logits[:n], params, None if uniform is None else uniform[rows.clamp(max=B - 1)])
             out_tokens[rows, t] = tokens
             out_logps[rows, t] = logps
             lengths[rows] = t + 1
-            done = torch.isin(tokens, stop)
-            n_done = int(done.sum())
-            if t == params.max_new_tokens - 1 or n_done == n:
+            rows = rows.masked_fill(torch.isin(tokens, stop), B)  # finished: later outputs go to the sink
+            running = int((rows < B).sum())
+            if t == params.max_new_tokens - 1 or running == 0:
                 break
-            if n_done:  # drop finished rows: compact the cache (to a graph bucket on CUDA)
-                keep = (~done).nonzero().view(-1)
+            if _drop_finished_now(running, n, size, B, graphs):  # compact the cache (to a graph bucket on CUDA)
+                keep = (rows < B).nonzero().view(-1)
                 dec.compact(keep, P + t)
-                rows, tokens, pos, n = rows[keep], tokens[keep], pos[keep], keep.numel()
+                rows, tokens, pos, n = rows[keep], tokens[keep], pos[keep], running
                 size = _bucket(n, B) if graphs else n
-            if graphs:  # static shapes: `size` rows, the last size - n of them finished filler
+            if graphs:  # static shapes: `size` rows, the last size - n of them filler
                 padded = torch.cat([tokens, tokens.new_full((size - n,), self.pad_token_id)])
                 padded_pos = torch.cat([pos, pos.new_zeros(size - n)])
                 if device.type == "cuda":
@@ -411,7 +434,8 @@ class TorchEngine:
                 logits = dec.decode(tokens, pos, P + t, full_length=False)
             pos = pos + 1
             decode_steps += 1
-        return out_tokens, out_logps, lengths, {"decode_steps": decode_steps + 1, "kv_cache": "static"}
+        return (out_tokens[:B], out_logps[:B], lengths[:B],
+                {"decode_steps": decode_steps + 1, "kv_cache": "static"})
 
     def _generate_dynamic(self, ids, attn, row_prompt, params: SamplingParams, generator):
         from transformers import DynamicCache
@@ -434,7 +458,8 @@ class TorchEngine:
         next_pos = positions[:, -1:] + 1
         decode_steps = 0
         for t in range(params.max_new_tokens):
-            tokens, logps = sample_next(logits, params, generator)
+            uniform = draw_uniforms(row_prompt.numel(), params, generator, device)
+            tokens, logps = sample_next(logits, params, None if uniform is None else uniform[active])
             out_tokens[active, t] = tokens
             out_logps[active, t] = logps
             lengths[active] = t + 1
