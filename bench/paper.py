@@ -34,6 +34,8 @@ VARIANTS = {
     "DASH": ("dash", {}, "preset dash: one generate per step, filter_tau 0.1; K = 1, beta 0"),
     "DASH-all": ("dash", {"normalize_over": "all"}, "DASH with normalize_over all (the loss normaliser counts "
                    "every sampled row, so dropping A = 0 rows leaves the gradient exactly No-GF's)"),
+    "DASH-refill": ("dash", {"refill": True}, "DASH with refill (DAPO-style dynamic sampling: more prompts are "
+                    "sampled until the filter keeps prompts x G rows)"),
     "PPO Multi": ("dash", {"updates_per_rollout": 3}, "DASH + updates_per_rollout 3 (K = 3 epochs)"),
     "PPO Mini": ("dash", {"minibatches": 8}, "DASH + minibatches 8 (8 optimizer steps per rollout)"),
     "KL": ("dash", {"beta": 0.04}, "DASH + beta 0.04 (k3 KL to the warm start)"),
@@ -99,7 +101,7 @@ def markdown(st: dict, s: dict, wall: float) -> str:
         "| variant | RL time (s) | step p50 (s) | generate (s) | update (s) | kept rows | held-out acc % (initial -> final) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for k in ("GRPO", "No-GF", "DASH", "DASH-all"):
+    for k in ("GRPO", "No-GF", "DASH", "DASH-all", "DASH-refill"):
         if k in st:
             v = st[k]
             lines.append(f"| {k} | {v['time']:.1f} | {v['step_p50']:.2f} | {v['generate']:.1f} | {v['update']:.1f} | "

@@ -64,7 +64,8 @@ class DashConfig:
     # --- algorithm ---
     scale_rewards: str = "group"
     filter_tau: float | None = 0.1  # None disables the gradient filter
-    refill: bool = False  # DAPO-style refill of filtered rows: not implemented yet (True is refused)
+    refill: bool = False  # DAPO-style: sample more prompts until the filter keeps prompts_per_step * G rows
+    max_refill_rounds: int = 4  # refill: extra generations per step at most (then train on what was kept)
     loss_agg: str = "dr_grpo"
     normalize_over: str = "kept"  # kept | all
     epsilon: float = 0.2
@@ -135,7 +136,8 @@ class DashConfig:
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
-        need(not self.refill, "refill", "True is not implemented yet (DASH itself does not refill)")
+        need(not (self.refill and self.overlap), "refill", "True is not supported with overlap=True")
+        need(self.max_refill_rounds >= 1, "max_refill_rounds", "must be >= 1")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")

@@ -96,7 +96,10 @@ def plot_run(output_dir: str) -> list[str]:
     save("accuracy", {"train accuracy": [r["accuracy"] for r in records],
                       "eval accuracy": [r.get("eval_accuracy") for r in records]}, "accuracy")
     save("kept_fraction", {"kept_fraction": [r["kept_fraction"] for r in records]}, "kept rows / sampled rows")
-    save("time_split", {"generate": [r["time_generate_s"] for r in records],
-                        "reward": [r.get("time_reward_s", 0.0) for r in records],
-                        "train": [r["time_train_s"] for r in records]}, "seconds per step", stacked=True)
+    split = {"generate": [r["time_generate_s"] for r in records],
+             "reward": [r.get("time_reward_s", 0.0) for r in records],
+             "train": [r["time_train_s"] for r in records]}
+    if any("time_refill_s" in r for r in records):  # refill=True: extra generate + reward rounds
+        split["refill"] = [r.get("time_refill_s", 0.0) for r in records]
+    save("time_split", split, "seconds per step", stacked=True)
     return written

@@ -132,6 +132,8 @@ class DashTrainer:
             self.fsdp_root = ddp.fully_shard_model(self.model)
         self.shared_prompt = self._use_shared_prompt()
         self.engine = self._make_engine()
+        if args.refill and self.dist.enabled:
+            raise ValueError("refill=True is not supported under torchrun yet (one process only)")
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
@@ -383,10 +385,13 @@ class DashTrainer:
             return self._skipped_record(step, t_start, t_gen)
         # every rank sees the whole rollout's rewards and lengths: same advantages, filter and normaliser
         rewards, per_func = ddp.all_gather_rows(rewards, self.dist), ddp.all_gather_rows(per_func, self.dist)
+        refill_stats = {}
+        if a.refill:  # one process (refused under torchrun): the rollout is the whole rollout
+            rollout, rewards, per_func, refill_stats = self._refill(step, rollout, rewards, per_func)
         all_lengths = ddp.all_gather_rows(rollout.completion_lengths, self.dist)
         advantages = algo.group_advantages(rewards, G, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
-        t_reward = time.perf_counter() - t0
+        t_reward = time.perf_counter() - t0 - refill_stats.get("time_refill_s", 0.0)
 
         t0 = time.perf_counter()
         train_stats = self.update(rollout, advantages, kept, row_offset=row_offset, lengths=all_lengths)
@@ -409,11 +414,48 @@ class DashTrainer:
             "time_step_s": t_step,
             "tokens_per_s": float(lengths.sum()) / max(t_step, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
+            **refill_stats,
             **train_stats,
         }
         for k, name in enumerate(self.reward_names):
             record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
         return record
+
+    def _refill(self, step: int, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor):
+        """DAPO-style dynamic sampling (`refill=True`): sample more prompts, G rows each, until the gradient
+        filter keeps at least `prompts_per_step * group_size` rows or `max_refill_rounds` rounds were drawn;
+        then cut the batch after the group holding the target-th kept row. Each round samples about the
+        missing rows divided by the kept rate so far (one large generation, not a prompt at a time).
+        Returns the joined (rollout, rewards, per_func) and the step's refill statistics."""
+        a, G = self.args, self.args.group_size
+        target = a.rows_per_step
+        parts, t0 = [rollout], time.perf_counter()
+        rounds = 0
+        while True:
+            kept = algo.filter_rows(algo.group_advantages(rewards, G, a.scale_rewards), a.filter_tau)
+            if len(kept) >= target or rounds == a.max_refill_rounds:
+                break
+            rate = max(len(kept) / len(rewards), 1 / G)  # kept rows per sampled row so far
+            n_prompts = min(a.prompts_per_step, math.ceil((target - len(kept)) / rate / G))
+            indices = self.sampler.next(n_prompts)
+            prompt_ids = [self.train_data.prompt_ids[i] for i in indices for _ in range(G)]
+            more = self.generate(prompt_ids, step, row_offset=len(rewards))  # seeds continue the step's rows
+            more_rewards, more_per_func = self._rewards_or_skip(indices, more, G, step)
+            rounds += 1
+            if more_rewards is None:  # on_reward_error="skip": train on what was gathered so far
+                break
+            parts.append(more)
+            rewards, per_func = torch.cat([rewards, more_rewards]), torch.cat([per_func, more_per_func])
+        sampled = len(rewards)
+        if len(kept) >= target:  # the groups up to the target-th kept row; the later ones are not used
+            cut = (int(kept[target - 1]) // G + 1) * G
+            rewards, per_func = rewards[:cut], per_func[:cut]
+        rollout = Rollout.concat(parts, self.pad_id) if len(parts) > 1 else rollout
+        if len(rollout) > len(rewards):
+            rollout = rollout.select(list(range(len(rewards))))
+        stats = {"refill_rounds": rounds, "refill_rows": sampled - len(parts[0]),
+                 "refill_rows_unused": sampled - len(rewards), "time_refill_s": time.perf_counter() - t0}
+        return rollout, rewards, per_func, stats
 
     def _rewards_or_skip(self, indices: list[int], rollout: Rollout, G: int, step: int):
         """Rewards of this rank's rows; (None, None) when a reward function failed on any rank and

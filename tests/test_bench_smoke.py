@@ -54,5 +54,6 @@ def test_e2e_and_paper_smoke(tmp_path):
         assert label in md, label
     assert "seed 0" in md
     paper_rows = _rows(tmp_path / "results" / "paper.csv")
-    assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "DASH-all", "PPO Multi", "PPO Mini", "KL"}
+    assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "DASH-all", "DASH-refill", "PPO Multi",
+                                                   "PPO Mini", "KL"}
     assert (tmp_path / "results" / "paper.png").exists()

@@ -150,8 +150,3 @@ def test_train_step_reports_metrics_and_changes_weights(tmp_path):
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
 
 
-def test_refill_is_refused_until_implemented():
-    from dash_fast.config import ConfigError
-
-    with pytest.raises(ConfigError, match="refill"):
-        DashConfig(refill=True)
