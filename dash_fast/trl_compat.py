@@ -174,6 +174,7 @@ class GRPOConfig:
     overlap: bool = False
     loss_impl: str = "fused"
     refill: bool = False
+    max_refill_rounds: int = 4
     normalize_over: str = "kept"
     micro_batch_tokens: int | None = None
     on_reward_error: str = "raise"
@@ -249,6 +250,7 @@ class GRPOConfig:
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             max_prompt_tokens=prompt_len, max_completion_tokens=self.max_completion_length,
             scale_rewards=self.scale_rewards, filter_tau=self.filter_tau, refill=self.refill,
+            max_refill_rounds=self.max_refill_rounds,
             loss_agg=_LOSS_TYPES[self.loss_type], normalize_over=self.normalize_over,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
             updates_per_rollout=self.num_iterations, minibatches=minibatches,

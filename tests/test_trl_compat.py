@@ -162,6 +162,8 @@ def test_batch_arguments_map_like_trl():
     assert (cfg.lr_scheduler_type, cfg.warmup_steps, cfg.filter_tau) == ("cosine", 1, None)
     cfg = GRPOConfig(num_generations=4, num_train_epochs=2).to_dash_config(n_train=10)
     assert cfg.max_steps == 10  # 2 epochs x 10 prompts / 2 prompts per step
+    cfg = GRPOConfig(max_steps=1, refill=True, max_refill_rounds=2).to_dash_config()
+    assert (cfg.refill, cfg.max_refill_rounds) == (True, 2)
 
 
 @pytest.mark.parametrize("kwargs, message", [
