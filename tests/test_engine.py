@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine, draw_uniforms, sample_next, static_unsupported
+from dash_fast.rollout.torch_engine import (
+    StaticDecoder,
+    TorchEngine,
+    draw_uniforms,
+    sample_next,
+    static_unsupported,
+)
 from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
@@ -64,13 +70,21 @@ def test_static_and_dynamic_paths_give_identical_greedy_tokens(dtype):
         assert torch.equal(out[name].completion_ids, out["dynamic"].completion_ids), name
         assert torch.equal(out[name].completion_mask, out["dynamic"].completion_mask), name
     lengths = out["dynamic"].completion_lengths
-    assert lengths.min() < lengths.max()  # rows finished at different steps: the cache was compacted
+    assert lengths.min() < lengths.max()  # rows finished at different steps (finished rows rode along)
 
 
-def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed():
+def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed(monkeypatch):
     model = tiny_model()
     params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=20, stop_token_ids=(2, 7), seed=11)
-    out = {name: e.generate(prompts(24), params) for name, e in engines(model).items()}
+    compactions = []
+    compact = StaticDecoder.compact
+    monkeypatch.setattr(StaticDecoder, "compact",
+                        lambda self, keep, used: compactions.append(used) or compact(self, keep, used))
+    out = {}
+    for name, engine in engines(model).items():
+        compactions.clear()
+        out[name] = engine.generate(prompts(24), params)
+        assert name == "dynamic" or compactions, f"{name}: finished rows were never dropped from the cache"
     for name in ("static", "static_shapes"):
         assert torch.equal(out[name].completion_ids, out["dynamic"].completion_ids), name
         torch.testing.assert_close(out[name].sampling_logps, out["dynamic"].sampling_logps, atol=1e-9, rtol=0)

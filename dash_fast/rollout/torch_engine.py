@@ -114,7 +114,8 @@ class StaticDecoder:
 
     Cache layout: per layer k, v of [B_max, n_kv_heads, S_max, head_dim]. Prompts are left-padded to
     a common length P, so at decode step t every row writes slot P + t (one slice, no scatter);
-    `key_valid[b, s]` masks the padding slots. Rows are compacted to the front when rows finish.
+    `key_valid[b, s]` masks the padding slots. Running rows are compacted to the front once enough rows
+    have finished (`_drop_finished_now`).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
