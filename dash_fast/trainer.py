@@ -132,8 +132,6 @@ class DashTrainer:
             self.fsdp_root = ddp.fully_shard_model(self.model)
         self.shared_prompt = self._use_shared_prompt()
         self.engine = self._make_engine()
-        if args.refill and self.dist.enabled:
-            raise ValueError("refill=True is not supported under torchrun yet (one process only)")
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
@@ -385,16 +383,18 @@ class DashTrainer:
             return self._skipped_record(step, t_start, t_gen)
         # every rank sees the whole rollout's rewards and lengths: same advantages, filter and normaliser
         rewards, per_func = ddp.all_gather_rows(rewards, self.dist), ddp.all_gather_rows(per_func, self.dist)
-        refill_stats = {}
-        if a.refill:  # one process (refused under torchrun): the rollout is the whole rollout
-            rollout, rewards, per_func, refill_stats = self._refill(step, rollout, rewards, per_func)
         all_lengths = ddp.all_gather_rows(rollout.completion_lengths, self.dist)
+        global_rows = list(range(row_offset, row_offset + len(rollout)))  # this rank's rows in the rollout
+        refill_stats = {}
+        if a.refill:
+            rollout, global_rows, rewards, per_func, all_lengths, refill_stats = self._refill(
+                step, rollout, global_rows, rewards, per_func, all_lengths)
         advantages = algo.group_advantages(rewards, G, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
         t_reward = time.perf_counter() - t0 - refill_stats.get("time_refill_s", 0.0)
 
         t0 = time.perf_counter()
-        train_stats = self.update(rollout, advantages, kept, row_offset=row_offset, lengths=all_lengths)
+        train_stats = self.update(rollout, advantages, kept, global_rows=global_rows, lengths=all_lengths)
         t_train = time.perf_counter() - t0
         t_step = time.perf_counter() - t_start
 
@@ -421,41 +421,54 @@ class DashTrainer:
             record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
         return record
 
-    def _refill(self, step: int, rollout: Rollout, rewards: torch.Tensor, per_func: torch.Tensor):
+    def _refill(self, step: int, rollout: Rollout, global_rows: list[int], rewards: torch.Tensor,
+                per_func: torch.Tensor, lengths: torch.Tensor):
         """DAPO-style dynamic sampling (`refill=True`): sample more prompts, G rows each, until the gradient
         filter keeps at least `prompts_per_step * group_size` rows or `max_refill_rounds` rounds were drawn;
         then cut the batch after the group holding the target-th kept row. Each round samples about the
         missing rows divided by the kept rate so far (one large generation, not a prompt at a time).
-        Returns the joined (rollout, rewards, per_func) and the step's refill statistics."""
-        a, G = self.args, self.args.group_size
+
+        Under torchrun every rank draws the same round of prompts (rounded up to a multiple of the world
+        size) and samples its contiguous share, as for the step's first rollout; rewards and lengths are
+        all-gathered, so every rank cuts at the same row. `rollout` and `global_rows` are this rank's rows
+        and their places in the joined batch; `rewards`, `per_func` and `lengths` cover all of it.
+        Returns them joined and cut, and the step's refill statistics."""
+        a, G, world = self.args, self.args.group_size, self.dist.world_size
         target = a.rows_per_step
-        parts, t0 = [rollout], time.perf_counter()
-        rounds = 0
+        parts, global_rows, t0 = [rollout], list(global_rows), time.perf_counter()
+        first, rounds = len(rewards), 0
         while True:
             kept = algo.filter_rows(algo.group_advantages(rewards, G, a.scale_rewards), a.filter_tau)
             if len(kept) >= target or rounds == a.max_refill_rounds:
                 break
             rate = max(len(kept) / len(rewards), 1 / G)  # kept rows per sampled row so far
             n_prompts = min(a.prompts_per_step, math.ceil((target - len(kept)) / rate / G))
-            indices = self.sampler.next(n_prompts)
-            prompt_ids = [self.train_data.prompt_ids[i] for i in indices for _ in range(G)]
-            more = self.generate(prompt_ids, step, row_offset=len(rewards))  # seeds continue the step's rows
-            more_rewards, more_per_func = self._rewards_or_skip(indices, more, G, step)
+            n_prompts = -(-n_prompts // world) * world  # prompts_per_step splits over the ranks: still <= it
+            indices = self.sampler.next(n_prompts)  # the same on every rank
+            lo, hi = ddp.shard_range(n_prompts, self.dist)
+            prompt_ids = [self.train_data.prompt_ids[i] for i in indices[lo:hi] for _ in range(G)]
+            offset = len(rewards) + lo * G  # seeds continue the step's rows
+            more = self.generate(prompt_ids, step, row_offset=offset)
+            more_rewards, more_per_func = self._rewards_or_skip(indices[lo:hi], more, G, step)
             rounds += 1
             if more_rewards is None:  # on_reward_error="skip": train on what was gathered so far
                 break
             parts.append(more)
-            rewards, per_func = torch.cat([rewards, more_rewards]), torch.cat([per_func, more_per_func])
+            global_rows += range(offset, offset + len(more))
+            rewards = torch.cat([rewards, ddp.all_gather_rows(more_rewards, self.dist)])
+            per_func = torch.cat([per_func, ddp.all_gather_rows(more_per_func, self.dist)])
+            lengths = torch.cat([lengths, ddp.all_gather_rows(more.completion_lengths, self.dist)])
         sampled = len(rewards)
         if len(kept) >= target:  # the groups up to the target-th kept row; the later ones are not used
             cut = (int(kept[target - 1]) // G + 1) * G
-            rewards, per_func = rewards[:cut], per_func[:cut]
+            rewards, per_func, lengths = rewards[:cut], per_func[:cut], lengths[:cut]
         rollout = Rollout.concat(parts, self.pad_id) if len(parts) > 1 else rollout
-        if len(rollout) > len(rewards):
-            rollout = rollout.select(list(range(len(rewards))))
-        stats = {"refill_rounds": rounds, "refill_rows": sampled - len(parts[0]),
+        mine = [i for i, g in enumerate(global_rows) if g < len(rewards)]  # never empty: round 0 is kept whole
+        if len(mine) < len(rollout):
+            rollout, global_rows = rollout.select(mine), [global_rows[i] for i in mine]
+        stats = {"refill_rounds": rounds, "refill_rows": sampled - first,
                  "refill_rows_unused": sampled - len(rewards), "time_refill_s": time.perf_counter() - t0}
-        return rollout, rewards, per_func, stats
+        return rollout, global_rows, rewards, per_func, lengths, stats
 
     def _rewards_or_skip(self, indices: list[int], rollout: Rollout, G: int, step: int):
         """Rewards of this rank's rows; (None, None) when a reward function failed on any rank and
@@ -483,21 +496,22 @@ class DashTrainer:
                 "time_train_s": 0.0, "time_step_s": t_step, "tokens_per_s": 0.0,
                 "lr": self.scheduler.get_last_lr()[0], "skipped_steps": 1, "reward_error": True}
 
-    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor, row_offset: int = 0,
-               lengths: torch.Tensor | None = None) -> dict:
+    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
+               global_rows: list[int] | None = None, lengths: torch.Tensor | None = None) -> dict:
         """K epochs x M minibatches of optimizer steps over the kept rows, each step accumulating
         gradients over token-budget micro-batches with a global normaliser.
 
-        `advantages`, `kept` and `lengths` cover the whole (global) rollout; this rank's `rollout` holds
-        rows [row_offset, row_offset + len(rollout)) of it (all of it in one process)."""
+        `advantages`, `kept` and `lengths` cover the whole (global) rollout; row i of this rank's
+        `rollout` is row `global_rows[i]` of it (None: the rollout is all of it, as in one process)."""
         a = self.args
         kept_rows = kept.tolist()
         lengths = rollout.completion_lengths if lengths is None else lengths
-        n_local = len(rollout)
-        local_adv = advantages[row_offset : row_offset + n_local]
+        global_rows = list(range(len(rollout))) if global_rows is None else global_rows
+        local_of = {g: i for i, g in enumerate(global_rows)}
+        local_adv = advantages[global_rows]
 
         def local(rows: list[int]) -> list[int]:
-            return [r - row_offset for r in rows if row_offset <= r < row_offset + n_local]
+            return [local_of[r] for r in rows if r in local_of]
 
         needs_old = a.updates_per_rollout > 1 or a.minibatches > 1
         old = None
