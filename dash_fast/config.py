@@ -136,7 +136,6 @@ class DashConfig:
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
-        need(not (self.refill and self.overlap), "refill", "True is not supported with overlap=True")
         need(self.max_refill_rounds >= 1, "max_refill_rounds", "must be >= 1")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",

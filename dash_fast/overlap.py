@@ -4,7 +4,9 @@ With one optimizer step per rollout the weights theta_r do not change between th
 its optimizer step, so rollout r+1 can be drawn from those very tensors (zero-copy) while rollout r's
 micro-batches are backpropagated. The optimizer step then waits for the sampler (it must not write the
 weights the sampler reads), and step r+1 trains on samples one step stale: the clipped ratio uses the
-sampler's log-probs as old_logp.
+sampler's log-probs as old_logp. With refill=True the rollout r+1 is launched after step r's refill
+rounds (they need the engine, and draw their prompts first), so it overlaps the update only; the refill
+rows come from theta_r itself, so their sampling log-probs are exactly the old ones.
 
 On CUDA, with the static-cache engine, the sampler runs in a worker thread on its own CUDA stream and
 `wait()` joins it and makes the default stream wait on its event. Everywhere else (CPU, the dynamic or

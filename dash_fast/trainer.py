@@ -343,10 +343,13 @@ class DashTrainer:
             job.rollout = self._sample(job)
         return job
 
-    def _prefetch(self, step: int) -> None:
-        """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py)."""
+    def _prefetch(self, step: int) -> float:
+        """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py).
+        Returns the seconds it took here: the sampling itself in order (CPU), the launch when concurrent."""
+        t0 = time.perf_counter()
         job = self._draw_prompts(step)
         self.overlap.launch(job, lambda: self._sample(job))
+        return time.perf_counter() - t0
 
     def compute_rewards(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
                         repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -373,13 +376,17 @@ class DashTrainer:
         job = self._rollout_for(step)
         indices, row_offset, rollout = job.indices, job.row_offset, job.rollout
         lag = self.weights_version - job.weights_version  # 1 with overlap (after step 1), else 0
-        if self.overlap is not None and step < a.max_steps:  # rollout step+1 from these same weights
+        # overlap: rollout step+1 from these same weights, now; with refill after the refill rounds, which
+        # use the engine and draw their prompts first (so a checkpoint can undo step+1's prompts alone)
+        prefetch_later = self.overlap is not None and step < a.max_steps and a.refill
+        if self.overlap is not None and step < a.max_steps and not a.refill:
             self._prefetch(step + 1)
         t_gen = time.perf_counter() - t_start
 
         t0 = time.perf_counter()
         rewards, per_func = self._rewards_or_skip(indices, rollout, G, step)
         if rewards is None:  # on_reward_error="skip": no update for this batch
+            t_gen += self._prefetch(step + 1) if prefetch_later else 0.0
             return self._skipped_record(step, t_start, t_gen)
         # every rank sees the whole rollout's rewards and lengths: same advantages, filter and normaliser
         rewards, per_func = ddp.all_gather_rows(rewards, self.dist), ddp.all_gather_rows(per_func, self.dist)
@@ -389,9 +396,11 @@ class DashTrainer:
         if a.refill:
             rollout, global_rows, rewards, per_func, all_lengths, refill_stats = self._refill(
                 step, rollout, global_rows, rewards, per_func, all_lengths)
+        t_prefetch = self._prefetch(step + 1) if prefetch_later else 0.0
+        t_gen += t_prefetch
         advantages = algo.group_advantages(rewards, G, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
-        t_reward = time.perf_counter() - t0 - refill_stats.get("time_refill_s", 0.0)
+        t_reward = time.perf_counter() - t0 - refill_stats.get("time_refill_s", 0.0) - t_prefetch
 
         t0 = time.perf_counter()
         train_stats = self.update(rollout, advantages, kept, global_rows=global_rows, lengths=all_lengths)

@@ -1,6 +1,7 @@
 """refill=True (DAPO-style dynamic sampling): more prompts are sampled until the gradient filter keeps
 prompts_per_step * G rows, the batch is cut after the group holding the target-th kept row, and the
-update trains on exactly those rows."""
+update trains on exactly those rows; also with overlap=True (the next rollout is drawn after the
+refill rounds)."""
 
 import pytest
 import torch
@@ -47,8 +48,10 @@ def record_updates(trainer: DashTrainer) -> list[dict]:
     return seen
 
 
-def test_refill_samples_until_the_filter_keeps_the_target_and_cuts_at_a_group(tmp_path):
-    trainer = make_trainer(tmp_path, half_constant_reward, max_steps=3)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_refill_samples_until_the_filter_keeps_the_target_and_cuts_at_a_group(tmp_path, overlap):
+    """With overlap the next rollout is drawn after the refill rounds: the prompt order is the same."""
+    trainer = make_trainer(tmp_path, half_constant_reward, max_steps=3, overlap=overlap)
     seen = record_updates(trainer)
     trainer.train()
     G, target = 4, 16
@@ -70,6 +73,7 @@ def test_refill_samples_until_the_filter_keeps_the_target_and_cuts_at_a_group(tm
         assert rec["refill_rows"] == n_rows + rec["refill_rows_unused"] - target
         assert rec["kept_fraction"] == pytest.approx(len(kept) / n_rows)
     assert trainer.sampler.state_dict() == sampler.state_dict()  # refill consumed exactly those prompts
+    assert [r["rollout_lag"] for r in records] == ([0, 1, 1] if overlap else [0, 0, 0])
 
 
 def test_refill_stops_after_max_refill_rounds_and_still_trains(tmp_path):
@@ -106,18 +110,21 @@ def test_a_refill_round_samples_like_its_own_generate_call(tmp_path):
     assert again.completion_token_lists()[: len(rollout) - first] == rollout.completion_token_lists()[first:]
 
 
-def test_refill_is_refused_with_overlap():
-    with pytest.raises(ConfigError, match="refill"):
-        DashConfig(refill=True, overlap=True)
+def test_max_refill_rounds_is_checked():
+    with pytest.raises(ConfigError, match="max_refill_rounds"):
+        DashConfig(refill=True, max_refill_rounds=0)
 
 
-def test_a_run_with_refill_resumes_bit_for_bit(tmp_path):
-    """Refill draws extra prompts mid-step; the checkpoint's sampler position includes them, so a run
-    resumed from step 2 ends with the parameters of the uninterrupted run."""
-    full = make_trainer(tmp_path / "full", half_constant_reward, max_steps=4, save_steps=1, keep_last_checkpoints=5)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_run_with_refill_resumes_bit_for_bit(tmp_path, overlap):
+    """Refill draws extra prompts mid-step; the checkpoint's sampler position includes them (and, with
+    overlap, the rollout sampled ahead after them), so a run resumed from step 2 ends with the parameters
+    of the uninterrupted run."""
+    full = make_trainer(tmp_path / "full", half_constant_reward, max_steps=4, save_steps=1, keep_last_checkpoints=5,
+                        overlap=overlap)
     full.train()
     assert any(r.get("refill_rounds", 0) >= 1 for r in full.state.log_history)
-    resumed = make_trainer(tmp_path / "resumed", half_constant_reward, max_steps=4,
+    resumed = make_trainer(tmp_path / "resumed", half_constant_reward, max_steps=4, overlap=overlap,
                            resume=str(tmp_path / "full" / "checkpoints" / "step-2"))
     resumed.train()
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
