@@ -29,6 +29,7 @@ from dash_fast.checkpoint import (
     set_rng_state,
 )
 from dash_fast.config import DashConfig
+from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
 from dash_fast.metrics import MetricsLogger, plot_run
 from dash_fast.overlap import OverlapScheduler, Prefetched
@@ -89,6 +90,8 @@ class DashTrainer:
         self.args = args = args or DashConfig()
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
+        if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
+            keep_freed_memory()
         self.dist = ddp.init_distributed(self.device.type)
         self.model = load_model(model, args.dtype, self.device)
         ddp.broadcast_module(self.model, self.dist)

