@@ -32,10 +32,13 @@ def probe(mode: str, **env) -> tuple[bool, int]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_without_page_faults():
     applied, kept = probe("keep")
-    _, default = probe("default")
     assert applied
-    # default glibc trims the freed heap top (or unmaps blocks): ~70 MB of 4 KiB pages faulted in per step
-    assert default > 5 * 5000 and kept < default / 10, (default, kept)
+    assert kept <= (24 << 20) // 4096, kept  # at most one block's pages, once (~0 usually)
+    # default glibc trims the freed heap top and faults ~70 MB of 4 KiB pages in again per step, unless a
+    # small allocation from another thread happens to sit on the heap top (about 1 run in 6 here): the
+    # pattern must show the churn in at least one of several fresh processes
+    default = [probe("default")[1] for _ in range(4)]
+    assert max(default) > 5 * (48 << 20) // 4096, default
 
 
 def test_a_user_choice_of_malloc_settings_is_left_alone():
