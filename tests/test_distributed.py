@@ -24,11 +24,12 @@ def length_reward(prompts, completions, **columns):
     return [0.0 if sum(map(ord, p)) % 2 else float(len(c) % 4) for p, c in zip(prompts, completions)]
 
 
-def run(out: str, refill: bool = False) -> dict:
+def run(out: str, refill: bool = False, overlap: bool = False) -> dict:
     tok = build_tokenizer()
     model = build_model(tok, TINY, seed=0).double()
     train, test = make_task(TINY, seed=0)
-    args = DashConfig(output_dir=out, max_steps=1, prompts_per_step=4, group_size=4, refill=refill,
+    args = DashConfig(output_dir=out, max_steps=2 if overlap else 1, prompts_per_step=4, group_size=4,
+                      refill=refill, overlap=overlap,
                       # one group (refill) or one rank's rows per sampling chunk: the same seeds either way
                       generation_batch_size=4 if refill else 8,
                       max_completion_tokens=8, max_prompt_tokens=16, loss_impl="naive", scale_rewards="batch",
@@ -39,14 +40,15 @@ def run(out: str, refill: bool = False) -> dict:
     trainer.train()
     return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
             "record": trainer.state.log_history[-1], "eval": trainer.eval_history,
+            "steps": [r for r in trainer.state.log_history if "loss" in r],
             "world": trainer.dist.world_size}
 
 
-def worker(rank: int, world: int, out: str, port: int, refill: bool) -> None:
+def worker(rank: int, world: int, out: str, port: int, refill: bool, overlap: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    result = run(out, refill)
+    result = run(out, refill, overlap)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -57,8 +59,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_two_ranks(out: str, refill: bool = False) -> list[dict]:
-    mp.spawn(worker, args=(2, out, free_port(), refill), nprocs=2, join=True)
+def spawn_two_ranks(out: str, refill: bool = False, overlap: bool = False) -> list[dict]:
+    mp.spawn(worker, args=(2, out, free_port(), refill, overlap), nprocs=2, join=True)
     return [{**torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False), "out": out} for r in range(2)]
 
 
@@ -104,3 +106,23 @@ def test_only_rank_zero_writes_checkpoints_and_metrics(two_ranks):
     assert os.listdir(os.path.join(out, "checkpoints")) == ["step-1"]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert len(f.readlines()) == 1
+
+
+def test_refill_with_overlap_under_two_ranks_trains_on_the_rows_of_one_process(tmp_path):
+    """Two steps with overlap: step 1 refills and then samples step 2's rollout ahead; step 2 trains on that
+    rollout (lag 1) plus its own refill rounds. Same rows, rewards and gradient as one process. Only the
+    number of rounds may differ: a one-prompt round is rounded up to one prompt per rank, so two ranks can
+    draw in fewer rounds the same prompts (with the same seeds) that one process draws one at a time."""
+    one = run(str(tmp_path / "one"), refill=True, overlap=True)
+    two = spawn_two_ranks(str(tmp_path / "two"), refill=True, overlap=True)
+    assert [r["rollout_lag"] for r in one["steps"]] == [0, 1]
+    assert all(r["refill_rounds"] >= 1 for r in one["steps"])
+    for rank in two:
+        assert len(rank["steps"]) == 2
+        for mine, ref in zip(rank["steps"], one["steps"]):
+            for key in ("refill_rows", "refill_rows_unused", "rollout_lag"):
+                assert mine[key] == ref[key], key
+            assert 1 <= mine["refill_rounds"] <= ref["refill_rounds"]
+            for key in ("reward_mean", "kept_fraction", "loss"):
+                assert mine[key] == pytest.approx(ref[key], rel=1e-6), key
+    assert_same_as_one_process(two, one)
