@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import prompts  # prompts of different lengths
+from test_overlap import length_reward  # varies within every group: every step moves the weights
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.overlap import OverlapScheduler
@@ -64,12 +66,6 @@ def test_triton_kernels_match_the_reference_on_gpu(case, dtype):
 
 
 # ----------------------------------------------------------------------------- CUDA-graph decode
-def prompts(n=12, seed=0, vocab=23):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
-
-
 @pytest.mark.parametrize("temperature", [0.0, 0.8], ids=["greedy", "seeded"])
 def test_cuda_graph_decode_matches_the_eager_step(temperature):
     """float64 so that the graph's full-length masked step and the eager step agree exactly; stop tokens
@@ -94,10 +90,6 @@ def test_cuda_graph_decode_matches_the_eager_step(temperature):
 
 
 # ----------------------------------------------------------------------------- trainer on GPU
-def length_reward(completions, **columns):
-    return [float(len(c) % 5) for c in completions]
-
-
 def make_trainer(tmp_path, dtype: torch.dtype, **overrides) -> DashTrainer:
     tok = build_tokenizer()
     model = build_model(tok, TINY, seed=0).to(dtype)  # a loaded module keeps its dtype
