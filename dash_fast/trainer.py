@@ -381,8 +381,9 @@ class DashTrainer:
         lag = self.weights_version - job.weights_version  # 1 with overlap (after step 1), else 0
         # overlap: rollout step+1 from these same weights, now; with refill after the refill rounds, which
         # use the engine and draw their prompts first (so a checkpoint can undo step+1's prompts alone)
-        prefetch_later = self.overlap is not None and step < a.max_steps and a.refill
-        if self.overlap is not None and step < a.max_steps and not a.refill:
+        ahead = self.overlap is not None and step < a.max_steps
+        prefetch_later = ahead and a.refill
+        if ahead and not a.refill:
             self._prefetch(step + 1)
         t_gen = time.perf_counter() - t_start
 
