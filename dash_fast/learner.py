@@ -134,9 +134,9 @@ class Learner:
                 loss.backward()
             if st is None:
                 continue
-            total_loss += loss.item()
-            clip_sum += st["clip_fraction"] * n
-            kl_sum += (st["kl_mean"] or 0.0) * n
+            total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
+            clip_sum += float(st["clip_fraction"]) * n
+            kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n
@@ -270,10 +270,12 @@ class Learner:
                 from dash_kernels import fused_logprobs
 
                 return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
-            return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
+            from dash_kernels import logprobs_ref
+
+            return logprobs_ref(hidden, weight, bias, targets, temperature=self.args.temperature)
 
     def loss_fn(self, *inputs, **kwargs):
-        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or algo's naive reference)."""
+        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or the naive reference)."""
         impl = self.args.loss_impl
         with nvtx_range(f"loss/{impl}"):  # the backward runs later, under train/backward
             if impl == "fused":
@@ -284,7 +286,9 @@ class Learner:
                 from dash_kernels.liger_adapter import liger_pg_loss
 
                 return liger_pg_loss(*inputs, **kwargs)
-            return algo.naive_linear_pg_loss(*inputs, **kwargs)
+            from dash_kernels import pg_loss_ref
+
+            return pg_loss_ref(*inputs, **kwargs)
 
 
 def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
