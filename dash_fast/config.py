@@ -204,7 +204,8 @@ def _check_types(obj, prefix: str = "") -> None:
                 setattr(obj, f.name, [value])
 
 
-def _nearest(name: str, choices: list[str], prefix: str = "") -> str:
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a misspelt `name`, else ''."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
@@ -213,7 +214,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, names, prefix)}")
+            raise ConfigError(f"config: unknown key {prefix + key!r}{did_you_mean(key, names, prefix)}")
     return cls(**values)
 
 
@@ -222,7 +223,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dic
     out = dict(base)
     for key, value in update.items():
         if key not in base:
-            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, list(base), prefix)}")
+            raise ConfigError(f"config: unknown key {prefix + key!r}{did_you_mean(key, list(base), prefix)}")
         if isinstance(base[key], dict) and isinstance(value, dict):
             out[key] = merge(base[key], value, prefix=f"{prefix}{key}.")
         else:

@@ -28,7 +28,6 @@ Differences from TRL worth knowing:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.config import ConfigError, DashConfig
+from dash_fast.config import ConfigError, DashConfig, did_you_mean
 from dash_fast.trainer import DashTrainer
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
@@ -273,16 +272,11 @@ class GRPOConfig:
         for key in self.extra:
             if key not in dash_names:
                 raise ConfigError(f"GRPOConfig: extra key {key!r} is not a DashConfig key"
-                                  f"{_hint(key, sorted(dash_names))}")
+                                  f"{did_you_mean(key, sorted(dash_names))}")
         values.update(self.extra)
         if values["reward_weights"] is None:
             values.pop("reward_weights")
         return DashConfig(**values)
-
-
-def _hint(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _unknown(key: str, names: list[str]) -> str:
@@ -291,7 +285,7 @@ def _unknown(key: str, names: list[str]) -> str:
     trl_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)} | set(_TRL_ONLY)
     if key in trl_names:
         return f"GRPOConfig: {key!r} is a TRL argument that dash-fast does not support"
-    return f"GRPOConfig: unknown argument {key!r}{_hint(key, sorted(set(names) | trl_names))}"
+    return f"GRPOConfig: unknown argument {key!r}{did_you_mean(key, sorted(set(names) | trl_names))}"
 
 
 def _report_to(value) -> list[str]:
