@@ -109,6 +109,31 @@ def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module) -> to
     return out if linear.bias is None else out + linear.bias
 
 
+# The pieces of a Llama-family decoder layer shared by this engine's forward and the shared-prompt training
+# forward (shared_prompt.py). Each caller keeps its own RoPE and attention (cache vs. prompt/completion
+# split) and passes its RMSNorm: see `_rms_norm` here and `shared_prompt._norm` for why they differ.
+def qkv_projections(attn: torch.nn.Module, h: torch.Tensor, shape: tuple[int, ...], norm, eps: float):
+    """q, k, v of the normed hidden `h` [N, hidden], viewed as [*shape, heads, head_dim]; Qwen3's q/k norms
+    applied (with `norm`, the caller's RMSNorm)."""
+    D = attn.head_dim
+    q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(*shape, -1, D)
+    k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(*shape, -1, D)
+    v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(*shape, -1, D)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q = norm(q, attn.q_norm.weight, eps)
+        k = norm(k, attn.k_norm.weight, eps)
+    return q, k, v
+
+
+def mlp_residual(x: torch.Tensor, h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
+    """x + down(act(gate(h)) * up(h)), the residual add fused into the down GEMM. The product is taken in
+    place when no gradient is recorded (sampling, log-prob passes): the same values, one buffer less."""
+    gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+    act = mlp.act_fn(gate)
+    return _linear_add(x, act * up if torch.is_grad_enabled() else act.mul_(up), mlp.down_proj)
+
+
 class StaticDecoder:
     """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
 
@@ -129,7 +154,6 @@ class StaticDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps
-        self.qk_norm = hasattr(attn, "q_norm")
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.key_valid = torch.empty(0)
@@ -171,7 +195,11 @@ class StaticDecoder:
 
     # ---------------------------------------------------------------- the forward
     def _rope(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin)."""
+        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin). Not shared_prompt's
+        `_rope`: here cos/sin come from a per-slot table built once per cache (gathered by position each
+        decode step), the queries' table carries the softmax scale (the CPU decode attention is two raw
+        GEMMs with no scale argument), and rotate_half is a matmul by a signed permutation; the training
+        forward keeps Hugging Face's op order instead, so its values track the model's own forward."""
         cos, sin = table[..., 0, :], table[..., 1, :]
         return torch.addcmul(x * cos, x @ self.rot, sin)
 
@@ -197,7 +225,7 @@ class StaticDecoder:
         cache slots start .. start+T-1; attention reads slots [0, kv_len) under `mask` (see _attention).
         `start` is a device tensor in CUDA-graph mode (so one captured graph serves every step)."""
         b, T = ids.shape
-        nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
+        D = self.head_dim
         x = F.embedding(ids.reshape(-1), self.decoder.embed_tokens.weight)  # [b * T, hidden]
         flat = pos.reshape(-1)  # index_select: several times faster than advanced indexing on CPU
         rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
@@ -205,12 +233,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, T, nh, D)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, T, nkv, D)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, T, nkv, D)
-            if self.qk_norm:  # Qwen3
-                q = _rms_norm(q, attn.q_norm.weight, self.eps)
-                k = _rms_norm(k, attn.k_norm.weight, self.eps)
+            q, k, v = qkv_projections(attn, h, (b, T), _rms_norm, self.eps)
             q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
             kc, vc = self.k[i][:b], self.v[i][:b]
             if isinstance(start, torch.Tensor):
@@ -221,11 +244,8 @@ class StaticDecoder:
                 vc[:, :, start : start + T] = v.transpose(1, 2)
             o = self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
             x = _linear_add(x, o, attn.o_proj)
-            mlp = layer.mlp
             h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = _linear_add(x, mlp.act_fn(gate).mul_(up), mlp.down_proj)
+            x = mlp_residual(x, h, layer.mlp)
         h = _rms_norm(x.view(b, T, -1)[:, -1], self.decoder.norm.weight, self.eps)
         head = self.model.get_output_embeddings()
         return F.linear(h, head.weight, getattr(head, "bias", None))
