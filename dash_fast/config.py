@@ -71,7 +71,7 @@ class DashConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: same as epsilon
     beta: float = 0.0
-    updates_per_rollout: int = 1  # K (PPO "Multi" when > 1)
+    epochs_per_rollout: int = 1  # K passes over each rollout (TRL's num_iterations; PPO "Multi" when > 1)
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
     loss_impl: str = "fused"  # fused | naive | liger
@@ -105,8 +105,15 @@ class DashConfig:
     # --- embedded default ---
     sft: SFTConfig = field(default_factory=SFTConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
+    # --- accepted old names (not stored; see ALIASES) ---
+    updates_per_rollout: dataclasses.InitVar[int | None] = None  # = epochs_per_rollout
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, updates_per_rollout: int | None = None) -> None:
+        if updates_per_rollout is not None:
+            if self.epochs_per_rollout not in (1, updates_per_rollout):
+                raise ConfigError(f"config: updates_per_rollout={updates_per_rollout!r} and epochs_per_rollout="
+                                  f"{self.epochs_per_rollout!r}: the same K under its old and new name; set one")
+            self.epochs_per_rollout = updates_per_rollout
         for name, cls in (("sft", SFTConfig), ("tiny", TinyConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
@@ -148,7 +155,7 @@ class DashConfig:
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0 for sampling")
         need(self.filter_tau is None or self.filter_tau >= 0, "filter_tau", "must be >= 0 or None")
-        need(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
+        need(self.epochs_per_rollout >= 1, "epochs_per_rollout", "must be >= 1")
         need(1 <= self.minibatches <= self.rows_per_step, "minibatches", "must be in [1, rows per step]")
         need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         need(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
@@ -164,6 +171,33 @@ class DashConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _updates_per_rollout(self: DashConfig) -> int:
+    return self.epochs_per_rollout
+
+
+def _set_updates_per_rollout(self: DashConfig, value: int) -> None:
+    self.epochs_per_rollout = value
+
+
+# the old name reads and writes the field (the dataclass's __init__ takes it through the InitVar above)
+DashConfig.updates_per_rollout = property(_updates_per_rollout, _set_updates_per_rollout)  # type: ignore[assignment]
+
+ALIASES = {"updates_per_rollout": "epochs_per_rollout"}  # old key -> key, in files, overrides and GRPOConfig
+
+
+def _renamed(layer: dict[str, Any]) -> dict[str, Any]:
+    """A config layer with old key names (ALIASES) written as the new ones."""
+    out = dict(layer)
+    for old, new in ALIASES.items():
+        if old in out:
+            value = out.pop(old)
+            if new in out and out[new] != value:
+                raise ConfigError(f"config: {old}={value!r} and {new}={out[new]!r}: the same setting under its "
+                                  f"old and new name; set one")
+            out[new] = value
+    return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -256,6 +290,7 @@ def make_config(
 ) -> DashConfig:
     """Build a validated DashConfig from every layer (see the module docstring for precedence)."""
     tree = DashConfig().to_dict()
+    base = _renamed(base) if base else base
     if base:
         tree = merge(tree, {k: v for k, v in base.items() if k != "preset"})
     file_values: dict[str, Any] = {}
@@ -264,8 +299,8 @@ def make_config(
             file_values = yaml.safe_load(f) or {}
         if not isinstance(file_values, dict):
             raise ConfigError(f"config: {file} must hold a mapping of keys to values")
-    layers = [file_values, {k: v for k, v in (flags or {}).items() if v is not None},
-              parse_overrides(overrides or [])]
+    layers = [_renamed(layer) for layer in (file_values, {k: v for k, v in (flags or {}).items() if v is not None},
+                                             parse_overrides(overrides or []))]
     chosen = preset or (base or {}).get("preset")
     for layer in layers:
         chosen = layer.get("preset", chosen)

@@ -120,7 +120,7 @@ def step_record(batch, kept, train_stats: dict, reward_names: list[str], accurac
         "step": batch.step,
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),
+        "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),  # accuracy reward mean
         "kept_fraction": kept.numel() / len(rewards),
         "completion_len_mean": lengths.mean().item(),
         "time_generate_s": batch.time_generate_s,

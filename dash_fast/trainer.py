@@ -157,8 +157,8 @@ class DashTrainer:
         self.engine = make_engine(args, self.model, self.tokenizer, self.pad_id)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
-        self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
-            if args.overlap else None
+        concurrent = getattr(self.engine, "can_sample_concurrently", False)
+        self.overlap = OverlapScheduler(self.device, concurrent=concurrent) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
 
@@ -166,7 +166,7 @@ class DashTrainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
         )
-        total_updates = max(1, args.max_steps * args.updates_per_rollout * args.minibatches)
+        total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
         ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if args.beta > 0 else None
         self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.config import ConfigError, DashConfig, did_you_mean
+from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.trainer import DashTrainer
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
@@ -252,7 +252,7 @@ class GRPOConfig:
             max_refill_rounds=self.max_refill_rounds,
             loss_agg=_LOSS_TYPES[self.loss_type], normalize_over=self.normalize_over,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
-            updates_per_rollout=self.num_iterations, minibatches=minibatches,
+            epochs_per_rollout=self.num_iterations, minibatches=minibatches,
             micro_batch_tokens=self.micro_batch_tokens or self.per_device_train_batch_size
             * (min(prompt_len, 512) + self.max_completion_length),
             loss_impl="liger" if self.use_liger_kernel else self.loss_impl, overlap=self.overlap,
@@ -268,7 +268,7 @@ class GRPOConfig:
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
             prompt_column=self.prompt_column, reward_weights=self.reward_weights,
         )
-        dash_names = {f.name for f in dataclasses.fields(DashConfig)}
+        dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:
             if key not in dash_names:
                 raise ConfigError(f"GRPOConfig: extra key {key!r} is not a DashConfig key"

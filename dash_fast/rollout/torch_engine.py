@@ -364,9 +364,10 @@ class TorchEngine:
             self.model, self._static = model, None
 
     @property
-    def thread_safe(self) -> bool:
-        """May sample in a worker thread beside training (overlap.py): the static path reads parameters
-        and touches no module state; the dynamic one toggles model.eval()/train()."""
+    def can_sample_concurrently(self) -> bool:
+        """Whether generate() may run in a worker thread beside training (overlap.py): true exactly on the
+        static path, which reads parameters and touches no module state; the dynamic one toggles
+        model.eval()/train()."""
         return self.path() == "static"
 
     def path(self) -> str:
