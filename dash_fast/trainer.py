@@ -107,6 +107,10 @@ class DashTrainer:
         self.stop_ids = self._stop_token_ids()
 
         self.reward_funcs, self.reward_names = self._resolve_rewards(reward_funcs or args.reward_funcs)
+        if any(getattr(f, "needs_sandbox", False) for f in self.reward_funcs):
+            from dash_fast.sandbox import set_default_sandbox
+
+            set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
         acc = args.accuracy_reward or self.reward_names[0]
         if acc not in self.reward_names:

@@ -244,3 +244,27 @@ def test_fails_closed_where_namespaces_are_unavailable():
     assert "unsafe-local" in out.stdout and "user namespaces" in out.stdout
     assert "UNSAFE 1" in out.stdout  # the explicit opt-out still judges in the parent
 
+
+
+def test_trainer_with_the_code_reward_refuses_to_start_without_containment(tmp_path, monkeypatch):
+    from dash_fast import DashConfig, DashTrainer
+    from dash_fast.config import ConfigError
+    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+    tiny = TinyConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, n_train=8, n_test=4)
+    tok = build_tokenizer()
+    train, _ = make_task(tiny, seed=0)
+
+    def trainer(**kw):
+        args = DashConfig(output_dir=str(tmp_path), prompts_per_step=2, group_size=2, report_to=[],
+                          disable_tqdm=True, reward_funcs=["code"], **kw)
+        return DashTrainer(build_model(tok, tiny, seed=0), args=args, train_dataset=train, processing_class=tok)
+
+    with pytest.raises(ConfigError, match="sandbox='docker'"):
+        trainer(sandbox="docker")
+    monkeypatch.setattr(sandbox, "_default_mode", "namespaces")  # restored after the test
+    monkeypatch.setitem(sandbox._checked, "namespaces", "simulated: unshare EPERM")  # as where unavailable
+    with pytest.raises(sandbox.SandboxUnavailable, match="simulated: unshare EPERM.*unsafe-local"):
+        trainer()
+    assert trainer(sandbox="unsafe-local").reward_names == ["code_reward"]
+    assert sandbox._default_mode == "unsafe-local"
