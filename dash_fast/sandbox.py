@@ -303,7 +303,7 @@ def _binop(op: ast.operator, a, b):
         for seq, n in ((a, b), (b, a)):
             if isinstance(seq, (str, bytes, list, tuple)) and isinstance(n, int) and len(seq) * n > _MAX_ITEMS:
                 raise ValueError("repetition too large")
-    if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and abs(b) > 10_000:
+    if isinstance(op, ast.Pow) and isinstance(a, int) and isinstance(b, int) and max(a.bit_length(), 1) * abs(b) > 1 << 20:
         raise ValueError("power too large")
     return _bounded(_BINOPS[type(op)](a, b))
 
@@ -494,6 +494,7 @@ class _Server:
         self.lock = threading.Lock()
         self.proc = None  # subprocess.Popen
         self.sock: socket.socket | None = None
+        self.owner = os.getpid()  # a forked trainer process must not share the parent's server socket
 
     def _start(self) -> None:
         import subprocess
@@ -514,6 +515,8 @@ class _Server:
     def submit(self, hdr: dict, fds: list[int]) -> int:
         """Send one job; returns the keeper's pidfd."""
         with self.lock:
+            if self.owner != os.getpid():
+                self.proc, self.sock, self.owner = None, None, os.getpid()
             for _attempt in range(2):
                 if self.proc is None or self.proc.poll() is not None:
                     self._start()

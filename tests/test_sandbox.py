@@ -268,3 +268,19 @@ def test_trainer_with_the_code_reward_refuses_to_start_without_containment(tmp_p
         trainer()
     assert trainer(sandbox="unsafe-local").reward_names == ["code_reward"]
     assert sandbox._default_mode == "unsafe-local"
+
+
+def test_parent_side_operations_are_bounded():
+    code = "def f():\n    return 'x' * 1000\ndef g():\n    return 2 ** 4000\n"
+    r = run_python(code, ["assert len(f() * 10**6) > 0", "assert g() ** 10**6 > 0", "assert len(f() * 3) == 3000"])
+    assert r.n_passed == 1 and "too large" in r.failures[0] and "too large" in r.failures[1]
+
+
+def test_a_forked_trainer_process_gets_its_own_fork_server():
+    run_python(ADD, ["assert add(1, 2) == 3"])
+    pid = os.fork()
+    if pid == 0:  # the child must not talk over its parent's socket
+        ok = run_python(ADD, ["assert add(1, 2) == 3"]).passed and sandbox._server.owner == os.getpid()
+        os._exit(0 if ok else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert run_python(ADD, ["assert add(2, 2) == 4"]).passed
