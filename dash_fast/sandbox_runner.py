@@ -202,7 +202,7 @@ def _set_rlimits(rlimits: dict) -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # too-large writes fail with OSError instead
 
 
-def _runner(hdr: dict, server: dict, libc: _Libc | None) -> None:
+def _runner(hdr: dict, server: dict, libc: _Libc | None, lifeline: int) -> None:
     """The runner: set up, close the trusted fds, run the job. fds: 3 payload, 4 result, 5 status."""
     try:
         libc and libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -226,6 +226,10 @@ def _runner(hdr: dict, server: dict, libc: _Libc | None) -> None:
         elif libc is not None:
             _drop_capabilities(libc)
         libc and libc.prctl(_PR_SET_NO_NEW_PRIVS, 1)
+        libc and libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # again: a uid change clears it
+        if select.select([lifeline], [], [], 0)[0]:  # EOF: the keeper died before that
+            os._exit(1)
+        os.close(lifeline)
     except BaseException as e:
         os.write(5, f"setup-error {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
         os._exit(70)
@@ -271,14 +275,16 @@ def _keeper(hdr: dict, server: dict, fds: list[int], libc: _Libc | None) -> None
             import tempfile
 
             hdr["workdir"] = tempfile.mkdtemp(prefix="dash_sandbox_")
+        lifeline, keeper_alive = os.pipe()  # the runner sees EOF on it once the keeper is gone
         pid = os.fork()
     except BaseException as e:
         os.write(5, f"setup-error {type(e).__name__}: {e}\n".encode("utf-8", "replace"))
         os._exit(0)
     if pid == 0:
-        _runner(hdr, server, libc)
+        os.close(keeper_alive)
+        _runner(hdr, server, libc, lifeline)
         os._exit(0)
-    for fd in (0, 1, 2, 3, 4):
+    for fd in (0, 1, 2, 3, 4, lifeline):
         os.close(fd)
     timed_out = False
     pidfd = os.pidfd_open(pid)

@@ -12,6 +12,7 @@ import tempfile
 import time
 
 import pytest
+from sandbox_hostile_cases import survivors as hostile_survivors
 
 from dash_fast import sandbox
 from dash_fast.sandbox import UID_BASE, UID_RANGE, run_many, run_python
@@ -284,3 +285,29 @@ def test_a_forked_trainer_process_gets_its_own_fork_server():
         os._exit(0 if ok else 1)
     assert os.waitpid(pid, 0)[1] == 0
     assert run_python(ADD, ["assert add(2, 2) == 4"]).passed
+
+
+DIES_WITH_PARENT = r"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sbx", sys.argv[1])
+sbx = importlib.util.module_from_spec(spec); sys.modules["sbx"] = sbx; spec.loader.exec_module(sbx)
+code = "import ctypes, os, time\nos.fork()\nctypes.CDLL(None).prctl(15, %r, 0, 0, 0)\ntime.sleep(60)\n" % sys.argv[2].encode()
+sbx.run_python(code, ["assert True"], timeout_s=60)
+"""
+
+
+def test_nothing_survives_a_killed_trainer():
+    marker = "dashdie" + os.urandom(4).hex()
+    trainer = subprocess.Popen([sys.executable, "-c", DIES_WITH_PARENT, sandbox.__file__, marker])
+    try:
+        deadline = time.monotonic() + 30
+        while len(hostile_survivors(marker)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(hostile_survivors(marker)) == 2, "the program never started"
+    finally:
+        trainer.kill()
+        trainer.wait()
+    deadline = time.monotonic() + 5
+    while hostile_survivors(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert hostile_survivors(marker) == []
