@@ -23,18 +23,23 @@ cannot be split this way: an ``assert``/``raise`` inside a block or function, or
 a hole (``all(f(i) == i for i in r)``). They count as failed, with a reason, and are not run. A
 separate process per test does not help: the solution runs in that process too, so anything the
 trusted wrapper there can signal (exit status, bytes on a pipe, a secret in its memory) the
-solution can signal as well.
+solution can signal as well. Limits of the split: a hole's value is the program's, whatever it
+contains (a helper from MBPP's ``test_setup_code`` runs in the sandbox too, so ``assert check(f(x))``
+is only as strong as a bare ``assert f(x)``, which any program passes by returning True); holes are
+evaluated eagerly, left to right (one that ``and``/``or`` would skip still runs; its error is ignored
+unless read).
 
 Containment (Linux namespaces; works without root where the kernel allows unprivileged user
-namespaces; see :func:`check_sandbox`). A fork server (``python -I -S`` with an empty
-environment, started once) forks a *keeper* per program, which enters fresh user (not as root),
+namespaces; see :func:`check_sandbox`). A fork server (:mod:`dash_fast.sandbox_runner`, run by
+``python -I -S`` with only PATH and LANG in its environment, started once) forks a *keeper* per program, which enters fresh user (not as root),
 mount, PID, network, IPC and UTS namespaces and forks the *runner*, PID 1 of the new PID namespace:
 
 - file system: a new root (tmpfs) with read-only, nosuid binds of /usr, /bin, /lib*, the Python
-  standard library and /dev/{null,zero,random,urandom}; a fresh /proc of the new PID namespace (the
-  trainer's /proc/<pid>/environ is not in it); the working directory /tmp is a size-limited tmpfs
-  (``disk_mb``, and 4096 inodes), so many 16 MiB files cannot fill the disk; no /home, /root, /etc,
-  /work: the trainer's tokens and caches are not in the view. pivot_root drops the old root.
+  standard library (at its own path) and /dev/{null,zero,urandom}; a fresh /proc of the new PID
+  namespace (the trainer's /proc/<pid>/environ is not in it); the working directory /tmp is a
+  size-limited tmpfs (``disk_mb``, 4096 inodes), so many 16 MiB files cannot fill the disk; nothing
+  else: no /home, /etc, /work, nothing of /root but the stdlib path, so the trainer's tokens and
+  caches are not in the view. pivot_root drops the old root.
 - network: a network namespace with no interface up (loopback included).
 - identity: as root the runner drops to a fresh uid of a reserved range (so RLIMIT_NPROC counts
   only its processes); otherwise it runs as the user in the user namespace with every capability
@@ -47,6 +52,9 @@ mount, PID, network, IPC and UTS namespaces and forks the *runner*, PID 1 of the
   server exits when the trainer's end of its socket closes.
 The keeper's status pipe (exit status, timeout) is the only trusted output of the run: the runner
 closes it before the program starts, and the keeper sits outside the runner's namespaces.
+
+Not covered: no seccomp filter (the kernel's whole syscall surface is reachable) and no cgroup, so
+memory is bounded per process (RLIMIT_AS) times RLIMIT_NPROC, not in total.
 
 ``sandbox="unsafe-local"`` keeps the verdict protocol but skips every namespace: for machines where
 namespaces are unavailable and the code is trusted.
