@@ -50,6 +50,7 @@ class DashConfig:
     reward_funcs: list[str] = field(default_factory=lambda: ["exact_answer"])
     reward_weights: list[float] | None = None
     accuracy_reward: str | None = None  # reward whose mean is "accuracy"; default: the first one
+    sandbox: str = "namespaces"  # code reward: namespaces (contained; refuses if unavailable) | unsafe-local
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16
     # --- sampling (one rollout per optimizer step) ---
@@ -132,6 +133,7 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.sandbox in ("namespaces", "unsafe-local"), "sandbox", "must be namespaces or unsafe-local")
         need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")

@@ -132,6 +132,10 @@ class DashTrainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs, args.reward_weights, args.accuracy_reward,
                                     self.tokenizer)
+        if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
+            from dash_fast.sandbox import set_default_sandbox
+
+            set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
 
         data_kwargs = dict(prompt_column=args.prompt_column, max_prompt_tokens=args.max_prompt_tokens,
                            system_prompt=args.system_prompt, use_chat_template=args.use_chat_template)
