@@ -147,12 +147,12 @@ def test_infinite_loop_times_out():
     start = time.monotonic()
     r = run_python("while True:\n    pass\n", ["assert True"], timeout_s=1.0)
     assert r.status == "timeout" and not r.passed and r.n_passed == 0
-    assert time.monotonic() - start < 1.0 + 1.5
+    assert time.monotonic() - start < 1.0 + 10  # killed at the limit, not left running (margin: a loaded machine)
 
 
 def test_sleep_times_out_on_wall_clock():
     r = run_python("import time\ntime.sleep(30)\n", ["assert True"], timeout_s=0.5)
-    assert r.status == "timeout" and r.wall_s < 2.0
+    assert r.status == "timeout" and r.wall_s < 10  # no CPU used: only the wall clock stops it before 30 s
 
 
 def test_memory_hog_is_contained():
@@ -203,12 +203,12 @@ def test_workdir_is_private_writable_and_fresh_per_program():
 
 def test_run_many_keeps_order_and_runs_concurrently():
     jobs = [(f"def f():\n    return {i}\n", [f"assert f() == {i}"]) for i in range(6)]
-    jobs.append(("import time\ntime.sleep(1)\ndef f():\n    return 0\n", ["assert f() == 1"]))
-    jobs.append(("import time\ntime.sleep(1)\ndef f():\n    return 0\n", ["assert f() == 0"]))
-    start = time.monotonic()
+    sleeper = "import time\nt0 = time.monotonic()\ntime.sleep(1.5)\nprint(t0, time.monotonic())\ndef f():\n    return 0\n"
+    jobs += [(sleeper, ["assert f() == 1"]), (sleeper, ["assert f() == 0"])]
     results = run_many(jobs, max_workers=2)
     assert [r.passed for r in results] == [True] * 6 + [False, True]
-    assert time.monotonic() - start < 1.9  # the two sleepers overlap
+    (start_a, end_a), (start_b, end_b) = ([float(x) for x in r.stderr_tail.split()] for r in results[6:])
+    assert max(start_a, start_b) < min(end_a, end_b)  # the two sleepers overlap (CLOCK_MONOTONIC is host-wide)
     assert run_many([]) == []
 
 
