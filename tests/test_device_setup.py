@@ -1,0 +1,83 @@
+"""Device-dependent defaults (dtype=auto), deterministic mode, the engine prepared before overlap, and the
+KV-cache release option: the CPU-checkable half. What needs CUDA (bf16 tensor-core runs, deterministic
+cuBLAS, real graph capture beside a training thread) is in tests/test_gpu.py / profiles/gpu_session.sh."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_graph_schedule import fake_capture
+from test_overlap import make_trainer
+
+from dash_fast.config import ConfigError, DashConfig
+from dash_fast.device_setup import make_deterministic, resolve_dtype
+
+
+def test_dtype_auto_is_bf16_on_cuda_and_fp32_elsewhere():
+    assert DashConfig().dtype == "auto"
+    assert resolve_dtype("auto", torch.device("cuda")) == "bfloat16"
+    assert resolve_dtype("auto", torch.device("cpu")) == "float32"
+    assert resolve_dtype("float32", torch.device("cuda")) == "float32"
+
+
+@pytest.mark.parametrize("bad, key", [({"deterministic": True, "triton_bwd": "atomic"}, "triton_bwd"),
+                                      ({"kv_cache_release": True, "overlap": True}, "kv_cache_release"),
+                                      ({"triton_bwd": "fast"}, "triton_bwd")])
+def test_conflicting_options_are_one_line_errors(bad, key):
+    with pytest.raises(ConfigError, match=f"config: {key}="):
+        DashConfig(**bad)
+
+
+def test_deterministic_settings_are_cuda_only():
+    assert make_deterministic(torch.device("cpu")) == []
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_the_fused_loss_gets_the_configured_backward(tmp_path, monkeypatch):
+    import dash_kernels
+
+    seen = []
+    real = dash_kernels.fused_linear_pg_loss
+
+    def spy(*a, **kw):
+        seen.append(kw["bwd"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(dash_kernels, "fused_linear_pg_loss", spy)
+    make_trainer(tmp_path, loss_impl="fused", max_steps=1, deterministic=True).train()
+    assert seen and set(seen) == {"dense"}
+
+
+def test_overlap_prepares_the_engine_on_the_main_thread_before_the_first_launch(tmp_path):
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=3)
+    eng = trainer.engine
+    eng.cuda_graphs, eng.capture = True, fake_capture
+    launches = []
+    real_launch = trainer.overlap.launch
+
+    def launch(job, sample):
+        launches.append(list(eng._static.capture_log) if eng._static else [])
+        return real_launch(job, sample)
+
+    trainer.overlap.launch = launch
+    trainer.train()
+    rows = trainer.args.rows_per_step  # 16: buckets 16, 8, 4, 2, 1
+    assert [b for b, _ in launches[0]] == [16, 8, 4, 2, 1]  # all captured once, before the first launch
+    assert len(eng._static.capture_log) == 5  # and never again (no reallocation dropped them)
+    assert {t for _, t in eng._static.capture_log} == {"MainThread"}
+    assert eng._static.capacity == rows
+    assert eng._static.k[0].shape[2] == trainer.args.max_prompt_tokens + trainer.args.max_completion_tokens
+
+
+def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, kv_cache_release=True, max_steps=2)
+    capacities = []
+    real_update = trainer.update
+
+    def update(*a, **kw):
+        capacities.append(trainer.engine._static.capacity)  # during the update: freed
+        return real_update(*a, **kw)
+
+    monkeypatch.setattr(trainer, "update", update)
+    trainer.train()
+    assert capacities == [0, 0]
