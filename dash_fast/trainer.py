@@ -32,6 +32,7 @@ from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
 from dash_fast.metrics import MetricsLogger, plot_run
+from dash_fast.device_setup import make_deterministic, prepare_engine, resolve_dtype
 from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import ProfileWindow, nvtx_range
 from dash_fast.rollout.base import Rollout, SamplingParams
@@ -92,8 +93,10 @@ class DashTrainer:
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
             keep_freed_memory()
+        if args.deterministic:
+            make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
-        self.model = load_model(model, args.dtype, self.device)
+        self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
         ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
@@ -135,6 +138,7 @@ class DashTrainer:
             self.fsdp_root = ddp.fully_shard_model(self.model)
         self.shared_prompt = self._use_shared_prompt()
         self.engine = self._make_engine()
+        self._engine_prepared = False
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
@@ -302,7 +306,7 @@ class DashTrainer:
             if impl == "fused":
                 from dash_kernels import fused_linear_pg_loss
 
-                return fused_linear_pg_loss(*inputs, **kwargs)
+                return fused_linear_pg_loss(*inputs, bwd=self.args.triton_bwd, **kwargs)
             if impl == "liger":
                 from dash_kernels.liger_adapter import liger_pg_loss
 
@@ -341,15 +345,29 @@ class DashTrainer:
     def _rollout_for(self, step: int) -> Prefetched:
         """Step `step`'s prompts and rollout: the one sampled ahead (overlap=True) or a fresh one."""
         job = self.overlap.take(step) if self.overlap is not None else None
+        if self.overlap is not None:
+            self._prepare_engine_once()
         if job is None:
             job = self._draw_prompts(step)
             job.rollout = self._sample(job)
+            if self.args.kv_cache_release and hasattr(self.engine, "release"):
+                self.engine.release()  # its cache and graphs are rebuilt at the next generate
         return job
+
+    def _prepare_engine_once(self) -> None:
+        """overlap=True: the engine's cache for the largest call and every CUDA graph, on the main thread,
+        before the first rollout (a later, larger reserve would drop the graphs) and so before any worker."""
+        if not self._engine_prepared:
+            a = self.args
+            prepare_engine(self.engine, min(a.generation_batch_size or a.rows_per_step, a.rows_per_step),
+                           a.max_prompt_tokens, a.max_completion_tokens)
+            self._engine_prepared = True
 
     def _prefetch(self, step: int) -> float:
         """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py).
         Returns the seconds it took here: the sampling itself in order (CPU), the launch when concurrent."""
         t0 = time.perf_counter()
+        self._prepare_engine_once()
         job = self._draw_prompts(step)
         self.overlap.launch(job, lambda: self._sample(job))
         return time.perf_counter() - t0
@@ -691,6 +709,7 @@ class DashTrainer:
                 acc_sum += float(torch.nansum(acc))
                 acc_count += float((~acc.isnan()).sum())
                 len_sum += float(rollout.completion_lengths.sum())
+        self._engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
         acc_sum, acc_count, len_sum = (ddp.all_reduce_sum(v, self.dist) for v in (acc_sum, acc_count, len_sum))
         return {"accuracy": acc_sum / acc_count if acc_count else float("nan"), "examples": n,
                 "completion_len_mean": len_sum / max(n, 1)}
