@@ -31,8 +31,8 @@ from dash_fast.checkpoint import (
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
-from dash_fast.metrics import MetricsLogger, plot_run
 from dash_fast.device_setup import make_deterministic, prepare_engine, resolve_dtype
+from dash_fast.metrics import MetricsLogger, plot_run
 from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import ProfileWindow, nvtx_range
 from dash_fast.rollout.base import Rollout, SamplingParams
