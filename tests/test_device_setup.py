@@ -81,3 +81,12 @@ def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path, monkeypat
     monkeypatch.setattr(trainer, "update", update)
     trainer.train()
     assert capacities == [0, 0]
+
+
+def test_overlap_with_the_default_fused_loss_logs_plain_numbers(tmp_path):
+    """Off-policy (old log-probs from the sampler) the fused op's clip_fraction is a 0-dim tensor: the
+    record must hold a float (the JSON log of a default run with overlap=True failed on it)."""
+    trainer = make_trainer(tmp_path, overlap=True, loss_impl="fused", max_steps=2)
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(records) == 2 and all(type(r["clip_fraction"]) is float and type(r["kl"]) is float for r in records)
