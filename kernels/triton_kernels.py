@@ -277,9 +277,11 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -
     bf16 chunks are not rounded to bf16 before they are summed."""
     if a.dtype == torch.float32:
         return torch.mm(a, b) if out is None else out.addmm_(a, b)
-    if a.is_cuda:  # cuBLAS bf16 / fp16 GEMM with an fp32 output (aten::mm.dtype)
-        r = torch.mm(a, b, out_dtype=torch.float32)
-    else:  # CPU has no fp32-output bf16 GEMM: each chunk is rounded to bf16 once
+    try:  # cuBLAS bf16 / fp16 GEMM with an fp32 output (aten::mm.dtype; CUDA only)
+        r = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else None
+    except (TypeError, RuntimeError):  # an older torch: no out_dtype
+        r = None
+    if r is None:  # each chunk rounded to the input dtype once, then summed in fp32
         r = torch.mm(a, b).float()
     return r if out is None else out.add_(r)
 
