@@ -90,3 +90,25 @@ def test_overlap_with_the_default_fused_loss_logs_plain_numbers(tmp_path):
     trainer.train()
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert len(records) == 2 and all(type(r["clip_fraction"]) is float and type(r["kl"]) is float for r in records)
+
+
+def test_gpu_session_dry_run_plumbing(tmp_path):
+    """profiles/gpu_session.py --dry-run (CPU, the Triton interpreter, toy shapes) for two of its checks:
+    the session's plumbing stays runnable without a GPU. The full dry run is `DRY_RUN=1 bash
+    profiles/gpu_session.sh` (about two minutes here)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, str(root / "profiles" / "gpu_session.py"), "--dry-run", "--out",
+                           str(tmp_path), "--only", "kernels,decode"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "summary.json").read_text())["rows"]
+    assert {r["verdict"] for r in rows} <= {"PASS", "n/a"} and sum(r["verdict"] == "PASS" for r in rows) == 3
+    assert (tmp_path / "summary.md").read_text().count("\n| ") == len(rows) + 1

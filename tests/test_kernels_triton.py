@@ -43,7 +43,7 @@ CASES = {
 }
 EXTRA = ["all_filtered", "non_contiguous", "logprobs", "nonfinite_dropped_inputs_unmodified",
          "vocab_151936_dense", "vocab_151936_atomic", "huge_bias_on_masked_lanes_dense",
-         "huge_bias_on_masked_lanes_atomic", "dense_chunks"]
+         "huge_bias_on_masked_lanes_atomic", "dense_chunks", "mixed_dtypes_run_in_the_narrower"]
 
 
 def _main() -> None:
@@ -144,6 +144,18 @@ def _main() -> None:
         finally:
             tkern.DENSE_BWD_BYTES = saved
 
+    def case_mixed_dtypes_run_in_the_narrower():
+        """fp32 hidden states with a float64 lm_head (as bf16 activations with fp32 master weights): the
+        kernels run in fp32, and each grad comes back in its input's dtype."""
+        inp = tk.make_inputs(dtype=torch.float32, off_policy="inside")
+        mixed = {**inp, "weight": inp["weight"].double(), "bias": inp["bias"].double()}
+        ref_loss, _, ref_g = tk.run(dk.pg_loss_ref, tk.to_fp64(inp), beta=0.1)
+        loss, _, g = tk.run(triton_op, mixed, beta=0.1)
+        assert (g["hidden"].dtype, g["weight"].dtype, g["bias"].dtype) == (torch.float32, torch.float64, torch.float64)
+        torch.testing.assert_close(loss.double(), ref_loss, **close)
+        for k in g:
+            torch.testing.assert_close(g[k].double(), ref_g[k], **close)
+
     results = {}
     for name, (inp_kw, kw, scale) in CASES.items():
         try:
@@ -157,7 +169,7 @@ def _main() -> None:
     extra = (case_all_filtered, case_non_contiguous, case_logprobs, case_nonfinite_dropped_inputs_unmodified,
              lambda: case_vocab_151936("dense"), lambda: case_vocab_151936("atomic"),
              lambda: case_huge_bias_on_masked_lanes("dense"), lambda: case_huge_bias_on_masked_lanes("atomic"),
-             case_dense_chunks)
+             case_dense_chunks, case_mixed_dtypes_run_in_the_narrower)
     for name, fn in zip(EXTRA, extra):
         try:
             fn()
