@@ -72,13 +72,13 @@ def test_overlap_prepares_the_engine_on_the_main_thread_before_the_first_launch(
 def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, kv_cache_release=True, max_steps=2)
     capacities = []
-    real_update = trainer.update
+    real_update = trainer.learner.update
 
     def update(*a, **kw):
         capacities.append(trainer.engine._static.capacity)  # during the update: freed
         return real_update(*a, **kw)
 
-    monkeypatch.setattr(trainer, "update", update)
+    monkeypatch.setattr(trainer.learner, "update", update)
     trainer.train()
     assert capacities == [0, 0]
 
