@@ -301,13 +301,14 @@ CHECKS = {"kernels": check_kernels, "loss": check_loss, "decode": check_decode, 
           "trainer": check_trainer, "determinism": check_determinism}
 
 
-def write(out: Path, dry: bool, wall: float) -> None:
+def write(out: Path, dry: bool, wall: float, echo: bool = True) -> None:
     head = f"GPU session ({'DRY RUN on CPU: figures are plumbing only' if dry else common.device_name('cuda')})"
     lines = [f"# {head}", "", f"torch {torch.__version__}; wall {wall:.0f} s", "",
              "| check | measured | bar | verdict |", "|---|---|---|---|"]
     lines += [f"| {r['check']} | {r['measured']} | {r['bar']} | {r['verdict']} |" for r in ROWS]
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
+    if echo:
+        print("\n" + text)
     (out / "summary.md").write_text(text)
     (out / "summary.json").write_text(json.dumps({"dry_run": dry, "wall_s": wall, "rows": ROWS}, indent=1))
 
@@ -341,6 +342,7 @@ def main() -> int:
         print(f"   ({time.perf_counter() - t0:.1f} s)", flush=True)
         if device == "cuda":
             torch.cuda.empty_cache()
+        write(out, args.dry_run, time.perf_counter() - t_all, echo=False)  # what is done survives a timeout
     write(out, args.dry_run, time.perf_counter() - t_all)
     return 0 if all(r["verdict"] != "FAIL" for r in ROWS) else 1
 

@@ -39,11 +39,13 @@ try:
 except Exception as e: print('liger_kernel missing:', e)" > "$OUT/versions.txt" 2>&1
 cat "$OUT/versions.txt"
 
-timeout 480 "$PY" profiles/gpu_session.py --out "$OUT" ${dry[@]+"${dry[@]}"} 2>&1 | tee "$OUT/session.log"
+BUDGET="${BUDGET:-560}"  # seconds for everything below: one device-tool command is at most 600
+timeout $((BUDGET - 150 - SECONDS)) "$PY" profiles/gpu_session.py --out "$OUT" ${dry[@]+"${dry[@]}"} 2>&1 | tee "$OUT/session.log"
 echo "gpu_session.py ${PIPESTATUS[0]}" >> "$OUT/exit_codes.txt"
 
 if [[ "$DRY_RUN" != 1 ]]; then  # the pytest view of the same ground (skipped without CUDA)
-    timeout 240 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1
+    left=$((BUDGET - SECONDS))  # what the summary left (>= ~150 s)
+    timeout "$left" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1
     echo "test_gpu $?" >> "$OUT/exit_codes.txt"
     tail -n 3 "$OUT/test_gpu.log"
 fi
