@@ -162,3 +162,11 @@ def run_summary(steps: int, finished: bool, records: list[dict], eval_history: l
         "kept_fraction_mean": sum(r["kept_fraction"] for r in records) / max(len(records), 1),
         "config": config,
     }
+
+
+def write_summary(output_dir: str, summary: dict, plots: bool = True) -> None:
+    """summary.json, and the plots of metrics.jsonl when there are records."""
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if plots:
+        plot_run(output_dir)

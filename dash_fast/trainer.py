@@ -12,7 +12,6 @@ and metrics.py (the step record).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
@@ -397,10 +396,7 @@ class DashTrainer:
         summary = metrics.run_summary(step, finished, self.state.log_history, self.eval_history,
                                       time.perf_counter() - t_begin, self.args.to_dict())
         if self.dist.is_main:
-            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            if self.state.log_history:
-                metrics.plot_run(self.output_dir)
+            metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary
 
 
