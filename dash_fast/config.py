@@ -78,7 +78,10 @@ class DashConfig:
     train_forward: str = "auto"  # auto (shared_prompt on CPU) | shared_prompt (each prompt once per group) | hf
     overlap: bool = False
     engine: str = "torch"  # torch | vllm
-    vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)
+    vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
+    vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
+    vllm_enforce_eager: bool | None = None  # engine=vllm: no torch.compile / CUDA graphs; None: eager on CPU only
+    cpu_threads: int | None = None  # torch intra-op threads of the trainer, set at start-up (before vLLM); None: torch's
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
@@ -135,6 +138,9 @@ class DashConfig:
         need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        need(self.vllm_kv_cache_bytes is None or self.vllm_kv_cache_bytes > 0, "vllm_kv_cache_bytes",
+             "must be > 0 or None")
+        need(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or None")
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
         need(self.max_refill_rounds >= 1, "max_refill_rounds", "must be >= 1")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")

@@ -88,6 +88,8 @@ class DashTrainer:
         from transformers import AutoTokenizer, TrainerControl, TrainerState
 
         self.args = args = args or DashConfig()
+        if args.cpu_threads is not None:  # first: in-process vLLM on CPU makes set_num_threads a no-op
+            torch.set_num_threads(args.cpu_threads)
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
@@ -162,6 +164,7 @@ class DashTrainer:
         self.callback_args: Any = args  # what callbacks receive as `args` (GRPOTrainer passes its GRPOConfig)
         self.micro_batch_tokens = args.micro_batch_tokens
         self.nonfinite_in_a_row = 0
+        self.sync_time_s = 0.0  # this step's weight pushes to the engine (time/sync_weights)
         self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
         self.stop_requested = False
         self.eval_history: list[dict] = []
@@ -376,6 +379,7 @@ class DashTrainer:
         a = self.args
         G = a.group_size
         t_start = time.perf_counter()
+        self.sync_time_s = 0.0
         job = self._rollout_for(step)
         indices, row_offset, rollout = job.indices, job.row_offset, job.rollout
         lag = self.weights_version - job.weights_version  # 1 with overlap (after step 1), else 0
@@ -425,6 +429,7 @@ class DashTrainer:
             "time_reward_s": t_reward,
             "time_train_s": t_train,
             "time_step_s": t_step,
+            "time/sync_weights": self.sync_time_s,
             "tokens_per_s": float(lengths.sum()) / max(t_step, 1e-9),
             "lr": self.scheduler.get_last_lr()[0],
             **refill_stats,
@@ -651,8 +656,10 @@ class DashTrainer:
                     self.overlap.wait()
                 self.optimizer.step()
                 self.weights_version += 1
+                t_sync = time.perf_counter()
                 with nvtx_range("sync/weights"):
                     self.engine.sync_weights(self.model)
+                self.sync_time_s += time.perf_counter() - t_sync
                 self.nonfinite_in_a_row = 0
             else:  # skip the step, keep the weights
                 self.optimizer.zero_grad(set_to_none=True)
