@@ -84,6 +84,7 @@ class DashConfig:
     cpu_threads: int | None = None  # torch intra-op threads of the trainer, set at start-up (before vLLM); None: torch's
     cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
+    bind_cpus: bool = False  # overlap=True on CPU: bind the sampler thread and the learner to their own cores
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6

@@ -10,13 +10,15 @@ rows come from theta_r itself, so their sampling log-probs are exactly the old o
 
 On CUDA, with the static-cache engine, the sampler runs in a worker thread on its own CUDA stream and
 `wait()` joins it and makes the default stream wait on its event. On CPU, with the static-cache engine
-and at least two usable cores, the sampler runs in a worker thread bound to its own cores (the CPU
-analogue of a side stream): the process's threads are bound to the learner's cores, the sampler thread
-to the others (`sampler_cores`, default half), and OpenMP worker threads inherit the binding of the thread
-that starts them. Measured here (torch 2.13, OpenMP build): `os.sched_setaffinity(0, ...)` binds the
-calling thread only, while `torch.set_num_threads` is process-wide (a call in one thread changes
-`torch.get_num_threads()` in all), so both sides run with the same thread count: the learner's core
-count. Everywhere else (one core, the dynamic or vLLM
+and at least two usable cores, the sampler runs in a worker thread (the CPU analogue of a side stream)
+and torch runs with the learner's share of the cores (`sampler_cores`, default half, go to the sampler).
+`torch.set_num_threads` is process-wide (measured, torch 2.13 OpenMP build: a call in one thread changes
+`torch.get_num_threads()` in all), so both sides use that count. With `bind_cpus=True` the process's
+threads are bound to the learner's cores and the sampler thread to its own (`os.sched_setaffinity(0,
+...)` binds the calling thread only; OpenMP workers inherit their creator's binding). Binding is off by
+default: on this project's shared 2-core machine (load ~6 from other jobs) bound 1-thread sides ran a step
+in 1.9-2.1 s, unbound 0.6-1.3 s, in order 1.1-1.7 s (a bound thread cannot move to whichever core is free).
+Everywhere else (one core, the dynamic or vLLM
 engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
 bookkeeping and the results are exactly those of the concurrent schedule.
 
@@ -104,16 +106,18 @@ class OverlapScheduler:
     CUDA on a side stream, on CPU on its own cores (see the module docstring); otherwise in order."""
 
     def __init__(self, device: torch.device, concurrent: bool, sampler_cores: int | None = None,
-                 cpus: set[int] | None = None) -> None:
+                 cpus: set[int] | None = None, bind_cpus: bool = False) -> None:
         """`cpus`: the CPU ids to split on CPU (default: the process's affinity when dash_fast was imported,
-        so a second scheduler in one process splits the same cores)."""
+        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own."""
         self.cpu_split = split_cpus(set(cpus or INITIAL_CPUS), sampler_cores) \
             if concurrent and device.type == "cpu" else None
         self.concurrent = concurrent and (device.type == "cuda" or self.cpu_split is not None)
         self.stream = torch.cuda.Stream(device) if self.concurrent and device.type == "cuda" else None
+        self.bind_cpus = bind_cpus and self.cpu_split is not None
         if self.cpu_split is not None:
             learner, _ = self.cpu_split
-            bind_process(learner)
+            if self.bind_cpus:
+                bind_process(learner)
             torch.set_num_threads(len(learner))
         self.pending: Prefetched | None = None
         self._thread: threading.Thread | None = None
@@ -126,7 +130,7 @@ class OverlapScheduler:
 
         def work() -> None:
             try:
-                if self.cpu_split is not None:  # concurrent on CPU: this worker thread only
+                if self.bind_cpus:  # concurrent on CPU: this worker thread only
                     os.sched_setaffinity(0, self.cpu_split[1])
                 with torch.no_grad():
                     if self.stream is None:

@@ -163,7 +163,8 @@ class DashTrainer:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False),
                                         sampler_cores=args.sampler_cores,
-                                        cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None) \
+                                        cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None,
+                                        bind_cpus=args.bind_cpus) \
             if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)

@@ -211,12 +211,14 @@ def test_cpu_split_and_cpu_lists():
 
 
 @pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="needs two CPUs")
-def test_cpu_scheduler_samples_in_a_thread_on_its_own_cores():
+@pytest.mark.parametrize("bind", [False, True])
+def test_cpu_scheduler_samples_in_a_thread_on_its_own_cores(bind):
     cpus = set(sorted(INITIAL_CPUS)[:2])
-    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus=cpus)
+    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus=cpus, bind_cpus=bind)
     learner, sampler = sched.cpu_split
     assert sched.concurrent and learner | sampler == cpus and not learner & sampler
-    assert os.sched_getaffinity(0) == learner and torch.get_num_threads() == len(learner)
+    assert os.sched_getaffinity(0) == (learner if bind else INITIAL_CPUS)
+    assert torch.get_num_threads() == len(learner)
     seen, release = {}, threading.Event()
 
     def sample():
@@ -229,4 +231,4 @@ def test_cpu_scheduler_samples_in_a_thread_on_its_own_cores():
     assert sched.pending.rollout is None  # launch did not wait
     release.set()
     assert sched.take(2).rollout == "rollout"
-    assert seen == {"thread": True, "cpus": sampler}
+    assert seen == {"thread": True, "cpus": sampler if bind else INITIAL_CPUS}
