@@ -50,8 +50,10 @@ class DashConfig:
     reward_funcs: list[str] = field(default_factory=lambda: ["exact_answer"])
     reward_weights: list[float] | None = None
     accuracy_reward: str | None = None  # reward whose mean is "accuracy"; default: the first one
+    sandbox: str = "namespaces"  # code reward: namespaces (contained; refuses if unavailable) | unsafe-local
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    deterministic: bool = False  # bwd="dense" loss + deterministic torch/cuBLAS settings on CUDA (README)
     # --- sampling (one rollout per optimizer step) ---
     prompts_per_step: int = 64
     group_size: int = 4
@@ -75,8 +77,10 @@ class DashConfig:
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
     loss_impl: str = "fused"  # fused | naive | liger
+    triton_bwd: str = "dense"  # fused loss on CUDA: dense (dZ + GEMMs, no atomics) | atomic (fp32 atomics)
     train_forward: str = "auto"  # auto (shared_prompt on CPU) | shared_prompt (each prompt once per group) | hf
     overlap: bool = False
+    kv_cache_release: bool = False  # free the embedded engine's KV cache + CUDA graphs across each update
     engine: str = "torch"  # torch | vllm
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
     vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
@@ -138,6 +142,7 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.sandbox in ("namespaces", "unsafe-local"), "sandbox", "must be namespaces or unsafe-local")
         need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
@@ -157,7 +162,13 @@ class DashConfig:
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
-        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
+             "must be auto, float32, bfloat16 or float16")
+        need(self.triton_bwd in ("dense", "atomic"), "triton_bwd", "must be dense or atomic")
+        need(not (self.deterministic and self.triton_bwd == "atomic"), "triton_bwd",
+             "atomic sums depend on scheduling order: deterministic=True needs triton_bwd=dense")
+        need(not (self.kv_cache_release and self.overlap), "kv_cache_release",
+             "the sampler runs during the update with overlap=True: its cache cannot be freed then")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare answers within a group)")

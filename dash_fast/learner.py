@@ -136,8 +136,8 @@ class Learner:
             if st is None:
                 continue
             total_loss += loss.item()
-            clip_sum += st["clip_fraction"] * n
-            kl_sum += (st["kl_mean"] or 0.0) * n
+            clip_sum += float(st["clip_fraction"]) * n  # the fused op's stats are 0-dim tensors
+            kl_sum += float(st["kl_mean"] if st["kl_mean"] is not None else 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n
@@ -283,7 +283,7 @@ class Learner:
             if impl == "fused":
                 from dash_kernels import fused_linear_pg_loss
 
-                return fused_linear_pg_loss(*inputs, **kwargs)
+                return fused_linear_pg_loss(*inputs, bwd=self.args.triton_bwd, **kwargs)
             if impl == "liger":
                 from dash_kernels.liger_adapter import liger_pg_loss
 

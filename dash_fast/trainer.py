@@ -37,6 +37,7 @@ from dash_fast.collect import Collector, RewardFunc, RewardScorer
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler, load_rows
+from dash_fast.device_setup import make_deterministic, resolve_dtype
 from dash_fast.evaluation import greedy_accuracy
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
@@ -122,8 +123,10 @@ class DashTrainer:
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
             keep_freed_memory()
+        if args.deterministic:
+            make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
-        self.model = load_model(model, args.dtype, self.device)
+        self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
         ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
@@ -136,6 +139,10 @@ class DashTrainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs, args.reward_weights, args.accuracy_reward,
                                     self.tokenizer)
+        if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
+            from dash_fast.sandbox import set_default_sandbox
+
+            set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
 
         data_kwargs = dict(prompt_column=args.prompt_column, max_prompt_tokens=args.max_prompt_tokens,
                            system_prompt=args.system_prompt, use_chat_template=args.use_chat_template)
@@ -251,7 +258,9 @@ class DashTrainer:
             raise ValueError("no eval dataset")
         n = min(len(dataset), max_examples or self.args.eval_examples)
         params = self.collector.sampling_params(0, greedy=True, max_new=self.args.eval_max_completion_tokens)
-        return greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
+        result = greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
+        self.collector.engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
+        return result
 
     def _evaluate(self, step: int) -> dict:
         result = self.evaluate()

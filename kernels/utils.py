@@ -47,6 +47,19 @@ def nvtx_range(name: str, enabled: bool):
                 torch.cuda.nvtx.range_pop()
 
 
+def kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(hidden, weight, bias) in one dtype for the Triton kernels: the autocast dtype when CUDA autocast is
+    on, else the narrower of hidden's and weight's (bf16 hidden states from an fp32 lm_head: master
+    weights). Same dtype already: returned as they are (no copy)."""
+    dt = hidden.dtype
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    elif weight.dtype != dt and weight.dtype.is_floating_point:
+        dt = min(dt, weight.dtype, key=lambda d: torch.finfo(d).bits)
+    cast = (lambda t: t if t is None or t.dtype == dt else t.to(dt))
+    return cast(hidden), cast(weight), cast(bias)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64 (tests); everything else accumulates in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -56,14 +56,15 @@ def test_missing_vllm_names_the_extra(monkeypatch):
 
 def test_llm_arguments_on_cpu_and_cuda():
     args = DashConfig(max_prompt_tokens=16, max_completion_tokens=8, eval_max_completion_tokens=20, seed=3)
-    cpu = llm_kwargs("/m", args, torch.device("cpu"))
+    cpu = llm_kwargs("/m", args, torch.device("cpu"), torch.float32)
     assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and not cpu["enable_sleep_mode"]
     assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES and "gpu_memory_utilization" not in cpu
     assert cpu["max_model_len"] == 36 and cpu["logprobs_mode"] == "processed_logprobs" and cpu["seed"] == 3
-    gpu = llm_kwargs("/m", DashConfig(dtype="bfloat16", vllm_gpu_memory_utilization=0.5), torch.device("cuda"))
+    gpu = llm_kwargs("/m", DashConfig(vllm_gpu_memory_utilization=0.5), torch.device("cuda"), torch.bfloat16)
     assert gpu["dtype"] == "bfloat16" and not gpu["enforce_eager"] and gpu["enable_sleep_mode"]
     assert gpu["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in gpu
-    both = llm_kwargs("/m", DashConfig(vllm_kv_cache_bytes=1 << 20, vllm_enforce_eager=True), torch.device("cuda"))
+    both = llm_kwargs("/m", DashConfig(vllm_kv_cache_bytes=1 << 20, vllm_enforce_eager=True), torch.device("cuda"),
+                      torch.bfloat16)
     assert both["kv_cache_memory_bytes"] == 1 << 20 and both["enforce_eager"]
 
 

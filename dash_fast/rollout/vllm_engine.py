@@ -131,9 +131,9 @@ def rollout_from_outputs(outputs: Sequence[Any], prompt_ids: list[list[int]], pa
                    sampling_logps=logps, stats={"generated_tokens": int(mask.sum())})
 
 
-def llm_kwargs(source: str, args: Any, device: torch.device) -> dict[str, Any]:
-    """`vllm.LLM(...)` arguments for this run: an explicit dtype (vLLM's "auto" turns an fp32 checkpoint
-    into bf16), a KV cache in bytes on CPU (where gpu_memory_utilization is a share of host RAM), eager
+def llm_kwargs(source: str, args: Any, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """`vllm.LLM(...)` arguments for this run: the trainer's dtype, explicit (vLLM's "auto" turns an fp32
+    checkpoint into bf16), a KV cache in bytes on CPU (where gpu_memory_utilization is a share of host RAM), eager
     on CPU unless asked (compiling costs ~30 s of start-up on the tiny model), sleep mode on CUDA only."""
     cuda = device.type == "cuda"
     kv_bytes = args.vllm_kv_cache_bytes
@@ -141,7 +141,7 @@ def llm_kwargs(source: str, args: Any, device: torch.device) -> dict[str, Any]:
         kv_bytes = CPU_KV_CACHE_BYTES
     eager = args.vllm_enforce_eager if args.vllm_enforce_eager is not None else not cuda
     kwargs: dict[str, Any] = dict(
-        model=source, dtype=args.dtype, enforce_eager=eager, seed=args.seed,
+        model=source, dtype=str(dtype).removeprefix("torch."), enforce_eager=eager, seed=args.seed,
         max_model_len=args.max_prompt_tokens + max(args.max_completion_tokens, args.eval_max_completion_tokens or 0),
         logprobs_mode="processed_logprobs", enable_sleep_mode=cuda,
     )
@@ -163,7 +163,8 @@ class VLLMEngine:
         self.vllm = vllm
         self.model = model
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        device = next(model.parameters()).device
+        first = next(model.parameters())
+        device = first.device
         if sleep_level is None:  # 0: no sleep mode (CPU, where vLLM refuses it)
             sleep_level = 2 if device.type == "cuda" else 0
         self.sleep_level = sleep_level
@@ -174,7 +175,7 @@ class VLLMEngine:
                 raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
                                  f"(model.name_or_path={source!r})")
             try:
-                llm = vllm.LLM(**llm_kwargs(source, args, device))
+                llm = vllm.LLM(**llm_kwargs(source, args, device, first.dtype))
             except TypeError as e:
                 raise RuntimeError(f"this vLLM is too old for engine='vllm' (needs logprobs_mode and "
                                    f"kv_cache_memory_bytes): {e}") from e
