@@ -73,7 +73,7 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new: int, stop_ids) -> lis
 
 
 def vllm_greedy(trainer: DashTrainer, prompt_ids, max_new: int) -> list[list[int]]:
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=trainer.stop_ids)
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=trainer.collector.stop_ids)
     return trainer.engine.generate(prompt_ids, params).completion_token_lists()
 
 
@@ -88,9 +88,9 @@ def assert_push_makes_vllm_follow(trainer: DashTrainer) -> None:
     """After a push of new weights, greedy vLLM output equals greedy HF output with those weights."""
     ids = prompts(trainer, 32)
     before = vllm_greedy(trainer, ids, 10)
-    assert before == hf_greedy(trainer.model, ids, 10, trainer.stop_ids)
+    assert before == hf_greedy(trainer.model, ids, 10, trainer.collector.stop_ids)
     perturb(trainer.model, 0.5, seed=7)
-    new = hf_greedy(trainer.model, ids, 10, trainer.stop_ids)
+    new = hf_greedy(trainer.model, ids, 10, trainer.collector.stop_ids)
     assert sum(a != b for a, b in zip(before, new)) >= 16  # the change is visible in most rows
     trainer.engine.sync_weights(trainer.model)
     assert vllm_greedy(trainer, ids, 10) == new
@@ -107,18 +107,18 @@ class TestTiedHead:
 
     def test_sampled_logprobs_match_the_trainers_recomputation(self, trainer):
         params = SamplingParams(temperature=trainer.args.temperature, top_k=0, max_new_tokens=12,
-                                stop_token_ids=trainer.stop_ids, seed=3)
+                                stop_token_ids=trainer.collector.stop_ids, seed=3)
         rollout = trainer.engine.generate(prompts(trainer, 16), params)
         assert rollout.completion_mask.sum() > 50
         rows = list(range(len(rollout)))
-        recomputed = trainer._logprob_pass(trainer.model, rollout, rows, "test")  # fused loss_impl (default)
+        recomputed = trainer.learner.logprob_pass(trainer.model, rollout, rows, "test")  # fused loss_impl (default)
         mask = rollout.completion_mask.bool()
         err = (rollout.sampling_logps - recomputed)[mask].abs().max().item()
         assert err < LOGP_ATOL, err
         # every completion ends with a stop token or at max_new_tokens, nothing after the stop
         for toks in rollout.completion_token_lists():
-            assert len(toks) == 12 or toks[-1] in trainer.stop_ids
-            assert not any(t in trainer.stop_ids for t in toks[:-1])
+            assert len(toks) == 12 or toks[-1] in trainer.collector.stop_ids
+            assert not any(t in trainer.collector.stop_ids for t in toks[:-1])
 
     def test_seeded_rows_reproduce(self, trainer):
         ids = [prompts(trainer, 1)[0]] * 8  # one prompt, 8 rows: seeds seed + i make the rows differ
