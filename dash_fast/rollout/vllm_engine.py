@@ -169,7 +169,10 @@ class VLLMEngine:
             sleep_level = 2 if device.type == "cuda" else 0
         self.sleep_level = sleep_level
         if llm is None:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: reload from our tensors
+            if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0") != "0":  # tensors in RPC kwargs kill it
+                raise ValueError("engine='vllm' runs vLLM in the trainer's process: unset "
+                                 "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: reload from our own tensors
             source = getattr(model, "name_or_path", None)
             if not source or not os.path.isdir(source):
                 raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
