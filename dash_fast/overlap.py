@@ -9,9 +9,18 @@ rounds (they need the engine, and draw their prompts first), so it overlaps the 
 rows come from theta_r itself, so their sampling log-probs are exactly the old ones.
 
 On CUDA, with the static-cache engine, the sampler runs in a worker thread on its own CUDA stream and
-`wait()` joins it and makes the default stream wait on its event. Everywhere else (CPU, the dynamic or
-vLLM engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step,
-so the bookkeeping and the results are exactly those of the concurrent schedule.
+`wait()` joins it and makes the default stream wait on its event. On CPU, with the static-cache engine
+and at least two usable cores, the sampler runs in a worker thread (the CPU analogue of a side stream)
+and torch runs with the learner's share of the cores (`sampler_cores`, default half, go to the sampler).
+`torch.set_num_threads` is process-wide (measured, torch 2.13 OpenMP build: a call in one thread changes
+`torch.get_num_threads()` in all), so both sides use that count. With `bind_cpus=True` the process's
+threads are bound to the learner's cores and the sampler thread to its own (`os.sched_setaffinity(0,
+...)` binds the calling thread only; OpenMP workers inherit their creator's binding). Binding is off by
+default: on this project's shared 2-core machine (load ~6 from other jobs) bound 1-thread sides ran a step
+in 1.9-2.1 s, unbound 0.6-1.3 s, in order 1.1-1.7 s (a bound thread cannot move to whichever core is free).
+Everywhere else (one core, the dynamic or vLLM
+engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
+bookkeeping and the results are exactly those of the concurrent schedule.
 
 Checkpoints: a pending rollout is saved with the trainer state (single process), so `--resume auto`
 continues bit-for-bit; the sampler position saved is the one after its prompts were drawn. Under
@@ -22,6 +31,7 @@ prompts from the checkpoint's weights (no prompt lost or repeated; that one roll
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -56,12 +66,59 @@ class Prefetched:
         return Prefetched(**{**state, "rollout": Rollout(**state["rollout"])})
 
 
-class OverlapScheduler:
-    """Holds at most one rollout sampled ahead. `concurrent=True` needs CUDA (a side stream + thread)."""
+INITIAL_CPUS = frozenset(os.sched_getaffinity(0))  # before any binding: what a scheduler may split
 
-    def __init__(self, device: torch.device, concurrent: bool) -> None:
-        self.concurrent = concurrent and device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.concurrent else None
+
+def parse_cpus(spec: str) -> set[int]:
+    """'0,2-3' -> {0, 2, 3} (the Linux cpulist format)."""
+    cpus: set[int] = set()
+    for part in str(spec).split(","):
+        lo, _, hi = part.strip().partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()):
+            raise ValueError(f"cpu list {spec!r}: expected numbers and ranges like '0,2-3'")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def bind_process(cpus: set[int]) -> None:
+    """Bind every thread of this process (OpenMP workers included) to `cpus`: sched_setaffinity on a
+    thread id binds that thread only, and threads started later inherit their creator's binding."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that just exited
+            pass
+
+
+def split_cpus(cpus: set[int], sampler_cores: int | None) -> tuple[set[int], set[int]] | None:
+    """(learner cpus, sampler cpus) from the usable ones, or None when there are fewer than two."""
+    ordered = sorted(cpus)
+    if len(ordered) < 2:
+        return None
+    n = sampler_cores or len(ordered) // 2
+    if not 1 <= n < len(ordered):
+        raise ValueError(f"sampler_cores={sampler_cores}: must leave the learner at least one of {len(ordered)} cpus")
+    return set(ordered[:-n]), set(ordered[-n:])
+
+
+class OverlapScheduler:
+    """Holds at most one rollout sampled ahead. `concurrent=True` runs the sampler in a worker thread: on
+    CUDA on a side stream, on CPU on its own cores (see the module docstring); otherwise in order."""
+
+    def __init__(self, device: torch.device, concurrent: bool, sampler_cores: int | None = None,
+                 cpus: set[int] | None = None, bind_cpus: bool = False) -> None:
+        """`cpus`: the CPU ids to split on CPU (default: the process's affinity when dash_fast was imported,
+        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own."""
+        self.cpu_split = split_cpus(set(cpus or INITIAL_CPUS), sampler_cores) \
+            if concurrent and device.type == "cpu" else None
+        self.concurrent = concurrent and (device.type == "cuda" or self.cpu_split is not None)
+        self.stream = torch.cuda.Stream(device) if self.concurrent and device.type == "cuda" else None
+        self.bind_cpus = bind_cpus and self.cpu_split is not None
+        if self.cpu_split is not None:
+            learner, _ = self.cpu_split
+            if self.bind_cpus:
+                bind_process(learner)
+            torch.set_num_threads(len(learner))
         self.pending: Prefetched | None = None
         self._thread: threading.Thread | None = None
         self._event: torch.cuda.Event | None = None
@@ -73,6 +130,8 @@ class OverlapScheduler:
 
         def work() -> None:
             try:
+                if self.bind_cpus:  # concurrent on CPU: this worker thread only
+                    os.sched_setaffinity(0, self.cpu_split[1])
                 with torch.no_grad():
                     if self.stream is None:
                         job.rollout = sample()
@@ -88,7 +147,8 @@ class OverlapScheduler:
             work()
             self._raise()
             return
-        self.stream.wait_stream(torch.cuda.current_stream())  # the last optimizer step's writes land first
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the last optimizer step's writes land first
         self._thread = threading.Thread(target=work, name="dash-fast-prefetch", daemon=True)
         self._thread.start()
 

@@ -40,7 +40,7 @@ from dash_fast.device_setup import make_deterministic, resolve_dtype
 from dash_fast.evaluation import greedy_accuracy
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
-from dash_fast.overlap import OverlapScheduler
+from dash_fast.overlap import OverlapScheduler, bind_process, parse_cpus
 from dash_fast.profiling import ProfileWindow
 from dash_fast.rollout.base import Rollout
 
@@ -114,6 +114,10 @@ class DashTrainer:
         from transformers import AutoTokenizer
 
         self.args = args = args or DashConfig()
+        if args.cpu_affinity is not None:
+            bind_process(parse_cpus(args.cpu_affinity))
+        if args.cpu_threads is not None:  # first: in-process vLLM on CPU makes set_num_threads a no-op
+            torch.set_num_threads(args.cpu_threads)
         torch.manual_seed(args.seed)
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
@@ -164,7 +168,9 @@ class DashTrainer:
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
-        self.overlap = OverlapScheduler(self.device, concurrent=concurrent) if args.overlap else None
+        self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
+                                        cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None,
+                                        bind_cpus=args.bind_cpus) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
 

@@ -3,14 +3,16 @@ rollout r+1 is sampled from theta_r (the weights before step r's optimizer step)
 are the old log-probs, prompts are consumed in the same order as without overlap, and a checkpoint taken
 with a rollout pending neither loses nor repeats prompts."""
 
+import os
 import shutil
+import threading
 
 import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import load_trainer_state
-from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.overlap import INITIAL_CPUS, OverlapScheduler, Prefetched, bind_process, parse_cpus, split_cpus
 from dash_fast.rollout.torch_engine import TorchEngine
 from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
@@ -173,9 +175,17 @@ def test_under_torchrun_a_pending_rollout_is_undone_in_the_checkpoint(tmp_path):
     assert state["sampler"] == before and "pending_rollout" not in state
 
 
-def test_scheduler_runs_in_order_on_cpu_and_reraises_sampler_errors():
-    sched = OverlapScheduler(torch.device("cpu"), concurrent=True)
-    assert not sched.concurrent  # CPU: no side stream, no thread
+@pytest.fixture(autouse=True)
+def restore_affinity():
+    """A CPU-concurrent scheduler binds the process to the learner's cores: give the next test all of them."""
+    yield
+    bind_process(set(INITIAL_CPUS))
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(INITIAL_CPUS))))
+
+
+def test_scheduler_runs_in_order_on_one_cpu_and_reraises_sampler_errors():
+    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus={min(INITIAL_CPUS)})
+    assert not sched.concurrent  # one CPU: no thread
     calls = []
     sched.launch(Prefetched(2, [0], 0, {}, 0), lambda: calls.append("sampled") or "rollout")
     assert calls == ["sampled"]  # ran at launch: before any optimizer step that follows
@@ -187,3 +197,38 @@ def test_scheduler_runs_in_order_on_cpu_and_reraises_sampler_errors():
     with pytest.raises(RuntimeError, match="sampler failed"):
         sched.launch(Prefetched(3, [1], 0, {}, 0), boom)
     assert sched.pending is None
+
+
+def test_cpu_split_and_cpu_lists():
+    assert parse_cpus("0,2-4") == {0, 2, 3, 4} and parse_cpus("1") == {1}
+    with pytest.raises(ValueError, match="cpu list"):
+        parse_cpus("0-x")
+    assert split_cpus({0}, None) is None
+    assert split_cpus({0, 1, 2, 3}, None) == ({0, 1}, {2, 3})
+    assert split_cpus({0, 1, 2, 3}, 1) == ({0, 1, 2}, {3})
+    with pytest.raises(ValueError, match="sampler_cores=2"):
+        split_cpus({0, 1}, 2)
+
+
+@pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="needs two CPUs")
+@pytest.mark.parametrize("bind", [False, True])
+def test_cpu_scheduler_samples_in_a_thread_on_its_own_cores(bind):
+    cpus = set(sorted(INITIAL_CPUS)[:2])
+    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus=cpus, bind_cpus=bind)
+    learner, sampler = sched.cpu_split
+    assert sched.concurrent and learner | sampler == cpus and not learner & sampler
+    assert os.sched_getaffinity(0) == (learner if bind else INITIAL_CPUS)
+    assert torch.get_num_threads() == len(learner)
+    seen, release = {}, threading.Event()
+
+    def sample():
+        seen["thread"] = threading.current_thread() is not threading.main_thread()
+        seen["cpus"] = os.sched_getaffinity(0)
+        release.wait(10)  # still sampling when launch() returns: the caller trains meanwhile
+        return "rollout"
+
+    sched.launch(Prefetched(2, [0], 0, {}, 0), sample)
+    assert sched.pending.rollout is None  # launch did not wait
+    release.set()
+    assert sched.take(2).rollout == "rollout"
+    assert seen == {"thread": True, "cpus": sampler if bind else INITIAL_CPUS}

