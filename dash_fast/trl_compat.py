@@ -209,8 +209,10 @@ class GRPOConfig:
             raise ConfigError("GRPOConfig: generation_batch_size and steps_per_generation cannot both be set")
         self.report_to = _report_to(self.report_to)
 
-    def to_dash_config(self, world_size: int = 1, n_train: int | None = None) -> DashConfig:
-        """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs)."""
+    def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
+                       reward_names: list[str] | None = None) -> DashConfig:
+        """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs;
+        `reward_names`: the rewards GRPOTrainer was given, so that `reward_weights` is checked against them)."""
         per_step = self.per_device_train_batch_size * world_size  # completions per micro-step, all ranks
         if self.generation_batch_size is not None:
             if self.generation_batch_size % per_step:
@@ -277,6 +279,8 @@ class GRPOConfig:
         values.update(self.extra)
         if values["reward_weights"] is None:
             values.pop("reward_weights")
+        if reward_names:
+            values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
 
 
@@ -335,24 +339,34 @@ class GRPOTrainer(DashTrainer):
         peft_config: Any = None,
     ) -> None:
         from dash_fast.data import load_rows
+        from dash_fast.reward_models import RewardModelFunc, resolve_reward_models
 
-        for name, value, ok in (("reward_processing_classes", reward_processing_classes, None),
-                                ("optimizers", optimizers, (None, None)), ("peft_config", peft_config, None)):
+        for name, value, ok in (("optimizers", optimizers, (None, None)), ("peft_config", peft_config, None)):
             if value != ok and value is not ok:
                 raise NotImplementedError(f"GRPOTrainer: {name} is not supported by dash-fast")
+        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+            raise ValueError("GRPOTrainer: No reward source provided: pass reward_funcs (functions, built-in reward "
+                             "names, or reward model ids / models)")
         if args is None:
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = GRPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-GRPO")
         if train_dataset is None:
-            raise ValueError("GRPOTrainer: train_dataset is required")
+            raise ValueError("GRPOTrainer: `train_dataset` is required")
+        init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+        reward_funcs, self.reward_processing_classes = resolve_reward_models(
+            reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
         rows = load_rows(train_dataset)
         self.grpo_args = args
-        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows)) \
+        names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
+        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows), names) \
             if isinstance(args, GRPOConfig) else args
         callbacks = [cb() if isinstance(cb, type) else cb for cb in (callbacks or [])]
         super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows, eval_dataset=eval_dataset,
                          processing_class=processing_class, callbacks=callbacks)
         self.callback_args = args
+        for func in self.reward_funcs:
+            if isinstance(func, RewardModelFunc):
+                func.to(self.device)
         self.processing_class = self.tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self._n_train = len(rows)
