@@ -58,29 +58,44 @@ vllm_importance_sampling_correction vllm_importance_sampling_mode vllm_max_model
 vllm_model_impl vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout
 vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 
-# Arguments accepted only at these values (anything else is a feature dash-fast does not have).
-_ONLY = {
-    "shuffle_dataset": (True,),
-    "mask_truncated_completions": (False,),
-    "importance_sampling_level": ("token",),
-    "multi_objective_aggregation": ("sum_then_normalize",),
-    "min_p": (None,),
-    "repetition_penalty": (1.0,),
-    "delta": (None,),
-    "top_entropy_quantile": (1.0,),
-    "sync_ref_model": (False,),
-    "vllm_mode": ("colocate",),
-    "logging_strategy": ("steps",),
-    "save_strategy": ("steps", "no"),
-    "eval_strategy": ("no", "steps"),
-    "optim": ("adamw_torch", "adamw_torch_fused"),
-    "adam_epsilon": (1e-8,),
-    "torch_compile": (False,),
-    "push_to_hub": (False,),
-    "model_init_kwargs": (None,),
-    "generation_kwargs": (None,),
+# Arguments accepted only at these values: name -> (accepted values, why others are refused). A refusal
+# reads "dash-fast does not support <name>=<value>: <why>".
+_ONLY: dict[str, tuple[tuple, str]] = {
+    "shuffle_dataset": ((True,), "prompts are drawn in a seeded shuffled order (resumable sampler)"),
+    "mask_truncated_completions": ((False,), "truncated completions are trained on like the others"),
+    "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
+    "multi_objective_aggregation": (("sum_then_normalize",), "rewards are summed, then normalised per group"),
+    "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
+    "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
+    "delta": ((None,), "the two-sided clip is not in the loss kernels"),
+    "top_entropy_quantile": ((1.0,), "the entropy token mask is not in the loss kernels"),
+    "off_policy_mask_threshold": ((None,), "the off-policy sequence mask is not in the loss kernels"),
+    "entropy_coef": ((0, 0.0), "the entropy bonus is not in the loss kernels"),
+    "use_adaptive_entropy": ((False,), "the entropy bonus is not in the loss kernels"),
+    "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
+    "vllm_mode": (("colocate",), "only the in-process vLLM engine exists"),
+    "logging_strategy": (("steps",), "logs are written every logging_steps steps"),
+    "save_strategy": (("steps", "no"), "checkpoints are written every save_steps steps"),
+    "eval_strategy": (("no", "steps"), "evaluation runs every eval_steps steps"),
+    "optim": (("adamw_torch", "adamw_torch_fused"), "the optimizer is torch AdamW"),
+    "adam_epsilon": ((1e-8,), "AdamW uses torch's default eps"),
+    "torch_compile": ((False,), "the model is not compiled"),
+    "push_to_hub": ((False,), "nothing is uploaded"),
+    "generation_kwargs": ((None, {}), "generation goes through dash-fast's own engines, not generate()"),
+    "cache_implementation": ((None,), "the embedded engine manages its own KV cache"),
+    "use_transformers_paged": ((False,), "generation goes through dash-fast's own engines"),
+    "use_transformers_continuous_batching": ((False,), "generation goes through dash-fast's own engines"),
+    "max_tool_calling_iterations": ((None,), "tool calling is not supported"),
+    "router_aux_loss_coef": ((None,), "the MoE load-balancing loss is not added"),
+    "log_unique_prompts": ((False,), "completion tables are not logged"),
+    "log_completions_hub_repo": ((None,), "nothing is uploaded"),
 }
-_LOSS_TYPES = {"dapo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
+# TRL loss types: the ones that are a different aggregation of dash-fast's clipped surrogate map onto
+# DashConfig.loss_agg; bnpo normalises by the tokens of the local batch, which is dapo's global count here
+# (one rollout is one batch). The others change the per-token objective.
+_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
+_LOSS_REFUSED = {"cispo": "CISPO's clipped-weight objective", "sapo": "SAPO's soft gate",
+                 "luspo": "LUSPO's length-weighted sequence objective", "vespo": "VESPO's variational weights"}
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
@@ -152,7 +167,28 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
     sync_ref_model: bool = False
     model_init_kwargs: dict | None = None
+    trust_remote_code: bool = False
     generation_kwargs: dict | None = None
+    off_policy_mask_threshold: float | None = None
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    chat_template_kwargs: dict | None = None
+    cache_implementation: str | None = None
+    use_transformers_paged: bool = False
+    use_transformers_continuous_batching: bool = False
+    max_tool_calling_iterations: int | None = None
+    router_aux_loss_coef: float | None = None
+    log_unique_prompts: bool = False
+    log_completions_hub_repo: str | None = None
+    use_bias_correction_kl: bool = True
+    cast_lm_head_to_fp32: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    # --- accepted: what dash-fast does already (see the module docstring) ---
+    eval_on_start: bool = False
+    num_generations_eval: int | None = None
+    pad_to_multiple_of: int | str | None = "auto"
+    log_multimodal: bool = True
     # --- accepted, no effect (see the module docstring) ---
     dataloader_num_workers: int = 0
     dataloader_pin_memory: bool = True
@@ -187,21 +223,31 @@ class GRPOConfig:
 
     def __init__(self, output_dir: str | None = None, **kwargs: Any) -> None:
         names = [f.name for f in dataclasses.fields(self)]
-        for key in kwargs:
-            if key not in names:
-                raise ConfigError(_unknown(key, names))
+        for key in [k for k in kwargs if k not in names]:
+            if not _is_training_arguments_default(key, kwargs[key]):
+                raise ConfigError(_unknown(key, kwargs[key], names))
+            setattr(self, key, kwargs.pop(key))  # a TrainingArguments option at its default: no effect
         for f in dataclasses.fields(self):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(self, f.name, kwargs.get(f.name, default))
         self.output_dir = output_dir
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
-        for key, allowed in _ONLY.items():
+        for key, (allowed, why) in _ONLY.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"GRPOConfig: {key}={getattr(self, key)!r} is not supported by dash-fast "
-                                  f"(supported: {', '.join(map(repr, allowed))})")
+                raise ConfigError(_refuse(key, getattr(self, key), why))
+        if self.loss_type in _LOSS_REFUSED:
+            raise ConfigError(_refuse("loss_type", self.loss_type, f"{_LOSS_REFUSED[self.loss_type]} is not in "
+                                      "the loss kernels (supported: " + ", ".join(_LOSS_TYPES) + ")"))
         if self.loss_type not in _LOSS_TYPES:
-            raise ConfigError(f"GRPOConfig: loss_type={self.loss_type!r} is not supported by dash-fast "
-                              f"(supported: {', '.join(_LOSS_TYPES)})")
+            raise ConfigError(_refuse("loss_type", self.loss_type, "unknown (supported: " + ", ".join(_LOSS_TYPES) + ")"))
+        if self.beta > 0 and self.use_bias_correction_kl:
+            raise ConfigError(_refuse("use_bias_correction_kl", True, "with beta > 0 the KL term is the plain k3 "
+                                      "estimator (pass use_bias_correction_kl=False)"))
+        if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
+            raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
+                                      "(the loss kernels compute log-probs in fp32)"))
+        if self.sync_ref_model and self.ref_model_sync_steps < 1:
+            raise ConfigError(_refuse("ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1"))
         if self.lr_scheduler_type not in _SCHEDULERS:
             raise ConfigError(f"GRPOConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not supported by "
                               f"dash-fast (supported: {', '.join(_SCHEDULERS)})")
@@ -284,17 +330,36 @@ class GRPOConfig:
         return DashConfig(**values)
 
 
+def _refuse(name: str, value: Any, why: str) -> str:
+    return f"dash-fast does not support {name}={value!r}: {why}"
+
+
 def _hint(name: str, choices: list[str]) -> str:
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _unknown(key: str, names: list[str]) -> str:
+def _training_arguments_defaults() -> dict[str, Any]:
     import transformers
 
-    trl_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)} | set(_TRL_ONLY)
+    out = {}
+    for f in dataclasses.fields(transformers.TrainingArguments):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _is_training_arguments_default(key: str, value: Any) -> bool:
+    defaults = _training_arguments_defaults()
+    return key in defaults and value == defaults[key]
+
+
+def _unknown(key: str, value: Any, names: list[str]) -> str:
+    trl_names = set(_training_arguments_defaults()) | set(_TRL_ONLY)
     if key in trl_names:
-        return f"GRPOConfig: {key!r} is a TRL argument that dash-fast does not support"
+        return _refuse(key, value, "not implemented (a TRL / TrainingArguments option dash-fast's trainer lacks)")
     return f"GRPOConfig: unknown argument {key!r}{_hint(key, sorted(set(names) | trl_names))}"
 
 
@@ -370,6 +435,9 @@ class GRPOTrainer(DashTrainer):
         self.processing_class = self.tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self._n_train = len(rows)
+        self._step_rollouts: list = []
+        self._ref_syncs = 0
+        self.step_records: list[dict] | None = None
         if isinstance(args, GRPOConfig):
             if args.disable_dropout:
                 for m in self.model.modules():
@@ -381,30 +449,84 @@ class GRPOTrainer(DashTrainer):
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's helper (trl_masks.high_entropy_mask); not applied by dash-fast's loss."""
+        from dash_fast.trl_masks import high_entropy_mask
+
+        return high_entropy_mask(entropies, mask, threshold)
+
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        """TRL's helper (trl_masks.off_policy_mask); not applied by dash-fast's loss."""
+        from dash_fast.trl_masks import off_policy_mask
+
+        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+
+    def compute_rewards(self, dataset, indices, rollout, repeat):
+        rewards, per_func = super().compute_rewards(dataset, indices, rollout, repeat)
+        if dataset is self.train_data:  # kept for the step's TRL metrics (refill may call this more than once)
+            self._step_rollouts.append((rollout, rewards, per_func))
+        return rewards, per_func
+
     def train_step(self, step: int) -> dict:
-        """DashTrainer's step record, plus TRL's names for the same numbers."""
+        """DashTrainer's step record, plus TRL's names for the same numbers (trl_logs.py)."""
+        from dash_fast.rollout.base import Rollout
+        from dash_fast.trl_logs import rollout_metrics
+
+        self._step_rollouts = []
         record = super().train_step(step)
         self.state.epoch = step * self.args.prompts_per_step / max(self._n_train, 1)
-        record.update({"reward": record["reward_mean"], "completions/mean_length": record["completion_len_mean"],
-                       "epoch": self.state.epoch})
-        for name in self.reward_names:
-            if f"rewards/{name}" in record:
-                record[f"rewards/{name}/mean"] = record[f"rewards/{name}"]
+        record.update({"learning_rate": record["lr"], "step_time": record["time_step_s"],
+                       "clip_ratio/region_mean": record.get("clip_fraction", 0.0), "epoch": self.state.epoch})
+        if self._step_rollouts:
+            parts = [r for r, _, _ in self._step_rollouts]
+            rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts, self.pad_id)
+            rewards = torch.cat([r for _, r, _ in self._step_rollouts])
+            per_func = torch.cat([f for _, _, f in self._step_rollouts])
+            record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
+                                          self.reward_names, self.args.group_size, self.stop_ids,
+                                          self.args.max_completion_tokens))
+        self._sync_ref_model()
         return record
 
+    def _sync_ref_model(self) -> None:
+        """TRL's sync_ref_model: every `ref_model_sync_steps` optimizer steps,
+        ref <- alpha * policy + (1 - alpha) * ref (TRL's SyncRefModelCallback)."""
+        a = self.grpo_args
+        if not isinstance(a, GRPOConfig) or not a.sync_ref_model or self.ref_model is None:
+            return
+        syncs = self.weights_version // a.ref_model_sync_steps
+        if syncs <= self._ref_syncs:
+            return
+        self._ref_syncs = syncs
+        with torch.no_grad():
+            for ref, cur in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+                ref.mul_(1.0 - a.ref_model_mixup_alpha).add_(cur.detach().to(ref.dtype), alpha=a.ref_model_mixup_alpha)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """TRL's train(): returns a transformers TrainOutput(global_step, training_loss, metrics)."""
+        """TRL's train(): returns a transformers TrainOutput(global_step, training_loss, metrics).
+        Afterwards `state.log_history` is TRL's: one averaged entry per `logging_steps` steps, then the
+        final entry (train_loss, train_runtime, ... and the metrics of the steps since the last log);
+        dash-fast's per-step records stay in `step_records`."""
         from transformers.trainer_utils import TrainOutput
+
+        from dash_fast.trl_logs import log_entries
 
         if kwargs:
             raise NotImplementedError(f"GRPOTrainer.train: {sorted(kwargs)} not supported by dash-fast")
         if resume_from_checkpoint:
             self.args.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+        if self.step_records is not None:  # a second train() call continues from the per-step records
+            self.state.log_history = self.step_records
         summary = super().train()
-        losses = [r["loss"] for r in self.state.log_history if isinstance(r.get("loss"), float)]
-        metrics = {"train_runtime": summary["rl_wall_time_s"], "train_steps": summary["steps"],
-                   "train_loss": sum(losses) / len(losses) if losses else 0.0}
-        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        self.step_records = list(self.state.log_history)
+        losses = [r["loss"] for r in self.step_records if isinstance(r.get("loss"), float)]
+        runtime = summary["rl_wall_time_s"]
+        metrics = {"train_runtime": runtime, "train_steps_per_second": self.state.global_step / max(runtime, 1e-9),
+                   "train_loss": sum(losses) / len(losses) if losses else 0.0, "train_steps": summary["steps"]}
+        entries, pending = log_entries(self.step_records, self.args.logging_steps)
+        self.state.log_history = [*entries, {**pending, **metrics, "epoch": self.state.epoch,
+                                              "step": self.state.global_step}]
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
     def save_model(self, output_dir: str | None = None) -> None:
