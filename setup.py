@@ -24,7 +24,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "trl"],
+        "dev": ["pytest", "ruff", "trl", "peft"],
+        "peft": ["peft"],
         "vllm": ["vllm"],
         "flash": ["flash-attn"],
     },

@@ -64,7 +64,7 @@ _ONLY: dict[str, tuple[tuple, str]] = {
     "shuffle_dataset": ((True,), "prompts are drawn in a seeded shuffled order (resumable sampler)"),
     "mask_truncated_completions": ((False,), "truncated completions are trained on like the others"),
     "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
-    "multi_objective_aggregation": (("sum_then_normalize",), "rewards are summed, then normalised per group"),
+    "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
     "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
     "delta": ((None,), "the two-sided clip is not in the loss kernels"),
@@ -297,7 +297,10 @@ class GRPOConfig:
             prompts_per_step=prompts_per_step, group_size=self.num_generations,
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             max_prompt_tokens=prompt_len, max_completion_tokens=self.max_completion_length,
-            scale_rewards=self.scale_rewards, filter_tau=self.filter_tau, refill=self.refill,
+            # normalize_then_sum: the trainer sums group-normalised rewards (GRPOTrainer.compute_rewards), then
+            # TRL normalises by the batch: (r - group mean, which is 0) / batch std, i.e. scale_rewards="batch"
+            scale_rewards="batch" if self.multi_objective_aggregation == "normalize_then_sum" else self.scale_rewards,
+            filter_tau=self.filter_tau, refill=self.refill,
             max_refill_rounds=self.max_refill_rounds,
             loss_agg=_LOSS_TYPES[self.loss_type], normalize_over=self.normalize_over,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
@@ -328,6 +331,42 @@ class GRPOConfig:
         if reward_names:
             values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
+
+
+def normalize_then_sum(per_func: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """TRL's multi_objective_aggregation="normalize_then_sum": each reward normalised within its group
+    ((f - mean_g) / (std_g + 1e-4), None rows skipped), then the weighted sum; rows where every reward is
+    None give 0 (TRL: no learning signal)."""
+    grouped = per_func.view(-1, group_size, per_func.shape[1])
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    valid = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    var = torch.nansum((grouped - mean) ** 2, dim=1, keepdim=True) / (valid - 1).clamp(min=1)
+    std = var.sqrt() if group_size > 1 else torch.zeros_like(mean)
+    normed = ((grouped - mean) / (std + 1e-4)).view(-1, per_func.shape[1])
+    return torch.nansum(normed * weights.to(normed.dtype), dim=1)
+
+
+def _load_causal_lm(name: str, args: Any, init_kwargs: dict) -> torch.nn.Module:
+    """TRL's model loading: `model_init_kwargs` (dtype, attn_implementation, ...) and `trust_remote_code`."""
+    from transformers import AutoModelForCausalLM
+
+    from dash_fast.trainer import attn_implementation, resolve_device
+
+    dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
+    device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
+    kwargs = {"dtype": getattr(torch, dtype), **init_kwargs}
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.pop("device_map", None)
+    remote = getattr(args, "trust_remote_code", False)
+    if "attn_implementation" not in kwargs:
+        try:
+            return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs,
+                                                        attn_implementation=attn_implementation(device, dtype))
+        except ValueError as e:  # an architecture without SDPA / flash-attn (e.g. Gemma2): its default
+            if "attention implementation" not in str(e) and "does not support" not in str(e):
+                raise
+    return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs)
 
 
 def _refuse(name: str, value: Any, why: str) -> str:
@@ -404,11 +443,12 @@ class GRPOTrainer(DashTrainer):
         peft_config: Any = None,
     ) -> None:
         from dash_fast.data import load_rows
+        from dash_fast.peft_support import apply_peft
         from dash_fast.reward_models import RewardModelFunc, resolve_reward_models
 
-        for name, value, ok in (("optimizers", optimizers, (None, None)), ("peft_config", peft_config, None)):
-            if value != ok and value is not ok:
-                raise NotImplementedError(f"GRPOTrainer: {name} is not supported by dash-fast")
+        if optimizers != (None, None):
+            raise NotImplementedError("dash-fast does not support optimizers=(...): the trainer builds AdamW "
+                                      "and its schedule from the config")
         if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
             raise ValueError("GRPOTrainer: No reward source provided: pass reward_funcs (functions, built-in reward "
                              "names, or reward model ids / models)")
@@ -421,14 +461,24 @@ class GRPOTrainer(DashTrainer):
         reward_funcs, self.reward_processing_classes = resolve_reward_models(
             reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
         rows = load_rows(train_dataset)
+        if isinstance(model, str):
+            model = _load_causal_lm(model, args, init_kwargs)
+        model = apply_peft(model, peft_config)
         self.grpo_args = args
         names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
         dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows), names) \
             if isinstance(args, GRPOConfig) else args
         callbacks = [cb() if isinstance(cb, type) else cb for cb in (callbacks or [])]
-        super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows, eval_dataset=eval_dataset,
+        named_eval = dict(eval_dataset) if isinstance(eval_dataset, dict) else None  # DatasetDict is a dict
+        first_eval = next(iter(named_eval.values())) if named_eval else eval_dataset
+        super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows,
+                         eval_dataset=None if first_eval is None else load_rows(first_eval),
                          processing_class=processing_class, callbacks=callbacks)
         self.callback_args = args
+        self._eval_sets = None
+        if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name
+            self._eval_sets = {name: self._prompt_dataset(ds, f"eval_dataset[{name!r}]")
+                               for name, ds in named_eval.items()}
         for func in self.reward_funcs:
             if isinstance(func, RewardModelFunc):
                 func.to(self.device)
@@ -438,16 +488,63 @@ class GRPOTrainer(DashTrainer):
         self._step_rollouts: list = []
         self._ref_syncs = 0
         self.step_records: list[dict] | None = None
+        self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
+        if self.aux_loss_enabled:
+            raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
+                             "is not added (set model.config.output_router_logits=False)")
         if isinstance(args, GRPOConfig):
             if args.disable_dropout:
                 for m in self.model.modules():
                     if isinstance(m, torch.nn.Dropout):
                         m.p = 0.0
             if args.gradient_checkpointing or args.activation_checkpointing:
-                self.model.gradient_checkpointing_enable()
+                kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}  # frozen inputs (LoRA)
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
+                self.model.get_output_embeddings().float()
 
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def _decoder(self, model: torch.nn.Module) -> torch.nn.Module:
+        from dash_fast.peft_support import base_model
+
+        model = base_model(model)
+        return getattr(model, model.base_model_prefix)
+
+    def _prompt_dataset(self, dataset: Any, name: str):
+        from dash_fast.data import PromptDataset, load_rows
+
+        a = self.args
+        return PromptDataset(load_rows(dataset), self.tokenizer, name=name, prompt_column=a.prompt_column,
+                             max_prompt_tokens=a.max_prompt_tokens, system_prompt=a.system_prompt,
+                             use_chat_template=a.use_chat_template)
+
+    def evaluate(self, dataset: Any = None, max_examples: int | None = None, batch_size: int = 256, *,
+                 eval_dataset: Any = None, metric_key_prefix: str | None = None) -> dict:
+        """DashTrainer's greedy evaluation. Called TRL's way (`eval_dataset=`, a dataset or a dict of them)
+        it returns TRL-style keys, `eval_accuracy` / `eval_<name>_accuracy`, ... With a dict of eval sets given
+        at construction, the in-training evaluation covers each, prefixed by its name."""
+        from dash_fast.data import PromptDataset
+
+        if eval_dataset is None and metric_key_prefix is None:
+            if dataset is not None or not self._eval_sets:
+                return super().evaluate(dataset, max_examples, batch_size)
+            results = {name: super(GRPOTrainer, self).evaluate(ds, max_examples, batch_size)
+                       for name, ds in self._eval_sets.items()}
+            first = next(iter(results.values()))
+            return {**first, **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()}}
+        prefix = metric_key_prefix or "eval"
+        source = eval_dataset if eval_dataset is not None else dataset
+        if source is None:
+            return {f"{prefix}_{k}": v for k, v in self.evaluate(None, max_examples, batch_size).items()}
+        sets = dict(source) if isinstance(source, dict) else {None: source}
+        out = {}
+        for name, ds in sets.items():
+            data = ds if isinstance(ds, PromptDataset) else self._prompt_dataset(ds, "eval_dataset")
+            key = prefix if name is None else f"{prefix}_{name}"
+            out.update({f"{key}_{k}": v for k, v in super().evaluate(data, max_examples, batch_size).items()})
+        return out
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """TRL's helper (trl_masks.high_entropy_mask); not applied by dash-fast's loss."""
@@ -464,8 +561,11 @@ class GRPOTrainer(DashTrainer):
 
     def compute_rewards(self, dataset, indices, rollout, repeat):
         rewards, per_func = super().compute_rewards(dataset, indices, rollout, repeat)
-        if dataset is self.train_data:  # kept for the step's TRL metrics (refill may call this more than once)
-            self._step_rollouts.append((rollout, rewards, per_func))
+        if dataset is not self.train_data:
+            return rewards, per_func
+        self._step_rollouts.append((rollout, rewards, per_func))  # for the step's TRL metrics (and refill rounds)
+        if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
+            rewards = normalize_then_sum(per_func, self.reward_weights, repeat)
         return rewards, per_func
 
     def train_step(self, step: int) -> dict:
