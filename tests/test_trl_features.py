@@ -1,0 +1,138 @@
+"""TRL drop-in features built in trl_compat / trl_logs / peft_support: logs, normalize_then_sum,
+sync_ref_model, LoRA, named eval sets. Tiny local models only."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+
+from dash_fast import GRPOConfig, GRPOTrainer
+from dash_fast.rollout.base import Rollout
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.trl_compat import normalize_then_sum
+from dash_fast.trl_logs import log_entries, rollout_metrics
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def length_reward(completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def make_trainer(tmp_path, model=None, **kwargs):
+    tok = build_tokenizer()
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
+    args.update(kwargs.pop("args", {}))
+    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
+    return GRPOTrainer(model=model if model is not None else build_model(tok, TINY), reward_funcs=length_reward,
+                       args=GRPOConfig(**args), train_dataset=data, processing_class=tok, **kwargs)
+
+
+def test_log_entries_average_each_window_and_keep_the_rest_for_the_final_entry():
+    recs = [{"step": s, "loss": float(s), "num_tokens": 10.0, "epoch": s / 10, "learning_rate": 1.0 - s / 10}
+            for s in range(1, 6)]
+    entries, pending = log_entries(recs, 2)
+    assert [e["step"] for e in entries] == [2, 4]
+    assert entries[0]["loss"] == 1.5 and entries[1]["loss"] == 3.5
+    assert entries[1]["num_tokens"] == 40.0  # cumulative, as TRL logs it
+    assert entries[1]["epoch"] == 0.4 and entries[1]["learning_rate"] == pytest.approx(0.6)  # at log time
+    assert pending["loss"] == 5.0 and pending["num_tokens"] == 50.0 and "step" not in pending
+    assert log_entries(recs[:4], 2)[1] == {}
+
+
+def test_rollout_metrics_lengths_clipping_and_rewards():
+    eos = 9
+    ids = torch.tensor([[1, 2, eos, 0], [1, 2, 3, 4], [5, eos, 0, 0], [1, 2, 3, 4]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float32)
+    ro = Rollout(prompt_ids=[[7, 7]] * 4, completion_ids=ids, completion_mask=mask, sampling_logps=torch.zeros(4, 4))
+    per_func = torch.tensor([[1.0, math.nan], [1.0, 2.0], [0.0, 4.0], [2.0, 6.0]])
+    rewards = torch.tensor([1.0, 3.0, 4.0, 8.0])
+    m = rollout_metrics([2] * 4, ro, rewards, per_func, ["a", "b"], group_size=2, stop_ids=(eos,), max_new=4)
+    assert m["num_tokens"] == 8 + 13
+    assert (m["completions/mean_length"], m["completions/min_length"], m["completions/max_length"]) == (3.25, 2, 4)
+    assert m["completions/clipped_ratio"] == 0.5  # rows 1 and 3 hit max_new without eos
+    assert m["completions/mean_terminated_length"] == 2.5
+    assert m["reward"] == 4.0 and m["reward_std"] == pytest.approx(rewards.std().item())
+    assert m["frac_reward_zero_std"] == 0.0
+    assert m["rewards/b/mean"] == 4.0 and m["rewards/b/std"] == pytest.approx(2.0)  # the None row skipped
+    m = rollout_metrics([2] * 4, ro, torch.tensor([1.0, 1.0, 0.0, 2.0]), per_func, ["a", "b"], 2, (eos,), 4)
+    assert m["frac_reward_zero_std"] == 0.5
+
+
+def test_normalize_then_sum_matches_the_formula():
+    f = torch.tensor([[1.0, 10.0], [3.0, math.nan], [2.0, 30.0], [2.0, 20.0], [0.0, 5.0], [4.0, 5.0]])
+    w = torch.tensor([0.5, 2.0])
+    got = normalize_then_sum(f, w, group_size=3)
+    want = []
+    for g in range(2):
+        rows = f[3 * g : 3 * g + 3]
+        for r in rows:
+            total = 0.0
+            for k in range(2):
+                col = rows[:, k][~rows[:, k].isnan()]
+                if not math.isnan(r[k]):
+                    total += w[k].item() * (r[k].item() - col.mean().item()) / (col.std().item() + 1e-4)
+            want.append(total)
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
+    cfg = GRPOConfig(max_steps=1, multi_objective_aggregation="normalize_then_sum").to_dash_config()
+    assert cfg.scale_rewards == "batch"
+
+
+def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path):
+    trainer = make_trainer(tmp_path, args=dict(beta=0.1, use_bias_correction_kl=False, sync_ref_model=True,
+                                               ref_model_sync_steps=1, ref_model_mixup_alpha=0.25, max_steps=1))
+    ref0 = [p.detach().clone() for p in trainer.ref_model.parameters()]
+    trainer.train()
+    assert trainer.weights_version == 1
+    for r0, r1, p in zip(ref0, trainer.ref_model.parameters(), trainer.model.parameters(), strict=True):
+        torch.testing.assert_close(r1, 0.75 * r0 + 0.25 * p.detach())
+    assert any(not torch.equal(r0, r1) for r0, r1 in zip(ref0, trainer.ref_model.parameters()))
+
+
+def test_log_history_is_trls_after_train(tmp_path):
+    trainer = make_trainer(tmp_path, args=dict(max_steps=3, logging_steps=2))
+    trainer.train()
+    hist = trainer.state.log_history
+    assert [h["step"] for h in hist] == [2, 3] and len(trainer.step_records) == 3
+    for key in ("loss", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/length_reward/mean",
+                "rewards/length_reward/std", "frac_reward_zero_std", "num_tokens", "completions/mean_length",
+                "completions/clipped_ratio", "epoch", "step_time", "kept_fraction"):
+        assert key in hist[0], key
+    assert hist[0]["loss"] == pytest.approx((trainer.step_records[0]["loss"] + trainer.step_records[1]["loss"]) / 2)
+    assert hist[-1]["train_loss"] == pytest.approx(sum(r["loss"] for r in trainer.step_records) / 3)
+    assert hist[-1]["reward"] == trainer.step_records[2]["reward"]  # the pending step's metrics
+
+
+def test_lora_trains_adapters_only_on_the_models_own_forward(tmp_path):
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    trainer = make_trainer(tmp_path, model=build_model(tok, TINY),
+                           peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert trainer.engine.path() == "dynamic" and not trainer.shared_prompt
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    for n, p in trainer.model.named_parameters():
+        if "lora_" in n:
+            assert not torch.equal(before[n], p), n
+        else:
+            assert torch.equal(before[n], p), n
+    trainer.save_model(str(tmp_path / "out"))
+    assert json.load(open(tmp_path / "out" / "adapter_config.json"))["r"] == 4
+    assert not os.path.exists(tmp_path / "out" / "model.safetensors")
+    with pytest.raises(ValueError, match="lm_head"):
+        make_trainer(tmp_path, model=build_model(tok, TINY),
+                     peft_config=peft.LoraConfig(target_modules=["q_proj", "lm_head"]))
+
+
+def test_named_eval_sets_are_prefixed(tmp_path):
+    evals = {"a": Dataset.from_list([{"prompt": "1+1="}]), "b": Dataset.from_list([{"prompt": "2+2="}] * 2)}
+    trainer = make_trainer(tmp_path, eval_dataset=evals)
+    assert set(trainer.eval_dataset) == {"a", "b"}
+    m = trainer.evaluate(eval_dataset=evals)
+    assert m["eval_a_examples"] == 1 and m["eval_b_examples"] == 2
+    inner = trainer.evaluate()
+    assert inner["a_examples"] == 1 and inner["b_examples"] == 2
