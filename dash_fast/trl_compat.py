@@ -18,11 +18,37 @@ Differences from TRL worth knowing:
 - `bf16=True` / `fp16=True` train in that dtype (no autocast); the default is float32.
   `gradient_checkpointing` defaults to False (TRL: True).
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
+- `reward_funcs` entries may be reward models (an id / path or a loaded sequence-classification model,
+  reward_models.py): scored as TRL does, on the chat-rendered prompt + completion, logit of class 0.
+- LoRA / PEFT (`peft_config` or a PeftModel, peft_support.py): only adapters train; generation and the
+  training forward run the model's own forward (the static engine and shared-prompt forward read base
+  weights). With `beta > 0` the reference is a frozen copy of the model (not the adapter-disabled base).
+  A LoRA adapter on lm_head and prompt-learning methods are refused.
+- `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
+  count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
+  vespo, `importance_sampling_level="sequence"`, `delta`, `entropy_coef`, `top_entropy_quantile`,
+  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) change
+  the per-token objective inside the loss kernels and are refused with the reason.
+- `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
+  then divided by the batch std (TRL's formula; scale_rewards is then "batch").
+- `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
+- Evaluation is greedy, one completion per prompt (`num_generations_eval` and `eval_on_start` have no
+  effect: the eval set is evaluated before training and every `eval_steps`); its metrics are the
+  accuracy reward's mean (`eval_accuracy`), not TRL's `eval_loss` / `eval_reward`. A dict of eval sets
+  gives `eval_<name>_*`.
+- `state.log_history` after `train()` is TRL's: one entry per `logging_steps` steps with the means of
+  TRL's metrics over them (`reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
+  `kl`, `entropy`, `clip_ratio/region_mean`, `num_tokens`, `completions/*`, `loss`, `grad_norm`,
+  `learning_rate`, `epoch`, `step_time`) and dash-fast's own (`kept_fraction`, `time_*_s`), then the
+  final entry with `train_loss` / `train_runtime` and the metrics of the steps since the last log.
+  The per-step records stay in `trainer.step_records`.
+- Sampling: temperature, top_k, top_p; `min_p`, `repetition_penalty`, `generation_kwargs` are refused.
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,
   remove_unused_columns (every column reaches the reward functions, as TRL's default),
   per_device_eval_batch_size, logging_first_step, overwrite_output_dir, do_train, do_eval,
-  log_completions, num_completions_to_print, ddp_find_unused_parameters, gradient_checkpointing_kwargs,
-  vllm_gpu_memory_utilization.
+  log_completions, num_completions_to_print, ddp_find_unused_parameters, vllm_gpu_memory_utilization,
+  pad_to_multiple_of (micro-batches are packed and padded by the trainer; padding does not change the
+  loss), log_multimodal, and any other TrainingArguments option at its default value.
 """
 
 from __future__ import annotations
