@@ -88,7 +88,6 @@ vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 # reads "dash-fast does not support <name>=<value>: <why>".
 _ONLY: dict[str, tuple[tuple, str]] = {
     "shuffle_dataset": ((True,), "prompts are drawn in a seeded shuffled order (resumable sampler)"),
-    "mask_truncated_completions": ((False,), "truncated completions are trained on like the others"),
     "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
@@ -359,6 +358,14 @@ class GRPOConfig:
         return DashConfig(**values)
 
 
+def truncated_rows(rollout, stop_ids: tuple[int, ...], max_new: int) -> torch.Tensor:
+    """[B] bool: completions that reached `max_new` tokens without a stop token."""
+    lengths = rollout.completion_lengths
+    last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
+    stopped = torch.tensor([t in stop_ids for t in last.tolist()], dtype=torch.bool)
+    return (lengths >= max_new) & ~stopped
+
+
 def normalize_then_sum(per_func: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
     """TRL's multi_objective_aggregation="normalize_then_sum": each reward normalised within its group
     ((f - mean_g) / (std_g + 1e-4), None rows skipped), then the weighted sum; rows where every reward is
@@ -514,6 +521,9 @@ class GRPOTrainer(DashTrainer):
         self._step_rollouts: list = []
         self._ref_syncs = 0
         self.step_records: list[dict] | None = None
+        if getattr(args, "mask_truncated_completions", False) and self.dist.enabled:
+            raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
+                             "each rank sees only its own completions' stop tokens")
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
@@ -614,6 +624,19 @@ class GRPOTrainer(DashTrainer):
                                           self.args.max_completion_tokens))
         self._sync_ref_model()
         return record
+
+    def update(self, rollout, advantages, kept, global_rows=None, lengths=None) -> dict:
+        """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
+        left out of the loss and of its token count; when none is left the step trains on nothing."""
+        if getattr(self.grpo_args, "mask_truncated_completions", False):
+            truncated = truncated_rows(rollout, self.stop_ids, self.args.max_completion_tokens)
+            kept = kept[~truncated[kept]]
+            if kept.numel() == 0:
+                for _ in range(self.args.updates_per_rollout * self.args.minibatches):
+                    self.scheduler.step()  # TRL's step still happens, with a zero loss and no gradient
+                return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                        "skipped_steps": 0}
+        return super().update(rollout, advantages, kept, global_rows=global_rows, lengths=lengths)
 
     def _sync_ref_model(self) -> None:
         """TRL's sync_ref_model: every `ref_model_sync_steps` optimizer steps,

@@ -136,3 +136,25 @@ def test_named_eval_sets_are_prefixed(tmp_path):
     assert m["eval_a_examples"] == 1 and m["eval_b_examples"] == 2
     inner = trainer.evaluate()
     assert inner["a_examples"] == 1 and inner["b_examples"] == 2
+
+
+def test_truncated_rows():
+    from dash_fast.trl_compat import truncated_rows
+
+    ids = torch.tensor([[1, 9, 0], [1, 2, 3], [1, 2, 9], [4, 0, 0]])
+    mask = (torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])).float()
+    ro = Rollout(prompt_ids=[[1]] * 4, completion_ids=ids, completion_mask=mask, sampling_logps=torch.zeros(4, 3))
+    assert truncated_rows(ro, (9,), 3).tolist() == [False, True, False, False]  # row 2 stopped at the limit
+
+
+@pytest.mark.parametrize("mask_truncated", [True, False])
+def test_mask_truncated_completions_when_every_completion_is_cut(tmp_path, mask_truncated):
+    trainer = make_trainer(tmp_path, args=dict(mask_truncated_completions=mask_truncated, max_steps=2))
+    trainer.stop_ids = ()  # nothing stops: every completion reaches max_completion_length
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    changed = any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert changed != mask_truncated
+    if mask_truncated:
+        assert trainer.state.log_history[-1]["train_loss"] == 0.0
+        assert trainer.step_records[-1]["completions/clipped_ratio"] == 1.0
