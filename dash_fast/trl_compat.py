@@ -512,7 +512,9 @@ class GRPOTrainer(DashTrainer):
         if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name
             self._eval_sets = {name: self._prompt_dataset(ds, f"eval_dataset[{name!r}]")
                                for name, ds in named_eval.items()}
-        for func in self.reward_funcs:
+        self._score_rewards = self.rewards.score
+        self.rewards.score = self.compute_rewards  # the collector scores through it (TRL metrics, normalize_then_sum)
+        for func in self.rewards.funcs:
             if isinstance(func, RewardModelFunc):
                 func.to(self.device)
         self.processing_class = self.tokenizer
@@ -541,12 +543,6 @@ class GRPOTrainer(DashTrainer):
 
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
-
-    def _decoder(self, model: torch.nn.Module) -> torch.nn.Module:
-        from dash_fast.peft_support import base_model
-
-        model = base_model(model)
-        return getattr(model, model.base_model_prefix)
 
     def _prompt_dataset(self, dataset: Any, name: str):
         from dash_fast.data import PromptDataset, load_rows
@@ -595,13 +591,30 @@ class GRPOTrainer(DashTrainer):
 
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
 
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        return self.learner.ref_model
+
+    @property
+    def reward_funcs(self) -> list:
+        return self.rewards.funcs
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.collector.stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, value: tuple[int, ...]) -> None:
+        self.collector.stop_ids = tuple(value)
+
     def compute_rewards(self, dataset, indices, rollout, repeat):
-        rewards, per_func = super().compute_rewards(dataset, indices, rollout, repeat)
+        """The collector's reward scoring, plus what TRL's metrics need (and normalize_then_sum)."""
+        rewards, per_func = self._score_rewards(dataset, indices, rollout, repeat)
         if dataset is not self.train_data:
             return rewards, per_func
         self._step_rollouts.append((rollout, rewards, per_func))  # for the step's TRL metrics (and refill rounds)
         if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
-            rewards = normalize_then_sum(per_func, self.reward_weights, repeat)
+            rewards = normalize_then_sum(per_func, self.rewards.weights, repeat)
         return rewards, per_func
 
     def train_step(self, step: int) -> dict:
@@ -644,7 +657,7 @@ class GRPOTrainer(DashTrainer):
         a = self.grpo_args
         if not isinstance(a, GRPOConfig) or not a.sync_ref_model or self.ref_model is None:
             return
-        syncs = self.weights_version // a.ref_model_sync_steps
+        syncs = self.learner.weights_version // a.ref_model_sync_steps
         if syncs <= self._ref_syncs:
             return
         self._ref_syncs = syncs

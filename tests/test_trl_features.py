@@ -87,7 +87,7 @@ def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path):
                                                ref_model_sync_steps=1, ref_model_mixup_alpha=0.25, max_steps=1))
     ref0 = [p.detach().clone() for p in trainer.ref_model.parameters()]
     trainer.train()
-    assert trainer.weights_version == 1
+    assert trainer.learner.weights_version == 1
     for r0, r1, p in zip(ref0, trainer.ref_model.parameters(), trainer.model.parameters(), strict=True):
         torch.testing.assert_close(r1, 0.75 * r0 + 0.25 * p.detach())
     assert any(not torch.equal(r0, r1) for r0, r1 in zip(ref0, trainer.ref_model.parameters()))
