@@ -135,8 +135,8 @@ class Learner:
             if st is None:
                 continue
             total_loss += loss.item()
-            clip_sum += st["clip_fraction"] * n
-            kl_sum += (st["kl_mean"] or 0.0) * n
+            clip_sum += float(st["clip_fraction"]) * n  # the fused op returns 0-d tensors
+            kl_sum += float(st["kl_mean"] or 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n

@@ -158,3 +158,13 @@ def test_mask_truncated_completions_when_every_completion_is_cut(tmp_path, mask_
     if mask_truncated:
         assert trainer.state.log_history[-1]["train_loss"] == 0.0
         assert trainer.step_records[-1]["completions/clipped_ratio"] == 1.0
+
+
+def test_step_records_are_plain_numbers_with_several_iterations(tmp_path):
+    """num_iterations > 1 passes old log-probs to the fused loss, whose stats are 0-d tensors: the step
+    record (written as JSON lines) must hold plain numbers."""
+    trainer = make_trainer(tmp_path, args=dict(num_iterations=2, max_steps=2, learning_rate=0.5))
+    trainer.train()
+    for rec in trainer.step_records:
+        json.dumps(rec)
+        assert isinstance(rec["clip_fraction"], float)
