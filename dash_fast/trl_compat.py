@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from dash_fast.config import ConfigError, DashConfig
+from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
@@ -87,7 +88,6 @@ vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 # Arguments accepted only at these values: name -> (accepted values, why others are refused). A refusal
 # reads "dash-fast does not support <name>=<value>: <why>".
 _ONLY: dict[str, tuple[tuple, str]] = {
-    "shuffle_dataset": ((True,), "prompts are drawn in a seeded shuffled order (resumable sampler)"),
     "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
@@ -358,6 +358,13 @@ class GRPOConfig:
         return DashConfig(**values)
 
 
+class InOrderSampler(PromptSampler):
+    """`shuffle_dataset=False`: every pass over the prompts in dataset order (resumable like PromptSampler)."""
+
+    def _permutation(self) -> list[int]:
+        return list(range(self.n))
+
+
 def truncated_rows(rollout, stop_ids: tuple[int, ...], max_new: int) -> torch.Tensor:
     """[B] bool: completions that reached `max_new` tokens without a stop token."""
     lengths = rollout.completion_lengths
@@ -465,7 +472,7 @@ class GRPOTrainer(DashTrainer):
     def __init__(
         self,
         model: Any,
-        reward_funcs: Any,
+        reward_funcs: Any = None,
         args: GRPOConfig | DashConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -526,6 +533,9 @@ class GRPOTrainer(DashTrainer):
         if getattr(args, "mask_truncated_completions", False) and self.dist.enabled:
             raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
                              "each rank sees only its own completions' stop tokens")
+        if isinstance(args, GRPOConfig) and not args.shuffle_dataset:  # TRL: prompts in dataset order
+            self.sampler.__class__ = InOrderSampler  # the collector holds this same sampler object
+            self.sampler.load_state_dict(self.sampler.state_dict())
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
