@@ -648,6 +648,24 @@ class GRPOTrainer(DashTrainer):
         self._sync_ref_model()
         return record
 
+    def save(self, step: int) -> str | None:
+        """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's
+        layout beside it: `output_dir/checkpoint-N` (a link to it) with `trainer_state.json`. Links whose
+        checkpoint `save_total_limit` removed are dropped."""
+        path = super().save(step)
+        if path is None:
+            return None
+        self.state.save_to_json(os.path.join(path, "trainer_state.json"))
+        link = os.path.join(self.output_dir, f"checkpoint-{step}")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.relpath(path, self.output_dir), link)
+        for name in os.listdir(self.output_dir):
+            entry = os.path.join(self.output_dir, name)
+            if name.startswith("checkpoint-") and os.path.islink(entry) and not os.path.exists(entry):
+                os.remove(entry)
+        return path
+
     def update(self, rollout, advantages, kept, global_rows=None, lengths=None) -> dict:
         """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
         left out of the loss and of its token count; when none is left the step trains on nothing."""

@@ -176,3 +176,30 @@ def test_shuffle_dataset_false_draws_prompts_in_dataset_order(tmp_path):
     assert trainer.collector.sampler is trainer.sampler
     shuffled = make_trainer(tmp_path, args=dict(per_device_train_batch_size=8))
     assert shuffled.sampler.next(6) != list(range(6))
+
+
+def test_trl_checkpoint_layout_save_total_limit_and_exact_resume(tmp_path):
+    from transformers import TrainerCallback
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                control.should_training_stop = True
+
+    tok = build_tokenizer()
+    straight = make_trainer(tmp_path / "a", model=build_model(tok, TINY), args=dict(max_steps=4))
+    straight.train()
+    cut = make_trainer(tmp_path / "b", model=build_model(tok, TINY), callbacks=[StopAt()],
+                       args=dict(max_steps=4, save_steps=1, save_total_limit=1))
+    cut.train()
+    out = tmp_path / "b"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    ckpt = out / "checkpoint-2"
+    assert (ckpt / "config.json").exists() and (ckpt / "tokenizer_config.json").exists()
+    assert json.load(open(ckpt / "trainer_state.json"))["global_step"] == 2
+    # another init: only the checkpoint's weights can make it match the straight run
+    resumed = make_trainer(out, model=build_model(tok, TINY, seed=1), args=dict(max_steps=4, save_steps=1))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 4
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
