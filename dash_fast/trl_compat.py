@@ -536,6 +536,8 @@ class GRPOTrainer(DashTrainer):
         if isinstance(args, GRPOConfig) and not args.shuffle_dataset:  # TRL: prompts in dataset order
             self.sampler.__class__ = InOrderSampler  # the collector holds this same sampler object
             self.sampler.load_state_dict(self.sampler.state_dict())
+        self._wrap_optimizer_events()
+        self._epoch_fired = -1
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
@@ -550,6 +552,47 @@ class GRPOTrainer(DashTrainer):
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
                 self.model.get_output_embeddings().float()
+        self._callback("on_init_end")
+
+    def _wrap_optimizer_events(self) -> None:
+        """on_pre_optimizer_step / on_optimizer_step around every optimizer step the learner takes."""
+        optimizer, step = self.optimizer, self.optimizer.step
+
+        def step_with_events(*args, **kwargs):
+            self._callback("on_pre_optimizer_step")
+            out = step(*args, **kwargs)
+            self._callback("on_optimizer_step")
+            return out
+
+        optimizer.step = step_with_events
+
+    def _callback(self, event: str, **kwargs) -> None:
+        """DashTrainer's dispatch, plus TRL's epoch events and the control flags a callback may set in
+        on_step_end: should_evaluate, should_save and should_log are acted on at that step, then reset."""
+        if event == "on_step_begin":
+            epoch = int(self.state.global_step * self.args.prompts_per_step // max(self._n_train, 1))
+            if epoch > self._epoch_fired:
+                if self._epoch_fired >= 0:
+                    super()._callback("on_epoch_end")
+                self._epoch_fired = epoch
+                super()._callback("on_epoch_begin")
+        if event == "on_train_end" and self._epoch_fired >= 0:
+            super()._callback("on_epoch_end")
+        super()._callback(event, **kwargs)
+        if event != "on_step_end":
+            return
+        c, step = self.control, self.state.global_step
+        if c.should_evaluate:
+            c.should_evaluate = False
+            if self.eval_data is not None:
+                self._evaluate(step)
+        if c.should_save:
+            c.should_save = False
+            self.save(step)
+        if c.should_log:
+            c.should_log = False
+            if not (self.args.logging_steps and step % self.args.logging_steps == 0):  # not logged anyway
+                super()._callback("on_log", logs=self.state.log_history[-1])
 
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)

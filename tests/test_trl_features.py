@@ -203,3 +203,39 @@ def test_trl_checkpoint_layout_save_total_limit_and_exact_resume(tmp_path):
     assert resumed.state.global_step == 4
     for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_callback_events_and_control_flags(tmp_path):
+    from transformers import TrainerCallback
+
+    class Recorder(TrainerCallback):
+        def __init__(self):
+            self.events = []
+
+        def __getattribute__(self, name):
+            if name.startswith("on_"):
+                return lambda args, state, control, **kw: self._record(name, state, control)
+            return super().__getattribute__(name)
+
+        def _record(self, name, state, control):
+            self.events.append((name, state.global_step))
+            if name == "on_step_end" and state.global_step == 1:
+                control.should_save = control.should_evaluate = control.should_log = True
+
+    rec = Recorder()
+    # 6 prompts, 1 per step: steps 1-6 are epoch 0, step 7 starts epoch 1
+    trainer = make_trainer(tmp_path, callbacks=[rec], eval_dataset=Dataset.from_list([{"prompt": "1+1="}]),
+                           args=dict(max_steps=7, logging_steps=100, save_steps=0))
+    trainer.train()
+    names = [e for e, _ in rec.events]
+    assert names[0] == "on_init_end"
+    for event in ("on_train_begin", "on_epoch_begin", "on_step_begin", "on_pre_optimizer_step",
+                  "on_optimizer_step", "on_step_end", "on_log", "on_evaluate", "on_save", "on_epoch_end",
+                  "on_train_end"):
+        assert event in names, event
+    assert names.count("on_epoch_begin") == 2 and names.count("on_epoch_end") == 2
+    assert ("on_save", 1) in rec.events and ("on_evaluate", 1) in rec.events and ("on_log", 1) in rec.events
+    assert names.count("on_optimizer_step") == trainer.learner.weights_version
+    assert (tmp_path / "checkpoint-1").exists()
+    pre = names.index("on_pre_optimizer_step")
+    assert names[pre + 1] == "on_optimizer_step"
