@@ -501,6 +501,10 @@ class GRPOTrainer(DashTrainer):
         reward_funcs, self.reward_processing_classes = resolve_reward_models(
             reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
         rows = load_rows(train_dataset)
+        for column in ("image", "images"):
+            if rows and column in rows[0]:
+                raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
+                                 "inputs (the engines and the training forward take token ids only)")
         if isinstance(model, str):
             model = _load_causal_lm(model, args, init_kwargs)
         model = apply_peft(model, peft_config)

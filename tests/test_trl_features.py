@@ -239,3 +239,11 @@ def test_callback_events_and_control_flags(tmp_path):
     assert (tmp_path / "checkpoint-1").exists()
     pre = names.index("on_pre_optimizer_step")
     assert names[pre + 1] == "on_optimizer_step"
+
+
+def test_image_columns_are_refused_by_name(tmp_path):
+    tok = build_tokenizer()
+    data = Dataset.from_list([{"prompt": "1+1=", "image": None}])
+    with pytest.raises(ValueError, match="dash-fast does not support train_dataset column 'image'"):
+        GRPOTrainer(model=build_model(tok, TINY), reward_funcs=length_reward, processing_class=tok,
+                    args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none"), train_dataset=data)
