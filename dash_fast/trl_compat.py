@@ -43,6 +43,17 @@ Differences from TRL worth knowing:
   final entry with `train_loss` / `train_runtime` and the metrics of the steps since the last log.
   The per-step records stay in `trainer.step_records`.
 - Sampling: temperature, top_k, top_p; `min_p`, `repetition_penalty`, `generation_kwargs` are refused.
+- `mask_truncated_completions` drops completions cut without a stop token from the loss (one process only);
+  `shuffle_dataset=False` draws prompts in dataset order; image columns are refused.
+- Checkpoints: `output_dir/checkpoint-N` links to dash-fast's `checkpoints/step-N` (model or PEFT adapters,
+  tokenizer, exact-resume state) and holds `trainer_state.json`; `save_total_limit` keeps the last N;
+  `train(resume_from_checkpoint=True | path)` resumes bit-exactly (full models; resuming a PEFT run is not
+  implemented).
+- Callbacks get TRL's events (`on_init_end`, `on_train_begin`, `on_epoch_begin/end`, `on_step_begin`,
+  `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
+  `on_train_end`; not `on_substep_end`) and their `control.should_training_stop / should_evaluate /
+  should_save / should_log` are honoured. `trainer.args` is the DashConfig (`trainer.grpo_args` the
+  GRPOConfig).
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,
   remove_unused_columns (every column reaches the reward functions, as TRL's default),
   per_device_eval_batch_size, logging_first_step, overwrite_output_dir, do_train, do_eval,
