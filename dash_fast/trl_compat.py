@@ -18,11 +18,48 @@ Differences from TRL worth knowing:
 - `bf16=True` / `fp16=True` train in that dtype (no autocast); the default is float32.
   `gradient_checkpointing` defaults to False (TRL: True).
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
+- `reward_funcs` entries may be reward models (an id / path or a loaded sequence-classification model,
+  reward_models.py): scored as TRL does, on the chat-rendered prompt + completion, logit of class 0.
+- LoRA / PEFT (`peft_config` or a PeftModel, peft_support.py): only adapters train; generation and the
+  training forward run the model's own forward (the static engine and shared-prompt forward read base
+  weights). With `beta > 0` the reference is a frozen copy of the model (not the adapter-disabled base).
+  A LoRA adapter on lm_head and prompt-learning methods are refused.
+- `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
+  count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
+  vespo, `importance_sampling_level="sequence"`, `delta`, `entropy_coef`, `top_entropy_quantile`,
+  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) change
+  the per-token objective inside the loss kernels and are refused with the reason.
+- `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
+  then divided by the batch std (TRL's formula; scale_rewards is then "batch").
+- `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
+- Evaluation is greedy, one completion per prompt (`num_generations_eval` and `eval_on_start` have no
+  effect: the eval set is evaluated before training and every `eval_steps`); its metrics are the
+  accuracy reward's mean (`eval_accuracy`), not TRL's `eval_loss` / `eval_reward`. A dict of eval sets
+  gives `eval_<name>_*`.
+- `state.log_history` after `train()` is TRL's: one entry per `logging_steps` steps with the means of
+  TRL's metrics over them (`reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
+  `kl`, `entropy`, `clip_ratio/region_mean`, `num_tokens`, `completions/*`, `loss`, `grad_norm`,
+  `learning_rate`, `epoch`, `step_time`) and dash-fast's own (`kept_fraction`, `time_*_s`), then the
+  final entry with `train_loss` / `train_runtime` and the metrics of the steps since the last log.
+  The per-step records stay in `trainer.step_records`.
+- Sampling: temperature, top_k, top_p; `min_p`, `repetition_penalty`, `generation_kwargs` are refused.
+- `mask_truncated_completions` drops completions cut without a stop token from the loss (one process only);
+  `shuffle_dataset=False` draws prompts in dataset order; image columns are refused.
+- Checkpoints: `output_dir/checkpoint-N` links to dash-fast's `checkpoints/step-N` (model or PEFT adapters,
+  tokenizer, exact-resume state) and holds `trainer_state.json`; `save_total_limit` keeps the last N;
+  `train(resume_from_checkpoint=True | path)` resumes bit-exactly (full models; resuming a PEFT run is not
+  implemented).
+- Callbacks get TRL's events (`on_init_end`, `on_train_begin`, `on_epoch_begin/end`, `on_step_begin`,
+  `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
+  `on_train_end`; not `on_substep_end`) and their `control.should_training_stop / should_evaluate /
+  should_save / should_log` are honoured. `trainer.args` is the DashConfig (`trainer.grpo_args` the
+  GRPOConfig).
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,
   remove_unused_columns (every column reaches the reward functions, as TRL's default),
   per_device_eval_batch_size, logging_first_step, overwrite_output_dir, do_train, do_eval,
-  log_completions, num_completions_to_print, ddp_find_unused_parameters, gradient_checkpointing_kwargs,
-  vllm_gpu_memory_utilization.
+  log_completions, num_completions_to_print, ddp_find_unused_parameters, vllm_gpu_memory_utilization,
+  pad_to_multiple_of (micro-batches are packed and padded by the trainer; padding does not change the
+  loss), log_multimodal, and any other TrainingArguments option at its default value.
 """
 
 from __future__ import annotations
@@ -36,6 +73,7 @@ from typing import Any
 import torch
 
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
+from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
@@ -57,29 +95,42 @@ vllm_importance_sampling_correction vllm_importance_sampling_mode vllm_max_model
 vllm_model_impl vllm_server_base_url vllm_server_host vllm_server_port vllm_server_timeout
 vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 
-# Arguments accepted only at these values (anything else is a feature dash-fast does not have).
-_ONLY = {
-    "shuffle_dataset": (True,),
-    "mask_truncated_completions": (False,),
-    "importance_sampling_level": ("token",),
-    "multi_objective_aggregation": ("sum_then_normalize",),
-    "min_p": (None,),
-    "repetition_penalty": (1.0,),
-    "delta": (None,),
-    "top_entropy_quantile": (1.0,),
-    "sync_ref_model": (False,),
-    "vllm_mode": ("colocate",),
-    "logging_strategy": ("steps",),
-    "save_strategy": ("steps", "no"),
-    "eval_strategy": ("no", "steps"),
-    "optim": ("adamw_torch", "adamw_torch_fused"),
-    "adam_epsilon": (1e-8,),
-    "torch_compile": (False,),
-    "push_to_hub": (False,),
-    "model_init_kwargs": (None,),
-    "generation_kwargs": (None,),
+# Arguments accepted only at these values: name -> (accepted values, why others are refused). A refusal
+# reads "dash-fast does not support <name>=<value>: <why>".
+_ONLY: dict[str, tuple[tuple, str]] = {
+    "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
+    "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
+    "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
+    "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
+    "delta": ((None,), "the two-sided clip is not in the loss kernels"),
+    "top_entropy_quantile": ((1.0,), "the entropy token mask is not in the loss kernels"),
+    "off_policy_mask_threshold": ((None,), "the off-policy sequence mask is not in the loss kernels"),
+    "entropy_coef": ((0, 0.0), "the entropy bonus is not in the loss kernels"),
+    "use_adaptive_entropy": ((False,), "the entropy bonus is not in the loss kernels"),
+    "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
+    "vllm_mode": (("colocate",), "only the in-process vLLM engine exists"),
+    "logging_strategy": (("steps",), "logs are written every logging_steps steps"),
+    "save_strategy": (("steps", "no"), "checkpoints are written every save_steps steps"),
+    "eval_strategy": (("no", "steps"), "evaluation runs every eval_steps steps"),
+    "optim": (("adamw_torch", "adamw_torch_fused"), "the optimizer is torch AdamW"),
+    "adam_epsilon": ((1e-8,), "AdamW uses torch's default eps"),
+    "torch_compile": ((False,), "the model is not compiled"),
+    "push_to_hub": ((False,), "nothing is uploaded"),
+    "generation_kwargs": ((None, {}), "generation goes through dash-fast's own engines, not generate()"),
+    "cache_implementation": ((None,), "the embedded engine manages its own KV cache"),
+    "use_transformers_paged": ((False,), "generation goes through dash-fast's own engines"),
+    "use_transformers_continuous_batching": ((False,), "generation goes through dash-fast's own engines"),
+    "max_tool_calling_iterations": ((None,), "tool calling is not supported"),
+    "router_aux_loss_coef": ((None,), "the MoE load-balancing loss is not added"),
+    "log_unique_prompts": ((False,), "completion tables are not logged"),
+    "log_completions_hub_repo": ((None,), "nothing is uploaded"),
 }
-_LOSS_TYPES = {"dapo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
+# TRL loss types: the ones that are a different aggregation of dash-fast's clipped surrogate map onto
+# DashConfig.loss_agg; bnpo normalises by the tokens of the local batch, which is dapo's global count here
+# (one rollout is one batch). The others change the per-token objective.
+_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
+_LOSS_REFUSED = {"cispo": "CISPO's clipped-weight objective", "sapo": "SAPO's soft gate",
+                 "luspo": "LUSPO's length-weighted sequence objective", "vespo": "VESPO's variational weights"}
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
@@ -151,7 +202,28 @@ class GRPOConfig:
     top_entropy_quantile: float = 1.0
     sync_ref_model: bool = False
     model_init_kwargs: dict | None = None
+    trust_remote_code: bool = False
     generation_kwargs: dict | None = None
+    off_policy_mask_threshold: float | None = None
+    entropy_coef: float = 0.0
+    use_adaptive_entropy: bool = False
+    chat_template_kwargs: dict | None = None
+    cache_implementation: str | None = None
+    use_transformers_paged: bool = False
+    use_transformers_continuous_batching: bool = False
+    max_tool_calling_iterations: int | None = None
+    router_aux_loss_coef: float | None = None
+    log_unique_prompts: bool = False
+    log_completions_hub_repo: str | None = None
+    use_bias_correction_kl: bool = True
+    cast_lm_head_to_fp32: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
+    # --- accepted: what dash-fast does already (see the module docstring) ---
+    eval_on_start: bool = False
+    num_generations_eval: int | None = None
+    pad_to_multiple_of: int | str | None = "auto"
+    log_multimodal: bool = True
     # --- accepted, no effect (see the module docstring) ---
     dataloader_num_workers: int = 0
     dataloader_pin_memory: bool = True
@@ -186,21 +258,31 @@ class GRPOConfig:
 
     def __init__(self, output_dir: str | None = None, **kwargs: Any) -> None:
         names = [f.name for f in dataclasses.fields(self)]
-        for key in kwargs:
-            if key not in names:
-                raise ConfigError(_unknown(key, names))
+        for key in [k for k in kwargs if k not in names]:
+            if not _is_training_arguments_default(key, kwargs[key]):
+                raise ConfigError(_unknown(key, kwargs[key], names))
+            setattr(self, key, kwargs.pop(key))  # a TrainingArguments option at its default: no effect
         for f in dataclasses.fields(self):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             setattr(self, f.name, kwargs.get(f.name, default))
         self.output_dir = output_dir
         self.scale_rewards = {True: "group", False: "none"}.get(self.scale_rewards, self.scale_rewards)
-        for key, allowed in _ONLY.items():
+        for key, (allowed, why) in _ONLY.items():
             if getattr(self, key) not in allowed:
-                raise ConfigError(f"GRPOConfig: {key}={getattr(self, key)!r} is not supported by dash-fast "
-                                  f"(supported: {', '.join(map(repr, allowed))})")
+                raise ConfigError(_refuse(key, getattr(self, key), why))
+        if self.loss_type in _LOSS_REFUSED:
+            raise ConfigError(_refuse("loss_type", self.loss_type, f"{_LOSS_REFUSED[self.loss_type]} is not in "
+                                      "the loss kernels (supported: " + ", ".join(_LOSS_TYPES) + ")"))
         if self.loss_type not in _LOSS_TYPES:
-            raise ConfigError(f"GRPOConfig: loss_type={self.loss_type!r} is not supported by dash-fast "
-                              f"(supported: {', '.join(_LOSS_TYPES)})")
+            raise ConfigError(_refuse("loss_type", self.loss_type, "unknown (supported: " + ", ".join(_LOSS_TYPES) + ")"))
+        if self.beta > 0 and self.use_bias_correction_kl:
+            raise ConfigError(_refuse("use_bias_correction_kl", True, "with beta > 0 the KL term is the plain k3 "
+                                      "estimator (pass use_bias_correction_kl=False)"))
+        if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
+            raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
+                                      "(the loss kernels compute log-probs in fp32)"))
+        if self.sync_ref_model and self.ref_model_sync_steps < 1:
+            raise ConfigError(_refuse("ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1"))
         if self.lr_scheduler_type not in _SCHEDULERS:
             raise ConfigError(f"GRPOConfig: lr_scheduler_type={self.lr_scheduler_type!r} is not supported by "
                               f"dash-fast (supported: {', '.join(_SCHEDULERS)})")
@@ -208,8 +290,10 @@ class GRPOConfig:
             raise ConfigError("GRPOConfig: generation_batch_size and steps_per_generation cannot both be set")
         self.report_to = _report_to(self.report_to)
 
-    def to_dash_config(self, world_size: int = 1, n_train: int | None = None) -> DashConfig:
-        """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs)."""
+    def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
+                       reward_names: list[str] | None = None) -> DashConfig:
+        """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs;
+        `reward_names`: the rewards GRPOTrainer was given, so that `reward_weights` is checked against them)."""
         per_step = self.per_device_train_batch_size * world_size  # completions per micro-step, all ranks
         if self.generation_batch_size is not None:
             if self.generation_batch_size % per_step:
@@ -248,7 +332,10 @@ class GRPOConfig:
             prompts_per_step=prompts_per_step, group_size=self.num_generations,
             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             max_prompt_tokens=prompt_len, max_completion_tokens=self.max_completion_length,
-            scale_rewards=self.scale_rewards, filter_tau=self.filter_tau, refill=self.refill,
+            # normalize_then_sum: the trainer sums group-normalised rewards (GRPOTrainer.compute_rewards), then
+            # TRL normalises by the batch: (r - group mean, which is 0) / batch std, i.e. scale_rewards="batch"
+            scale_rewards="batch" if self.multi_objective_aggregation == "normalize_then_sum" else self.scale_rewards,
+            filter_tau=self.filter_tau, refill=self.refill,
             max_refill_rounds=self.max_refill_rounds,
             loss_agg=_LOSS_TYPES[self.loss_type], normalize_over=self.normalize_over,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
@@ -276,15 +363,87 @@ class GRPOConfig:
         values.update(self.extra)
         if values["reward_weights"] is None:
             values.pop("reward_weights")
+        if reward_names:
+            values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
 
 
-def _unknown(key: str, names: list[str]) -> str:
+class InOrderSampler(PromptSampler):
+    """`shuffle_dataset=False`: every pass over the prompts in dataset order (resumable like PromptSampler)."""
+
+    def _permutation(self) -> list[int]:
+        return list(range(self.n))
+
+
+def truncated_rows(rollout, stop_ids: tuple[int, ...], max_new: int) -> torch.Tensor:
+    """[B] bool: completions that reached `max_new` tokens without a stop token."""
+    lengths = rollout.completion_lengths
+    last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
+    stopped = torch.tensor([t in stop_ids for t in last.tolist()], dtype=torch.bool)
+    return (lengths >= max_new) & ~stopped
+
+
+def normalize_then_sum(per_func: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
+    """TRL's multi_objective_aggregation="normalize_then_sum": each reward normalised within its group
+    ((f - mean_g) / (std_g + 1e-4), None rows skipped), then the weighted sum; rows where every reward is
+    None give 0 (TRL: no learning signal)."""
+    grouped = per_func.view(-1, group_size, per_func.shape[1])
+    mean = torch.nanmean(grouped, dim=1, keepdim=True)
+    valid = (~grouped.isnan()).sum(dim=1, keepdim=True)
+    var = torch.nansum((grouped - mean) ** 2, dim=1, keepdim=True) / (valid - 1).clamp(min=1)
+    std = var.sqrt() if group_size > 1 else torch.zeros_like(mean)
+    normed = ((grouped - mean) / (std + 1e-4)).view(-1, per_func.shape[1])
+    return torch.nansum(normed * weights.to(normed.dtype), dim=1)
+
+
+def _load_causal_lm(name: str, args: Any, init_kwargs: dict) -> torch.nn.Module:
+    """TRL's model loading: `model_init_kwargs` (dtype, attn_implementation, ...) and `trust_remote_code`."""
+    from transformers import AutoModelForCausalLM
+
+    from dash_fast.trainer import attn_implementation, resolve_device
+
+    dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
+    device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
+    kwargs = {"dtype": getattr(torch, dtype), **init_kwargs}
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.pop("device_map", None)
+    remote = getattr(args, "trust_remote_code", False)
+    if "attn_implementation" not in kwargs:
+        try:
+            return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs,
+                                                        attn_implementation=attn_implementation(device, dtype))
+        except ValueError as e:  # an architecture without SDPA / flash-attn (e.g. Gemma2): its default
+            if "attention implementation" not in str(e) and "does not support" not in str(e):
+                raise
+    return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs)
+
+
+def _refuse(name: str, value: Any, why: str) -> str:
+    return f"dash-fast does not support {name}={value!r}: {why}"
+
+
+def _training_arguments_defaults() -> dict[str, Any]:
     import transformers
 
-    trl_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)} | set(_TRL_ONLY)
+    out = {}
+    for f in dataclasses.fields(transformers.TrainingArguments):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def _is_training_arguments_default(key: str, value: Any) -> bool:
+    defaults = _training_arguments_defaults()
+    return key in defaults and value == defaults[key]
+
+
+def _unknown(key: str, value: Any, names: list[str]) -> str:
+    trl_names = set(_training_arguments_defaults()) | set(_TRL_ONLY)
     if key in trl_names:
-        return f"GRPOConfig: {key!r} is a TRL argument that dash-fast does not support"
+        return _refuse(key, value, "not implemented (a TRL / TrainingArguments option dash-fast's trainer lacks)")
     return f"GRPOConfig: unknown argument {key!r}{did_you_mean(key, sorted(set(names) | trl_names))}"
 
 
@@ -318,7 +477,7 @@ class GRPOTrainer(DashTrainer):
     def __init__(
         self,
         model: Any,
-        reward_funcs: Any,
+        reward_funcs: Any = None,
         args: GRPOConfig | DashConfig | None = None,
         train_dataset: Any = None,
         eval_dataset: Any = None,
@@ -329,62 +488,287 @@ class GRPOTrainer(DashTrainer):
         peft_config: Any = None,
     ) -> None:
         from dash_fast.data import load_rows
+        from dash_fast.peft_support import apply_peft
+        from dash_fast.reward_models import RewardModelFunc, resolve_reward_models
 
-        for name, value, ok in (("reward_processing_classes", reward_processing_classes, None),
-                                ("optimizers", optimizers, (None, None)), ("peft_config", peft_config, None)):
-            if value != ok and value is not ok:
-                raise NotImplementedError(f"GRPOTrainer: {name} is not supported by dash-fast")
+        if optimizers != (None, None):
+            raise NotImplementedError("dash-fast does not support optimizers=(...): the trainer builds AdamW "
+                                      "and its schedule from the config")
+        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+            raise ValueError("GRPOTrainer: No reward source provided: pass reward_funcs (functions, built-in reward "
+                             "names, or reward model ids / models)")
         if args is None:
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = GRPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-GRPO")
         if train_dataset is None:
-            raise ValueError("GRPOTrainer: train_dataset is required")
+            raise ValueError("GRPOTrainer: `train_dataset` is required")
+        init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+        reward_funcs, self.reward_processing_classes = resolve_reward_models(
+            reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
         rows = load_rows(train_dataset)
+        for column in ("image", "images"):
+            if rows and column in rows[0]:
+                raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
+                                 "inputs (the engines and the training forward take token ids only)")
+        if isinstance(model, str):
+            model = _load_causal_lm(model, args, init_kwargs)
+        model = apply_peft(model, peft_config)
         self.grpo_args = args
-        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows)) \
+        names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
+        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows), names) \
             if isinstance(args, GRPOConfig) else args
         callbacks = [cb() if isinstance(cb, type) else cb for cb in (callbacks or [])]
-        super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows, eval_dataset=eval_dataset,
+        named_eval = dict(eval_dataset) if isinstance(eval_dataset, dict) else None  # DatasetDict is a dict
+        first_eval = next(iter(named_eval.values())) if named_eval else eval_dataset
+        super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows,
+                         eval_dataset=None if first_eval is None else load_rows(first_eval),
                          processing_class=processing_class, callbacks=callbacks)
         self.callback_args = args
+        self._eval_sets = None
+        if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name
+            self._eval_sets = {name: self._prompt_dataset(ds, f"eval_dataset[{name!r}]")
+                               for name, ds in named_eval.items()}
+        self._score_rewards = self.rewards.score
+        self.rewards.score = self.compute_rewards  # the collector scores through it (TRL metrics, normalize_then_sum)
+        for func in self.rewards.funcs:
+            if isinstance(func, RewardModelFunc):
+                func.to(self.device)
         self.processing_class = self.tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self._n_train = len(rows)
+        self._step_rollouts: list = []
+        self._ref_syncs = 0
+        self.step_records: list[dict] | None = None
+        if getattr(args, "mask_truncated_completions", False) and self.dist.enabled:
+            raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
+                             "each rank sees only its own completions' stop tokens")
+        if isinstance(args, GRPOConfig) and not args.shuffle_dataset:  # TRL: prompts in dataset order
+            self.sampler.__class__ = InOrderSampler  # the collector holds this same sampler object
+            self.sampler.load_state_dict(self.sampler.state_dict())
+        self._wrap_optimizer_events()
+        self._epoch_fired = -1
+        self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
+        if self.aux_loss_enabled:
+            raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
+                             "is not added (set model.config.output_router_logits=False)")
         if isinstance(args, GRPOConfig):
             if args.disable_dropout:
                 for m in self.model.modules():
                     if isinstance(m, torch.nn.Dropout):
                         m.p = 0.0
             if args.gradient_checkpointing or args.activation_checkpointing:
-                self.model.gradient_checkpointing_enable()
+                kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}  # frozen inputs (LoRA)
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
+                self.model.get_output_embeddings().float()
+        self._callback("on_init_end")
+
+    def _wrap_optimizer_events(self) -> None:
+        """on_pre_optimizer_step / on_optimizer_step around every optimizer step the learner takes."""
+        optimizer, step = self.optimizer, self.optimizer.step
+
+        def step_with_events(*args, **kwargs):
+            self._callback("on_pre_optimizer_step")
+            out = step(*args, **kwargs)
+            self._callback("on_optimizer_step")
+            return out
+
+        optimizer.step = step_with_events
+
+    def _callback(self, event: str, **kwargs) -> None:
+        """DashTrainer's dispatch, plus TRL's epoch events and the control flags a callback may set in
+        on_step_end: should_evaluate, should_save and should_log are acted on at that step, then reset."""
+        if event == "on_step_begin":
+            epoch = int(self.state.global_step * self.args.prompts_per_step // max(self._n_train, 1))
+            if epoch > self._epoch_fired:
+                if self._epoch_fired >= 0:
+                    super()._callback("on_epoch_end")
+                self._epoch_fired = epoch
+                super()._callback("on_epoch_begin")
+        if event == "on_train_end" and self._epoch_fired >= 0:
+            super()._callback("on_epoch_end")
+        super()._callback(event, **kwargs)
+        if event != "on_step_end":
+            return
+        c, step = self.control, self.state.global_step
+        if c.should_evaluate:
+            c.should_evaluate = False
+            if self.eval_data is not None:
+                self._evaluate(step)
+        if c.should_save:
+            c.should_save = False
+            self.save(step)
+        if c.should_log:
+            c.should_log = False
+            if not (self.args.logging_steps and step % self.args.logging_steps == 0):  # not logged anyway
+                super()._callback("on_log", logs=self.state.log_history[-1])
 
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 
+    def _prompt_dataset(self, dataset: Any, name: str):
+        from dash_fast.data import PromptDataset, load_rows
+
+        a = self.args
+        return PromptDataset(load_rows(dataset), self.tokenizer, name=name, prompt_column=a.prompt_column,
+                             max_prompt_tokens=a.max_prompt_tokens, system_prompt=a.system_prompt,
+                             use_chat_template=a.use_chat_template)
+
+    def evaluate(self, dataset: Any = None, max_examples: int | None = None, batch_size: int = 256, *,
+                 eval_dataset: Any = None, metric_key_prefix: str | None = None) -> dict:
+        """DashTrainer's greedy evaluation. Called TRL's way (`eval_dataset=`, a dataset or a dict of them)
+        it returns TRL-style keys, `eval_accuracy` / `eval_<name>_accuracy`, ... With a dict of eval sets given
+        at construction, the in-training evaluation covers each, prefixed by its name."""
+        from dash_fast.data import PromptDataset
+
+        if eval_dataset is None and metric_key_prefix is None:
+            if dataset is not None or not self._eval_sets:
+                return super().evaluate(dataset, max_examples, batch_size)
+            results = {name: super(GRPOTrainer, self).evaluate(ds, max_examples, batch_size)
+                       for name, ds in self._eval_sets.items()}
+            first = next(iter(results.values()))
+            return {**first, **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()}}
+        prefix = metric_key_prefix or "eval"
+        source = eval_dataset if eval_dataset is not None else dataset
+        if source is None:
+            return {f"{prefix}_{k}": v for k, v in self.evaluate(None, max_examples, batch_size).items()}
+        sets = dict(source) if isinstance(source, dict) else {None: source}
+        out = {}
+        for name, ds in sets.items():
+            data = ds if isinstance(ds, PromptDataset) else self._prompt_dataset(ds, "eval_dataset")
+            key = prefix if name is None else f"{prefix}_{name}"
+            out.update({f"{key}_{k}": v for k, v in super().evaluate(data, max_examples, batch_size).items()})
+        return out
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """TRL's helper (trl_masks.high_entropy_mask); not applied by dash-fast's loss."""
+        from dash_fast.trl_masks import high_entropy_mask
+
+        return high_entropy_mask(entropies, mask, threshold)
+
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
+        """TRL's helper (trl_masks.off_policy_mask); not applied by dash-fast's loss."""
+        from dash_fast.trl_masks import off_policy_mask
+
+        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        return self.learner.ref_model
+
+    @property
+    def reward_funcs(self) -> list:
+        return self.rewards.funcs
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return self.collector.stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, value: tuple[int, ...]) -> None:
+        self.collector.stop_ids = tuple(value)
+
+    def compute_rewards(self, dataset, indices, rollout, repeat):
+        """The collector's reward scoring, plus what TRL's metrics need (and normalize_then_sum)."""
+        rewards, per_func = self._score_rewards(dataset, indices, rollout, repeat)
+        if dataset is not self.train_data:
+            return rewards, per_func
+        self._step_rollouts.append((rollout, rewards, per_func))  # for the step's TRL metrics (and refill rounds)
+        if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
+            rewards = normalize_then_sum(per_func, self.rewards.weights, repeat)
+        return rewards, per_func
+
     def train_step(self, step: int) -> dict:
-        """DashTrainer's step record, plus TRL's names for the same numbers."""
+        """DashTrainer's step record, plus TRL's names for the same numbers (trl_logs.py)."""
+        from dash_fast.rollout.base import Rollout
+        from dash_fast.trl_logs import rollout_metrics
+
+        self._step_rollouts = []
         record = super().train_step(step)
         self.state.epoch = step * self.args.prompts_per_step / max(self._n_train, 1)
-        record.update({"reward": record["reward_mean"], "completions/mean_length": record["completion_len_mean"],
-                       "epoch": self.state.epoch})
-        for name in self.reward_names:
-            if f"rewards/{name}" in record:
-                record[f"rewards/{name}/mean"] = record[f"rewards/{name}"]
+        record.update({"learning_rate": record["lr"], "step_time": record["time_step_s"],
+                       "clip_ratio/region_mean": record.get("clip_fraction", 0.0), "epoch": self.state.epoch})
+        if self._step_rollouts:
+            parts = [r for r, _, _ in self._step_rollouts]
+            rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts, self.pad_id)
+            rewards = torch.cat([r for _, r, _ in self._step_rollouts])
+            per_func = torch.cat([f for _, _, f in self._step_rollouts])
+            record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
+                                          self.reward_names, self.args.group_size, self.stop_ids,
+                                          self.args.max_completion_tokens))
+        self._sync_ref_model()
         return record
 
+    def save(self, step: int) -> str | None:
+        """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's
+        layout beside it: `output_dir/checkpoint-N` (a link to it) with `trainer_state.json`. Links whose
+        checkpoint `save_total_limit` removed are dropped."""
+        path = super().save(step)
+        if path is None:
+            return None
+        self.state.save_to_json(os.path.join(path, "trainer_state.json"))
+        link = os.path.join(self.output_dir, f"checkpoint-{step}")
+        if os.path.lexists(link):
+            os.remove(link)
+        os.symlink(os.path.relpath(path, self.output_dir), link)
+        for name in os.listdir(self.output_dir):
+            entry = os.path.join(self.output_dir, name)
+            if name.startswith("checkpoint-") and os.path.islink(entry) and not os.path.exists(entry):
+                os.remove(entry)
+        return path
+
+    def update(self, rollout, advantages, kept, global_rows=None, lengths=None) -> dict:
+        """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
+        left out of the loss and of its token count; when none is left the step trains on nothing."""
+        if getattr(self.grpo_args, "mask_truncated_completions", False):
+            truncated = truncated_rows(rollout, self.stop_ids, self.args.max_completion_tokens)
+            kept = kept[~truncated[kept]]
+            if kept.numel() == 0:
+                for _ in range(self.args.updates_per_rollout * self.args.minibatches):
+                    self.scheduler.step()  # TRL's step still happens, with a zero loss and no gradient
+                return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                        "skipped_steps": 0}
+        return super().update(rollout, advantages, kept, global_rows=global_rows, lengths=lengths)
+
+    def _sync_ref_model(self) -> None:
+        """TRL's sync_ref_model: every `ref_model_sync_steps` optimizer steps,
+        ref <- alpha * policy + (1 - alpha) * ref (TRL's SyncRefModelCallback)."""
+        a = self.grpo_args
+        if not isinstance(a, GRPOConfig) or not a.sync_ref_model or self.ref_model is None:
+            return
+        syncs = self.learner.weights_version // a.ref_model_sync_steps
+        if syncs <= self._ref_syncs:
+            return
+        self._ref_syncs = syncs
+        with torch.no_grad():
+            for ref, cur in zip(self.ref_model.parameters(), self.model.parameters(), strict=True):
+                ref.mul_(1.0 - a.ref_model_mixup_alpha).add_(cur.detach().to(ref.dtype), alpha=a.ref_model_mixup_alpha)
+
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
-        """TRL's train(): returns a transformers TrainOutput(global_step, training_loss, metrics)."""
+        """TRL's train(): returns a transformers TrainOutput(global_step, training_loss, metrics).
+        Afterwards `state.log_history` is TRL's: one averaged entry per `logging_steps` steps, then the
+        final entry (train_loss, train_runtime, ... and the metrics of the steps since the last log);
+        dash-fast's per-step records stay in `step_records`."""
         from transformers.trainer_utils import TrainOutput
+
+        from dash_fast.trl_logs import log_entries
 
         if kwargs:
             raise NotImplementedError(f"GRPOTrainer.train: {sorted(kwargs)} not supported by dash-fast")
         if resume_from_checkpoint:
             self.args.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+        if self.step_records is not None:  # a second train() call continues from the per-step records
+            self.state.log_history = self.step_records
         summary = super().train()
-        losses = [r["loss"] for r in self.state.log_history if isinstance(r.get("loss"), float)]
-        metrics = {"train_runtime": summary["rl_wall_time_s"], "train_steps": summary["steps"],
-                   "train_loss": sum(losses) / len(losses) if losses else 0.0}
-        self.state.log_history.append({**metrics, "step": self.state.global_step})
+        self.step_records = list(self.state.log_history)
+        losses = [r["loss"] for r in self.step_records if isinstance(r.get("loss"), float)]
+        runtime = summary["rl_wall_time_s"]
+        metrics = {"train_runtime": runtime, "train_steps_per_second": self.state.global_step / max(runtime, 1e-9),
+                   "train_loss": sum(losses) / len(losses) if losses else 0.0, "train_steps": summary["steps"]}
+        entries, pending = log_entries(self.step_records, self.args.logging_steps)
+        self.state.log_history = [*entries, {**pending, **metrics, "epoch": self.state.epoch,
+                                              "step": self.state.global_step}]
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
     def save_model(self, output_dir: str | None = None) -> None:

@@ -76,6 +76,8 @@ def sample_next(
 
 def static_unsupported(model: torch.nn.Module) -> str | None:
     """Why the static path cannot run this model (None when it can)."""
+    if any(hasattr(m, "lora_A") or type(m).__module__.startswith("peft.") for m in model.modules()):
+        return "PEFT adapter layers (the static forward reads the base weights)"  # their own forward instead
     config = getattr(model, "config", None)
     kind = getattr(config, "model_type", None)
     if kind not in STATIC_MODEL_TYPES:
