@@ -623,9 +623,9 @@ class DashTrainer:
                 loss.backward()
             if st is None:
                 continue
-            total_loss += loss.item()
-            clip_sum += st["clip_fraction"] * n
-            kl_sum += (st["kl_mean"] or 0.0) * n
+            total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
+            clip_sum += float(st["clip_fraction"]) * n
+            kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n
