@@ -30,7 +30,8 @@ from dash_fast.checkpoint import (
 )
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
-from dash_fast.data import PromptDataset, PromptSampler, load_rows, pad_right
+from dash_fast.data import PromptDataset, PromptSampler, pad_right
+from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.metrics import MetricsLogger, plot_run
 from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import ProfileWindow, nvtx_range
@@ -89,6 +90,15 @@ class DashTrainer:
 
         self.args = args = args or DashConfig()
         torch.manual_seed(args.seed)
+        # datasets first (a bad layout fails before any model loads), in the standard columns by dataset_format
+        train_dataset = args.dataset if train_dataset is None else train_dataset
+        eval_dataset = args.eval_dataset if eval_dataset is None else eval_dataset
+        if train_dataset is None:
+            raise ValueError("no train_dataset (pass one, or set `dataset` in the config)")
+        train_rows, self.dataset_format = load_dataset_rows(train_dataset, args.dataset_format, args.prompt_column,
+                                                            "train_dataset")
+        eval_rows = None if eval_dataset is None else \
+            load_dataset_rows(eval_dataset, args.dataset_format, args.prompt_column, "eval_dataset")[0]
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
             keep_freed_memory()
@@ -106,25 +116,24 @@ class DashTrainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.stop_ids = self._stop_token_ids()
 
-        self.reward_funcs, self.reward_names = self._resolve_rewards(reward_funcs or args.reward_funcs)
+        data_kwargs = dict(prompt_column=args.prompt_column if self.dataset_format == "prompt" else "prompt",
+                           max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
+                           use_chat_template=args.use_chat_template)
+        self.train_data = PromptDataset(train_rows, self.tokenizer, name="train_dataset", **data_kwargs)
+        self.eval_data = None
+        if eval_rows is not None:
+            self.eval_data = PromptDataset(eval_rows, self.tokenizer, name="eval_dataset", **data_kwargs)
+
+        funcs = reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format]
+        self.reward_funcs, self.reward_names = self._resolve_rewards(funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(args.reward_weights)} weights for "
+                             f"{len(self.reward_funcs)} reward functions {self.reward_names}")
         self.reward_weights = torch.tensor(args.reward_weights or [1.0] * len(self.reward_funcs))
         acc = args.accuracy_reward or self.reward_names[0]
         if acc not in self.reward_names:
             raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.reward_names}")
         self.accuracy_index = self.reward_names.index(acc)
-
-        data_kwargs = dict(prompt_column=args.prompt_column, max_prompt_tokens=args.max_prompt_tokens,
-                           system_prompt=args.system_prompt, use_chat_template=args.use_chat_template)
-        if train_dataset is None:
-            train_dataset = args.dataset
-        if train_dataset is None:
-            raise ValueError("no train_dataset (pass one, or set `dataset` in the config)")
-        self.train_data = PromptDataset(load_rows(train_dataset), self.tokenizer, name="train_dataset", **data_kwargs)
-        if eval_dataset is None:
-            eval_dataset = args.eval_dataset
-        self.eval_data = None
-        if eval_dataset is not None:
-            self.eval_data = PromptDataset(load_rows(eval_dataset), self.tokenizer, name="eval_dataset", **data_kwargs)
         self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 

@@ -182,6 +182,7 @@ class GRPOConfig:
     eval_examples: int = 500
     system_prompt: str | None = None
     prompt_column: str = "prompt"
+    dataset_format: str = "auto"  # auto | prompt | gsm8k | math | mbpp (GSM8K / MATH / MBPP columns adapted)
     parallel: str = "ddp"
     extra: dict[str, Any] = field(default_factory=dict)  # any other DashConfig keys, e.g. {"dtype": ...}
 
@@ -267,7 +268,7 @@ class GRPOConfig:
             keep_last_checkpoints=self.save_total_limit or 0, report_to=self.report_to,
             disable_tqdm=bool(self.disable_tqdm), on_reward_error=self.on_reward_error,
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
-            prompt_column=self.prompt_column, reward_weights=self.reward_weights,
+            prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)}
         for key in self.extra:
