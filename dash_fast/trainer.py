@@ -134,6 +134,7 @@ class DashTrainer:
         if acc not in self.reward_names:
             raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.reward_names}")
         self.accuracy_index = self.reward_names.index(acc)
+        self.reward_logs: dict[str, dict[str, list]] = {"metric": {}, "extra": {}}  # log_metric / log_extra
         self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
@@ -366,19 +367,39 @@ class DashTrainer:
     def compute_rewards(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
                         repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
-        from dash_fast.rewards import call_reward_func
+        from dash_fast.rewards import score_completions, warn_rows_without_reward
 
         prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
         token_lists = rollout.completion_token_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        if prompts and isinstance(prompts[0], list):  # chat prompts: completions as messages, as TRL passes them
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
         columns = dataset.columns(indices, repeat)
-        per_func = torch.full((len(rollout), len(self.reward_funcs)), float("nan"))
         with nvtx_range("rollout/reward"):
-            for k, func in enumerate(self.reward_funcs):
-                values = call_reward_func(func, prompts, completions, token_lists, columns)
-                per_func[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+            values = score_completions(self.reward_funcs, prompts, completions, token_lists, columns,
+                                       trainer_state=self.state, log_extra=self._log_extra,
+                                       log_metric=self._log_metric)
+        warn_rows_without_reward(values, prompts, completions, columns)
+        per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in zip(*values)])
         rewards = torch.nansum(per_func * self.reward_weights, dim=1)  # rows where all are None -> 0, as TRL
         return rewards, per_func
+
+    def _log_metric(self, name: str, value: float) -> None:
+        """`log_metric` for reward functions (TRL): a scalar, averaged into this step's record under `name`."""
+        self.reward_logs["metric"].setdefault(name, []).append(float(value))
+
+    def _log_extra(self, column: str, values: list) -> None:
+        """`log_extra` for reward functions (TRL: a completions-table column): in the step record as
+        `extra/<column>`, the mean of numbers (else the values)."""
+        self.reward_logs["extra"].setdefault(column, []).extend(values)
+
+    def _flush_reward_logs(self) -> dict:
+        out: dict[str, Any] = {name: sum(v) / len(v) for name, v in self.reward_logs["metric"].items() if v}
+        for column, values in self.reward_logs["extra"].items():
+            numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            out[f"extra/{column}"] = sum(values) / len(values) if numeric else list(values)
+        self.reward_logs = {"metric": {}, "extra": {}}
+        return out
 
     # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
@@ -441,6 +462,7 @@ class DashTrainer:
         }
         for k, name in enumerate(self.reward_names):
             record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
+        record.update(self._flush_reward_logs())
         return record
 
     def _refill(self, step: int, rollout: Rollout, global_rows: list[int], rewards: torch.Tensor,
@@ -700,6 +722,7 @@ class DashTrainer:
                 acc_sum += float(torch.nansum(acc))
                 acc_count += float((~acc.isnan()).sum())
                 len_sum += float(rollout.completion_lengths.sum())
+        self.reward_logs = {"metric": {}, "extra": {}}  # what reward functions logged on eval rows is not a step's
         acc_sum, acc_count, len_sum = (ddp.all_reduce_sum(v, self.dist) for v in (acc_sum, acc_count, len_sum))
         return {"accuracy": acc_sum / acc_count if acc_count else float("nan"), "examples": n,
                 "completion_len_mean": len_sum / max(n, 1)}
