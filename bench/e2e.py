@@ -111,12 +111,12 @@ _active = threading.local()  # .split: the Split recording on this thread, if an
 
 
 def _install_dash_timer() -> None:
-    """Time dash-fast's NVTX ranges (trainer.nvtx_range) into the active Split; the ranges still run."""
-    import dash_fast.trainer as tr
+    """Time dash-fast's NVTX ranges (the stages' nvtx_range) into the active Split; the ranges still run."""
+    from dash_fast import collect, learner, profiling
 
-    if getattr(tr.nvtx_range, "_e2e", False):
+    if getattr(collect.nvtx_range, "_e2e", False):
         return
-    original = tr.nvtx_range
+    original = profiling.nvtx_range
 
     @contextlib.contextmanager
     def timed(name: str):
@@ -125,7 +125,7 @@ def _install_dash_timer() -> None:
             yield
 
     timed._e2e = True
-    tr.nvtx_range = timed
+    collect.nvtx_range = learner.nvtx_range = timed
 
 
 def _wrap(obj, attr: str, phase_of) -> None:

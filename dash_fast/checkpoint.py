@@ -1,7 +1,9 @@
 """Atomic checkpoints and exact resume.
 
 A checkpoint is written into `<dir>.tmp-<pid>`, fsynced, then renamed to `checkpoints/step-N`: a crash
-leaves either the old set of checkpoints or the new one, never a half-written `step-N`.
+leaves either the old set of checkpoints or the new one, never a half-written `step-N`. Beside the HF
+model and tokenizer it holds trainer_state.pt: optimizer, scheduler, prompt sampler, RNG streams, the
+learner's counters, the logs, and the rollout sampled ahead with overlap=True (`pending_rollout_state`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import shutil
 
 import numpy as np
 import torch
+
+from dash_fast import distributed as ddp
+from dash_fast.overlap import OverlapScheduler, Prefetched
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -108,3 +113,38 @@ def latest_checkpoint(checkpoints_dir: str) -> str | None:
 
 def load_trainer_state(path: str) -> dict:
     return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+
+
+def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp_root=None) -> dict:
+    """Load a checkpoint's weights and optimizer state into `model` / `optimizer` (gathered into FSDP2's
+    shards under `fsdp_root`); returns its trainer state for the caller to restore the rest."""
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    state = load_trainer_state(path)
+    if fsdp_root is None:
+        model.load_state_dict(saved.state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+    else:
+        ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), state["optimizer"])
+    return state
+
+
+def pending_rollout_state(overlap: OverlapScheduler | None, distributed: bool) -> dict:
+    """A rollout sampled ahead is saved with the state in one process; under torchrun (rank 0 saves)
+    it is undone instead: the saved sampler position is the one before its prompts (overlap.py)."""
+    job = overlap.pending if overlap is not None else None
+    if job is None:
+        return {}
+    overlap.wait()
+    return {"sampler": job.sampler_before} if distributed else {"pending_rollout": job.state_dict()}
+
+
+def restore_pending_rollout(state: dict, overlap: OverlapScheduler | None, sampler) -> None:
+    """Put a saved rollout sampled ahead back in the scheduler; resumed with overlap=False, give its
+    prompts back to the sampler instead (they are re-sampled on-policy)."""
+    pending = state.get("pending_rollout")
+    if pending is not None and overlap is not None:
+        overlap.pending = Prefetched.from_state_dict(pending)
+    elif pending is not None:
+        sampler.load_state_dict(pending["sampler_before"])

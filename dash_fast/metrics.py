@@ -1,4 +1,5 @@
-"""Run logging: metrics.jsonl (one object per optimizer step), TensorBoard events, plots at the end."""
+"""Run metrics: the step record and summary builders, metrics.jsonl (one object per optimizer step),
+TensorBoard events, plots at the end."""
 
 from __future__ import annotations
 
@@ -103,3 +104,61 @@ def plot_run(output_dir: str) -> list[str]:
         split["refill"] = [r.get("time_refill_s", 0.0) for r in records]
     save("time_split", split, "seconds per step", stacked=True)
     return written
+
+
+def step_record(batch, kept, train_stats: dict, reward_names: list[str], accuracy_index: int, lr: float,
+                time_train_s: float, time_step_s: float) -> dict:
+    """The metrics.jsonl record of one trained step (`batch` a collect.Batch, `kept` the filter's rows).
+
+    "accuracy" is the mean of the accuracy reward (`accuracy_reward`, default the first reward function)
+    over the rows where it applies; "rewards/<name>" is each function's mean."""
+    import torch
+
+    rewards, per_func, lengths = batch.rewards, batch.per_func, batch.lengths.float()
+    acc = per_func[:, accuracy_index]
+    record = {
+        "step": batch.step,
+        "reward_mean": rewards.mean().item(),
+        "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+        "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),
+        "kept_fraction": kept.numel() / len(rewards),
+        "completion_len_mean": lengths.mean().item(),
+        "time_generate_s": batch.time_generate_s,
+        "rollout_lag": batch.lag,
+        "time_reward_s": batch.time_reward_s,
+        "time_train_s": time_train_s,
+        "time_step_s": time_step_s,
+        "tokens_per_s": float(lengths.sum()) / max(time_step_s, 1e-9),
+        "lr": lr,
+        **batch.refill,
+        **train_stats,
+    }
+    for k, name in enumerate(reward_names):
+        record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
+    return record
+
+
+def skipped_record(step: int, time_generate_s: float, time_step_s: float, lr: float) -> dict:
+    """The record of a step whose batch was skipped (a reward function failed, on_reward_error=skip)."""
+    nan = float("nan")
+    return {"step": step, "reward_mean": nan, "reward_std": nan, "accuracy": nan, "kept_fraction": 0.0,
+            "completion_len_mean": nan, "time_generate_s": time_generate_s,
+            "time_reward_s": time_step_s - time_generate_s, "time_train_s": 0.0, "time_step_s": time_step_s,
+            "tokens_per_s": 0.0, "lr": lr, "skipped_steps": 1, "reward_error": True}
+
+
+def run_summary(steps: int, finished: bool, records: list[dict], eval_history: list[dict], wall_time_s: float,
+                config: dict) -> dict:
+    """summary.json: the run's length, evaluations and mean step figures."""
+    return {
+        "steps": steps,
+        "finished": finished,
+        "eval_accuracy_initial": eval_history[0]["accuracy"] if eval_history else None,
+        "eval_accuracy_final": eval_history[-1]["accuracy"] if eval_history else None,
+        "eval_examples": eval_history[-1]["examples"] if eval_history else 0,
+        "eval_history": eval_history,
+        "rl_wall_time_s": wall_time_s,
+        "step_time_mean_s": sum(r["time_step_s"] for r in records) / max(len(records), 1),
+        "kept_fraction_mean": sum(r["kept_fraction"] for r in records) / max(len(records), 1),
+        "config": config,
+    }

@@ -151,7 +151,7 @@ def test_empty_completions_reach_the_reward_and_training_goes_on(tmp_path):
         return length_reward(completions)
 
     trainer.engine.generate = truncating
-    trainer.reward_funcs = [recording_reward]
+    trainer.rewards.funcs = [recording_reward]
     before = params(trainer)
     assert trainer.train()["steps"] == 3
     assert "" in seen and not same(before, params(trainer))
@@ -163,14 +163,14 @@ def test_empty_completions_reach_the_reward_and_training_goes_on(tmp_path):
 
 def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path):
     trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=5, save_steps=1)
-    loss_fn = trainer._loss_fn
+    loss_fn = trainer.learner.loss_fn
     bad_steps = {2, 3}
 
     def poisoned(*args, **kwargs):
         loss, stats = loss_fn(*args, **kwargs)
         return (loss * float("nan") if trainer.state.global_step + 1 in bad_steps else loss), stats
 
-    trainer._loss_fn = poisoned
+    trainer.learner.loss_fn = poisoned
     trainer.train_step(1)
     trainer.state.global_step = 1
     after_one = params(trainer)
@@ -184,13 +184,13 @@ def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path):
 
 def test_non_finite_counter_resets_after_a_good_step(tmp_path):
     trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=4)
-    loss_fn = trainer._loss_fn
+    loss_fn = trainer.learner.loss_fn
 
     def every_other(*args, **kwargs):
         loss, stats = loss_fn(*args, **kwargs)
         return (loss * float("nan") if trainer.state.global_step % 2 else loss), stats
 
-    trainer._loss_fn = every_other
+    trainer.learner.loss_fn = every_other
     summary = trainer.train()  # steps 2 and 4 are non-finite, never two in a row
     assert summary["steps"] == 4
     assert [r["skipped_steps"] for r in trainer.state.log_history] == [0, 1, 0, 1]
@@ -203,19 +203,19 @@ def test_out_of_memory_in_backward_halves_the_micro_batch_and_retries(tmp_path):
     def run(oom: bool):
         trainer = make_trainer(tmp_path / str(oom), model=build_model(build_tokenizer(), TINY).double(),
                                loss_impl="naive", micro_batch_tokens=256, max_grad_norm=None, max_steps=1)
-        loss_fn = trainer._loss_fn
+        loss_fn = trainer.learner.loss_fn
 
         def limited(hidden, *args, **kwargs):
-            if oom and trainer.micro_batch_tokens > budget:
+            if oom and trainer.learner.micro_batch_tokens > budget:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
             return loss_fn(hidden, *args, **kwargs)
 
-        trainer._loss_fn = limited
+        trainer.learner.loss_fn = limited
         trainer.train()
         return trainer, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
     trainer, grads = run(oom=True)
-    assert trainer.micro_batch_tokens == 32  # 256 -> 128 -> 64 -> 32
+    assert trainer.learner.micro_batch_tokens == 32  # 256 -> 128 -> 64 -> 32
     _, reference = run(oom=False)
     for name in grads:
         torch.testing.assert_close(grads[name], reference[name], rtol=1e-6, atol=1e-9, msg=name)
@@ -229,6 +229,6 @@ def test_out_of_memory_even_at_one_token_aborts(tmp_path):
     def always_oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    trainer._loss_fn = always_oom
+    trainer.learner.loss_fn = always_oom
     with pytest.raises(TrainingAborted, match="out of memory"):
         trainer.train()

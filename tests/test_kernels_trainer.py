@@ -53,7 +53,7 @@ def step_params(tmp_path, loss_impl, dtype, lm_bias, **overrides):
     trainer = make_trainer(tmp_path, loss_impl, dtype, lm_bias, **overrides)
     # SGD instead of AdamW: Adam's first steps are ~lr * sign(grad), so a parameter whose gradient is
     # a near-cancellation (|g| ~ eps) would turn rounding noise into an O(lr) difference.
-    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=trainer.args.learning_rate)
+    trainer.learner.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=trainer.args.learning_rate)
     tied = trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight
     assert tied != lm_bias
     assert (trainer.model.get_output_embeddings().bias is not None) == lm_bias

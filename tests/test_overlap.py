@@ -51,33 +51,33 @@ class Recorder:
         self.at_begin: dict[int, dict] = {}
         self.used: dict[int, tuple] = {}  # step -> (rollout, old)
         self.prompts: dict[int, list[int]] = {}
-        generate, update, rollout_for = trainer.engine.generate, trainer.update, trainer._rollout_for
+        generate, update, rollout_for = trainer.engine.generate, trainer.update, trainer.collector.rollout_for
 
         def gen(prompt_ids, p):
             self.sampled_with.append((p.seed, params(trainer.model)))
             return generate(prompt_ids, p)
 
-        def rollout_for_(step):
+        def rollout_for_(step, weights_version):
             self.at_begin[step] = params(trainer.model)
-            job = rollout_for(step)
+            job = rollout_for(step, weights_version)
             self.prompts[step] = list(job.indices)
             return job
 
         def upd(rollout, *a, **k):
             step = trainer.state.global_step + 1
-            opt = trainer._optimizer_step
+            opt = trainer.learner.optimizer_step
 
-            def capture(rollout_, rows, adv, weights, old, ref):
+            def capture(rollout_, rows, adv, weights, old, ref, *rest):
                 self.used[step] = (rollout_, old)
-                return opt(rollout_, rows, adv, weights, old, ref)
+                return opt(rollout_, rows, adv, weights, old, ref, *rest)
 
-            trainer._optimizer_step = capture
+            trainer.learner.optimizer_step = capture
             try:
                 return update(rollout, *a, **k)
             finally:
-                trainer._optimizer_step = opt
+                trainer.learner.optimizer_step = opt
 
-        trainer.engine.generate, trainer.update, trainer._rollout_for = gen, upd, rollout_for_
+        trainer.engine.generate, trainer.update, trainer.collector.rollout_for = gen, upd, rollout_for_
 
 
 def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r(tmp_path):
@@ -85,7 +85,7 @@ def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r
     rec = Recorder(trainer)
     trainer.train()
     assert [r["rollout_lag"] for r in trainer.state.log_history] == [0, 1, 1, 1]
-    seeds = [trainer._sampling_params(s).seed for s in range(1, 5)]
+    seeds = [trainer.collector.sampling_params(s).seed for s in range(1, 5)]
     assert [seed for seed, _ in rec.sampled_with] == seeds  # one generate per step, in step order
     for step in range(2, 5):
         _, weights = rec.sampled_with[step - 1]
@@ -95,7 +95,7 @@ def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r
     snapshot = build_model(build_tokenizer(), TINY, seed=0)
     snapshot.load_state_dict(rec.at_begin[2])
     used, _ = rec.used[3]
-    again = TorchEngine(snapshot, trainer.pad_id).generate(used.prompt_ids, trainer._sampling_params(3))
+    again = TorchEngine(snapshot, trainer.pad_id).generate(used.prompt_ids, trainer.collector.sampling_params(3))
     assert torch.equal(again.completion_ids, used.completion_ids)
 
 
@@ -105,7 +105,7 @@ def test_with_overlap_old_logprobs_are_the_sampling_logprobs(tmp_path):
     trainer.train()
     for step, (rollout, old) in rec.used.items():
         assert old is rollout.sampling_logps, step
-    assert trainer.forward_passes == len(rec.used)  # one micro-batch per step and no old-logprob pass
+    assert trainer.learner.forward_passes == len(rec.used)  # one micro-batch per step and no old-logprob pass
 
 
 def test_without_overlap_sampling_is_strictly_on_policy(tmp_path):

@@ -84,7 +84,7 @@ def test_all_none_row_warns_naming_its_inputs_and_scores_zero(tmp_path, caplog):
     indices = list(range(len(ROWS)))
     rollout = trainer.generate([trainer.train_data.prompt_ids[i] for i in indices], 1)
     with caplog.at_level(logging.WARNING, logger="dash_fast.rewards"):
-        rewards, per_func = trainer.compute_rewards(trainer.train_data, indices, rollout, 1)
+        rewards, per_func = trainer.rewards.score(trainer.train_data, indices, rollout, 1)
     assert rewards.tolist() == [0.0 if r["answer"] == "0" else 2.0 for r in ROWS]  # TRL: nansum, all None -> 0
     assert "All reward functions returned None" in caplog.text and "'prompt': '0+0='" in caplog.text
 
@@ -99,7 +99,7 @@ def test_reward_weights_are_checked_against_the_resolved_functions(tmp_path):
     trainer = trainer_for(tmp_path, [one, three], reward_weights=[2.0, 0.5])  # refused by the config before
     indices = [0, 1]
     rollout = trainer.generate([trainer.train_data.prompt_ids[i] for i in indices], 1)
-    rewards, _ = trainer.compute_rewards(trainer.train_data, indices, rollout, 1)
+    rewards, _ = trainer.rewards.score(trainer.train_data, indices, rollout, 1)
     assert rewards.tolist() == [3.5, 3.5]
     with pytest.raises(ValueError, match="1 weights for 3 reward functions"):
         trainer_for(tmp_path, [one, three, one], reward_weights=[1.0])
@@ -107,5 +107,5 @@ def test_reward_weights_are_checked_against_the_resolved_functions(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
                       reward_weights=[1.0, 2.0], report_to="none")
     trainer = GRPOTrainer(build_model(tok, TINY), [one, three], args=args, train_dataset=ROWS, processing_class=tok)
-    assert trainer.reward_weights.tolist() == [1.0, 2.0]
-    assert torch.is_tensor(trainer.reward_weights)
+    assert trainer.rewards.weights.tolist() == [1.0, 2.0]
+    assert torch.is_tensor(trainer.rewards.weights)

@@ -52,10 +52,10 @@ def test_gradient_accumulation_equals_one_batch(tmp_path, loss_agg, train_forwar
     rollout = rollout_for(trainer)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kept = torch.arange(len(rollout))
-    trainer.micro_batch_tokens = 10**6
+    trainer.learner.micro_batch_tokens = 10**6
     one = grads_of_update(trainer, rollout, advantages, kept)
-    trainer.micro_batch_tokens = 20  # a few rows per micro-batch (a group's rows split across several)
-    assert len(trainer._micro_batches(rollout, list(range(len(rollout))))) >= 4
+    trainer.learner.micro_batch_tokens = 20  # a few rows per micro-batch (a group's rows split across several)
+    assert len(trainer.learner.micro_batches(rollout, list(range(len(rollout))))) >= 4
     many = grads_of_update(trainer, rollout, advantages, kept)
     assert_same_grads(one, many, rtol=1e-9, atol=1e-12)
 
@@ -65,7 +65,7 @@ def test_normalize_over_all_dropping_zero_advantage_rows_leaves_gradient_unchang
     rollout = rollout_for(trainer)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     advantages[::3] = 0.0  # rows carrying no signal
-    trainer.micro_batch_tokens = 10**6
+    trainer.learner.micro_batch_tokens = 10**6
     everything = grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout)))
     filtered = grads_of_update(trainer, rollout, advantages, algo.filter_rows(advantages, 0.0))
     assert algo.filter_rows(advantages, 0.0).numel() < len(rollout)
@@ -90,7 +90,7 @@ def test_sampler_logprobs_match_trainer_logprobs(tmp_path):
     trainer = make_trainer(tmp_path, dtype=torch.float32, temperature=0.7, top_k=5)
     rollout = rollout_for(trainer)
     rows = list(range(len(rollout)))
-    recomputed = trainer._logprob_pass(trainer.model, rollout, rows, "test")
+    recomputed = trainer.learner.logprob_pass(trainer.model, rollout, rows, "test")
     mask = rollout.completion_mask.bool()
     assert mask.sum() > 0
     torch.testing.assert_close(recomputed[mask], rollout.sampling_logps[mask], rtol=1e-4, atol=1e-4)
@@ -99,13 +99,13 @@ def test_sampler_logprobs_match_trainer_logprobs(tmp_path):
 def count_decoder_forwards(trainer: DashTrainer) -> list[int]:
     """Forward passes of the policy over rollout rows (either training forward: shared_prompt or hf)."""
     calls = [0]
-    original = trainer._hidden_and_targets
+    original = trainer.learner.hidden_and_targets
 
     def counted(model, rollout, rows):
         calls[0] += model is trainer.model
         return original(model, rollout, rows)
 
-    trainer._hidden_and_targets = counted
+    trainer.learner.hidden_and_targets = counted
     return calls
 
 
@@ -125,8 +125,8 @@ def test_filtered_rows_never_reach_a_forward_pass(tmp_path):
     trainer = make_trainer(tmp_path, micro_batch_tokens=10**6)
     rollout = rollout_for(trainer)
     seen = []
-    original = trainer._hidden_and_targets
-    trainer._hidden_and_targets = lambda model, r, rows: (seen.extend(rows), original(model, r, rows))[1]
+    original = trainer.learner.hidden_and_targets
+    trainer.learner.hidden_and_targets = lambda model, r, rows: (seen.extend(rows), original(model, r, rows))[1]
     advantages = torch.zeros(len(rollout), dtype=torch.float64)
     advantages[[1, 6]] = torch.tensor([0.5, -0.7], dtype=torch.float64)
     trainer.update(rollout, advantages, algo.filter_rows(advantages, 0.1))

@@ -1,0 +1,28 @@
+"""transformers-style callbacks: the TrainerState / TrainerControl they see, and the event dispatch.
+
+A callback is any object with some of TrainerCallback's methods (`on_train_begin`, `on_step_begin`,
+`on_step_end`, `on_log`, `on_evaluate`, `on_save`, `on_train_end`); each is called as
+`fn(args, state, control, model=..., processing_class=..., optimizer=..., lr_scheduler=..., **event)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def trainer_state(max_steps: int, logging_steps: int, save_steps: int, is_main: bool):
+    """A transformers TrainerState and TrainerControl for a run of `max_steps` optimizer steps."""
+    from transformers import TrainerControl, TrainerState
+
+    state = TrainerState()
+    state.max_steps, state.logging_steps, state.save_steps = max_steps, logging_steps, save_steps
+    state.is_world_process_zero = state.is_local_process_zero = is_main
+    return state, TrainerControl()
+
+
+def fire(callbacks: list, event: str, args: Any, state, control, **kwargs) -> None:
+    """Call `event` on every callback that has it, in order."""
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(args, state, control, **kwargs)

@@ -1,0 +1,283 @@
+"""The collector: one optimizer step's batch of scored rollouts.
+
+It draws the step's prompts (the same on every rank; each rank samples its contiguous share), samples
+them in one big generate (or takes the rollout sampled ahead with overlap=True and launches the next
+one, overlap.py), scores them with the reward functions (skipping the batch when one fails and
+on_reward_error="skip"), all-gathers rewards and lengths so every rank sees the whole batch, and with
+refill=True samples more prompts until the gradient filter keeps enough rows. The result is one `Batch`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from dash_fast import algo
+from dash_fast import distributed as ddp
+from dash_fast.config import DashConfig
+from dash_fast.data import PromptDataset, PromptSampler
+from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.profiling import nvtx_range
+from dash_fast.rollout.base import Rollout, SamplingParams
+
+RewardFunc = Callable[..., list]
+
+
+@dataclass
+class Batch:
+    """One step's scored rollout. `rollout` holds this rank's rows; row i of it is row `global_rows[i]` of
+    the whole batch (every rank's rows, joined), which `rewards` [B], `per_func` [B, F] and `lengths` [B]
+    cover. `rewards` is None when a reward function failed and the batch is skipped (on_reward_error)."""
+
+    step: int
+    rollout: Rollout
+    rewards: torch.Tensor | None
+    per_func: torch.Tensor | None
+    lengths: torch.Tensor | None
+    global_rows: list[int]
+    lag: int  # optimizer steps between the weights that sampled it and the ones it trains (1 with overlap)
+    time_generate_s: float  # sampling, including launching (or, on CPU, running) the next overlapped rollout
+    time_reward_s: float  # reward functions and their all-gather (refill rounds excluded)
+    refill: dict = field(default_factory=dict)  # refill=True: rounds, rows and their time
+
+    @property
+    def skipped(self) -> bool:
+        return self.rewards is None
+
+
+class RewardScorer:
+    """The reward functions (TRL's signature), their weights, and which one the accuracy is the mean of.
+    Calls them as TRL 1.16 does (rewards.score_completions); what they report through `log_metric` /
+    `log_extra` is kept until `flush_logs` puts it in the step record."""
+
+    def __init__(self, funcs, weights: list[float] | None, accuracy_reward: str | None, tokenizer) -> None:
+        self.funcs, self.names = resolve_rewards(funcs)
+        if weights is not None and len(weights) != len(self.funcs):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.funcs)} reward functions "
+                             f"{self.names}")
+        self.weights = torch.tensor(weights or [1.0] * len(self.funcs))
+        acc = accuracy_reward or self.names[0]
+        if acc not in self.names:
+            raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.names}")
+        self.accuracy_index = self.names.index(acc)
+        self.tokenizer = tokenizer
+        self.trainer_state = None  # the trainer's transformers.TrainerState, passed as `trainer_state`
+        self.logs: dict[str, dict[str, list]] = {"metric": {}, "extra": {}}
+
+    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
+              repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
+        from dash_fast.rewards import score_completions, warn_rows_without_reward
+
+        prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
+        token_lists = rollout.completion_token_lists()
+        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        if prompts and isinstance(prompts[0], list):  # chat prompts: completions as messages, as TRL passes them
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
+        columns = dataset.columns(indices, repeat)
+        with nvtx_range("rollout/reward"):
+            values = score_completions(self.funcs, prompts, completions, token_lists, columns,
+                                       trainer_state=self.trainer_state, log_extra=self.log_extra,
+                                       log_metric=self.log_metric)
+        warn_rows_without_reward(values, prompts, completions, columns)
+        per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in zip(*values)])
+        rewards = torch.nansum(per_func * self.weights, dim=1)  # rows where all are None -> 0, as TRL
+        return rewards, per_func
+
+    def log_metric(self, name: str, value: float) -> None:
+        """`log_metric` for reward functions (TRL): a scalar, averaged into this step's record under `name`."""
+        self.logs["metric"].setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """`log_extra` for reward functions (TRL: a completions-table column): in the step record as
+        `extra/<column>`, the mean of numbers (else the values themselves)."""
+        self.logs["extra"].setdefault(column, []).extend(values)
+
+    def flush_logs(self) -> dict:
+        """What the reward functions logged since the last flush, as step-record entries (then cleared)."""
+        out: dict = {name: sum(v) / len(v) for name, v in self.logs["metric"].items() if v}
+        for column, values in self.logs["extra"].items():
+            numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            out[f"extra/{column}"] = sum(values) / len(values) if numeric else list(values)
+        self.logs = {"metric": {}, "extra": {}}
+        return out
+
+
+def resolve_rewards(funcs) -> tuple[list[RewardFunc], list[str]]:
+    """Reward functions (callables or registered names, rewards.py) and their names."""
+    funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
+    resolved, names = [], []
+    for f in funcs:
+        if isinstance(f, str):
+            from dash_fast.rewards import get_reward_func
+
+            f = get_reward_func(f)
+        if not callable(f):
+            raise ValueError(f"reward function {f!r} is not callable")
+        resolved.append(f)
+        names.append(getattr(f, "__name__", type(f).__name__))
+    return resolved, names
+
+
+class Collector:
+    """Prompts -> rollout -> rewards for one step (see the module docstring); `collect` is the entry."""
+
+    def __init__(self, args: DashConfig, engine, data: PromptDataset, sampler: PromptSampler,
+                 rewards: RewardScorer, dist: ddp.DistInfo, overlap: OverlapScheduler | None,
+                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None) -> None:
+        self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
+        self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
+
+    def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None) -> SamplingParams:
+        a = self.args
+        return SamplingParams(
+            temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
+            max_new_tokens=max_new or a.max_completion_tokens, stop_token_ids=self.stop_ids,
+            seed=a.seed * 1_000_003 + step,  # a function of the step: resume samples the same tokens
+        )
+
+    def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
+        """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset).
+        `row_offset` (this rank's first row in the global rollout) keys the sampling seed, so a chunk
+        samples the same tokens whichever rank or process generates it."""
+        params = self.sampling_params(step)
+        params.seed += row_offset
+        size = self.args.generation_batch_size or len(prompt_ids)
+        with nvtx_range("rollout/generate"), ddp.gathered_params(self.fsdp_root):
+            if size >= len(prompt_ids):
+                return self.engine.generate(prompt_ids, params)
+            parts = []
+            for i in range(0, len(prompt_ids), size):
+                params.seed = self.sampling_params(step).seed + row_offset + i  # distinct, reproducible streams
+                parts.append(self.engine.generate(prompt_ids[i : i + size], params))
+            return Rollout.concat(parts, self.pad_id)
+
+    def collect(self, step: int, weights_version: int) -> Batch:
+        """Step `step`'s batch. `weights_version` counts the optimizer steps applied to the policy now."""
+        a = self.args
+        t_start = time.perf_counter()
+        job = self.rollout_for(step, weights_version)
+        # overlap: rollout step+1 from these same weights, now; with refill after the refill rounds, which
+        # use the engine and draw their prompts first (so a checkpoint can undo step+1's prompts alone)
+        ahead = self.overlap is not None and step < a.max_steps
+        if ahead and not a.refill:
+            self._prefetch(step + 1, weights_version)
+        t_gen = time.perf_counter() - t_start
+
+        t0 = time.perf_counter()
+        rollout, lag = job.rollout, weights_version - job.weights_version
+        rewards, per_func = self._score(job.indices, rollout, step)
+        if rewards is None:  # on_reward_error="skip": no update for this batch
+            t_gen += self._prefetch(step + 1, weights_version) if ahead and a.refill else 0.0
+            return Batch(step, rollout, None, None, None, [], lag, t_gen, time.perf_counter() - t0)
+        # every rank sees the whole rollout's rewards and lengths: same advantages, filter and normaliser
+        rewards, per_func = ddp.all_gather_rows(rewards, self.dist), ddp.all_gather_rows(per_func, self.dist)
+        lengths = ddp.all_gather_rows(rollout.completion_lengths, self.dist)
+        global_rows = list(range(job.row_offset, job.row_offset + len(rollout)))  # this rank's rows
+        refill = {}
+        if a.refill:
+            rollout, global_rows, rewards, per_func, lengths, refill = self._refill(
+                step, rollout, global_rows, rewards, per_func, lengths)
+        t_prefetch = self._prefetch(step + 1, weights_version) if ahead and a.refill else 0.0
+        t_reward = time.perf_counter() - t0 - refill.get("time_refill_s", 0.0) - t_prefetch
+        return Batch(step, rollout, rewards, per_func, lengths, global_rows, lag, t_gen + t_prefetch, t_reward,
+                     refill)
+
+    def rollout_for(self, step: int, weights_version: int) -> Prefetched:
+        """Step `step`'s prompts and rollout: the one sampled ahead (overlap=True) or a fresh one."""
+        job = self.overlap.take(step) if self.overlap is not None else None
+        if job is None:
+            job = self._draw_prompts(step, weights_version)
+            job.rollout = self._sample(job)
+        return job
+
+    def _draw_prompts(self, step: int, weights_version: int) -> Prefetched:
+        """The next `prompts_per_step` prompts (the same on every rank) and this rank's share of them."""
+        before = self.sampler.state_dict()
+        indices = self.sampler.next(self.args.prompts_per_step)
+        lo, hi = ddp.shard_range(len(indices), self.dist)  # this rank samples prompts [lo, hi)
+        return Prefetched(step, indices[lo:hi], lo * self.args.group_size, before, weights_version)
+
+    def _sample(self, job: Prefetched) -> Rollout:
+        G = self.args.group_size
+        prompt_ids = [self.data.prompt_ids[i] for i in job.indices for _ in range(G)]
+        return self.generate(prompt_ids, job.step, row_offset=job.row_offset)
+
+    def _prefetch(self, step: int, weights_version: int) -> float:
+        """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py).
+        Returns the seconds it took here: the sampling itself in order (CPU), the launch when concurrent."""
+        t0 = time.perf_counter()
+        job = self._draw_prompts(step, weights_version)
+        self.overlap.launch(job, lambda: self._sample(job))
+        return time.perf_counter() - t0
+
+    def _score(self, indices: list[int], rollout: Rollout, step: int):
+        """Rewards of this rank's rows; (None, None) when a reward function failed on any rank and
+        on_reward_error="skip". With "raise" the RewardError propagates and the last checkpoint stays."""
+        from dash_fast.rewards import RewardError
+
+        error: RewardError | None = None
+        try:
+            rewards, per_func = self.rewards.score(self.data, indices, rollout, self.args.group_size)
+        except RewardError as e:
+            error, rewards, per_func = e, None, None
+        if ddp.any_rank(error is not None, self.dist):
+            error = error or RewardError("a reward function failed on another rank")
+            if self.args.on_reward_error == "raise":
+                raise error
+            print(f"dash-fast: step {step}: {error}; batch skipped (on_reward_error=skip)")
+            return None, None
+        return rewards, per_func
+
+    def _refill(self, step: int, rollout: Rollout, global_rows: list[int], rewards: torch.Tensor,
+                per_func: torch.Tensor, lengths: torch.Tensor):
+        """DAPO-style dynamic sampling (`refill=True`): sample more prompts, G rows each, until the gradient
+        filter keeps at least `prompts_per_step * group_size` rows or `max_refill_rounds` rounds were drawn;
+        then cut the batch after the group holding the target-th kept row. Each round samples about the
+        missing rows divided by the kept rate so far (one large generation, not a prompt at a time).
+
+        Under torchrun every rank draws the same round of prompts (rounded up to a multiple of the world
+        size) and samples its contiguous share, as for the step's first rollout; rewards and lengths are
+        all-gathered, so every rank cuts at the same row. `rollout` and `global_rows` are this rank's rows
+        and their places in the joined batch; `rewards`, `per_func` and `lengths` cover all of it.
+        Returns them joined and cut, and the step's refill statistics."""
+        a, G, world = self.args, self.args.group_size, self.dist.world_size
+        target = a.rows_per_step
+        parts, global_rows, t0 = [rollout], list(global_rows), time.perf_counter()
+        first, rounds = len(rewards), 0
+        while True:
+            kept = algo.filter_rows(algo.group_advantages(rewards, G, a.scale_rewards), a.filter_tau)
+            if len(kept) >= target or rounds == a.max_refill_rounds:
+                break
+            rate = max(len(kept) / len(rewards), 1 / G)  # kept rows per sampled row so far
+            n_prompts = min(a.prompts_per_step, math.ceil((target - len(kept)) / rate / G))
+            n_prompts = -(-n_prompts // world) * world  # prompts_per_step splits over the ranks: still <= it
+            indices = self.sampler.next(n_prompts)  # the same on every rank
+            lo, hi = ddp.shard_range(n_prompts, self.dist)
+            prompt_ids = [self.data.prompt_ids[i] for i in indices[lo:hi] for _ in range(G)]
+            offset = len(rewards) + lo * G  # seeds continue the step's rows
+            more = self.generate(prompt_ids, step, row_offset=offset)
+            more_rewards, more_per_func = self._score(indices[lo:hi], more, step)
+            rounds += 1
+            if more_rewards is None:  # on_reward_error="skip": train on what was gathered so far
+                break
+            parts.append(more)
+            global_rows += range(offset, offset + len(more))
+            rewards = torch.cat([rewards, ddp.all_gather_rows(more_rewards, self.dist)])
+            per_func = torch.cat([per_func, ddp.all_gather_rows(more_per_func, self.dist)])
+            lengths = torch.cat([lengths, ddp.all_gather_rows(more.completion_lengths, self.dist)])
+        sampled = len(rewards)
+        if len(kept) >= target:  # the groups up to the target-th kept row; the later ones are not used
+            cut = (int(kept[target - 1]) // G + 1) * G
+            rewards, per_func, lengths = rewards[:cut], per_func[:cut], lengths[:cut]
+        rollout = Rollout.concat(parts, self.pad_id) if len(parts) > 1 else rollout
+        mine = [i for i, g in enumerate(global_rows) if g < len(rewards)]  # never empty: round 0 is kept whole
+        if len(mine) < len(rollout):
+            rollout, global_rows = rollout.select(mine), [global_rows[i] for i in mine]
+        stats = {"refill_rounds": rounds, "refill_rows": sampled - first,
+                 "refill_rows_unused": sampled - len(rewards), "time_refill_s": time.perf_counter() - t0}
+        return rollout, global_rows, rewards, per_func, lengths, stats

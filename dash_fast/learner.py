@@ -1,0 +1,292 @@
+"""The learner: the optimizer steps of one batch.
+
+K epochs (`updates_per_rollout`) x M minibatches of optimizer steps over the rows the filter kept; each
+step accumulates gradients over token-budget micro-batches with one global normaliser (algo.py), halves
+the budget and retries on out-of-memory, skips a step whose loss or gradient is non-finite, and pushes
+the new weights to the rollout engine. Under torchrun each rank trains its own rows of the joined batch
+(`global_rows` maps them) and gradients are summed over ranks; under FSDP2 a rank with fewer
+micro-batches runs zero-loss ones so that every rank takes part in the same collectives.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+
+from dash_fast import algo
+from dash_fast import distributed as ddp
+from dash_fast.config import DashConfig
+from dash_fast.data import pad_right
+from dash_fast.overlap import OverlapScheduler
+from dash_fast.profiling import nvtx_range
+from dash_fast.rollout.base import Rollout
+
+
+class TrainingAborted(RuntimeError):
+    """Training stopped on an error; the last checkpoint on disk is intact."""
+
+
+class Learner:
+    """Owns the optimizer side of training: `update` is the entry; the forward pieces (micro-batches,
+    hidden states, log-prob passes, the loss) are its methods so tests can count or wrap them."""
+
+    def __init__(self, args: DashConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler, engine, dist: ddp.DistInfo, overlap: OverlapScheduler | None = None,
+                 ref_model: torch.nn.Module | None = None, fsdp_root=None, shared_prompt: bool = False,
+                 pad_id: int = 0, device: torch.device | None = None) -> None:
+        self.args, self.model, self.optimizer, self.scheduler, self.engine = args, model, optimizer, scheduler, engine
+        self.dist, self.overlap, self.ref_model, self.fsdp_root = dist, overlap, ref_model, fsdp_root
+        self.shared_prompt, self.pad_id, self.device = shared_prompt, pad_id, device or torch.device("cpu")
+        self.micro_batch_tokens = args.micro_batch_tokens  # halved on out-of-memory; saved in checkpoints
+        self.nonfinite_in_a_row = 0
+        self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
+        self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
+
+    def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
+               global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
+        """K epochs x M minibatches of optimizer steps over the kept rows, each step accumulating
+        gradients over token-budget micro-batches with a global normaliser.
+
+        `advantages`, `kept` and `lengths` cover the whole (global) rollout; row i of this rank's
+        `rollout` is row `global_rows[i]` of it (None: the rollout is all of it, as in one process).
+        `step` (the optimizer step being trained) seeds the minibatch split."""
+        a = self.args
+        kept_rows = kept.tolist()
+        lengths = rollout.completion_lengths if lengths is None else lengths
+        global_rows = list(range(len(rollout))) if global_rows is None else global_rows
+        local_of = {g: i for i, g in enumerate(global_rows)}
+        local_adv = advantages[global_rows]
+
+        def local(rows: list[int]) -> list[int]:
+            return [local_of[r] for r in rows if r in local_of]
+
+        needs_old = a.updates_per_rollout > 1 or a.minibatches > 1
+        old = None
+        if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
+            old = rollout.sampling_logps
+        elif needs_old:
+            old = self.logprob_pass(self.model, rollout, local(kept_rows), "train/logprob_old")
+        ref = None
+        if self.ref_model is not None:
+            ref = self.logprob_pass(self.ref_model, rollout, local(kept_rows), "train/logprob_ref")
+
+        stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                 "skipped_steps": 0}
+        n_updates = 0
+        generator = torch.Generator().manual_seed(a.seed + step - 1)
+        for _ in range(a.updates_per_rollout):
+            for part in algo.split_minibatches(len(kept_rows), a.minibatches, generator):
+                rows = [kept_rows[i] for i in sorted(part.tolist())]
+                if a.normalize_over == "kept":
+                    norm = algo.loss_normaliser(a.loss_agg, lengths[rows], a.max_completion_tokens)
+                else:  # every sampled row counts; a minibatch carries its share of them
+                    norm = algo.loss_normaliser(a.loss_agg, lengths, a.max_completion_tokens)
+                    norm *= len(rows) / len(kept_rows)
+                weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
+                step_stats = self.optimizer_step(rollout, local(rows), local_adv, weights, old, ref, step)
+                n_updates += 1
+                for k in stats:
+                    stats[k] += step_stats.get(k, 0.0) or 0.0
+        for k in ("loss", "clip_fraction", "kl", "entropy", "grad_norm"):
+            stats[k] /= max(n_updates, 1)
+        stats["optimizer_steps"] = n_updates
+        return stats
+
+    def optimizer_step(self, rollout, rows, advantages, weights, old, ref, step: int = 1) -> dict:
+        """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory
+        (on every rank when any rank ran out, so the ranks stay in step)."""
+        while True:
+            sums, oom = None, False
+            try:
+                sums = self._accumulate(rollout, rows, advantages, weights, old, ref)
+            except torch.OutOfMemoryError:
+                oom = True
+            if not ddp.any_rank(oom, self.dist):
+                return self._apply(sums, step)
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.micro_batch_tokens <= 1:
+                raise TrainingAborted("out of memory in backward even with micro_batch_tokens=1")
+            self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
+            print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def _accumulate(self, rollout, rows, advantages, weights, old, ref) -> list[float]:
+        """Forward/backward over token-budget micro-batches of this rank's `rows`; returns loss sums."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        micros: list = self.micro_batches(rollout, rows) if rows else []
+        if self.fsdp_root is not None:  # same number of forwards on every rank
+            micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
+        total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
+        for micro in micros:
+            with nvtx_range("train/forward"):
+                self.forward_passes += 1
+                if micro is None:
+                    loss, st, n = self.fsdp_root(self._dummy_loss, rollout), None, 0
+                else:
+                    micro_rows = [rows[i] for i in micro]
+                    run = self._micro_loss if self.fsdp_root is None else partial(self.fsdp_root, self._micro_loss)
+                    loss, st, n = run(rollout, micro_rows, advantages, weights, old, ref)
+            with nvtx_range("train/backward"):
+                loss.backward()
+            if st is None:
+                continue
+            total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
+            clip_sum += float(st["clip_fraction"]) * n
+            kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
+            if st.get("entropy") is not None:
+                ent_sum += float(st["entropy"].sum())
+            tokens += n
+        return [total_loss, clip_sum, kl_sum, ent_sum, float(tokens)]
+
+    def _apply(self, sums: list[float], step: int) -> dict:
+        """Sum gradients (and loss statistics) over ranks, clip, and take the optimizer step unless the
+        loss or gradient is non-finite; then push the new weights to the engine."""
+        a = self.args
+        with nvtx_range("optim/step"):
+            if self.dist.enabled:
+                sums = [ddp.all_reduce_sum(v, self.dist) for v in sums]
+                if self.fsdp_root is None:  # FSDP2 reduce-scatters gradients itself during backward
+                    ddp.all_reduce_grads([p for p in self.model.parameters() if p.requires_grad], self.dist)
+            total_loss, clip_sum, kl_sum, ent_sum, tokens = sums
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            max_norm = a.max_grad_norm if a.max_grad_norm is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else 0.0
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
+            if finite:
+                if self.overlap is not None:  # the sampler of the next rollout must be done reading theta
+                    self.overlap.wait()
+                self.optimizer.step()
+                self.weights_version += 1
+                with nvtx_range("sync/weights"):
+                    self.engine.sync_weights(self.model)
+                self.nonfinite_in_a_row = 0
+            else:  # skip the step, keep the weights
+                self.optimizer.zero_grad(set_to_none=True)
+                self.nonfinite_in_a_row += 1
+                print(f"dash-fast: non-finite loss/grad at step {step}: step skipped "
+                      f"({self.nonfinite_in_a_row}/{a.max_nonfinite_steps})")
+                if self.nonfinite_in_a_row >= a.max_nonfinite_steps:
+                    raise TrainingAborted(f"{self.nonfinite_in_a_row} non-finite steps in a row "
+                                          f"(max_nonfinite_steps={a.max_nonfinite_steps})")
+            self.scheduler.step()
+        return {"loss": total_loss, "clip_fraction": clip_sum / max(tokens, 1),
+                "kl": kl_sum / max(tokens, 1) if a.beta > 0 else 0.0, "entropy": ent_sum / max(tokens, 1),
+                "grad_norm": grad_norm, "skipped_steps": 0 if finite else 1}
+
+    # ------------------------------------------------------------------ forward pieces
+    def _micro_loss(self, rollout, micro_rows, advantages, weights, old, ref):
+        """Forward + loss of one micro-batch. Under FSDP2 it runs inside the root's forward, where the
+        lm_head weight it reads directly is unsharded."""
+        a = self.args
+        hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
+        weight, bias = _lm_head(self.model)
+        loss, st = self.loss_fn(
+            hidden, weight, bias, targets,
+            self._per_token(advantages, rollout, micro_rows),
+            self._per_token(weights, rollout, micro_rows),
+            None if old is None else self._per_token(old, rollout, micro_rows),
+            None if ref is None else self._per_token(ref, rollout, micro_rows),
+            temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
+            tau=None,  # rows were filtered before this forward; the kept fallback row must stay
+            return_entropy=True,
+        )
+        return loss, st, targets.numel()
+
+    def _dummy_loss(self, rollout):
+        """A zero loss through every parameter: FSDP2 ranks with fewer micro-batches run it so that all
+        ranks take part in the same number of forward/backward collectives."""
+        hidden, _ = self.hidden_and_targets(self.model, rollout, [0])
+        weight, _ = _lm_head(self.model)
+        return hidden.sum() * 0.0 + weight.sum() * 0.0
+
+    def micro_batches(self, rollout: Rollout, rows: list[int]) -> list[list[int]]:
+        """Indices into `rows`, grouped into micro-batches of about `micro_batch_tokens` padded tokens."""
+        lengths = rollout.completion_lengths.tolist()
+        if self.shared_prompt:
+            from dash_fast.shared_prompt import pack_shared
+
+            return pack_shared([rollout.prompt_ids[r] for r in rows], [lengths[r] for r in rows],
+                               self.micro_batch_tokens)
+        return algo.pack_micro_batches([len(rollout.prompt_ids[r]) + lengths[r] for r in rows],
+                                       self.micro_batch_tokens)
+
+    def hidden_and_targets(self, model, rollout: Rollout, rows: list[int]):
+        """One forward of the decoder over prompt+completion rows; returns the hidden states that predict
+        each completion token, flattened to [N, H] in row order, with their targets."""
+        lengths = rollout.completion_lengths.tolist()
+        comp = rollout.completion_ids
+        if self.shared_prompt:
+            from dash_fast.shared_prompt import shared_prompt_hidden
+
+            return shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
+                                        [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id)
+        seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
+        ids, attn = pad_right(seqs, self.pad_id)
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        hidden = getattr(model, model.base_model_prefix)(input_ids=ids, attention_mask=attn).last_hidden_state
+        pred = torch.zeros_like(attn, dtype=torch.bool)
+        for j, r in enumerate(rows):
+            p = len(rollout.prompt_ids[r])
+            pred[j, p - 1 : p - 1 + lengths[r]] = True
+        targets = torch.cat([comp[r, : lengths[r]] for r in rows]).to(self.device)
+        return hidden[pred], targets
+
+    def _per_token(self, values: torch.Tensor, rollout: Rollout, rows: list[int]) -> torch.Tensor:
+        """Row-wise [B] or token-wise [B, L] values -> flat per completion token of `rows`."""
+        lengths = rollout.completion_lengths.tolist()
+        if values.dim() == 1:
+            out = torch.cat([values[r].expand(lengths[r]) for r in rows])
+        else:
+            out = torch.cat([values[r, : lengths[r]] for r in rows])
+        return out.to(self.device)
+
+    @torch.no_grad()
+    def logprob_pass(self, model, rollout: Rollout, rows: list[int], name: str) -> torch.Tensor:
+        """No-grad token log-probs of rollout rows, as a [B, L] tensor (old / ref passes)."""
+        out = torch.zeros_like(rollout.sampling_logps)
+        lengths = rollout.completion_lengths.tolist()
+        with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
+            for micro in self.micro_batches(rollout, rows):
+                micro_rows = [rows[i] for i in micro]
+                if model is self.model:
+                    self.forward_passes += 1
+                hidden, targets = self.hidden_and_targets(model, rollout, micro_rows)
+                weight, bias = _lm_head(model)
+                logp = self._logprobs(hidden, weight, bias, targets).float().cpu()
+                offset = 0
+                for r in micro_rows:
+                    out[r, : lengths[r]] = logp[offset : offset + lengths[r]]
+                    offset += lengths[r]
+        return out
+
+    def _logprobs(self, hidden, weight, bias, targets) -> torch.Tensor:
+        with nvtx_range(f"logprobs/{self.args.loss_impl}"):
+            if self.args.loss_impl == "fused":
+                from dash_kernels import fused_logprobs
+
+                return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
+            return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
+
+    def loss_fn(self, *inputs, **kwargs):
+        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or algo's naive reference)."""
+        impl = self.args.loss_impl
+        with nvtx_range(f"loss/{impl}"):  # the backward runs later, under train/backward
+            if impl == "fused":
+                from dash_kernels import fused_linear_pg_loss
+
+                return fused_linear_pg_loss(*inputs, **kwargs)
+            if impl == "liger":
+                from dash_kernels.liger_adapter import liger_pg_loss
+
+                return liger_pg_loss(*inputs, **kwargs)
+            return algo.naive_linear_pg_loss(*inputs, **kwargs)
+
+
+def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
