@@ -142,7 +142,8 @@ class DashConfig:
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
-        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", "must be float32, bfloat16 or float16")
+        need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16 (float16 is refused: "
+             "dash-fast has no loss scaler, and fp16 gradients underflow without one)")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare answers within a group)")

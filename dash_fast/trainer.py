@@ -75,6 +75,21 @@ def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
 
 
+def logit_transform(model: torch.nn.Module) -> str | None:
+    """Why the model's logits are not `hidden @ lm_head.T` (the loss and log-prob ops, and the engine, compute
+    exactly that), naming the config field; None when they are. Gemma-2/3 soft-cap them, Cohere and Granite
+    scale them after the head."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    checks = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+    for name, neutral in checks:
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            return (f"config.{name}={value} transforms the logits after the lm_head, which dash-fast's loss, "
+                    "log-prob and sampling ops do not apply")
+    return None
+
+
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":
@@ -130,6 +145,13 @@ class DashTrainer:
             keep_freed_memory()
         self.dist = ddp.init_distributed(self.device.type)
         self.model = load_model(model, args.dtype, self.device)
+        reason = logit_transform(self.model)
+        if reason:
+            raise ValueError(f"this model is not supported: {reason}")
+        if next(self.model.parameters()).dtype == torch.bfloat16 and self.dist.is_main:
+            print("dash-fast: dtype=bfloat16 trains the bf16 weights in place: no fp32 master copy, AdamW state in "
+                  "bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost; use dtype=float32 "
+                  "for exact updates")
         ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
@@ -222,7 +244,14 @@ class DashTrainer:
         advantages = algo.group_advantages(batch.rewards, a.group_size, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
         t0 = time.perf_counter()
-        train_stats = self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows, lengths=batch.lengths)
+        if a.beta == 0 and not bool((advantages[kept] != 0).any()):
+            # no kept row carries signal (every row filtered and the fallback row has A = 0): the loss and its
+            # gradient are exactly 0, so no forward/backward, no optimizer or LR-scheduler step
+            train_stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1}
+        else:
+            train_stats = {**self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows,
+                                         lengths=batch.lengths), "no_signal": 0}
         t_train, t_step = time.perf_counter() - t0, time.perf_counter() - t_start
         record = metrics.step_record(batch, kept, train_stats, self.rewards.names, self.rewards.accuracy_index,
                                      self._lr(), t_train, t_step)

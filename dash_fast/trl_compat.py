@@ -15,7 +15,8 @@ Differences from TRL worth knowing:
 - `per_device_train_batch_size` only sets the micro-batch token budget
   (`micro_batch_tokens = per_device_train_batch_size x (max_prompt_length + max_completion_length)`)
   unless `micro_batch_tokens` is given; micro-batches pack rows by tokens.
-- `bf16=True` / `fp16=True` train in that dtype (no autocast); the default is float32.
+- `bf16=True` trains the bf16 weights themselves (no autocast, no fp32 master copy: a warning says so);
+  `fp16=True` is refused (no loss scaler); the default is float32.
   `gradient_checkpointing` defaults to False (TRL: True).
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,

@@ -58,3 +58,29 @@ def test_fused_default_trains_and_records_plain_numbers(tmp_path, overrides, cli
         assert "refill_rounds" in last
     if overrides.get("overlap"):
         assert last["rollout_lag"] == trainer.state.log_history[0]["optimizer_steps"]  # sampled before step 1's
+
+
+def constant_reward(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+def test_a_step_without_signal_skips_forward_backward_optimizer_and_scheduler(tmp_path):
+    """Every group has one reward: all A = 0, the filter keeps only its fallback row (A = 0). The step does no
+    forward or backward pass and no optimizer or scheduler step; its record says so."""
+    tok = build_tokenizer()
+    train, _ = make_task(TINY, seed=0)
+    args = DashConfig(output_dir=str(tmp_path), max_steps=2, prompts_per_step=4, group_size=4,
+                      max_completion_tokens=8, report_to=[], disable_tqdm=True, lr_scheduler_type="linear",
+                      learning_rate=1e-2)
+    trainer = DashTrainer(build_model(tok, TINY, seed=0), constant_reward, args=args, train_dataset=train,
+                          processing_class=tok)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    lr = trainer.scheduler.get_last_lr()
+    trainer.train()
+    for record in trainer.state.log_history:
+        assert record["no_signal"] == 1 and record["optimizer_steps"] == 0 and record["kept_fraction"] == 1 / 16
+        assert_plain_numbers(record)
+    assert trainer.learner.forward_passes == 0
+    assert trainer.scheduler.get_last_lr() == lr and trainer.scheduler.last_epoch == 0
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert trainer.learner.weights_version == 0
