@@ -78,6 +78,9 @@ class Learner:
         generator = torch.Generator().manual_seed(a.seed + step - 1)
         for _ in range(a.updates_per_rollout):
             for part in algo.split_minibatches(len(kept_rows), a.minibatches, generator):
+                if part.numel() == 0:  # fewer kept rows than minibatches: no update, the LR schedule still advances
+                    self.scheduler.step()
+                    continue
                 rows = [kept_rows[i] for i in sorted(part.tolist())]
                 if a.normalize_over == "kept":
                     norm = algo.loss_normaliser(a.loss_agg, lengths[rows], a.max_completion_tokens)

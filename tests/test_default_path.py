@@ -43,10 +43,11 @@ def run(tmp_path, steps: int = 2, **overrides) -> DashTrainer:
     (dict(beta=0.04), False),
     (dict(updates_per_rollout=2), True),
     (dict(minibatches=2), True),
+    (dict(minibatches=3), True),  # 3 does not divide the kept rows
     (dict(overlap=True), True),  # step 2 trains on rows sampled before step 1's update: off-policy
     (dict(refill=True), False),
     (dict(beta=0.04, updates_per_rollout=2, minibatches=2, overlap=True, refill=True), True),
-], ids=["beta", "K2", "M2", "overlap", "refill", "all"])
+], ids=["beta", "K2", "M2", "M3", "overlap", "refill", "all"])
 def test_fused_default_trains_and_records_plain_numbers(tmp_path, overrides, clips):
     trainer = run(tmp_path, **overrides)
     last = trainer.state.log_history[-1]
@@ -56,6 +57,8 @@ def test_fused_default_trains_and_records_plain_numbers(tmp_path, overrides, cli
         assert last["kl"] > 0
     if overrides.get("refill"):
         assert "refill_rounds" in last
+    M, K = overrides.get("minibatches", 1), overrides.get("updates_per_rollout", 1)
+    assert trainer.scheduler.last_epoch == 2 * K * M  # the LR schedule counts max_steps * K * M updates
     if overrides.get("overlap"):
         assert last["rollout_lag"] == trainer.state.log_history[0]["optimizer_steps"]  # sampled before step 1's
 
