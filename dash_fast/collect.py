@@ -49,6 +49,28 @@ class Batch:
         return self.rewards is None
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, step: int, row: int) -> int:
+    """The 63-bit seed of the random stream that samples rows from global row `row` on at step `step`:
+    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (the
+    linear seed * 1_000_003 + step + row it replaces gave step 2 / row 0 the stream of step 1 / row 1, so
+    rank 1 of one step replayed rank 0's uniforms of a later one). Engines draw one stream per call from it
+    (torch: one generator; vLLM: seed + i per row, 2^63 apart from other calls' seeds but for chance)."""
+    x = 0
+    for v in (seed, step, row):
+        x = _splitmix64(x ^ (v & _MASK64))
+    return x >> 1
+
+
 class RewardScorer:
     """The reward functions (TRL's signature), their weights, and which one the accuracy is the mean of.
     Calls them as TRL 1.16 does (rewards.score_completions); what they report through `log_metric` /
@@ -132,27 +154,29 @@ class Collector:
         self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
         self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
 
-    def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None) -> SamplingParams:
+    def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,
+                        row: int = 0) -> SamplingParams:
+        """Sampling settings of step `step`; the seed keys the random stream of the rows from global row `row`
+        on (a function of seed, step and row: resume, any rank and any chunking sample the same tokens)."""
         a = self.args
         return SamplingParams(
             temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
             max_new_tokens=max_new or a.max_completion_tokens, stop_token_ids=self.stop_ids,
-            seed=a.seed * 1_000_003 + step,  # a function of the step: resume samples the same tokens
+            seed=stream_seed(a.seed, step, row),
         )
 
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
         """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset).
         `row_offset` (this rank's first row in the global rollout) keys the sampling seed, so a chunk
         samples the same tokens whichever rank or process generates it."""
-        params = self.sampling_params(step)
-        params.seed += row_offset
+        params = self.sampling_params(step, row=row_offset)
         size = self.args.generation_batch_size or len(prompt_ids)
         with nvtx_range("rollout/generate"), ddp.gathered_params(self.fsdp_root):
             if size >= len(prompt_ids):
                 return self.engine.generate(prompt_ids, params)
             parts = []
             for i in range(0, len(prompt_ids), size):
-                params.seed = self.sampling_params(step).seed + row_offset + i  # distinct, reproducible streams
+                params.seed = stream_seed(self.args.seed, step, row_offset + i)  # distinct, reproducible streams
                 parts.append(self.engine.generate(prompt_ids[i : i + size], params))
             return Rollout.concat(parts, self.pad_id)
 

@@ -87,3 +87,23 @@ def test_a_step_without_signal_skips_forward_backward_optimizer_and_scheduler(tm
     assert trainer.scheduler.get_last_lr() == lr and trainer.scheduler.last_epoch == 0
     assert all(torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
     assert trainer.learner.weights_version == 0
+
+
+def test_sampling_streams_are_distinct_across_seeds_steps_and_rows(tmp_path):
+    """Each (seed, step, global row) keys its own stream. The old linear seed (seed * 1_000_003 + step + row)
+    gave rank 1's rows of step 1 (row offset 1) the very stream of rank 0's rows at step 2."""
+    from dash_fast.collect import stream_seed
+
+    keys = [(s, t, r) for s in range(3) for t in range(60) for r in range(0, 256, 4)]
+    assert len({stream_seed(*k) for k in keys}) == len(keys)
+    tok = build_tokenizer()
+    train, _ = make_task(TINY, seed=0)
+    trainer = DashTrainer(build_model(tok, TINY, seed=0), constant_reward, processing_class=tok, train_dataset=train,
+                          args=DashConfig(output_dir=str(tmp_path), report_to=[], max_completion_tokens=12,
+                                          temperature=1.5, top_k=0))
+    prompts = [trainer.train_data.prompt_ids[0]] * 4
+    a = trainer.collector.generate(prompts, step=2, row_offset=0)
+    b = trainer.collector.generate(prompts, step=1, row_offset=1)
+    again = trainer.collector.generate(prompts, step=2, row_offset=0)
+    assert torch.equal(a.completion_ids, again.completion_ids)  # a function of its key: reproducible
+    assert not torch.equal(a.completion_ids, b.completion_ids)
