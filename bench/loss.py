@@ -6,10 +6,18 @@
 
 Providers: naive (materialised logits, eager), compile (torch.compile of naive), liger
 (LigerFusedLinearGRPOLoss, its default torch.compile of the loss math, [B, T] layout), dash_torch
-(chunked torch path), dash_triton (GPU only). Each provider gets the same on-policy GRPO problem
+(chunked torch path), dash_triton (Triton, bwd="dense": dZ chunks + cuBLAS GEMMs) and
+dash_triton_atomic (Triton, bwd="atomic"), both GPU only (or the interpreter under TRITON_INTERPRET=1:
+correctness plumbing, no meaningful time). Each provider gets the same on-policy GRPO problem
 (beta = 0, token-mean weights). dash_* filter in-op (tau = 0.1, dropped rows have A = 0); naive,
 compile and liger get only the kept rows (filtered by the caller, as a trainer without in-op
-filtering would), so the kept-fraction sweep compares equal useful work. TFLOPS count 8NHV x kept.
+filtering would), so the kept-fraction sweep compares equal useful work.
+
+FLOPs are counted per provider, as each one executes them (x kept): 6NHV for naive / compile /
+liger / dash_torch (forward 2NHV, the two gradient GEMMs 4NHV; liger and dash_torch form the
+gradient inside the forward from the same logits), 8NHV for dash_triton* (the backward recomputes the
+logits: 2NHV more). `pct_peak` is of the device's bf16 dense peak on GPU (whatever dtype runs),
+of a measured matmul of the run dtype on CPU.
 
 CPU bars (base shape, fp32), checked and printed at the end: dash_torch time <= 0.8 x liger, dash_torch
 peak memory (first call) <= 1/8 naive, time at kept fraction f <= 1.15 x f x time at f = 1.
@@ -21,6 +29,7 @@ not measured, and the script says so; the Triton kernels are only checked for co
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 dk = common.import_dash_kernels()
-PROVIDERS = ["naive", "compile", "liger", "dash_torch", "dash_triton"]
+PROVIDERS = ["naive", "compile", "liger", "dash_torch", "dash_triton", "dash_triton_atomic"]
+FLOPS_PER_NHV = {"naive": 6, "compile": 6, "liger": 6, "dash_torch": 6, "dash_triton": 8, "dash_triton_atomic": 8}
 
 
 def make_problem(n_rows: int, seq: int, hdim: int, vocab: int, kept: float, device: str, dtype: torch.dtype):
@@ -79,12 +89,13 @@ def make_step(provider: str, p: dict, device: str):
         mask = torch.ones(b, t, device=device)
         return wrap(lambda: liger(hidden[:k].view(b, t, -1), weight, p["targets"][:k].view(b, t), mask,
                                   p["row_adv"][:b])[0])
-    if provider in ("dash_torch", "dash_triton"):
+    if provider.startswith("dash_"):
         backend = provider.split("_")[1]
-        if backend == "triton" and torch.device(device).type != "cuda":
-            return "dash_triton needs a CUDA device (the Triton path is tested on CPU under TRITON_INTERPRET=1)"
+        bwd = "atomic" if provider.endswith("_atomic") else "dense"
+        if backend == "triton" and torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"{provider} needs a CUDA device (the Triton path is tested on CPU under TRITON_INTERPRET=1)"
         return wrap(lambda: dk.fused_linear_pg_loss(hidden, weight, None, p["targets"], p["advantages"],
-                                                    p["token_weights"], tau=0.1, backend=backend)[0])
+                                                    p["token_weights"], tau=0.1, backend=backend, bwd=bwd)[0])
     raise ValueError(provider)
 
 
@@ -98,6 +109,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--hidden", type=int, default=None)
+    ap.add_argument("--vocab", type=int, default=None)
+    ap.add_argument("--rows", type=int, default=None, help="sequences (N = rows x seq)")
+    ap.add_argument("--seq", type=int, default=None)
     args = ap.parse_args()
     common.set_threads(args.threads)
     device = args.device
@@ -107,14 +121,15 @@ def main() -> None:
     # (rows, seq, H, V): CPU base is the bar's B 8 x T 256, H 256, V 32000; GPU base a Qwen2.5-0.5B head.
     base = dict(rows=8, seq=256, hdim=256, vocab=32000) if not gpu else dict(rows=16, seq=1024, hdim=896,
                                                                              vocab=151936)
-    if args.hidden:
-        base["hdim"] = args.hidden
+    for key, val in (("hdim", args.hidden), ("vocab", args.vocab), ("rows", args.rows), ("seq", args.seq)):
+        if val:
+            base[key] = val
     sweeps = [("kept_fraction", [1.0, 0.5, 0.25])]
     if not args.quick:
         sweeps += [("N", [2, 4, 8, 16] if not gpu else [4, 8, 16, 32]),
                    ("V", [8192, 32000, 65536] if not gpu else [32000, 151936])]
     dev_name = common.device_name(device)
-    peak, peak_src = common.device_peak_tflops(device, dtype)
+    peak, peak_src = common.device_peak_tflops(device, torch.bfloat16 if gpu else dtype)
     print(f"device: {dev_name}, dtype {dtype}, peak {peak:.2f} TFLOPS ({peak_src})")
     if not gpu:
         print("no CUDA device: the GPU figures (dash_triton speed, bf16, % of GPU peak) are NOT measured in this run")
@@ -133,7 +148,7 @@ def main() -> None:
             prob = make_problem(cfg["rows"], cfg["seq"], cfg["hdim"], cfg["vocab"], kept, device, dtype)
             kept = prob["n_kept_rows"] / cfg["rows"]
             xv = n if x_name == "N" else x
-            flops = 8 * n * cfg["hdim"] * cfg["vocab"] * kept
+            nhv = n * cfg["hdim"] * cfg["vocab"] * kept
             print(f"\n== {x_name} = {xv}: N {n}, H {cfg['hdim']}, V {cfg['vocab']}, kept {kept:.2f}")
             note = f"H={cfg['hdim']} V={cfg['vocab']} N={n}"
             steps, mems = {}, {}
@@ -156,13 +171,14 @@ def main() -> None:
             losses = {prov: step.last_loss for prov, step in steps.items()}
             for prov, t in times.items():
                 mem, note_mem = mems[prov]
+                flops = FLOPS_PER_NHV[prov] * nhv
                 common_kw = dict(name="loss", provider=prov, x_name=x_name, x_value=xv, device=dev_name,
                                  dtype=str(dtype).replace("torch.", ""), filter_fraction=round(1 - kept, 4))
                 rows += [
                     common.row(metric="time_fwd_bwd", p=t, unit="ms", note=note, **common_kw),
                     common.row(metric="peak_memory", p=(mem / 2**20,) * 3, unit="MiB", note=note_mem, **common_kw),
                     common.row(metric="tflops", p=tuple(flops / (ms * 1e-3) / 1e12 for ms in t[::-1]), unit="TFLOPS",
-                               note=f"{note}; 8NHV x kept", **common_kw),
+                               note=f"{note}; {FLOPS_PER_NHV[prov]}NHV x kept", **common_kw),
                     common.row(metric="pct_peak", p=tuple(100 * flops / (ms * 1e-3) / 1e12 / peak for ms in t[::-1]),
                                unit="%", note=f"{note}; of {peak:.2f} TFLOPS ({peak_src})", **common_kw),
                 ]
@@ -193,7 +209,7 @@ def print_ratios(rows: list[dict]) -> None:
 
     print("\nratios (p50):")
     points = sorted({(r["x_name"], r["x_value"]) for r in rows}, key=lambda p: (p[0], float(p[1])))
-    for prov in ("dash_torch", "dash_triton"):
+    for prov in ("dash_torch", "dash_triton", "dash_triton_atomic"):
         for x_name, xv in points:
             t = get(prov, "time_fwd_bwd", x_name, xv)
             if t is None:

@@ -9,7 +9,7 @@ recipe's settings (64 prompts x G = 8, temperature 0.9, top_k 50, 24 completion 
 seed 0); they differ only in what each table varies:
   1. GRPO (preset grpo: generate in batches of 8 rows, no filter) vs No-GF (preset dash, tau none:
      preemptive sampling only) vs DASH (preset dash: tau 0.1): time and held-out accuracy
-  2. PG (K = 1) vs PPO Multi (updates_per_rollout = 3) vs PPO Mini (minibatches = 8): accuracy
+  2. PG (K = 1) vs PPO Multi (epochs_per_rollout = 3) vs PPO Mini (minibatches = 8): accuracy
   3. KL (beta = 0.04) vs No-KL (beta = 0): accuracy and completion length
 DASH is also the PG and No-KL row. Variants step round-robin (as bench/e2e.py), so background load on a
 shared machine hits all alike; training wall time excludes evaluation (greedy, held-out). Writes
@@ -36,7 +36,7 @@ VARIANTS = {
                    "every sampled row, so dropping A = 0 rows leaves the gradient exactly No-GF's)"),
     "DASH-refill": ("dash", {"refill": True}, "DASH with refill (DAPO-style dynamic sampling: more prompts are "
                     "sampled until the filter keeps prompts x G rows)"),
-    "PPO Multi": ("dash", {"updates_per_rollout": 3}, "DASH + updates_per_rollout 3 (K = 3 epochs)"),
+    "PPO Multi": ("dash", {"epochs_per_rollout": 3}, "DASH + epochs_per_rollout 3 (K = 3 epochs)"),
     "PPO Mini": ("dash", {"minibatches": 8}, "DASH + minibatches 8 (8 optimizer steps per rollout)"),
     "KL": ("dash", {"beta": 0.04}, "DASH + beta 0.04 (k3 KL to the warm start)"),
 }

@@ -1,6 +1,8 @@
-"""DASH's algorithm as pure functions: advantages, the gradient filter, loss aggregation, the PG loss.
+"""DASH's algorithm as pure functions: advantages, the gradient filter, loss aggregation, micro-batches.
 
 Formulas are in shared DESIGN.md section 1. Everything here is unit-tested against hand-computed values.
+The per-token PG loss (clipped surrogate + k3 KL) is written once, in dash_kernels.utils.pg_token_loss;
+the naive loss on materialised logits (`loss_impl=naive`) is dash_kernels.pg_loss_ref.
 """
 
 from __future__ import annotations
@@ -72,88 +74,6 @@ def token_weights(
     if loss_agg in ("token-mean", "dr_grpo"):
         return mask / normaliser
     raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
-
-
-def pg_token_loss(
-    logp: torch.Tensor,
-    advantages: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    eps_low: float,
-    eps_high: float,
-    beta: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token clipped surrogate + beta * k3 KL. Returns (loss_t, clip_active_t, kl_t or None).
-
-    old_logp None means on-policy: the ratio is exp(logp - logp.detach()) = 1 in value, grad log p.
-    """
-    old = logp.detach() if old_logp is None else old_logp
-    ratio = torch.exp(logp - old)
-    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
-    loss = -torch.minimum(ratio * advantages, clipped * advantages)
-    clip_active = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
-    kl = None
-    if beta > 0:
-        if ref_logp is None:
-            raise ValueError("beta > 0 needs ref_logp")
-        delta = ref_logp - logp
-        kl = torch.exp(delta) - delta - 1
-        loss = loss + beta * kl
-    return loss, clip_active, kl
-
-
-def naive_linear_pg_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    targets: torch.Tensor,
-    advantages: torch.Tensor,
-    token_weights: torch.Tensor,
-    old_logp: torch.Tensor | None,
-    ref_logp: torch.Tensor | None,
-    *,
-    temperature: float = 1.0,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    beta: float = 0.0,
-    tau: float | None = None,
-    return_entropy: bool = False,
-) -> tuple[torch.Tensor, dict]:
-    """The trainer's `loss_impl=naive`: materialises the N x V logits. Same contract as the fused op."""
-    if beta > 0 and ref_logp is None:
-        raise ValueError("beta > 0 needs ref_logp")
-    keep = token_weights != 0
-    if tau is not None:
-        keep &= advantages.abs() > tau
-    idx = keep.nonzero().view(-1)
-    h, y, a, w = hidden[idx], targets[idx], advantages[idx], token_weights[idx]
-    compute = torch.promote_types(hidden.dtype, torch.float32)  # fp32 at least; fp64 stays fp64
-    logits = torch.nn.functional.linear(h, weight, bias).to(compute) / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
-    logp = logprobs.gather(1, y.view(-1, 1)).view(-1)
-    old = None if old_logp is None else old_logp[idx].to(compute)
-    ref = None if ref_logp is None else ref_logp[idx].to(compute)
-    loss_t, clip_active, kl = pg_token_loss(logp, a.to(compute), old, ref, eps_low, eps_high, beta)
-    loss = (loss_t * w.to(compute)).sum()
-    stats: dict = {
-        "logp": torch.zeros(hidden.shape[0], dtype=compute).index_copy(0, idx, logp.detach()),
-        "clip_fraction": clip_active.float().mean().item() if idx.numel() else 0.0,
-        "kl_mean": kl.detach().mean().item() if kl is not None and idx.numel() else None,
-        "kept_tokens": int(idx.numel()),
-    }
-    if return_entropy:
-        ent = -(logprobs.exp() * logprobs).sum(-1).detach()
-        stats["entropy"] = torch.zeros(hidden.shape[0], dtype=compute).index_copy(0, idx, ent)
-    return loss, stats
-
-
-def naive_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    compute = torch.promote_types(hidden.dtype, torch.float32)
-    logits = torch.nn.functional.linear(hidden, weight, bias).to(compute) / temperature
-    return torch.log_softmax(logits, dim=-1).gather(1, targets.view(-1, 1)).view(-1)
 
 
 def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:

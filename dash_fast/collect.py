@@ -20,6 +20,7 @@ from dash_fast import algo
 from dash_fast import distributed as ddp
 from dash_fast.config import DashConfig
 from dash_fast.data import PromptDataset, PromptSampler
+from dash_fast.device_setup import prepare_engine
 from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import nvtx_range
 from dash_fast.rollout.base import Rollout, SamplingParams
@@ -153,6 +154,7 @@ class Collector:
                  pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None) -> None:
         self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
         self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
+        self.engine_prepared = False  # prepare_engine_once
 
     def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,
                         row: int = 0) -> SamplingParams:
@@ -214,10 +216,24 @@ class Collector:
     def rollout_for(self, step: int, weights_version: int) -> Prefetched:
         """Step `step`'s prompts and rollout: the one sampled ahead (overlap=True) or a fresh one."""
         job = self.overlap.take(step) if self.overlap is not None else None
+        if self.overlap is not None:
+            self.prepare_engine_once()
         if job is None:
             job = self._draw_prompts(step, weights_version)
             job.rollout = self._sample(job)
+            if self.args.kv_cache_release and hasattr(self.engine, "release"):
+                self.engine.release()  # its cache and graphs are rebuilt at the next generate
         return job
+
+    def prepare_engine_once(self) -> None:
+        """overlap=True: the engine's cache for the largest call and every CUDA graph, on the main thread,
+        before the first rollout (a later, larger reserve would drop the graphs) and so before any worker
+        samples. `engine_prepared = False` (after an eval that may have grown the cache) repeats it."""
+        if not self.engine_prepared:
+            a = self.args
+            prepare_engine(self.engine, min(a.generation_batch_size or a.rows_per_step, a.rows_per_step),
+                           a.max_prompt_tokens, a.max_completion_tokens)
+            self.engine_prepared = True
 
     def _draw_prompts(self, step: int, weights_version: int) -> Prefetched:
         """The next `prompts_per_step` prompts (the same on every rank) and this rank's share of them."""
@@ -235,6 +251,7 @@ class Collector:
         """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py).
         Returns the seconds it took here: the sampling itself in order (CPU), the launch when concurrent."""
         t0 = time.perf_counter()
+        self.prepare_engine_once()
         job = self._draw_prompts(step, weights_version)
         self.overlap.launch(job, lambda: self._sample(job))
         return time.perf_counter() - t0

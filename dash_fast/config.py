@@ -52,8 +52,10 @@ class DashConfig:
     reward_funcs: list[str] | None = None  # None: the dataset format's (exact_answer, math for gsm8k/math, code)
     reward_weights: list[float] | None = None
     accuracy_reward: str | None = None  # reward whose mean is "accuracy"; default: the first one
+    sandbox: str = "namespaces"  # code reward: namespaces (contained; refuses if unavailable) | unsafe-local
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "float32"  # float32 | bfloat16
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (float16 refused)
+    deterministic: bool = False  # bwd="dense" loss + deterministic torch/cuBLAS settings on CUDA (README)
     # --- sampling (one rollout per optimizer step) ---
     prompts_per_step: int = 64
     group_size: int = 4
@@ -73,12 +75,14 @@ class DashConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: same as epsilon
     beta: float = 0.0
-    updates_per_rollout: int = 1  # K (PPO "Multi" when > 1)
+    epochs_per_rollout: int = 1  # K passes over each rollout (TRL's num_iterations; PPO "Multi" when > 1)
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
     loss_impl: str = "fused"  # fused | naive | liger
+    triton_bwd: str = "dense"  # fused loss on CUDA: dense (dZ + GEMMs, no atomics) | atomic (fp32 atomics)
     train_forward: str = "auto"  # auto (shared_prompt on CPU) | shared_prompt (each prompt once per group) | hf
     overlap: bool = False
+    kv_cache_release: bool = False  # free the embedded engine's KV cache + CUDA graphs across each update
     engine: str = "torch"  # torch | vllm
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm: vLLM's share of the GPU (KV cache + weights)
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
@@ -107,8 +111,15 @@ class DashConfig:
     # --- embedded default ---
     sft: SFTConfig = field(default_factory=SFTConfig)
     tiny: TinyConfig = field(default_factory=TinyConfig)
+    # --- accepted old names (not stored; see ALIASES) ---
+    updates_per_rollout: dataclasses.InitVar[int | None] = None  # = epochs_per_rollout
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, updates_per_rollout: int | None = None) -> None:
+        if updates_per_rollout is not None:
+            if self.epochs_per_rollout not in (1, updates_per_rollout):
+                raise ConfigError(f"config: updates_per_rollout={updates_per_rollout!r} and epochs_per_rollout="
+                                  f"{self.epochs_per_rollout!r}: the same K under its old and new name; set one")
+            self.epochs_per_rollout = updates_per_rollout
         for name, cls in (("sft", SFTConfig), ("tiny", TinyConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _build(cls, getattr(self, name), prefix=f"{name}."))
@@ -134,6 +145,7 @@ class DashConfig:
         need(self.normalize_over in ("kept", "all"), "normalize_over", "must be 'kept' or 'all'")
         need(self.loss_impl in ("fused", "naive", "liger"), "loss_impl", "must be fused, naive or liger")
         need(self.engine in ("torch", "vllm"), "engine", "must be torch or vllm")
+        need(self.sandbox in ("namespaces", "unsafe-local"), "sandbox", "must be namespaces or unsafe-local")
         need(self.train_forward in ("auto", "shared_prompt", "hf"), "train_forward",
              "must be auto, shared_prompt or hf")
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
@@ -142,8 +154,13 @@ class DashConfig:
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
-        need(self.dtype in ("float32", "bfloat16"), "dtype", "must be float32 or bfloat16 (float16 is refused: "
-             "dash-fast has no loss scaler, and fp16 gradients underflow without one)")
+        need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16 (float16 is "
+             "refused: dash-fast has no loss scaler, and fp16 gradients underflow without one)")
+        need(self.triton_bwd in ("dense", "atomic"), "triton_bwd", "must be dense or atomic")
+        need(not (self.deterministic and self.triton_bwd == "atomic"), "triton_bwd",
+             "atomic sums depend on scheduling order: deterministic=True needs triton_bwd=dense")
+        need(not (self.kv_cache_release and self.overlap), "kv_cache_release",
+             "the sampler runs during the update with overlap=True: its cache cannot be freed then")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare answers within a group)")
@@ -151,7 +168,7 @@ class DashConfig:
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0 for sampling")
         need(self.filter_tau is None or self.filter_tau >= 0, "filter_tau", "must be >= 0 or None")
-        need(self.updates_per_rollout >= 1, "updates_per_rollout", "must be >= 1")
+        need(self.epochs_per_rollout >= 1, "epochs_per_rollout", "must be >= 1")
         need(1 <= self.minibatches <= self.rows_per_step, "minibatches", "must be in [1, rows per step]")
         need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         need(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
@@ -168,6 +185,33 @@ class DashConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _updates_per_rollout(self: DashConfig) -> int:
+    return self.epochs_per_rollout
+
+
+def _set_updates_per_rollout(self: DashConfig, value: int) -> None:
+    self.epochs_per_rollout = value
+
+
+# the old name reads and writes the field (the dataclass's __init__ takes it through the InitVar above)
+DashConfig.updates_per_rollout = property(_updates_per_rollout, _set_updates_per_rollout)  # type: ignore[assignment]
+
+ALIASES = {"updates_per_rollout": "epochs_per_rollout"}  # old key -> key, in files, overrides and GRPOConfig
+
+
+def _renamed(layer: dict[str, Any]) -> dict[str, Any]:
+    """A config layer with old key names (ALIASES) written as the new ones."""
+    out = dict(layer)
+    for old, new in ALIASES.items():
+        if old in out:
+            value = out.pop(old)
+            if new in out and out[new] != value:
+                raise ConfigError(f"config: {old}={value!r} and {new}={out[new]!r}: the same setting under its "
+                                  f"old and new name; set one")
+            out[new] = value
+    return out
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -211,7 +255,8 @@ def _check_types(obj, prefix: str = "") -> None:
                 setattr(obj, f.name, [value])
 
 
-def _nearest(name: str, choices: list[str], prefix: str = "") -> str:
+def did_you_mean(name: str, choices: list[str], prefix: str = "") -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` to a misspelt `name`, else ''."""
     close = difflib.get_close_matches(name, choices, n=1)
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
@@ -220,7 +265,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls)]
     for key in values:
         if key not in names:
-            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, names, prefix)}")
+            raise ConfigError(f"config: unknown key {prefix + key!r}{did_you_mean(key, names, prefix)}")
     return cls(**values)
 
 
@@ -229,7 +274,7 @@ def merge(base: dict[str, Any], update: dict[str, Any], prefix: str = "") -> dic
     out = dict(base)
     for key, value in update.items():
         if key not in base:
-            raise ConfigError(f"config: unknown key {prefix + key!r}{_nearest(key, list(base), prefix)}")
+            raise ConfigError(f"config: unknown key {prefix + key!r}{did_you_mean(key, list(base), prefix)}")
         if isinstance(base[key], dict) and isinstance(value, dict):
             out[key] = merge(base[key], value, prefix=f"{prefix}{key}.")
         else:
@@ -262,6 +307,7 @@ def make_config(
 ) -> DashConfig:
     """Build a validated DashConfig from every layer (see the module docstring for precedence)."""
     tree = DashConfig().to_dict()
+    base = _renamed(base) if base else base
     if base:
         tree = merge(tree, {k: v for k, v in base.items() if k != "preset"})
     file_values: dict[str, Any] = {}
@@ -270,8 +316,8 @@ def make_config(
             file_values = yaml.safe_load(f) or {}
         if not isinstance(file_values, dict):
             raise ConfigError(f"config: {file} must hold a mapping of keys to values")
-    layers = [file_values, {k: v for k, v in (flags or {}).items() if v is not None},
-              parse_overrides(overrides or [])]
+    layers = [_renamed(layer) for layer in (file_values, {k: v for k, v in (flags or {}).items() if v is not None},
+                                             parse_overrides(overrides or []))]
     chosen = preset or (base or {}).get("preset")
     for layer in layers:
         chosen = layer.get("preset", chosen)

@@ -1,6 +1,6 @@
 """The learner: the optimizer steps of one batch.
 
-K epochs (`updates_per_rollout`) x M minibatches of optimizer steps over the rows the filter kept; each
+K epochs (`epochs_per_rollout`) x M minibatches of optimizer steps over the rows the filter kept; each
 step accumulates gradients over token-budget micro-batches with one global normaliser (algo.py), halves
 the budget and retries on out-of-memory, skips a step whose loss or gradient is non-finite, and pushes
 the new weights to the rollout engine. Under torchrun each rank trains its own rows of the joined batch
@@ -62,7 +62,7 @@ class Learner:
         def local(rows: list[int]) -> list[int]:
             return [local_of[r] for r in rows if r in local_of]
 
-        needs_old = a.updates_per_rollout > 1 or a.minibatches > 1
+        needs_old = a.epochs_per_rollout > 1 or a.minibatches > 1
         old = None
         if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
             old = rollout.sampling_logps
@@ -76,7 +76,7 @@ class Learner:
                  "skipped_steps": 0}
         n_updates = 0
         generator = torch.Generator().manual_seed(a.seed + step - 1)
-        for _ in range(a.updates_per_rollout):
+        for _ in range(a.epochs_per_rollout):
             for part in algo.split_minibatches(len(kept_rows), a.minibatches, generator):
                 if part.numel() == 0:  # fewer kept rows than minibatches: no update, the LR schedule still advances
                     self.scheduler.step()
@@ -273,21 +273,25 @@ class Learner:
                 from dash_kernels import fused_logprobs
 
                 return fused_logprobs(hidden, weight, bias, targets, temperature=self.args.temperature)
-            return algo.naive_logprobs(hidden, weight, bias, targets, self.args.temperature)
+            from dash_kernels import logprobs_ref
+
+            return logprobs_ref(hidden, weight, bias, targets, temperature=self.args.temperature)
 
     def loss_fn(self, *inputs, **kwargs):
-        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or algo's naive reference)."""
+        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or the naive reference)."""
         impl = self.args.loss_impl
         with nvtx_range(f"loss/{impl}"):  # the backward runs later, under train/backward
             if impl == "fused":
                 from dash_kernels import fused_linear_pg_loss
 
-                return fused_linear_pg_loss(*inputs, **kwargs)
+                return fused_linear_pg_loss(*inputs, bwd=self.args.triton_bwd, **kwargs)
             if impl == "liger":
                 from dash_kernels.liger_adapter import liger_pg_loss
 
                 return liger_pg_loss(*inputs, **kwargs)
-            return algo.naive_linear_pg_loss(*inputs, **kwargs)
+            from dash_kernels import pg_loss_ref
+
+            return pg_loss_ref(*inputs, **kwargs)
 
 
 def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -120,7 +120,7 @@ def step_record(batch, kept, train_stats: dict, reward_names: list[str], accurac
         "step": batch.step,
         "reward_mean": rewards.mean().item(),
         "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
-        "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),
+        "accuracy": torch.nanmean(acc).item() if not acc.isnan().all() else float("nan"),  # accuracy reward mean
         "kept_fraction": kept.numel() / len(rewards),
         "completion_len_mean": lengths.mean().item(),
         "time_generate_s": batch.time_generate_s,
@@ -162,3 +162,11 @@ def run_summary(steps: int, finished: bool, records: list[dict], eval_history: l
         "kept_fraction_mean": sum(r["kept_fraction"] for r in records) / max(len(records), 1),
         "config": config,
     }
+
+
+def write_summary(output_dir: str, summary: dict, plots: bool = True) -> None:
+    """summary.json, and the plots of metrics.jsonl when there are records."""
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if plots:
+        plot_run(output_dir)

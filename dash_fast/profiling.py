@@ -7,10 +7,10 @@ the same names as an Nsight Systems timeline.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
+from dash_kernels.utils import nvtx_range as _nvtx_range
 
 _tracing = False  # a torch.profiler trace is recording (ranges become record_function blocks)
 
@@ -18,15 +18,9 @@ RANGES = ("rollout/generate", "rollout/reward", "train/logprob_old", "train/logp
           "train/backward", "optim/step", "sync/weights")
 
 
-@contextlib.contextmanager
 def nvtx_range(name: str):
-    with contextlib.ExitStack() as stack:
-        if _tracing:
-            stack.enter_context(torch.profiler.record_function(name))
-        if torch.cuda.is_available():
-            torch.cuda.nvtx.range_push(name)
-            stack.callback(torch.cuda.nvtx.range_pop)
-        yield
+    """dash_kernels' NVTX range: pushed when CUDA is present, a torch.profiler label while tracing."""
+    return _nvtx_range(name, torch.cuda.is_available(), label=_tracing)
 
 
 def parse_steps(spec: str | None) -> tuple[int, int] | None:

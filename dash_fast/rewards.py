@@ -285,13 +285,18 @@ CODE_WORKERS = 2
 
 
 def make_code_reward(
-    timeout_s: float = CODE_TIMEOUT_S, memory_mb: int = CODE_MEMORY_MB, max_workers: int = CODE_WORKERS
+    timeout_s: float = CODE_TIMEOUT_S,
+    memory_mb: int = CODE_MEMORY_MB,
+    max_workers: int = CODE_WORKERS,
+    sandbox: str | None = None,
 ) -> RewardFunc:
-    """An MBPP-style code reward with these sandbox limits (see :func:`code_reward`)."""
+    """An MBPP-style code reward with these sandbox limits (see :func:`code_reward`). ``sandbox``:
+    "namespaces" | "unsafe-local" | None (the process default, set from the trainer's config)."""
 
     def code_reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]:
         """1.0 if the completion's code (:func:`extract_code`) passes every assert in ``test_list``
-        (all-pass, as MBPP pass@1), else 0.0. Runs in :mod:`dash_fast.sandbox`. Optional MBPP columns:
+        (all-pass, as MBPP pass@1), else 0.0. Runs in :mod:`dash_fast.sandbox`, which judges the asserts
+        outside the program and refuses to run (SandboxUnavailable) without containment. Optional MBPP columns:
         ``test_imports`` (run before the code) and ``test_setup_code`` (after it). Rows without tests: None.
         """
         from dash_fast.sandbox import run_many
@@ -312,11 +317,12 @@ def make_code_reward(
             jobs.append(("\n".join(parts), [str(t) for t in row_tests]))
         scores: list[float | None] = [None] * n
         for i, result in zip(
-            rows, run_many(jobs, max_workers=max_workers, timeout_s=timeout_s, memory_mb=memory_mb)
+            rows, run_many(jobs, max_workers=max_workers, timeout_s=timeout_s, memory_mb=memory_mb, sandbox=sandbox)
         ):
             scores[i] = float(result.passed)
         return scores
 
+    code_reward.needs_sandbox = True  # the trainer checks the sandbox before it starts
     return code_reward
 
 

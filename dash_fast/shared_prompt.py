@@ -20,7 +20,9 @@ from dash_fast.data import pad_left
 from dash_fast.rollout.torch_engine import (
     _linear_add,
     _rms_norm,
+    mlp_residual,
     prompt_attention_mask,
+    qkv_projections,
     static_unsupported,
     unique_prompts,
 )
@@ -72,7 +74,9 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D]."""
+    """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D]. Not the engine's
+    StaticDecoder._rope (a cache-slot table with the softmax scale folded into the queries, rotate_half as
+    a matmul): this one keeps HF's op order, so the training forward's values track the model's own."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
@@ -117,12 +121,7 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         attn = layer.self_attn
         D = attn.head_dim
         h = _norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
-        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(-1, nh, D)
-        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(-1, nkv, D)
-        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(-1, nkv, D)
-        if hasattr(attn, "q_norm"):  # Qwen3
-            q = _norm(q, attn.q_norm.weight, cfg.rms_norm_eps)
-            k = _norm(k, attn.k_norm.weight, cfg.rms_norm_eps)
+        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, cfg.rms_norm_eps)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         gqa = nkv != nh
         q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
@@ -133,10 +132,8 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask_c, scale=attn.scaling, enable_gqa=gqa)
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
         x = _linear_add(x, o, attn.o_proj)
-        mlp = layer.mlp
         h = _norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-        x = _linear_add(x, mlp.act_fn(F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias))
-                        * F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias), mlp.down_proj)
+        x = mlp_residual(x, h, layer.mlp)
 
     # row r: the prompt's last position predicts token 0, completion position j predicts token j + 1
     index = []

@@ -12,7 +12,6 @@ and metrics.py (the step record).
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import signal
@@ -37,6 +36,7 @@ from dash_fast.collect import Collector, RewardFunc, RewardScorer
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler
+from dash_fast.device_setup import make_deterministic, resolve_dtype
 from dash_fast.evaluation import greedy_accuracy
 from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
@@ -143,8 +143,10 @@ class DashTrainer:
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
             keep_freed_memory()
+        if args.deterministic:
+            make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
-        self.model = load_model(model, args.dtype, self.device)
+        self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
         reason = logit_transform(self.model)
         if reason:
             raise ValueError(f"this model is not supported: {reason}")
@@ -164,6 +166,11 @@ class DashTrainer:
             self.pad_id = self.tokenizer.eos_token_id
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format],
                                     args.reward_weights, args.accuracy_reward, self.tokenizer)
+        if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
+            from dash_fast.sandbox import set_default_sandbox
+
+            set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
+
         data_kwargs = dict(prompt_column=args.prompt_column if self.dataset_format == "prompt" else "prompt",
                            max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
                            use_chat_template=args.use_chat_template)
@@ -183,8 +190,8 @@ class DashTrainer:
         self.engine = make_engine(args, self.model, self.tokenizer, self.pad_id)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
-        self.overlap = OverlapScheduler(self.device, concurrent=getattr(self.engine, "thread_safe", False)) \
-            if args.overlap else None
+        concurrent = getattr(self.engine, "can_sample_concurrently", False)
+        self.overlap = OverlapScheduler(self.device, concurrent=concurrent) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
 
@@ -192,7 +199,7 @@ class DashTrainer:
             [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
             betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
         )
-        total_updates = max(1, args.max_steps * args.updates_per_rollout * args.minibatches)
+        total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
         ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if args.beta > 0 else None
         self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
@@ -280,7 +287,9 @@ class DashTrainer:
             raise ValueError("no eval dataset")
         n = min(len(dataset), max_examples or self.args.eval_examples)
         params = self.collector.sampling_params(0, greedy=True, max_new=self.args.eval_max_completion_tokens)
-        return greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
+        result = greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
+        self.collector.engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
+        return result
 
     def _evaluate(self, step: int) -> dict:
         result = self.evaluate()
@@ -424,10 +433,7 @@ class DashTrainer:
         summary = metrics.run_summary(step, finished, self.state.log_history, self.eval_history,
                                       time.perf_counter() - t_begin, self.args.to_dict())
         if self.dist.is_main:
-            with open(os.path.join(self.output_dir, "summary.json"), "w") as f:
-                json.dump(summary, f, indent=2)
-            if self.state.log_history:
-                metrics.plot_run(self.output_dir)
+            metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary
 
 

@@ -29,7 +29,6 @@ Differences from TRL worth knowing:
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.config import ConfigError, DashConfig
+from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.trainer import DashTrainer
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
@@ -255,7 +254,7 @@ class GRPOConfig:
             max_refill_rounds=self.max_refill_rounds,
             loss_agg=_LOSS_TYPES[self.loss_type], normalize_over=self.normalize_over,
             epsilon=self.epsilon, epsilon_high=self.epsilon_high, beta=self.beta,
-            updates_per_rollout=self.num_iterations, minibatches=minibatches,
+            epochs_per_rollout=self.num_iterations, minibatches=minibatches,
             micro_batch_tokens=self.micro_batch_tokens or self.per_device_train_batch_size
             * (min(prompt_len, 512) + self.max_completion_length),
             loss_impl="liger" if self.use_liger_kernel else self.loss_impl, overlap=self.overlap,
@@ -271,20 +270,15 @@ class GRPOConfig:
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
             prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
         )
-        dash_names = {f.name for f in dataclasses.fields(DashConfig)}
+        dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:
             if key not in dash_names:
                 raise ConfigError(f"GRPOConfig: extra key {key!r} is not a DashConfig key"
-                                  f"{_hint(key, sorted(dash_names))}")
+                                  f"{did_you_mean(key, sorted(dash_names))}")
         values.update(self.extra)
         if values["reward_weights"] is None:
             values.pop("reward_weights")
         return DashConfig(**values)
-
-
-def _hint(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _unknown(key: str, names: list[str]) -> str:
@@ -293,7 +287,7 @@ def _unknown(key: str, names: list[str]) -> str:
     trl_names = {f.name for f in dataclasses.fields(transformers.TrainingArguments)} | set(_TRL_ONLY)
     if key in trl_names:
         return f"GRPOConfig: {key!r} is a TRL argument that dash-fast does not support"
-    return f"GRPOConfig: unknown argument {key!r}{_hint(key, sorted(set(names) | trl_names))}"
+    return f"GRPOConfig: unknown argument {key!r}{did_you_mean(key, sorted(set(names) | trl_names))}"
 
 
 def _report_to(value) -> list[str]:

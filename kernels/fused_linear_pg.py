@@ -7,8 +7,12 @@ Backends:
 - "torch": chunked over kept tokens (CPU default). If a gradient will be needed it is computed
   inside the forward from the same logits chunk (3 matmuls per token, not 4) and only scaled by
   grad_output in backward.
-- "triton": forward kernel (online log-sum-exp), backward kernel recomputing the softmax tile by
-  tile, skipping tokens whose g = 0 (clip active, beta = 0).
+- "triton": forward kernel (online log-sum-exp); the backward recomputes the softmax tile by tile,
+  skipping tokens whose g = 0 (clip active, beta = 0). `bwd` picks how the grads are formed:
+  "dense" (default: dZ per token chunk, then dZ @ W and dZ^T @ H as dense GEMMs; no atomics, so
+  deterministic, cost 8NHV in all) or "atomic" (one kernel, fp32 atomics; order-dependent sums).
+  Mixed inputs (autocast: bf16 hidden, fp32 lm_head) run the kernels in the narrower dtype; the
+  grads come back in each input's own dtype.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ from __future__ import annotations
 import torch
 
 from .torch_ref import chunked_pg
-from .utils import check_inputs, compute_dtype, kept_index, nvtx_range, pg_token_terms, resolve_backend
+from .utils import (
+    check_inputs,
+    compute_dtype,
+    kept_index,
+    kernel_inputs,
+    nvtx_range,
+    pg_token_terms,
+    resolve_backend,
+)
 
 
 class _FusedLinearPGLoss(torch.autograd.Function):
@@ -25,7 +37,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
         n = hidden.shape[0]
         cdt = compute_dtype(hidden.dtype)
         dev = hidden.device
-        backend, temperature, eps_low, eps_high, beta, return_entropy, chunk_size, grad_mode = cfg
+        backend, temperature, eps_low, eps_high, beta, return_entropy, chunk_size, grad_mode, bwd = cfg
         # needs_input_grad ignores no_grad(): without the caller's grad mode an eval forward would
         # pay for a gradient nobody asks for.
         need_gh, need_gw, need_gb = (grad_mode and x for x in ctx.needs_input_grad[:3])
@@ -76,6 +88,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
         else:
             from .triton_kernels import triton_logprobs
 
+            hidden, weight, bias = kernel_inputs(hidden, weight, bias)
             logp_k, lse_k, ent_k = triton_logprobs(
                 hidden, weight, bias, targets, idx, temperature=temperature, return_entropy=return_entropy
             )
@@ -84,6 +97,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
                 nz = (g_k != 0).nonzero().squeeze(1)  # skip clipped (g == 0) tokens in backward too
                 ctx.save_for_backward(hidden, weight, bias, targets, idx[nz], g_k[nz], lse_k[nz])
             ctx.temperature = temperature
+            ctx.bwd = bwd
 
         logp = torch.zeros(n, dtype=cdt, device=dev)
         logp[idx] = logp_k
@@ -115,7 +129,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
                 grads = triton_pg_backward(
                     hidden, weight, bias, targets, idx, g * grad_loss, lse, temperature=ctx.temperature,
                     need_grad_hidden=ctx.needs_input_grad[0], need_grad_weight=ctx.needs_input_grad[1],
-                    need_grad_bias=ctx.needs_input_grad[2],
+                    need_grad_bias=ctx.needs_input_grad[2], bwd=ctx.bwd,
                 )
             grads = [None if t is None else t.to(dt) for t, dt in zip(grads, ctx.dtypes)]
         return (*grads, None, None, None, None, None, None, None)
@@ -139,6 +153,7 @@ def fused_linear_pg_loss(
     backend: str = "auto",
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    bwd: str = "dense",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """loss = sum_t token_weights_t * (surr_t + beta * kl_t) over tokens with |A_t| > tau.
 
@@ -146,12 +161,15 @@ def fused_linear_pg_loss(
     advantages / token_weights / old_logp / ref_logp [N]. Returns (loss, stats) with stats
     `logp` [N] (valid on kept tokens), `clip_fraction`, `kl_mean` (None when beta = 0) and
     `entropy` [N] (None unless return_entropy). Loss is fp32 (fp64 for fp64 inputs).
+    `bwd` ("dense" | "atomic") selects the Triton backward (module docstring); the torch backend ignores it.
     """
     check_inputs("fused_linear_pg_loss", hidden, weight, beta, targets=targets, advantages=advantages,
                  token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
     resolved = resolve_backend(backend, hidden.device)
+    if bwd not in ("dense", "atomic"):
+        raise ValueError(f"bwd must be 'dense' or 'atomic', got {bwd!r}")
     cfg = (resolved, float(temperature), eps_low, eps_high, float(beta), return_entropy, chunk_size,
-           torch.is_grad_enabled())
+           torch.is_grad_enabled(), bwd)
     with nvtx_range("dash_kernels/pg_loss_fwd", hidden.is_cuda):
         idx = kept_index(advantages, token_weights, tau)  # in-kernel filtering: only these rows are touched
         loss, logp, clip_fraction, kl_mean, entropy = _FusedLinearPGLoss.apply(

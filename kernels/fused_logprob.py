@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .torch_ref import chunked_pg
-from .utils import check_inputs, nvtx_range, resolve_backend
+from .utils import check_inputs, kernel_inputs, nvtx_range, resolve_backend
 
 
 @torch.no_grad()
@@ -29,6 +29,7 @@ def fused_logprobs(
         if resolve_backend(backend, hidden.device) == "triton":
             from .triton_kernels import triton_logprobs
 
+            hidden, weight, bias = kernel_inputs(hidden, weight, bias)
             idx = torch.arange(hidden.shape[0], device=hidden.device)
             logp, _, ent = triton_logprobs(
                 hidden, weight, bias, targets, idx, temperature=temperature, return_entropy=return_entropy

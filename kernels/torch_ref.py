@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .utils import check_inputs, compute_dtype, pg_token_terms
+from .utils import check_inputs, compute_dtype, pg_token_loss, pg_token_terms
 
 CHUNK_BYTES = 32 * 2**20  # logits chunk budget; 256 rows at V = 32k fp32 (tuned in bench/loss.py on 2 cores)
 
@@ -158,7 +158,8 @@ def pg_loss_ref(
     tau: float | None = None,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """DESIGN.md section 3 written the obvious way, with autograd on materialised logits."""
+    """DESIGN.md section 3 written the obvious way, with autograd on materialised logits. Also the
+    trainer's `loss_impl=naive` (the one naive loss)."""
     check_inputs("pg_loss_ref", hidden, weight, beta, targets=targets, advantages=advantages,
                  token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
     out = logprobs_ref(hidden, weight, bias, targets, temperature=temperature, return_entropy=return_entropy)
@@ -172,16 +173,9 @@ def pg_loss_ref(
     w = torch.where(keep, token_weights.to(cdt), 0)
     # Dropped tokens get harmless stand-ins so a NaN there can never reach the loss or a gradient.
     old = lp0 if old_logp is None else torch.where(keep, old_logp.to(cdt), lp0)
-    rho = torch.exp(logp - old)
-    surr = -torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
-    per_tok = surr
-    kl = None
-    if beta != 0.0:
-        ref = torch.where(keep, ref_logp.to(cdt), lp0)
-        kl = torch.exp(ref - logp) - (ref - logp) - 1
-        per_tok = per_tok + beta * kl
+    ref = torch.where(keep, ref_logp.to(cdt), lp0) if beta != 0.0 else None
+    per_tok, clipped, kl = pg_token_loss(logp, adv, old, ref, eps_low, eps_high, beta)
     loss = torch.where(keep, w * per_tok, 0).sum()
-    clipped = ((rho < 1 - eps_low) & (adv < 0)) | ((rho > 1 + eps_high) & (adv > 0))
     n_keep = keep.sum().clamp(min=1)
     stats = {
         "logp": lp0,

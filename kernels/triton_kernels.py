@@ -8,12 +8,19 @@ as BLOCK_N x BLOCK_V register tiles.
   log-sum-exp over its vocab range and writes partial (max, sum, sum p*z, target logit); the tiny
   [splits, n] combine is done by the launcher. Splitting the vocab keeps the GPU busy when few
   tokens survive the filter.
-- `_dash_pg_bwd_kernel`: grid (token blocks x vocab blocks). Recomputes the logits tile, forms
-  dz = g * (onehot - softmax) / T and accumulates grad_hidden += dz @ W and grad_W += dz^T @ h
-  with fp32 atomics (the tile never leaves the SM).
+- backward, two ways (`triton_pg_backward(bwd=...)`):
+  - "dense" (default), `_dash_pg_dz_kernel`: per chunk of kept tokens, grid (token blocks x vocab
+    blocks) recomputes the logits tile and stores dZ = g * (onehot - softmax) / T in the input dtype;
+    grad_hidden = dZ @ W and grad_W += dZ^T @ H are dense GEMMs (cuBLAS on GPU). No atomics:
+    deterministic, and the cost is that of three GEMMs plus one write and two reads of the dZ chunk.
+  - "atomic", `_dash_pg_bwd_kernel`: the same tile, then grad_hidden += dZ @ W and grad_W += dZ^T @ h
+    with fp32 `sem="relaxed"` atomics (the tile never leaves the SM; sums depend on program order).
 
-Block sizes are fixed per dtype (no autotune: the backward accumulates with atomics, and the
-interpreter runs a single config anyway); see GPU_BLOCKS.
+All pointer offsets are int64 (V x H passes 2^31 at V 262144, H 8192). Masked lanes (tokens past the
+end of a block, vocab past V) have p = 0 by construction, so a huge bias cannot produce inf * 0 there.
+Dots: fp32 inputs use input_precision="ieee" (the reference precision); bf16 / fp16 use tensor cores.
+
+Block sizes are fixed per dtype (no autotune: the interpreter runs a single config anyway); see GPU_BLOCKS.
 """
 
 from __future__ import annotations
@@ -28,16 +35,36 @@ import triton.language as tl
 @triton.jit
 def _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr):
+    """z = H[rows] @ W[offs_v]^T for one BLOCK_N x BLOCK_V tile. Every offset is int64: offs_v * stride_wv
+    passes 2^31 at V 262144 x H 8192, and a transposed operand puts the large stride on offs_k."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_rows = rows[:, None] * stride_hn  # rows are int64
+    w_rows = offs_v.to(tl.int64)[:, None] * stride_wv
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        h = tl.load(H + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(W + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
-                    mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+        k64 = offs_k.to(tl.int64)[None, :]
+        h = tl.load(H + h_rows + k64 * stride_hk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(W + w_rows + k64 * stride_wk, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PREC)
     return acc
+
+
+@triton.jit
+def _dz_tile(H, W, B, rows, tgt, g, lse, mask_n, offs_v, mask_v, K, inv_t,
+             stride_hn, stride_hk, stride_wv, stride_wk,
+             HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    """dL/dz (through 1/T) of one tile: g * (onehot - softmax). p is masked on both axes: a masked token
+    loads lse = 0 and h = 0, so exp(bias / T) could overflow there, and inf * (g = 0) would be NaN."""
+    z = _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
+                     BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
+    if HAS_BIAS:
+        z += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    valid = mask_n[:, None] & mask_v[None, :]
+    p = tl.where(valid, tl.exp(tl.where(valid, z * inv_t - lse[:, None], 0.0)), 0.0)
+    onehot = tl.where(valid & (offs_v[None, :] == tgt[:, None]), 1.0, 0.0)
+    return (onehot - p) * g[:, None]
 
 
 @triton.jit
@@ -76,7 +103,7 @@ def _dash_pg_fwd_kernel(
             s1 = s1 * alpha + tl.sum(p * tl.where(mask_v[None, :], z, 0.0), axis=1)
         zt += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), axis=1)
         m = m_new
-    out = pid_s * n_rows + offs_n
+    out = pid_s.to(tl.int64) * n_rows + offs_n
     tl.store(M_OUT + out, m, mask=mask_n)
     tl.store(S_OUT + out, s, mask=mask_n)
     tl.store(ZT_OUT + out, zt, mask=mask_n)
@@ -92,6 +119,8 @@ def _dash_pg_bwd_kernel(
     HAS_BIAS: tl.constexpr, NEED_GH: tl.constexpr, NEED_GW: tl.constexpr, NEED_GB: tl.constexpr,
     DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """bwd="atomic": one program per (token block, vocab block), grads accumulated with fp32 atomics.
+    GH is [n_hidden, K] and GW [V, K], both contiguous fp32."""
     pid = tl.program_id(0)
     n_vblocks = tl.cdiv(V, BLOCK_V)
     pid_n = pid // n_vblocks
@@ -104,28 +133,52 @@ def _dash_pg_bwd_kernel(
     lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_v = offs_v < V
-    z = _logits_tile(H, W, rows, mask_n, offs_v, mask_v, K, stride_hn, stride_hk, stride_wv, stride_wk,
-                     BLOCK_N, BLOCK_V, BLOCK_K, DOT_PREC)
-    if HAS_BIAS:
-        z += tl.load(B + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    p = tl.where(mask_v[None, :], tl.exp(z * inv_t - lse[:, None]), 0.0)
-    dz = (tl.where(offs_v[None, :] == tgt[:, None], 1.0, 0.0) - p) * g[:, None]
+    dz = _dz_tile(H, W, B, rows, tgt, g, lse, mask_n, offs_v, mask_v, K, inv_t,
+                  stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
     if NEED_GB:
-        tl.atomic_add(GB + offs_v, tl.sum(dz, axis=0), mask=mask_v)
+        tl.atomic_add(GB + offs_v, tl.sum(dz, axis=0), mask=mask_v, sem="relaxed")
     dz_in = dz.to(H.dtype.element_ty)
+    v64 = offs_v.to(tl.int64)[:, None]
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
+        k64 = offs_k.to(tl.int64)[None, :]
         if NEED_GH:
-            w = tl.load(W + offs_v[:, None] * stride_wv + offs_k[None, :] * stride_wk,
-                        mask=mask_v[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(W + v64 * stride_wv + k64 * stride_wk, mask=mask_v[:, None] & mask_k[None, :], other=0.0)
             gh = tl.dot(dz_in, w, input_precision=DOT_PREC)
-            tl.atomic_add(GH + rows[:, None] * K + offs_k[None, :], gh, mask=mask_n[:, None] & mask_k[None, :])
+            tl.atomic_add(GH + rows[:, None] * K + k64, gh, mask=mask_n[:, None] & mask_k[None, :], sem="relaxed")
         if NEED_GW:
-            h = tl.load(H + rows[:, None] * stride_hn + offs_k[None, :] * stride_hk,
+            h = tl.load(H + rows[:, None] * stride_hn + k64 * stride_hk,
                         mask=mask_n[:, None] & mask_k[None, :], other=0.0)
             gw = tl.dot(tl.trans(dz_in), h, input_precision=DOT_PREC)
-            tl.atomic_add(GW + offs_v[:, None] * K + offs_k[None, :], gw, mask=mask_v[:, None] & mask_k[None, :])
+            tl.atomic_add(GW + v64 * K + k64, gw, mask=mask_v[:, None] & mask_k[None, :], sem="relaxed")
+
+
+@triton.jit
+def _dash_pg_dz_kernel(
+    H, W, B, IDX, TGT, G, LSE, DZ,
+    n_rows, V, K, inv_t, stride_dz,
+    stride_hn, stride_hk, stride_wv, stride_wk,
+    HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """bwd="dense": dL/dz of one (token block, vocab block) tile of a token chunk, stored to DZ [n_rows, V]
+    (bf16 / fp32, the input dtype). Each element is written by exactly one program: no atomics. Token
+    blocks vary fastest, so the programs running together share one W tile through L2."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < n_rows
+    rows = tl.load(IDX + offs_n, mask=mask_n, other=0).to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=mask_n, other=0)
+    g = tl.load(G + offs_n, mask=mask_n, other=0.0)
+    lse = tl.load(LSE + offs_n, mask=mask_n, other=0.0)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < V
+    dz = _dz_tile(H, W, B, rows, tgt, g, lse, mask_n, offs_v, mask_v, K, inv_t,
+                  stride_hn, stride_hk, stride_wv, stride_wk, HAS_BIAS, DOT_PREC, BLOCK_N, BLOCK_V, BLOCK_K)
+    ptr = DZ + offs_n.to(tl.int64)[:, None] * stride_dz + offs_v.to(tl.int64)[None, :]
+    tl.store(ptr, dz.to(DZ.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
 def _interpret() -> bool:
@@ -208,6 +261,31 @@ def triton_logprobs(
     return logp, lse, ent
 
 
+BACKWARDS = ("dense", "atomic")
+DENSE_BWD_BYTES = 512 * 2**20  # bwd="dense": budget of the dZ chunk buffer (1728 rows at V 151936 in bf16)
+
+
+def dense_chunk_rows(n: int, vocab: int, dtype: torch.dtype) -> int:
+    """Token rows per dZ chunk: the buffer fits DENSE_BWD_BYTES, in whole token blocks."""
+    bn = _blocks(dtype)[0]
+    rows = max(bn, DENSE_BWD_BYTES // (vocab * (torch.finfo(dtype).bits // 8)) // bn * bn)
+    return min(rows, triton.cdiv(n, bn) * bn)
+
+
+def _mm_f32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b (accumulated into fp32 `out` when given) with fp32 accumulation and an fp32 result, so
+    bf16 chunks are not rounded to bf16 before they are summed."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b) if out is None else out.addmm_(a, b)
+    try:  # cuBLAS bf16 / fp16 GEMM with an fp32 output (aten::mm.dtype; CUDA only)
+        r = torch.mm(a, b, out_dtype=torch.float32) if a.is_cuda else None
+    except (TypeError, RuntimeError):  # an older torch: no out_dtype
+        r = None
+    if r is None:  # each chunk rounded to the input dtype once, then summed in fp32
+        r = torch.mm(a, b).float()
+    return r if out is None else out.add_(r)
+
+
 def triton_pg_backward(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -221,8 +299,18 @@ def triton_pg_backward(
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
+    bwd: str = "dense",
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """fp32 grads of sum_t L_t with g_t = dL_t/dlogp_t (already scaled by grad_output) at rows idx."""
+    """fp32 grads of sum_t L_t with g_t = dL_t/dlogp_t (already scaled by grad_output) at rows idx.
+
+    bwd="dense" (default): per chunk of tokens a Triton kernel recomputes the logit tiles and writes
+    dZ (input dtype); grad_hidden = dZ @ W and grad_W += dZ^T @ H are then two dense GEMMs (cuBLAS on
+    GPU). No atomics: the result does not depend on scheduling order (deterministic), and the cost is
+    2NHV (recompute) + 4NHV (GEMMs) plus writing and reading dZ once. bwd="atomic": one kernel over
+    (token block x vocab block) accumulating both grads with fp32 atomics; order-dependent sums.
+    """
+    if bwd not in BACKWARDS:
+        raise ValueError(f"bwd must be one of {BACKWARDS}, got {bwd!r}")
     vocab, hdim = weight.shape
     dev = hidden.device
     targets, idx = targets.contiguous(), idx.contiguous()
@@ -231,19 +319,38 @@ def triton_pg_backward(
     gw = torch.zeros(vocab, hdim, dtype=torch.float32, device=dev) if need_grad_weight else None
     gb = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_grad_bias and bias is not None else None
     n = idx.numel()
-    if n == 0:
+    if n == 0 or (gh is None and gw is None and gb is None):
         return gh, gw, gb
     bn, bv, bk, warps = _blocks(hidden.dtype)
-    grid = (triton.cdiv(n, bn) * triton.cdiv(vocab, bv),)
-    dummy = lse
-    _dash_pg_bwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, idx, targets,
-        (g / temperature).float().contiguous(), lse.contiguous(),
-        gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
-        n, vocab, hdim, 1.0 / temperature,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, NEED_GH=gh is not None, NEED_GW=gw is not None, NEED_GB=gb is not None,
-        DOT_PREC=dot_precision(hidden.dtype),
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps,
-    )
+    g = (g / temperature).float().contiguous()
+    lse = lse.float().contiguous()
+    common = dict(HAS_BIAS=bias is not None, DOT_PREC=dot_precision(hidden.dtype),
+                  BLOCK_N=bn, BLOCK_V=bv, BLOCK_K=bk, num_warps=warps)
+    strides = (hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1))
+    b_arg = bias if bias is not None else hidden
+    if bwd == "atomic":
+        dummy = lse
+        _dash_pg_bwd_kernel[(triton.cdiv(n, bn) * triton.cdiv(vocab, bv),)](
+            hidden, weight, b_arg, idx, targets, g, lse,
+            gh if gh is not None else dummy, gw if gw is not None else dummy, gb if gb is not None else dummy,
+            n, vocab, hdim, 1.0 / temperature, *strides,
+            NEED_GH=gh is not None, NEED_GW=gw is not None, NEED_GB=gb is not None, **common,
+        )
+        return gh, gw, gb
+    chunk = dense_chunk_rows(n, vocab, hidden.dtype)
+    buf = torch.empty(chunk, vocab, dtype=hidden.dtype, device=dev)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        rows = idx[s:e]
+        dz = buf[: e - s]
+        _dash_pg_dz_kernel[(triton.cdiv(e - s, bn), triton.cdiv(vocab, bv))](
+            hidden, weight, b_arg, rows, targets, g[s:e], lse[s:e], dz,
+            e - s, vocab, hdim, 1.0 / temperature, dz.stride(0), *strides, **common,
+        )
+        if gh is not None:  # kept rows are distinct (a nonzero() index): a copy, not an accumulation
+            gh.index_copy_(0, rows, _mm_f32(dz, weight))
+        if gw is not None:
+            _mm_f32(dz.t(), hidden.index_select(0, rows), out=gw)
+        if gb is not None:
+            gb += dz.sum(0, dtype=torch.float32)
     return gh, gw, gb

@@ -1,9 +1,9 @@
-"""Shared pieces of the fused policy-gradient ops: argument checks, backend choice, token filter, per-token PG
-math, NVTX."""
+"""Shared pieces of the policy-gradient ops: argument checks, backend choice, token filter, the per-token PG
+formula (`pg_token_loss`, written once) and its closed-form gradient, NVTX."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -34,10 +34,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 @contextmanager
-def nvtx_range(name: str, enabled: bool):
-    """NVTX range when `enabled` (CUDA tensors: nsys timelines), and always a torch.profiler label so the
-    op also shows in CPU traces (`--trace`). Both cost microseconds, against ops of milliseconds."""
-    with torch.profiler.record_function(name):
+def nvtx_range(name: str, enabled: bool, label: bool = True):
+    """NVTX range when `enabled` (CUDA: nsys timelines), and a torch.profiler label when `label`, so the
+    range also shows in CPU traces (`--trace`). Both cost microseconds, against ops of milliseconds. The
+    one NVTX helper: dash_fast.profiling's ranges are this with enabled = CUDA present, label = tracing."""
+    with torch.profiler.record_function(name) if label else nullcontext():
         if enabled:
             torch.cuda.nvtx.range_push(name)
         try:
@@ -45,6 +46,19 @@ def nvtx_range(name: str, enabled: bool):
         finally:
             if enabled:
                 torch.cuda.nvtx.range_pop()
+
+
+def kernel_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(hidden, weight, bias) in one dtype for the Triton kernels: the autocast dtype when CUDA autocast is
+    on, else the narrower of hidden's and weight's (bf16 hidden states from an fp32 lm_head: master
+    weights). Same dtype already: returned as they are (no copy)."""
+    dt = hidden.dtype
+    if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+        dt = torch.get_autocast_dtype("cuda")
+    elif weight.dtype != dt and weight.dtype.is_floating_point:
+        dt = min(dt, weight.dtype, key=lambda d: torch.finfo(d).bits)
+    cast = (lambda t: t if t is None or t.dtype == dt else t.to(dt))
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +74,36 @@ def kept_index(advantages: torch.Tensor, token_weights: torch.Tensor, tau: float
     return keep.nonzero().squeeze(1)
 
 
+def pg_token_loss(
+    logp: torch.Tensor,
+    advantages: torch.Tensor,
+    old_logp: torch.Tensor | None,
+    ref_logp: torch.Tensor | None,
+    eps_low: float,
+    eps_high: float,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-token clipped surrogate + beta * k3 KL (DESIGN.md section 3): the one definition, used by the
+    naive reference (autograd), the chunked and Triton paths (`pg_token_terms`) and the trainer's tests.
+    Returns (loss_t, clip_active_t, kl_t or None).
+
+    old_logp None means on-policy: the ratio is exp(logp - logp.detach()) = 1 in value, grad log p.
+    """
+    old = logp.detach() if old_logp is None else old_logp
+    ratio = torch.exp(logp - old)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    loss = -torch.minimum(ratio * advantages, clipped * advantages)
+    clip_active = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
+    kl = None
+    if beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta > 0 needs ref_logp")
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1
+        loss = loss + beta * kl
+    return loss, clip_active, kl
+
+
 def pg_token_terms(
     logp: torch.Tensor,
     adv: torch.Tensor,
@@ -70,25 +114,17 @@ def pg_token_terms(
     eps_high: float,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Weighted per-token loss, g = dloss/dlogp, clip flags and k3 KL, all on kept tokens only.
+    """Weighted per-token loss (`pg_token_loss`), g = dloss/dlogp, clip flags and k3 KL, on kept tokens.
 
     The gradient is written in closed form (rather than autograd) so that the fused ops can fold
-    it into the softmax tile: d surr / d logp = -A * rho unless the clip is active, then 0.
+    it into the softmax tile: d surr / d logp = -A * rho unless the clip is active, then 0; the KL adds
+    beta * (1 - exp(ref - logp)). On-policy (old_logp None) rho is 1 and never clipped.
     """
-    if old_logp is None:  # on-policy: rho == 1 in value, d rho / d logp == 1, never clipped
-        loss = -adv
+    loss, clipped, kl = pg_token_loss(logp, adv, old_logp, ref_logp, eps_low, eps_high, beta)
+    if old_logp is None:
         g = -adv
-        clipped = torch.zeros_like(adv, dtype=torch.bool)
     else:
-        rho = torch.exp(logp - old_logp)
-        clipped = ((rho < 1 - eps_low) & (adv < 0)) | ((rho > 1 + eps_high) & (adv > 0))
-        loss = -torch.minimum(rho * adv, rho.clamp(1 - eps_low, 1 + eps_high) * adv)
-        g = torch.where(clipped, torch.zeros_like(rho), -adv * rho)
-    kl = None
+        g = torch.where(clipped, torch.zeros_like(logp), -adv * torch.exp(logp - old_logp))
     if beta != 0.0:
-        d = ref_logp - logp
-        e = torch.exp(d)
-        kl = e - d - 1
-        loss = loss + beta * kl
-        g = g + beta * (1 - e)
+        g = g + beta * (1 - torch.exp(ref_logp - logp))
     return weight * loss, weight * g, clipped, kl

@@ -1,46 +1,59 @@
 #!/usr/bin/env bash
-# Every GPU-side check and measurement of this repository in one go, for a session that is lent a GPU
-# (e.g. the device tool: `bash profiles/gpu_session.sh`, within its 10-minute command limit; set
-# QUICK=0 for the full benchmark sweeps). Written without a GPU: it has not run yet.
+# The GPU session in one command: checks + measurements, one summary table on stdout and in $OUT.
 #
-#   1. tests/test_gpu.py: Triton kernels vs the reference (fp32, bf16), CUDA-graph decode vs eager,
-#      overlap on a side stream vs in order, the trainer in bf16 with the Triton loss
-#   2. bench/loss.py: fused loss, Triton vs torch vs Liger (bf16)
-#   3. bench/rollout.py: embedded engine (CUDA graphs) vs HF generate (bf16)
-#   4. bench/e2e.py: presets dash vs grpo, overlap off / on (the 1.1x max(generate, train) bar)
-#   5. profiles/nsys.sh: a timeline of two optimizer steps, when nsys is installed
+#   bash profiles/gpu_session.sh                 # on a CUDA GPU (QUICK=1: the summary only, ~5 min)
+#   QUICK=0 bash profiles/gpu_session.sh         # + the full benchmark sweeps (longer than one 10-min command)
+#   DRY_RUN=1 bash profiles/gpu_session.sh       # CPU: every step at toy shapes, Triton in its interpreter
 #
-# Results go to $OUT (default gpu-results/): each step's log and exit code, and bench/results' CSV + PNG.
-# A failing step does not stop the others.
+# Steps (profiles/gpu_session.py has the details): Triton fwd/bwd vs the float64 reference (fp32, bf16),
+# both backwards vs Liger and torch at the Qwen2.5-0.5B head, CUDA-graph decode vs eager, overlap vs in
+# order, bf16 trainer Triton loss vs torch loss, deterministic reruns; then tests/test_gpu.py.
+#
+# $OUT (the device tool's output folder; default gpu-results/) gets at most 7 flat files: summary.md,
+# summary.json, session.log, test_gpu.log, nvidia-smi.txt, versions.txt, exit_codes.txt. Liger is not in
+# the GPU image: carry its wheel in .whl/ (see profiles/README.md), or its rows say "not importable".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-results}"
 QUICK="${QUICK:-1}"
-PY="${PYTHON:-python}"
+DRY_RUN="${DRY_RUN:-0}"
+PY="${PYTHON:-python3}"
 mkdir -p "$OUT"
+: > "$OUT/exit_codes.txt"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, record the exit code
-    local name="$1"; shift
-    echo "== $name: $*"
-    "$@" > "$OUT/$name.log" 2>&1
-    local rc=$?
-    echo "$name $rc" >> "$OUT/exit_codes.txt"
-    tail -n 15 "$OUT/$name.log"
-}
-
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-"$PY" -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" > "$OUT/versions.txt" 2>&1
-if ! "$PY" -c "import dash_fast, dash_kernels" 2>/dev/null; then  # no internet: the package alone, no deps
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/install.log" 2>&1
+if [[ "$DRY_RUN" == 1 ]]; then
+    export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+    dry=(--dry-run)
+else
+    dry=()
+    nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+    if compgen -G ".whl/*.whl" > /dev/null; then  # carried wheels (liger-kernel): no index on the machine
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+            export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    fi
 fi
-quick=(); [[ "$QUICK" == 1 ]] && quick=(--quick)
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)
+try:
+    import liger_kernel; print('liger_kernel', getattr(liger_kernel, '__version__', 'installed'))
+except Exception as e: print('liger_kernel missing:', e)" > "$OUT/versions.txt" 2>&1
+cat "$OUT/versions.txt"
 
-step test_gpu "$PY" -m pytest tests/test_gpu.py -rs -p no:cacheprovider
-step bench_loss "$PY" bench/loss.py --device cuda --dtype bfloat16 ${quick[@]+"${quick[@]}"}
-step bench_rollout "$PY" bench/rollout.py --device cuda --dtype bfloat16 ${quick[@]+"${quick[@]}"}
-step bench_e2e "$PY" bench/e2e.py --providers dash,grpo,dash_overlap,grpo_overlap ${quick[@]+"${quick[@]}"} --results-dir "$OUT"
-if command -v nsys > /dev/null; then
-    NSYS_OUT="$OUT/nsys-embedded" step nsys bash profiles/nsys.sh 3:4 max_steps=5
+BUDGET="${BUDGET:-560}"  # seconds for everything below: one device-tool command is at most 600
+timeout $((BUDGET - 150 - SECONDS)) "$PY" profiles/gpu_session.py --out "$OUT" ${dry[@]+"${dry[@]}"} 2>&1 | tee "$OUT/session.log"
+echo "gpu_session.py ${PIPESTATUS[0]}" >> "$OUT/exit_codes.txt"
+
+if [[ "$DRY_RUN" != 1 ]]; then  # the pytest view of the same ground (skipped without CUDA)
+    left=$((BUDGET - SECONDS))  # what the summary left (>= ~150 s)
+    timeout "$left" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1
+    echo "test_gpu $?" >> "$OUT/exit_codes.txt"
+    tail -n 3 "$OUT/test_gpu.log"
 fi
-cp bench/results/loss.* bench/results/rollout.* "$OUT"/ 2>/dev/null
+if [[ "$QUICK" == 0 && "$DRY_RUN" != 1 ]]; then  # the sweeps: a second command's worth
+    "$PY" bench/loss.py --device cuda --dtype bfloat16 >> "$OUT/session.log" 2>&1; echo "bench_loss $?" >> "$OUT/exit_codes.txt"
+    "$PY" bench/rollout.py --device cuda --dtype bfloat16 >> "$OUT/session.log" 2>&1; echo "bench_rollout $?" >> "$OUT/exit_codes.txt"
+    "$PY" bench/e2e.py --providers dash,grpo,dash_overlap,grpo_overlap >> "$OUT/session.log" 2>&1
+    echo "bench_e2e $?" >> "$OUT/exit_codes.txt"
+fi
 echo "== exit codes"; cat "$OUT/exit_codes.txt"
+! grep -qv " 0$" "$OUT/exit_codes.txt"

@@ -1,9 +1,11 @@
-"""dash_fast.algo against hand-computed values (DESIGN.md section 1)."""
+"""dash_fast.algo and the per-token PG loss (dash_kernels.utils.pg_token_loss) against hand-computed values
+(DESIGN.md section 1)."""
 
 import math
 
 import pytest
 import torch
+from dash_kernels.utils import pg_token_loss
 
 from dash_fast import algo
 
@@ -85,7 +87,7 @@ def test_pg_token_loss_clip_and_kl_by_hand():
     old = torch.log(torch.tensor([0.25, 0.25, 1.0, 0.5]))  # ratios 2, 2, 0.5, 1
     adv = torch.tensor([1.0, -1.0, -1.0, 2.0])
     ref = torch.log(torch.tensor([0.25, 0.5, 0.5, 1.0]))
-    loss, clip, kl = algo.pg_token_loss(logp, adv, old, ref, 0.2, 0.28, beta=0.5)
+    loss, clip, kl = pg_token_loss(logp, adv, old, ref, 0.2, 0.28, beta=0.5)
     # surrogate: -min(r*A, clip(r)*A): [-1.28, 2, 0.8, -2]
     surr = torch.tensor([-1.28, 2.0, 0.8, -2.0])
     d = ref - logp  # k3: exp(d) - d - 1
@@ -94,13 +96,13 @@ def test_pg_token_loss_clip_and_kl_by_hand():
     torch.testing.assert_close(loss, surr + 0.5 * k3)
     assert clip.tolist() == [True, False, True, False]
     with pytest.raises(ValueError, match="ref_logp"):
-        algo.pg_token_loss(logp, adv, old, None, 0.2, 0.2, beta=0.1)
+        pg_token_loss(logp, adv, old, None, 0.2, 0.2, beta=0.1)
 
 
 def test_on_policy_ratio_is_one_with_grad_log_p():
     logp = torch.log(torch.tensor([0.2, 0.7])).requires_grad_()
     adv = torch.tensor([1.0, -2.0])
-    loss, clip, kl = algo.pg_token_loss(logp, adv, None, None, 0.2, 0.2, 0.0)
+    loss, clip, kl = pg_token_loss(logp, adv, None, None, 0.2, 0.2, 0.0)
     torch.testing.assert_close(loss.detach(), -adv)
     loss.sum().backward()
     torch.testing.assert_close(logp.grad, -adv)

@@ -35,9 +35,10 @@ KERNEL_CASES = {
 }
 
 
+@pytest.mark.parametrize("bwd", ["dense", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
-def test_triton_kernels_match_the_reference_on_gpu(case, dtype):
+def test_triton_kernels_match_the_reference_on_gpu(case, dtype, bwd):
     pytest.importorskip("triton")
     from test_kernels import dk, make_inputs, run
 
@@ -50,7 +51,7 @@ def test_triton_kernels_match_the_reference_on_gpu(case, dtype):
     # reference in float64 on the CPU, from the very values the kernel sees
     ref_inp = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inp.items()}
     ref_loss, ref_st, ref_g = run(dk.pg_loss_ref, ref_inp, **op_kw)
-    loss, st, g = run(lambda *a, **kw: dk.fused_linear_pg_loss(*a, backend="triton", **kw), on_gpu, **op_kw)
+    loss, st, g = run(lambda *a, **kw: dk.fused_linear_pg_loss(*a, backend="triton", bwd=bwd, **kw), on_gpu, **op_kw)
     tol = {"atol": 3e-5, "rtol": 2e-4} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 1e-2}
     grad_tol = tol if dtype == torch.float32 else {"atol": 1e-2, "rtol": 2e-2}
     torch.testing.assert_close(loss.cpu().double(), ref_loss, **tol)
@@ -87,6 +88,30 @@ def test_cuda_graph_decode_matches_the_eager_step(temperature):
     a, b = eager.generate(batch, params), graphs.generate(batch, params)
     assert a.completion_token_lists() == b.completion_token_lists()
     torch.testing.assert_close(b.sampling_logps, a.sampling_logps, atol=1e-10, rtol=1e-10)
+
+
+def test_graphs_captured_up_front_are_replayed_by_a_worker_thread_beside_allocations():
+    """prepare() captures every bucket on the main thread; a worker then samples while this thread
+    allocates and synchronises (what the training thread does under overlap=True): no capture error, no
+    eager fallback, the eager path's tokens."""
+    import threading
+
+    model = build_model(build_tokenizer(), TINY, seed=0).double().to(CUDA)
+    eager = TorchEngine(model, 0, kv_cache="static", cuda_graphs=False)
+    graphs = TorchEngine(model, 0, kv_cache="static", cuda_graphs=True)
+    params = SamplingParams(temperature=0.8, top_k=10, max_new_tokens=12, stop_token_ids=(3, 4, 9), seed=3)
+    batch = [p for p in prompts(8) for _ in range(4)]
+    assert graphs.prepare(len(batch), 64) == [32, 16, 8, 4, 2, 1]
+    box = {}
+    worker = threading.Thread(target=lambda: box.update(out=graphs.generate(batch, params)))
+    worker.start()
+    while worker.is_alive():  # the "training thread": allocations and syncs during the worker's replays
+        torch.randn(256, 256, device=CUDA).sum().item()
+    worker.join()
+    out = box["out"]
+    assert out.stats["graph_misses"] == 0
+    assert {t for _, t in graphs._static.capture_log} == {"MainThread"}
+    assert out.completion_token_lists() == eager.generate(batch, params).completion_token_lists()
 
 
 # ----------------------------------------------------------------------------- trainer on GPU

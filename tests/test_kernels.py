@@ -87,10 +87,16 @@ def kept_mask(inp, tau):
     return keep
 
 
-def assert_matches(inp, kw, fn=fused_torch, atol=1e-10, rtol=1e-8, grad_scale=1.0, fn_kw=None):
-    """fn vs the naive reference: loss, every grad, and the stats on kept tokens."""
-    ref_loss, ref_st, ref_g = run(dk.pg_loss_ref, inp, grad_scale, **kw)
+def to_fp64(inp):
+    """The same problem in float64 (the reference precision), from the very values fn sees."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inp.items()}
+
+
+def assert_matches(inp, kw, fn=fused_torch, atol=1e-10, rtol=1e-8, grad_scale=1.0, fn_kw=None, ref_fp64=False):
+    """fn vs the naive reference (in float64 with ref_fp64): loss, every grad, and the stats on kept tokens."""
+    ref_loss, ref_st, ref_g = run(dk.pg_loss_ref, to_fp64(inp) if ref_fp64 else inp, grad_scale, **kw)
     loss, st, g = run(fn, inp, grad_scale, **kw, **(fn_kw or {}))
+    ref_g = {k: v.to(g[k].dtype) if k in g else v for k, v in ref_g.items()}
     torch.testing.assert_close(loss, ref_loss.to(loss.dtype), atol=atol, rtol=rtol)
     assert g.keys() == ref_g.keys()
     for k in g:

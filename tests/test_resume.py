@@ -21,7 +21,7 @@ MAX_STEPS = 5
 ARGS = ["--seed", "1", "--max-steps", str(MAX_STEPS), "sft.steps=0", "tiny.hidden_size=32", "tiny.num_layers=1",
         "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8", "eval_examples=8",
         "prompts_per_step=4", "max_completion_tokens=8", "save_steps=1", "report_to=[]", "disable_tqdm=true",
-        "learning_rate=0.01", "reward_funcs=resume_rewards:length_reward"]
+        "learning_rate=0.01", "reward_funcs=resume_rewards:length_reward", "deterministic=true"]
 REWARD_MODULE = '''
 def length_reward(prompts, completions, **columns):
     """Varies within every group even for a random model, so every step moves the weights."""

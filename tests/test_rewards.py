@@ -165,6 +165,18 @@ def test_code_reward_mbpp_setup_columns():
     assert out == [1.0]
 
 
+def test_code_reward_scores_a_forged_verdict_zero():
+    # The exploit of issue 17: the old harness's reporter, found by a frame walk; and a well-formed
+    # forged result stream on the result fd. Both score 0; the honest program still scores 1.
+    wrong = "def add(a, b):\n    return a - b\n"
+    frame_walk = wrong + "import sys\nf = sys._getframe(1).f_locals\nf.get('report', print)('ok', 2)\n"
+    forged = wrong + "import os\nos.write(4, b'{\"code\": \"ok\"}\\n{\"t\": 0, \"r\": [[\"ok\", [\"b\", true]]]}\\n')\n"
+    forged += "os.write(4, b'{\"t\": 1, \"r\": [[\"ok\", [\"b\", true]]]}\\n{\"done\": true}\\n')\nos._exit(0)\n"
+    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4"]
+    out = code_reward(["p"] * 3, [frame_walk, forged, wrong.replace("a - b", "a + b")], test_list=[tests] * 3)
+    assert out == [0.0, 0.0, 1.0]
+
+
 def test_registry_and_unknown_name():
     assert get_reward_func("math") is math_reward
     assert get_reward_func("math_reward") is math_reward

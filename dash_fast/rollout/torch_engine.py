@@ -7,7 +7,11 @@ Two paths behind one `TorchEngine.generate`:
   the optimizer's in-place updates are seen at the next call), skips Hugging Face's per-call mask and
   cache machinery, and drops finished rows by compacting the cache, in batches (a finished row rides
   along until a quarter of the rows have finished, or a CUDA-graph bucket can shrink). On CUDA the decode
-  step is captured once per batch-size bucket as a CUDA graph and replayed.
+  step is captured once per batch-size bucket as a CUDA graph and replayed. Graphs are captured on the
+  main thread only, all of them into one memory pool: `TorchEngine.prepare` reserves the cache for the
+  largest call and captures every bucket up front (the trainer does so before its first overlapped
+  rollout), and a sampler in a worker thread that meets a bucket with no graph runs that step eagerly
+  (`graph_misses` in the rollout stats) rather than capture while the training thread allocates.
 - "dynamic": the model's own forward with a transformers DynamicCache. Works for any causal LM.
 
 Both sample with `sample_next` from one uniform per output row and step, so they give the same tokens
@@ -16,6 +20,9 @@ hold them to it in float64).
 """
 
 from __future__ import annotations
+
+import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +116,31 @@ def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module) -> to
     return out if linear.bias is None else out + linear.bias
 
 
+# The pieces of a Llama-family decoder layer shared by this engine's forward and the shared-prompt training
+# forward (shared_prompt.py). Each caller keeps its own RoPE and attention (cache vs. prompt/completion
+# split) and passes its RMSNorm: see `_rms_norm` here and `shared_prompt._norm` for why they differ.
+def qkv_projections(attn: torch.nn.Module, h: torch.Tensor, shape: tuple[int, ...], norm, eps: float):
+    """q, k, v of the normed hidden `h` [N, hidden], viewed as [*shape, heads, head_dim]; Qwen3's q/k norms
+    applied (with `norm`, the caller's RMSNorm)."""
+    D = attn.head_dim
+    q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(*shape, -1, D)
+    k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(*shape, -1, D)
+    v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(*shape, -1, D)
+    if hasattr(attn, "q_norm"):  # Qwen3
+        q = norm(q, attn.q_norm.weight, eps)
+        k = norm(k, attn.k_norm.weight, eps)
+    return q, k, v
+
+
+def mlp_residual(x: torch.Tensor, h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
+    """x + down(act(gate(h)) * up(h)), the residual add fused into the down GEMM. The product is taken in
+    place when no gradient is recorded (sampling, log-prob passes): the same values, one buffer less."""
+    gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
+    up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+    act = mlp.act_fn(gate)
+    return _linear_add(x, act * up if torch.is_grad_enabled() else act.mul_(up), mlp.down_proj)
+
+
 class StaticDecoder:
     """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
 
@@ -129,13 +161,32 @@ class StaticDecoder:
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps
-        self.qk_norm = hasattr(attn, "q_norm")
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.key_valid = torch.empty(0)
         self.rope_q = self.rope_k = self.rot = torch.empty(0)
-        self.graphs: dict[int, tuple] = {}  # bucket size -> (graph, static inputs, static logits); CUDA
+        self.graphs: dict[int, tuple] = {}  # bucket size -> (replay, static inputs, static logits)
         self._param_ptrs: tuple = ()
+        # capture(step) -> (replay, outputs): CUDA graphs by default; tests inject a CPU stand-in
+        self.capture: Callable[[Callable[[], torch.Tensor]], tuple] | None = None
+        self._pool = None  # one CUDA graph memory pool shared by every bucket
+        self.capture_log: list[tuple[int, str]] = []  # (bucket, thread name) of each capture
+        self.graph_misses = 0  # decode steps run eagerly because their bucket had no graph (worker thread)
+        self.workers = 0  # generate() calls running outside the main thread right now
+
+    @property
+    def capacity(self) -> int:
+        """Rows the reserved cache holds (0 before the first reserve)."""
+        return self.k[0].shape[0] if self.k else 0
+
+    def release(self) -> None:
+        """Free the cache, the RoPE tables and every graph (and so their pool); `reserve` rebuilds them.
+        What stays: the parameters (the trainer's own) and blocks the CUDA caching allocator keeps for
+        reuse (the backward reuses them; `torch.cuda.empty_cache()` would hand them to the driver)."""
+        self.k, self.v = [], []
+        self.key_valid = self.rope_q = self.rope_k = self.rot = torch.empty(0)
+        self.graphs.clear()
+        self._pool = None
 
     # ---------------------------------------------------------------- buffers
     def reserve(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -171,7 +222,11 @@ class StaticDecoder:
 
     # ---------------------------------------------------------------- the forward
     def _rope(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin)."""
+        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin). Not shared_prompt's
+        `_rope`: here cos/sin come from a per-slot table built once per cache (gathered by position each
+        decode step), the queries' table carries the softmax scale (the CPU decode attention is two raw
+        GEMMs with no scale argument), and rotate_half is a matmul by a signed permutation; the training
+        forward keeps Hugging Face's op order instead, so its values track the model's own forward."""
         cos, sin = table[..., 0, :], table[..., 1, :]
         return torch.addcmul(x * cos, x @ self.rot, sin)
 
@@ -197,7 +252,7 @@ class StaticDecoder:
         cache slots start .. start+T-1; attention reads slots [0, kv_len) under `mask` (see _attention).
         `start` is a device tensor in CUDA-graph mode (so one captured graph serves every step)."""
         b, T = ids.shape
-        nh, nkv, D = self.n_heads, self.n_kv, self.head_dim
+        D = self.head_dim
         x = F.embedding(ids.reshape(-1), self.decoder.embed_tokens.weight)  # [b * T, hidden]
         flat = pos.reshape(-1)  # index_select: several times faster than advanced indexing on CPU
         rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
@@ -205,12 +260,7 @@ class StaticDecoder:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = _rms_norm(x, layer.input_layernorm.weight, self.eps)
-            q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias).view(b, T, nh, D)
-            k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias).view(b, T, nkv, D)
-            v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias).view(b, T, nkv, D)
-            if self.qk_norm:  # Qwen3
-                q = _rms_norm(q, attn.q_norm.weight, self.eps)
-                k = _rms_norm(k, attn.k_norm.weight, self.eps)
+            q, k, v = qkv_projections(attn, h, (b, T), _rms_norm, self.eps)
             q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
             kc, vc = self.k[i][:b], self.v[i][:b]
             if isinstance(start, torch.Tensor):
@@ -221,11 +271,8 @@ class StaticDecoder:
                 vc[:, :, start : start + T] = v.transpose(1, 2)
             o = self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
             x = _linear_add(x, o, attn.o_proj)
-            mlp = layer.mlp
             h = _rms_norm(x, layer.post_attention_layernorm.weight, self.eps)
-            gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-            up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = _linear_add(x, mlp.act_fn(gate).mul_(up), mlp.down_proj)
+            x = mlp_residual(x, h, layer.mlp)
         h = _rms_norm(x.view(b, T, -1)[:, -1], self.decoder.norm.weight, self.eps)
         head = self.model.get_output_embeddings()
         return F.linear(h, head.weight, getattr(head, "bias", None))
@@ -265,36 +312,56 @@ class StaticDecoder:
             self.graphs.clear()
             self._param_ptrs = ptrs
 
+    def may_capture(self) -> bool:
+        """Capture only on the main thread and while no sampler runs in a worker: a capture beside another
+        thread's allocations or syncs fails ("operation not permitted when stream is capturing")."""
+        return threading.current_thread() is threading.main_thread() and self.workers == 0
+
+    def capture_bucket(self, b: int, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> None:
+        """Capture the full-length decode step for `b` rows, with these inputs (their cache and mask
+        writes are the ones a replay with them repeats)."""
+        static = {"tokens": tokens.clone(), "pos": pos.clone(),
+                  "slot": torch.full((1,), slot, dtype=torch.long, device=tokens.device)}
+
+        def step() -> torch.Tensor:
+            self.key_valid[:b].index_fill_(1, static["slot"], True)
+            mask = self._decode_mask(b, self.key_valid.shape[1])
+            return self.forward(static["tokens"][:, None], static["pos"][:, None], static["slot"],
+                                self.key_valid.shape[1], mask)
+
+        replay, logits = (self.capture or self._cuda_capture)(step)
+        self.graphs[b] = (replay, static, logits)
+        self.capture_log.append((b, threading.current_thread().name))
+
+    def _cuda_capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        # Warm-up on a side stream (cuBLAS workspaces, allocator), then capture into the shared pool.
+        # thread_local: another thread's CUDA calls during the capture do not invalidate it.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = step()
+        return graph.replay, logits
+
     def decode_graph(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
-        """`decode(..., full_length=True)` replayed from a CUDA graph captured once per batch size.
-        GPU only: CPU-only CI runs the same static-shape step eagerly instead."""
+        """`decode(..., full_length=True)` replayed from the graph of this batch size, captured here when
+        missing and allowed (`may_capture`), else run eagerly (same result, `graph_misses` + 1)."""
         b = tokens.shape[0]
         if b not in self.graphs:
-            static = {"tokens": tokens.clone(), "pos": pos.clone(),
-                      "slot": torch.full((1,), slot, dtype=torch.long, device=tokens.device)}
-
-            def step() -> torch.Tensor:
-                self.key_valid[:b].index_fill_(1, static["slot"], True)
-                mask = self._decode_mask(b, self.key_valid.shape[1])
-                return self.forward(static["tokens"][:, None], static["pos"][:, None], static["slot"],
-                                    self.key_valid.shape[1], mask)
-
-            # Warm-up on a side stream (cuBLAS workspaces, allocator) with this step's real inputs: its
-            # cache and mask writes are exactly the ones the replay below repeats.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                step()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                logits = step()
-            self.graphs[b] = (graph, static, logits)
-        graph, static, logits = self.graphs[b]
+            if not self.may_capture():
+                self.graph_misses += 1
+                return self.decode(tokens, pos, slot, full_length=True)
+            self.capture_bucket(b, tokens, pos, slot)
+        replay, static, logits = self.graphs[b]
         static["tokens"].copy_(tokens)
         static["pos"].copy_(pos)
         static["slot"].fill_(slot)
-        graph.replay()
+        replay()
         return logits
 
 
@@ -317,8 +384,14 @@ def _drop_finished_now(running: int, in_use: int, size: int, largest: int, graph
 
 
 def _bucket(n: int, largest: int) -> int:
-    """Batch-size bucket for CUDA graphs: the next power of two (capped at the full batch)."""
+    """Batch-size bucket for CUDA graphs: the next power of two (capped at the cache's row capacity)."""
     return min(largest, 1 << max(0, (n - 1).bit_length()))
+
+
+def graph_buckets(capacity: int) -> list[int]:
+    """Every bucket a cache of `capacity` rows can decode at, largest first (the capture order: smaller
+    graphs then reuse the shared pool's blocks)."""
+    return sorted({_bucket(n, capacity) for n in range(1, capacity + 1)}, reverse=True)
 
 
 class TorchEngine:
@@ -336,7 +409,47 @@ class TorchEngine:
         self.pad_token_id = pad_token_id
         self.kv_cache = kv_cache
         self.cuda_graphs = cuda_graphs
+        self.capture = None  # StaticDecoder.capture: None = CUDA graphs (tests inject a stand-in)
         self._static: StaticDecoder | None = None
+
+    def _decoder_for(self, model: torch.nn.Module) -> StaticDecoder:
+        if self._static is None or self._static.model is not model:
+            self._static = StaticDecoder(model)
+            self._static.capture = self.capture
+        return self._static
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        """CUDA graphs replayed (or, with an injected `capture`, its stand-in): the static path on CUDA."""
+        graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
+        return graphs and (device.type == "cuda" or self.capture is not None)
+
+    @torch.no_grad()
+    def prepare(self, batch: int, length: int) -> list[int]:
+        """Reserve the static cache once for `batch` rows of `length` tokens (prompt + completion) and,
+        when graphs are on, capture every batch-size bucket now, on this (the main) thread. Call it before
+        sampling in a worker thread (overlap=True): the worker then only replays. Returns the buckets
+        captured ([] on the dynamic path or without graphs)."""
+        if self.path() != "static":
+            return []
+        param = self.model.get_output_embeddings().weight
+        dec = self._decoder_for(self.model)
+        dec.reserve(batch, length, param.device, param.dtype)
+        if not self._use_graphs(param.device):
+            return []
+        if not dec.may_capture():
+            raise RuntimeError("TorchEngine.prepare must run on the main thread, with no sampler running")
+        if param.device.type == "cuda":
+            dec.drop_stale_graphs()
+        todo = [b for b in graph_buckets(dec.capacity) if b not in dec.graphs]
+        for b in todo:  # inputs: pad tokens at position 0, slot 0 (prefill rewrites both before any decode)
+            tokens = torch.full((b,), self.pad_token_id, dtype=torch.long, device=param.device)
+            dec.capture_bucket(b, tokens, torch.zeros_like(tokens), 0)
+        return todo
+
+    def release(self) -> None:
+        """Free the static KV cache and the CUDA graphs until the next generate (StaticDecoder.release)."""
+        if self._static is not None:
+            self._static.release()
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         """Nothing to copy: the engine samples from the trainer's parameter tensors themselves."""
@@ -344,9 +457,10 @@ class TorchEngine:
             self.model, self._static = model, None
 
     @property
-    def thread_safe(self) -> bool:
-        """May sample in a worker thread beside training (overlap.py): the static path reads parameters
-        and touches no module state; the dynamic one toggles model.eval()/train()."""
+    def can_sample_concurrently(self) -> bool:
+        """Whether generate() may run in a worker thread beside training (overlap.py): true exactly on the
+        static path, which reads parameters and touches no module state; the dynamic one toggles
+        model.eval()/train()."""
         return self.path() == "static"
 
     def path(self) -> str:
@@ -391,13 +505,22 @@ class TorchEngine:
         model = self.model
         device, dtype = ids.device, model.get_output_embeddings().weight.dtype
         B, P = row_prompt.numel(), ids.shape[1]
-        if self._static is None or self._static.model is not model:
-            self._static = StaticDecoder(model)
-        dec = self._static
+        dec = self._decoder_for(model)
+        worker = threading.current_thread() is not threading.main_thread()
+        dec.workers += worker
+        try:
+            return self._decode_static(dec, ids, attn, row_prompt, params, generator, B, P, device, dtype)
+        finally:
+            dec.workers -= worker
+
+    def _decode_static(self, dec, ids, attn, row_prompt, params, generator, B, P, device, dtype):
         dec.reserve(B, P + params.max_new_tokens, device, dtype)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else device.type == "cuda"
-        if graphs and device.type == "cuda":
+        replay = graphs and self._use_graphs(device)
+        if replay and device.type == "cuda":
             dec.drop_stale_graphs()
+        misses = dec.graph_misses
+        largest = dec.capacity if graphs else B  # buckets are fixed by the cache, not by this call
         out_tokens, out_logps, lengths, stop = self._outputs(B + 1, params, device)  # row B: finished rows' sink
 
         logits = dec.prefill(ids, attn)  # each distinct prompt once (a group's G rows share it) ...
@@ -407,7 +530,7 @@ class TorchEngine:
         pos = attn.sum(-1)  # next RoPE position of each row
         rows = torch.arange(B, device=device)  # output row of each cache row in use; B once it has finished
         n = B  # cache rows in use: running rows and finished ones not yet dropped
-        size = B
+        size = _bucket(B, largest) if graphs else B  # rows decoded per step (graphs: rows past B are filler)
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(B, params, generator, device)  # finished rows (B) reuse row B-1's: discarded
@@ -419,15 +542,15 @@ class TorchEngine:
             running = int((rows < B).sum())
             if t == params.max_new_tokens - 1 or running == 0:
                 break
-            if _drop_finished_now(running, n, size, B, graphs):  # compact the cache (to a graph bucket on CUDA)
+            if _drop_finished_now(running, n, size, largest, graphs):  # compact (to a graph bucket on CUDA)
                 keep = (rows < B).nonzero().view(-1)
                 dec.compact(keep, P + t)
                 rows, tokens, pos, n = rows[keep], tokens[keep], pos[keep], running
-                size = _bucket(n, B) if graphs else n
+                size = _bucket(n, largest) if graphs else n
             if graphs:  # static shapes: `size` rows, the last size - n of them filler
                 padded = torch.cat([tokens, tokens.new_full((size - n,), self.pad_token_id)])
                 padded_pos = torch.cat([pos, pos.new_zeros(size - n)])
-                if device.type == "cuda":
+                if replay:
                     logits = dec.decode_graph(padded, padded_pos, P + t)
                 else:  # the same static-shape step, eager: what tests can check without a GPU
                     logits = dec.decode(padded, padded_pos, P + t, full_length=True)
@@ -436,7 +559,7 @@ class TorchEngine:
             pos = pos + 1
             decode_steps += 1
         return (out_tokens[:B], out_logps[:B], lengths[:B],
-                {"decode_steps": decode_steps + 1, "kv_cache": "static"})
+                {"decode_steps": decode_steps + 1, "kv_cache": "static", "graph_misses": dec.graph_misses - misses})
 
     def _generate_dynamic(self, ids, attn, row_prompt, params: SamplingParams, generator):
         from transformers import DynamicCache

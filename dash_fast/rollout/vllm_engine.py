@@ -88,7 +88,7 @@ def rollout_from_outputs(outputs: Sequence[Any], prompt_ids: list[list[int]], pa
 class VLLMEngine:
     """Colocated vLLM behind the RolloutEngine interface (see the module docstring)."""
 
-    thread_safe = False  # overlap=True runs its schedule in order with this engine
+    can_sample_concurrently = False  # overlap=True runs its schedule in order with this engine
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, args: Any, *, sleep_level: int = 2,
                  bucket_bytes: int = 512 << 20, llm: Any = None) -> None:
