@@ -7,8 +7,6 @@ the naive loss on materialised logits (`loss_impl=naive`) is dash_kernels.pg_los
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 SCALE_REWARDS = ("group", "batch", "none")
@@ -101,7 +99,8 @@ def pack_micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]
 
 
 def split_minibatches(n_rows: int, minibatches: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-    """PPO 'Mini': a random split of the rollout's rows into `minibatches` near-equal parts."""
+    """PPO 'Mini': a random split of the rollout's rows into exactly `minibatches` near-equal parts (sizes
+    differ by at most one; empty parts only when n_rows < minibatches), so the LR schedule's count of
+    updates holds (ceil-sized chunks gave 3 parts for 9 rows and M = 4)."""
     perm = torch.randperm(n_rows, generator=generator)
-    size = math.ceil(n_rows / minibatches)
-    return [perm[i : i + size] for i in range(0, n_rows, size)]
+    return list(torch.tensor_split(perm, minibatches))

@@ -29,7 +29,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device")
     p.add_argument("--profile-steps", help="A:B: wrap optimizer steps A..B in cudaProfilerStart/Stop")
     p.add_argument("--trace", action="store_true", default=None, help="write a torch.profiler Chrome trace")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. sft.steps=200 filter_tau=0.2")
+    p.add_argument("--dataset-format", help="auto | prompt | gsm8k | math | mbpp (default auto: from the columns)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, in any order with the flags (dotted for sub-configs: sft.steps=200); "
+                        "every key is listed below")
 
 
 def build_config(ns: argparse.Namespace):
@@ -39,6 +42,7 @@ def build_config(ns: argparse.Namespace):
         "output_dir": ns.output_dir, "max_steps": ns.max_steps, "seed": ns.seed, "model": ns.model,
         "dataset": ns.dataset, "eval_dataset": ns.eval_dataset, "resume": ns.resume, "beta": ns.beta,
         "device": ns.device, "profile_steps": ns.profile_steps, "trace": ns.trace,
+        "dataset_format": ns.dataset_format,
     }
     overrides = list(ns.overrides)
     if ns.tau is not None:
@@ -180,12 +184,35 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def config_keys_help() -> str:
+    """Every `key=value` override with its default, for `--help` (the same names as a --config YAML file)."""
+    import dataclasses
+    import textwrap
+
+    from dash_fast.config import DashConfig
+
+    def items(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from items(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}={value!r}".replace("'", "")
+
+    text = " ".join(items(DashConfig()))
+    return ("config keys (key=value, in any order with the flags; DashConfig defaults shown, nested keys dotted; "
+            "the embedded default's recipe sets some others: EMBEDDED_DEFAULT in dash_fast/config.py):\n") + \
+        textwrap.fill(text, width=100, initial_indent="  ", subsequent_indent="  ", break_on_hyphens=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line as users type it: `key=value` overrides may come before, between or after flags."""
     parser = argparse.ArgumentParser(prog="dash-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="RL-train a model with DASH (no arguments: the embedded default)")
+    keys_help = dict(epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("train", help="RL-train a model with DASH (no arguments: the embedded default)", **keys_help)
     _common(p)
-    p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset")
+    p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset", **keys_help)
     p.add_argument("checkpoint")
     p.add_argument("--max-examples", type=int)
     _common(p)
@@ -202,7 +229,17 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="run bench/<name>.py from the repository (loss, rollout, e2e, paper)")
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
-    ns = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("train", "eval"):  # key=value overrides and --flags in any order
+        ns = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
+        ns.command = argv[0]
+    else:
+        ns = parser.parse_args(argv)
+    return ns
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars drown dash-fast's own progress bar

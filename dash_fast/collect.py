@@ -50,34 +50,84 @@ class Batch:
         return self.rewards is None
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def stream_seed(seed: int, step: int, row: int) -> int:
+    """The 63-bit seed of the random stream that samples rows from global row `row` on at step `step`:
+    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (the
+    linear seed * 1_000_003 + step + row it replaces gave step 2 / row 0 the stream of step 1 / row 1, so
+    rank 1 of one step replayed rank 0's uniforms of a later one). Engines draw one stream per call from it
+    (torch: one generator; vLLM: seed + i per row, 2^63 apart from other calls' seeds but for chance)."""
+    x = 0
+    for v in (seed, step, row):
+        x = _splitmix64(x ^ (v & _MASK64))
+    return x >> 1
+
+
 class RewardScorer:
-    """The reward functions (TRL's signature), their weights, and which one the accuracy is the mean of."""
+    """The reward functions (TRL's signature), their weights, and which one the accuracy is the mean of.
+    Calls them as TRL 1.16 does (rewards.score_completions); what they report through `log_metric` /
+    `log_extra` is kept until `flush_logs` puts it in the step record."""
 
     def __init__(self, funcs, weights: list[float] | None, accuracy_reward: str | None, tokenizer) -> None:
         self.funcs, self.names = resolve_rewards(funcs)
+        if weights is not None and len(weights) != len(self.funcs):
+            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.funcs)} reward functions "
+                             f"{self.names}")
         self.weights = torch.tensor(weights or [1.0] * len(self.funcs))
         acc = accuracy_reward or self.names[0]
         if acc not in self.names:
             raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.names}")
         self.accuracy_index = self.names.index(acc)
         self.tokenizer = tokenizer
+        self.trainer_state = None  # the trainer's transformers.TrainerState, passed as `trainer_state`
+        self.logs: dict[str, dict[str, list]] = {"metric": {}, "extra": {}}
 
     def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
               repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
-        from dash_fast.rewards import call_reward_func
+        from dash_fast.rewards import score_completions, warn_rows_without_reward
 
         prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
         token_lists = rollout.completion_token_lists()
         completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
+        if prompts and isinstance(prompts[0], list):  # chat prompts: completions as messages, as TRL passes them
+            completions = [[{"role": "assistant", "content": c}] for c in completions]
         columns = dataset.columns(indices, repeat)
-        per_func = torch.full((len(rollout), len(self.funcs)), float("nan"))
         with nvtx_range("rollout/reward"):
-            for k, func in enumerate(self.funcs):
-                values = call_reward_func(func, prompts, completions, token_lists, columns)
-                per_func[:, k] = torch.tensor([float("nan") if v is None else float(v) for v in values])
+            values = score_completions(self.funcs, prompts, completions, token_lists, columns,
+                                       trainer_state=self.trainer_state, log_extra=self.log_extra,
+                                       log_metric=self.log_metric)
+        warn_rows_without_reward(values, prompts, completions, columns)
+        per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in zip(*values)])
         rewards = torch.nansum(per_func * self.weights, dim=1)  # rows where all are None -> 0, as TRL
         return rewards, per_func
+
+    def log_metric(self, name: str, value: float) -> None:
+        """`log_metric` for reward functions (TRL): a scalar, averaged into this step's record under `name`."""
+        self.logs["metric"].setdefault(name, []).append(float(value))
+
+    def log_extra(self, column: str, values: list) -> None:
+        """`log_extra` for reward functions (TRL: a completions-table column): in the step record as
+        `extra/<column>`, the mean of numbers (else the values themselves)."""
+        self.logs["extra"].setdefault(column, []).extend(values)
+
+    def flush_logs(self) -> dict:
+        """What the reward functions logged since the last flush, as step-record entries (then cleared)."""
+        out: dict = {name: sum(v) / len(v) for name, v in self.logs["metric"].items() if v}
+        for column, values in self.logs["extra"].items():
+            numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            out[f"extra/{column}"] = sum(values) / len(values) if numeric else list(values)
+        self.logs = {"metric": {}, "extra": {}}
+        return out
 
 
 def resolve_rewards(funcs) -> tuple[list[RewardFunc], list[str]]:
@@ -106,27 +156,29 @@ class Collector:
         self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
         self.engine_prepared = False  # prepare_engine_once
 
-    def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None) -> SamplingParams:
+    def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,
+                        row: int = 0) -> SamplingParams:
+        """Sampling settings of step `step`; the seed keys the random stream of the rows from global row `row`
+        on (a function of seed, step and row: resume, any rank and any chunking sample the same tokens)."""
         a = self.args
         return SamplingParams(
             temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
             max_new_tokens=max_new or a.max_completion_tokens, stop_token_ids=self.stop_ids,
-            seed=a.seed * 1_000_003 + step,  # a function of the step: resume samples the same tokens
+            seed=stream_seed(a.seed, step, row),
         )
 
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
         """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset).
         `row_offset` (this rank's first row in the global rollout) keys the sampling seed, so a chunk
         samples the same tokens whichever rank or process generates it."""
-        params = self.sampling_params(step)
-        params.seed += row_offset
+        params = self.sampling_params(step, row=row_offset)
         size = self.args.generation_batch_size or len(prompt_ids)
         with nvtx_range("rollout/generate"), ddp.gathered_params(self.fsdp_root):
             if size >= len(prompt_ids):
                 return self.engine.generate(prompt_ids, params)
             parts = []
             for i in range(0, len(prompt_ids), size):
-                params.seed = self.sampling_params(step).seed + row_offset + i  # distinct, reproducible streams
+                params.seed = stream_seed(self.args.seed, step, row_offset + i)  # distinct, reproducible streams
                 parts.append(self.engine.generate(prompt_ids[i : i + size], params))
             return Rollout.concat(parts, self.pad_id)
 

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from dash_fast.algo import LOSS_AGGS, SCALE_REWARDS
+from dash_fast.formats import DATASET_FORMATS
 from dash_fast.tiny import TinyConfig
 
 
@@ -44,15 +45,16 @@ class DashConfig:
     model: str | None = None  # HF path; None = the embedded tiny model
     dataset: str | None = None  # JSONL / parquet file or HF dataset dir; None = embedded task
     eval_dataset: str | None = None
+    dataset_format: str = "auto"  # auto | prompt | gsm8k | math | mbpp (auto: from the columns; both datasets)
     prompt_column: str = "prompt"
     system_prompt: str | None = None
     use_chat_template: bool | None = None  # None: when the prompt is a list of messages
-    reward_funcs: list[str] = field(default_factory=lambda: ["exact_answer"])
+    reward_funcs: list[str] | None = None  # None: the dataset format's (exact_answer, math for gsm8k/math, code)
     reward_weights: list[float] | None = None
     accuracy_reward: str | None = None  # reward whose mean is "accuracy"; default: the first one
     sandbox: str = "namespaces"  # code reward: namespaces (contained; refuses if unavailable) | unsafe-local
     device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (float16 refused)
     deterministic: bool = False  # bwd="dense" loss + deterministic torch/cuBLAS settings on CUDA (README)
     # --- sampling (one rollout per optimizer step) ---
     prompts_per_step: int = 64
@@ -169,8 +171,8 @@ class DashConfig:
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",
              "must be constant, linear or cosine")
-        need(self.dtype in ("auto", "float32", "bfloat16", "float16"), "dtype",
-             "must be auto, float32, bfloat16 or float16")
+        need(self.dtype in ("auto", "float32", "bfloat16"), "dtype", "must be auto, float32 or bfloat16 (float16 is "
+             "refused: dash-fast has no loss scaler, and fp16 gradients underflow without one)")
         need(self.triton_bwd in ("dense", "atomic"), "triton_bwd", "must be dense or atomic")
         need(not (self.deterministic and self.triton_bwd == "atomic"), "triton_bwd",
              "atomic sums depend on scheduling order: deterministic=True needs triton_bwd=dense")
@@ -190,9 +192,10 @@ class DashConfig:
         need(self.beta >= 0, "beta", "must be >= 0")
         need(self.generation_batch_size is None or self.generation_batch_size >= 1,
              "generation_batch_size", "must be >= 1 or None")
-        need(len(self.reward_funcs) >= 1, "reward_funcs", "needs at least one reward function")
-        need(self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
-             "reward_weights", f"needs one weight per reward function ({len(self.reward_funcs)})")
+        need(self.reward_funcs is None or len(self.reward_funcs) >= 1, "reward_funcs",
+             "needs at least one reward function (or None: the dataset format's)")
+        need(self.dataset_format in DATASET_FORMATS, "dataset_format", f"must be one of {', '.join(DATASET_FORMATS)}")
+        # reward_weights is checked against the reward functions the trainer resolves (they may come as callables)
         if self.profile_steps is not None:
             a, _, b = str(self.profile_steps).partition(":")
             need(a.isdigit() and b.isdigit() and int(a) <= int(b), "profile_steps", "must look like A:B")
@@ -242,6 +245,9 @@ def _check_types(obj, prefix: str = "") -> None:
         value, kind = getattr(obj, f.name), str(f.type)
         if dataclasses.is_dataclass(value):
             _check_types(value, prefix=f"{prefix}{f.name}.")
+            continue
+        if value is None and kind.startswith("list") and "None" not in kind:  # report_to=none: an empty list
+            setattr(obj, f.name, [])
             continue
         if value is None:
             if "None" not in kind:

@@ -60,19 +60,29 @@ def check_columns(rows: list[dict], required: list[str], name: str = "dataset") 
             raise DataError(f"{name}: row {i} has no column {missing[0]!r} (other rows have it)")
 
 
-def prompt_text(tokenizer, prompt: Any, system_prompt: str | None, use_chat_template: bool | None) -> str:
-    """A prompt string or a list of chat messages -> the text the model sees."""
+def render_prompt(tokenizer, prompt: Any, system_prompt: str | None,
+                  use_chat_template: bool | None) -> tuple[str, bool]:
+    """The text the model sees, and whether the chat template rendered it (its text then already holds the
+    template's special tokens, BOS included: tokenise it with add_special_tokens=False, as TRL does).
+
+    The template is used for message lists, for every prompt with use_chat_template=True, and for string
+    prompts when a system_prompt is set (the string becomes the user message); a system_prompt without a
+    template to put it in is refused."""
     is_chat = isinstance(prompt, list)
-    if use_chat_template or (use_chat_template is None and is_chat):
-        messages = prompt if is_chat else [{"role": "user", "content": str(prompt)}]
-        if system_prompt and messages[0].get("role") != "system":
-            messages = [{"role": "system", "content": system_prompt}, *messages]
-        if getattr(tokenizer, "chat_template", None) is None:
-            raise DataError("chat prompts need a tokenizer with a chat_template")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(prompt, str):
+    if not is_chat and not isinstance(prompt, str):
         raise DataError(f"a prompt must be a string or a list of messages, got {type(prompt).__name__}")
-    return prompt
+    templated = bool(use_chat_template) or (use_chat_template is None and (is_chat or system_prompt is not None))
+    if not templated:
+        if system_prompt is not None:
+            raise DataError("system_prompt is applied through the chat template, and use_chat_template=False")
+        return prompt, False
+    messages = prompt if is_chat else [{"role": "user", "content": str(prompt)}]
+    if system_prompt and messages[0].get("role") != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    if getattr(tokenizer, "chat_template", None) is None:
+        why = "system_prompt needs" if system_prompt is not None and not is_chat else "chat prompts need"
+        raise DataError(f"{why} a tokenizer with a chat_template")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
 
 
 class PromptDataset:
@@ -97,10 +107,10 @@ class PromptDataset:
         self.prompt_ids: list[list[int]] = []
         for i, row in enumerate(rows):
             try:
-                text = prompt_text(tokenizer, row[prompt_column], system_prompt, use_chat_template)
+                text, templated = render_prompt(tokenizer, row[prompt_column], system_prompt, use_chat_template)
             except DataError as e:
                 raise DataError(f"{name}: row {i}, column {prompt_column!r}: {e}") from None
-            ids = tokenizer(text, add_special_tokens=not use_chat_template)["input_ids"]
+            ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]  # no second BOS after a template
             if not ids:
                 raise DataError(f"{name}: row {i} has an empty prompt")
             if max_prompt_tokens is not None and len(ids) > max_prompt_tokens:

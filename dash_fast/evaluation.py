@@ -27,6 +27,7 @@ def greedy_accuracy(engine, rewards: RewardScorer, dataset: PromptDataset, n: in
             acc_sum += float(torch.nansum(acc))
             acc_count += float((~acc.isnan()).sum())
             len_sum += float(rollout.completion_lengths.sum())
+    rewards.flush_logs()  # what reward functions logged on eval rows belongs to no step record
     acc_sum, acc_count, len_sum = (ddp.all_reduce_sum(v, dist) for v in (acc_sum, acc_count, len_sum))
     return {"accuracy": acc_sum / acc_count if acc_count else float("nan"), "examples": n,
             "completion_len_mean": len_sum / max(n, 1)}

@@ -85,6 +85,52 @@ def detect_format(columns: Iterable[str]) -> str | None:
     return None
 
 
+DATASET_FORMATS = ("auto", "prompt", *FORMATS)
+# The reward each format is scored with when the user names none (TRL has no default; dash-fast's CLI does).
+DEFAULT_REWARDS = {"prompt": "exact_answer", "gsm8k": "math", "math": "math", "mbpp": "code"}
+_LAYOUTS = "prompt (a 'prompt' column), gsm8k (question, answer), math (problem, solution), mbpp (text, test_list)"
+
+
+def resolve_format(rows: list[dict], fmt: str = "auto", prompt_column: str = "prompt") -> str:
+    """The format rows are read as: `fmt`, or with 'auto' the one their first row's columns show.
+    Raises ValueError (one line: the columns found and the formats known) when no format fits."""
+    if fmt not in DATASET_FORMATS:
+        raise ValueError(f"dataset_format={fmt!r}: must be one of {', '.join(DATASET_FORMATS)}")
+    if fmt != "auto" or not rows:
+        return "prompt" if fmt == "auto" else fmt
+    columns = list(rows[0])
+    found = detect_format(columns)
+    if found is None and prompt_column in columns:
+        return "prompt"
+    if found is None:
+        raise ValueError(f"unknown dataset layout: columns {sorted(columns)}; known formats: {_LAYOUTS} "
+                         "(set dataset_format, or prompt_column for the prompt's column)")
+    return found
+
+
+def format_rows(rows: list[dict], fmt: str = "auto", prompt_column: str = "prompt") -> tuple[list[dict], str]:
+    """Rows in dash-fast's standard columns (`prompt`, `answer`, ...) and the format they were read as;
+    'prompt' rows are returned as they are."""
+    fmt = resolve_format(rows, fmt, prompt_column)
+    if fmt == "prompt":
+        return rows, fmt
+    return [FORMATS[fmt](row, i) for i, row in enumerate(rows)], fmt
+
+
+def load_dataset_rows(source: Any, fmt: str = "auto", prompt_column: str = "prompt",
+                      name: str = "dataset") -> tuple[list[dict], str]:
+    """Rows of a dataset (path, `datasets.Dataset` or list of dicts) in the standard columns, and their
+    format; a bad layout or row is a DataError naming the dataset."""
+    from dash_fast.data import DataError, load_rows
+
+    try:
+        return format_rows(load_rows(source), fmt, prompt_column)
+    except DataError:
+        raise
+    except ValueError as e:
+        raise DataError(f"{name}: {e}") from None
+
+
 def _adapter(fmt: str) -> Callable[..., dict]:
     if fmt not in FORMATS:
         raise ValueError(f"unknown dataset format {fmt!r}; known: {', '.join(FORMATS)}")

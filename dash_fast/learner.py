@@ -79,6 +79,9 @@ class Learner:
         generator = torch.Generator().manual_seed(a.seed + step - 1)
         for _ in range(a.epochs_per_rollout):
             for part in algo.split_minibatches(len(kept_rows), a.minibatches, generator):
+                if part.numel() == 0:  # fewer kept rows than minibatches: no update, the LR schedule still advances
+                    self.scheduler.step()
+                    continue
                 rows = [kept_rows[i] for i in sorted(part.tolist())]
                 if a.normalize_over == "kept":
                     norm = algo.loss_normaliser(a.loss_agg, lengths[rows], a.max_completion_tokens)
@@ -135,9 +138,9 @@ class Learner:
                 loss.backward()
             if st is None:
                 continue
-            total_loss += loss.item()
-            clip_sum += float(st["clip_fraction"]) * n  # the fused op's stats are 0-dim tensors
-            kl_sum += float(st["kl_mean"] if st["kl_mean"] is not None else 0.0) * n
+            total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
+            clip_sum += float(st["clip_fraction"]) * n
+            kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
             if st.get("entropy") is not None:
                 ent_sum += float(st["entropy"].sum())
             tokens += n

@@ -2,7 +2,7 @@
 
 A reward function is ``f(prompts, completions, completion_ids=None, **columns) -> list[float | None]``:
 ``completions`` are strings, ``columns`` are dataset columns as lists (one entry per completion).
-``None`` means "not applicable" to that row and is ignored by :func:`combine_rewards`.
+``None`` means "not applicable" to that row: the trainer sums the others (all None: 0, with a warning, as TRL).
 
 Top-level imports are stdlib only: math_verify, torch and the sandbox load on first use, and the
 math worker process (see :func:`math_reward`) loads this file on its own.
@@ -23,10 +23,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import torch
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +106,7 @@ def exact_answer_reward(prompts, completions, completion_ids=None, **columns) ->
     if answers is None:
         raise ValueError("exact_answer_reward needs an 'answer' column")
     return [
-        None if gold is None else float(extract_final_answer(c) == str(gold).strip())
+        None if gold is None else float(extract_final_answer(completion_text(c)) == str(gold).strip())
         for c, gold in zip(completions, answers)
     ]
 
@@ -221,7 +218,7 @@ def math_reward(prompts, completions, completion_ids=None, **columns) -> list[fl
         )
         for i in range(n)
     ]
-    preds = [str(c) for c in completions]
+    preds = [completion_text(c) for c in completions]
     if threading.current_thread() is threading.main_thread():
         return _score_math(golds, preds, MATH_TIMEOUT_S)
     return _score_math_in_worker(golds, preds)
@@ -257,7 +254,7 @@ def make_format_reward(pattern: str | re.Pattern | None = None) -> RewardFunc:
         check = lambda text: regex.search(text) is not None
 
     def format_reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]:
-        return [float(check(str(c))) for c in completions]
+        return [float(check(completion_text(c))) for c in completions]
 
     return format_reward
 
@@ -315,7 +312,7 @@ def make_code_reward(
             row_tests = json.loads(tests[i]) if isinstance(tests[i], str) else tests[i]
             if not row_tests:
                 continue
-            parts = [*(imports[i] or []), extract_code(str(completion)), setup[i] or ""]
+            parts = [*(imports[i] or []), extract_code(completion_text(completion)), setup[i] or ""]
             rows.append(i)
             jobs.append(("\n".join(parts), [str(t) for t in row_tests]))
         scores: list[float | None] = [None] * n
@@ -423,31 +420,98 @@ def call_reward_func(
     return values
 
 
-def combine_rewards(
-    per_func: list[list[float | None]], weights: Sequence[float] | None = None
-) -> torch.Tensor:
-    """Weighted nan-sum over functions, as TRL: ``r_i = sum_k w_k * f_k[i]`` skipping None entries.
+# dataset columns TRL does not pass on: the prompt and the completion come as `prompts` / `completions`
+_RESERVED_COLUMNS = ("prompt", "completion", "completion_ids")
+# keyword arguments the trainer adds that a warning about a row's inputs leaves out (as TRL)
+_TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric")
 
-    ``per_func[k][i]`` is function k's value for completion i. Returns a float32 tensor of shape [B].
-    A row where every function returned None comes out **nan** (TRL would give 0): the trainer must
-    decide what that row means (drop it, or treat it as an error) rather than train on it as zero.
-    """
-    import torch
 
-    if not per_func:
-        raise ValueError("combine_rewards needs at least one reward function's values")
-    weights = [1.0] * len(per_func) if weights is None else list(weights)
-    if len(weights) != len(per_func):
-        raise ValueError(f"{len(weights)} reward weights for {len(per_func)} reward functions")
-    n = len(per_func[0])
-    if any(len(values) != n for values in per_func):
-        raise ValueError(
-            f"reward functions returned different numbers of values: {[len(v) for v in per_func]}"
-        )
-    matrix = torch.tensor(
-        [[math.nan if v is None else float(v) for v in values] for values in per_func], dtype=torch.float32
-    ).reshape(len(per_func), n)
-    weighted = matrix * torch.tensor(weights, dtype=torch.float32).unsqueeze(1)
-    total = weighted.nansum(dim=0)
-    total[matrix.isnan().all(dim=0)] = math.nan
-    return total
+def is_async_callable(func: Callable) -> bool:
+    """An ``async def`` function, a partial of one, or an instance whose ``__call__`` is one (as TRL checks)."""
+    import functools
+    import inspect
+
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's conversational ``[{"role": "assistant", "content": ...}]``."""
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+def score_completions(
+    funcs: Sequence[RewardFunc],
+    prompts: list,
+    completions: list,
+    completion_ids: list | None,
+    columns: dict[str, list],
+    **trainer_kwargs: Any,
+) -> list[list[float | None]]:
+    """Every reward function's values, called as TRL 1.16 calls them: ``f(prompts=..., completions=...,
+    completion_ids=..., **columns, trainer_state=..., log_extra=..., log_metric=...)``; dataset columns named
+    prompt / completion / completion_ids are not passed (they would collide); ``async def`` functions are
+    awaited together. Checks each output with :func:`call_reward_func`'s rules."""
+    import asyncio
+
+    kwargs = {k: v for k, v in columns.items() if k not in _RESERVED_COLUMNS}
+    kwargs.update(trainer_kwargs)
+    out: list[list[float | None] | None] = [None] * len(funcs)
+    pending = []
+    for k, func in enumerate(funcs):
+        if is_async_callable(func):
+            pending.append(k)
+        else:
+            out[k] = call_reward_func(func, prompts, completions, completion_ids, kwargs)
+    if pending:
+        async def gather():
+            async def one(func):
+                return await func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
+            return await asyncio.gather(*(one(funcs[k]) for k in pending), return_exceptions=True)
+
+        results = _run_coroutine(gather())
+        for k, result in zip(pending, results):
+            out[k] = call_reward_func(_Returned(funcs[k], result), prompts, completions, completion_ids, kwargs)
+    return out  # type: ignore[return-value]
+
+
+class _Returned:
+    """An async reward function's awaited result (or exception), passed through call_reward_func's checks."""
+
+    def __init__(self, func: Callable, result: Any) -> None:
+        self.__name__ = _func_name(func)
+        self.result = result
+
+    def __call__(self, **_: Any) -> Any:
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+
+def _run_coroutine(coro):
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # called from inside an event loop (a notebook): run beside it
+        return pool.submit(asyncio.run, coro).result()
+
+
+def warn_rows_without_reward(per_func: list[list[float | None]], prompts: list, completions: list,
+                             columns: dict[str, list]) -> None:
+    """TRL's warning when every reward function returned None for a row (the row's reward becomes 0)."""
+    rows = [i for i in range(len(prompts)) if all(values[i] is None for values in per_func)]
+    if not rows:
+        return
+    i = rows[0]
+    inputs = {k: v[i] for k, v in columns.items() if k not in _TRAINER_KWARGS}
+    inputs.update(prompt=prompts[i], completion=completions[i])
+    logger.warning("All reward functions returned None for %d row(s); the first one's inputs: %s. Please ensure "
+                   "that at least one reward function returns a valid reward.", len(rows), inputs)

@@ -35,9 +35,10 @@ from dash_fast.checkpoint import (
 from dash_fast.collect import Collector, RewardFunc, RewardScorer
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
-from dash_fast.data import PromptDataset, PromptSampler, load_rows
+from dash_fast.data import PromptDataset, PromptSampler
 from dash_fast.device_setup import make_deterministic, resolve_dtype
 from dash_fast.evaluation import greedy_accuracy
+from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
 from dash_fast.overlap import OverlapScheduler, bind_process, parse_cpus
@@ -72,6 +73,21 @@ def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -
 
     kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation(device, dtype)}
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
+
+
+def logit_transform(model: torch.nn.Module) -> str | None:
+    """Why the model's logits are not `hidden @ lm_head.T` (the loss and log-prob ops, and the engine, compute
+    exactly that), naming the config field; None when they are. Gemma-2/3 soft-cap them, Cohere and Granite
+    scale them after the head."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
+    checks = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+    for name, neutral in checks:
+        value = getattr(config, name, None)
+        if value is not None and value != neutral:
+            return (f"config.{name}={value} transforms the logits after the lm_head, which dash-fast's loss, "
+                    "log-prob and sampling ops do not apply")
+    return None
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
@@ -119,6 +135,15 @@ class DashTrainer:
         if args.cpu_threads is not None:  # first: in-process vLLM on CPU makes set_num_threads a no-op
             torch.set_num_threads(args.cpu_threads)
         torch.manual_seed(args.seed)
+        # datasets first (a bad layout fails before any model loads), in the standard columns by dataset_format
+        train_dataset = args.dataset if train_dataset is None else train_dataset
+        eval_dataset = args.eval_dataset if eval_dataset is None else eval_dataset
+        if train_dataset is None:
+            raise ValueError("no train_dataset (pass one, or set `dataset` in the config)")
+        train_rows, self.dataset_format = load_dataset_rows(train_dataset, args.dataset_format, args.prompt_column,
+                                                            "train_dataset")
+        eval_rows = None if eval_dataset is None else \
+            load_dataset_rows(eval_dataset, args.dataset_format, args.prompt_column, "eval_dataset")[0]
         self.device = resolve_device(args.device)
         if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
             keep_freed_memory()
@@ -126,6 +151,13 @@ class DashTrainer:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
         self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
+        reason = logit_transform(self.model)
+        if reason:
+            raise ValueError(f"this model is not supported: {reason}")
+        if next(self.model.parameters()).dtype == torch.bfloat16 and self.dist.is_main:
+            print("dash-fast: dtype=bfloat16 trains the bf16 weights in place: no fp32 master copy, AdamW state in "
+                  "bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost; use dtype=float32 "
+                  "for exact updates")
         ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
@@ -136,25 +168,20 @@ class DashTrainer:
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
-        self.rewards = RewardScorer(reward_funcs or args.reward_funcs, args.reward_weights, args.accuracy_reward,
-                                    self.tokenizer)
+        self.rewards = RewardScorer(reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format],
+                                    args.reward_weights, args.accuracy_reward, self.tokenizer)
         if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
             from dash_fast.sandbox import set_default_sandbox
 
             set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
 
-        data_kwargs = dict(prompt_column=args.prompt_column, max_prompt_tokens=args.max_prompt_tokens,
-                           system_prompt=args.system_prompt, use_chat_template=args.use_chat_template)
-        if train_dataset is None:
-            train_dataset = args.dataset
-        if train_dataset is None:
-            raise ValueError("no train_dataset (pass one, or set `dataset` in the config)")
-        self.train_data = PromptDataset(load_rows(train_dataset), self.tokenizer, name="train_dataset", **data_kwargs)
-        if eval_dataset is None:
-            eval_dataset = args.eval_dataset
+        data_kwargs = dict(prompt_column=args.prompt_column if self.dataset_format == "prompt" else "prompt",
+                           max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
+                           use_chat_template=args.use_chat_template)
+        self.train_data = PromptDataset(train_rows, self.tokenizer, name="train_dataset", **data_kwargs)
         self.eval_data = None
-        if eval_dataset is not None:
-            self.eval_data = PromptDataset(load_rows(eval_dataset), self.tokenizer, name="eval_dataset", **data_kwargs)
+        if eval_rows is not None:
+            self.eval_data = PromptDataset(eval_rows, self.tokenizer, name="eval_dataset", **data_kwargs)
         self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
@@ -188,6 +215,7 @@ class DashTrainer:
         os.makedirs(self.output_dir, exist_ok=True)
         self.state, self.control = callbacks_lib.trainer_state(args.max_steps, args.logging_steps,
                                                                 args.save_steps, self.dist.is_main)
+        self.rewards.trainer_state = self.state
         self.callbacks = list(callbacks or [])
         self.callback_args: Any = args  # what callbacks receive as `args` (GRPOTrainer passes its GRPOConfig)
         self.stop_requested = False
@@ -224,14 +252,23 @@ class DashTrainer:
         a, t_start = self.args, time.perf_counter()
         batch = self.collector.collect(step, self.learner.weights_version)
         if batch.skipped:  # a reward function failed and on_reward_error="skip": no update
-            return metrics.skipped_record(step, batch.time_generate_s, time.perf_counter() - t_start, self._lr())
+            return {**metrics.skipped_record(step, batch.time_generate_s, time.perf_counter() - t_start, self._lr()),
+                    **self.rewards.flush_logs()}
         advantages = algo.group_advantages(batch.rewards, a.group_size, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
         t0 = time.perf_counter()
-        train_stats = self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows, lengths=batch.lengths)
+        if a.beta == 0 and not bool((advantages[kept] != 0).any()):
+            # no kept row carries signal (every row filtered and the fallback row has A = 0): the loss and its
+            # gradient are exactly 0, so no forward/backward, no optimizer or LR-scheduler step
+            train_stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1}
+        else:
+            train_stats = {**self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows,
+                                         lengths=batch.lengths), "no_signal": 0}
         t_train, t_step = time.perf_counter() - t0, time.perf_counter() - t_start
-        return metrics.step_record(batch, kept, train_stats, self.rewards.names, self.rewards.accuracy_index,
-                                   self._lr(), t_train, t_step)
+        record = metrics.step_record(batch, kept, train_stats, self.rewards.names, self.rewards.accuracy_index,
+                                     self._lr(), t_train, t_step)
+        return {**record, **self.rewards.flush_logs()}  # what reward functions logged (log_metric, log_extra)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None) -> dict:

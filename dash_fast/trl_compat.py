@@ -15,7 +15,8 @@ Differences from TRL worth knowing:
 - `per_device_train_batch_size` only sets the micro-batch token budget
   (`micro_batch_tokens = per_device_train_batch_size x (max_prompt_length + max_completion_length)`)
   unless `micro_batch_tokens` is given; micro-batches pack rows by tokens.
-- `bf16=True` / `fp16=True` train in that dtype (no autocast); the default is float32.
+- `bf16=True` trains the bf16 weights themselves (no autocast, no fp32 master copy: a warning says so);
+  `fp16=True` is refused (no loss scaler); the default is float32.
   `gradient_checkpointing` defaults to False (TRL: True).
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
 - `reward_funcs` entries may be reward models (an id / path or a loaded sequence-classification model,
@@ -253,6 +254,7 @@ class GRPOConfig:
     eval_examples: int = 500
     system_prompt: str | None = None
     prompt_column: str = "prompt"
+    dataset_format: str = "auto"  # auto | prompt | gsm8k | math | mbpp (GSM8K / MATH / MBPP columns adapted)
     parallel: str = "ddp"
     extra: dict[str, Any] = field(default_factory=dict)  # any other DashConfig keys, e.g. {"dtype": ...}
 
@@ -353,7 +355,7 @@ class GRPOConfig:
             keep_last_checkpoints=self.save_total_limit or 0, report_to=self.report_to,
             disable_tqdm=bool(self.disable_tqdm), on_reward_error=self.on_reward_error,
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
-            prompt_column=self.prompt_column, reward_weights=self.reward_weights,
+            prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:

@@ -122,3 +122,8 @@ def test_split_minibatches_partitions_rows():
     parts = algo.split_minibatches(10, 3, torch.Generator().manual_seed(0))
     assert len(parts) == 3
     assert sorted(torch.cat(parts).tolist()) == list(range(10))
+    for n in range(1, 20):  # always M parts (ceil-sized chunks gave 3 for n = 9, M = 4), sizes within one
+        parts = algo.split_minibatches(n, 4, torch.Generator().manual_seed(n))
+        sizes = [len(p) for p in parts]
+        assert len(parts) == 4 and sum(sizes) == n and max(sizes) - min(sizes) <= 1
+        assert sorted(torch.cat(parts).tolist()) == list(range(n))

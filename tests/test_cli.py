@@ -79,3 +79,34 @@ def test_unknown_config_key_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert "learning_rat" in proc.stderr and "learning_rate" in proc.stderr
+
+
+def test_overrides_and_flags_parse_in_any_order():
+    from dash_fast.cli import build_config, parse_args
+
+    orders = [
+        ["train", "engine=vllm", "--max-steps", "3", "sft.steps=0", "--seed", "2", "--tau", "none"],
+        ["train", "--max-steps", "3", "engine=vllm", "--seed", "2", "sft.steps=0", "--tau", "none"],
+        ["train", "--max-steps", "3", "--seed", "2", "--tau", "none", "engine=vllm", "sft.steps=0"],
+    ]
+    configs = [build_config(parse_args(argv)) for argv in orders]
+    for cfg in configs:
+        assert (cfg.engine, cfg.max_steps, cfg.seed, cfg.sft.steps, cfg.filter_tau) == ("vllm", 3, 2, 0, None)
+    ns = parse_args(["eval", "ckpt", "eval_examples=4", "--dataset", "d.jsonl", "temperature=0.5"])
+    assert (ns.checkpoint, ns.dataset, ns.overrides) == ("ckpt", "d.jsonl", ["eval_examples=4", "temperature=0.5"])
+
+
+def test_help_lists_every_config_key():
+    import dataclasses
+
+    from dash_fast.config import DashConfig
+
+    proc = dash_fast("train", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for f in dataclasses.fields(DashConfig):
+        value = getattr(DashConfig(), f.name)
+        names = [f"{f.name}.{g.name}" for g in dataclasses.fields(value)] if dataclasses.is_dataclass(value) \
+            else [f.name]
+        for name in names:
+            assert f" {name}=" in text, name

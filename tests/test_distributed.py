@@ -24,17 +24,18 @@ def length_reward(prompts, completions, **columns):
     return [0.0 if sum(map(ord, p)) % 2 else float(len(c) % 4) for p, c in zip(prompts, completions)]
 
 
-def run(out: str, refill: bool = False, overlap: bool = False) -> dict:
+def run(out: str, refill: bool = False, overlap: bool = False, **overrides) -> dict:
     tok = build_tokenizer()
     model = build_model(tok, TINY, seed=0).double()
     train, test = make_task(TINY, seed=0)
+    overrides = {"loss_impl": "naive", **overrides}
     args = DashConfig(output_dir=out, max_steps=2 if overlap else 1, prompts_per_step=4, group_size=4,
                       refill=refill, overlap=overlap,
                       # one group (refill) or one rank's rows per sampling chunk: the same seeds either way
                       generation_batch_size=4 if refill else 8,
-                      max_completion_tokens=8, max_prompt_tokens=16, loss_impl="naive", scale_rewards="batch",
+                      max_completion_tokens=8, max_prompt_tokens=16, scale_rewards="batch",
                       loss_agg="token-mean", filter_tau=0.1, max_grad_norm=None, learning_rate=1e-2,
-                      micro_batch_tokens=40, report_to=[], disable_tqdm=True, eval_examples=6)
+                      micro_batch_tokens=40, report_to=[], disable_tqdm=True, eval_examples=6, **overrides)
     trainer = DashTrainer(model, length_reward, args=args, train_dataset=train, eval_dataset=test,
                           processing_class=tok)
     trainer.train()
@@ -44,11 +45,11 @@ def run(out: str, refill: bool = False, overlap: bool = False) -> dict:
             "world": trainer.dist.world_size}
 
 
-def worker(rank: int, world: int, out: str, port: int, refill: bool, overlap: bool) -> None:
+def worker(rank: int, world: int, out: str, port: int, refill: bool, overlap: bool, overrides: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    result = run(out, refill, overlap)
+    result = run(out, refill, overlap, **overrides)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -59,8 +60,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_two_ranks(out: str, refill: bool = False, overlap: bool = False) -> list[dict]:
-    mp.spawn(worker, args=(2, out, free_port(), refill, overlap), nprocs=2, join=True)
+def spawn_two_ranks(out: str, refill: bool = False, overlap: bool = False, **overrides) -> list[dict]:
+    mp.spawn(worker, args=(2, out, free_port(), refill, overlap, overrides), nprocs=2, join=True)
     return [{**torch.load(os.path.join(out, f"rank{r}.pt"), weights_only=False), "out": out} for r in range(2)]
 
 
@@ -126,3 +127,20 @@ def test_refill_with_overlap_under_two_ranks_trains_on_the_rows_of_one_process(t
             for key in ("reward_mean", "kept_fraction", "loss"):
                 assert mine[key] == pytest.approx(ref[key], rel=1e-6), key
     assert_same_as_one_process(two, one)
+
+
+def test_two_ranks_on_the_default_fused_loss_with_kl_and_minibatches(tmp_path):
+    """The default loss_impl=fused under DDP, with beta > 0 and two minibatches (tokens clip in the second):
+    the same records and gradient as one process, and plain-number records on every rank."""
+    from plain_json import assert_plain_numbers, read_jsonl
+
+    fused = dict(loss_impl="fused", beta=0.04, minibatches=2)
+    one = run(str(tmp_path / "one"), **fused)
+    two = spawn_two_ranks(str(tmp_path / "two"), **fused)
+    assert one["record"]["kl"] > 0 and one["record"]["optimizer_steps"] == 2
+    for key in ("kl", "clip_fraction"):
+        assert two[0]["record"][key] == pytest.approx(one["record"][key], rel=1e-5, abs=1e-7), key
+    assert_same_as_one_process(two, one)
+    for rank in two:
+        assert_plain_numbers(rank["record"])
+    assert [r["step"] for r in read_jsonl(os.path.join(two[0]["out"], "metrics.jsonl"))] == [1]

@@ -164,3 +164,83 @@ def test_adapt_dataset_bad_row_names_index():
 def test_load_formatted_rejects_unknown_extension():
     with pytest.raises(ValueError, match="expected .jsonl, .json or .parquet"):
         load_formatted("data.csv")
+
+
+# ----------------------------------------------------------------------------- dataset_format in the trainer
+
+
+def test_resolve_format_from_columns_and_unknown_layout_is_one_line():
+    from dash_fast.formats import resolve_format
+
+    for name, fmt in (("gsm8k_sample.jsonl", "gsm8k"), ("math_sample.jsonl", "math"), ("mbpp_sample.jsonl", "mbpp")):
+        assert resolve_format(read_jsonl(name)) == fmt
+    assert resolve_format([{"prompt": "1+1=", "answer": "2"}]) == "prompt"
+    assert resolve_format([{"question": "q", "answer": "#### 1"}], "prompt") == "prompt"  # named, not detected
+    with pytest.raises(ValueError) as e:
+        resolve_format([{"input": "x", "target": "y"}])
+    msg = str(e.value)
+    assert "\n" not in msg and "['input', 'target']" in msg
+    for fmt in ("prompt", "gsm8k", "math", "mbpp"):
+        assert fmt in msg
+    with pytest.raises(ValueError, match="dataset_format='csv'"):
+        resolve_format([{"prompt": "x"}], "csv")
+
+
+def tiny_trainer(tmp_path, train, reward_funcs=None, trainer_cls=None, **overrides):
+    from dash_fast import DashConfig, DashTrainer
+    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    args = dict(output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, group_size=2, max_completion_tokens=4,
+                report_to=[], disable_tqdm=True, eval_examples=2)
+    args.update(overrides)
+    return (trainer_cls or DashTrainer)(model, reward_funcs, args=DashConfig(**args), train_dataset=train,
+                                        eval_dataset=train, processing_class=tok)
+
+
+@pytest.mark.parametrize("name, fmt, reward", [("gsm8k_sample.jsonl", "gsm8k", "math_reward"),
+                                                ("math_sample.jsonl", "math", "math_reward"),
+                                                ("mbpp_sample.jsonl", "mbpp", "code_reward"),
+                                                ("gsm8k_sample.parquet", "gsm8k", "math_reward")])
+def test_trainer_reads_datasets_by_format_with_the_matching_reward(tmp_path, name, fmt, reward):
+    trainer = tiny_trainer(tmp_path, str(DATA / name))
+    assert trainer.dataset_format == fmt and trainer.reward_names == [reward]
+    adapted = adapt_rows(read_jsonl(name) if name.endswith(".jsonl") else read_jsonl("gsm8k_sample.jsonl"))
+    assert [r["prompt"] for r in trainer.train_data.rows] == [r["prompt"] for r in adapted]
+    assert [r["answer"] for r in trainer.eval_data.rows] == [r["answer"] for r in adapted]
+
+
+def test_gsm8k_sample_trains_with_the_math_reward(tmp_path):
+    trainer = tiny_trainer(tmp_path, str(DATA / "gsm8k_sample.jsonl"), max_prompt_tokens=1024)
+    trainer.train()
+    assert 0.0 <= trainer.state.log_history[0]["rewards/math_reward"] <= 1.0  # a number (nan fails)
+
+
+def test_grpo_trainer_takes_dataset_format(tmp_path):
+    from dash_fast import GRPOConfig, GRPOTrainer
+    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    rows = read_jsonl("math_sample.jsonl")
+    args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=4, max_prompt_length=1024, report_to="none")
+    trainer = GRPOTrainer(model, "math", args=args, train_dataset=rows, processing_class=tok)
+    assert trainer.dataset_format == "math" and trainer.train_data.rows[0]["answer"] == "\\frac{5}{6}"
+    with pytest.raises(ValueError, match="row 0: missing column 'question'"):
+        GRPOTrainer(model, "math", args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, num_generations=2,
+                                                   dataset_format="gsm8k", report_to="none"),
+                    train_dataset=rows, processing_class=tok)
+
+
+def test_unknown_layout_from_the_cli_is_a_one_line_error(tmp_path):
+    import subprocess
+    import sys
+
+    data = tmp_path / "odd.jsonl"
+    data.write_text(json.dumps({"input": "2+2", "target": "4"}) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "dash_fast.cli", "train", "--model", "unused", "--dataset",
+                           str(data), "--output-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().count("\n") == 0 and "['input', 'target']" in proc.stderr and "gsm8k" in proc.stderr

@@ -12,7 +12,14 @@ from dash_fast.profiling import ProfileWindow, parse_steps
 
 TINY_RUN = ["--seed", "1", "sft.steps=0", "tiny.hidden_size=32", "tiny.num_layers=1", "tiny.num_heads=2",
             "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8", "eval_examples=8", "prompts_per_step=4",
-            "max_completion_tokens=6", "report_to=[]", "disable_tqdm=true", "updates_per_rollout=2"]
+            "max_completion_tokens=6", "report_to=[]", "disable_tqdm=true", "updates_per_rollout=2",
+            "reward_funcs=[test_profiling:distinct_chars]"]  # an untrained model scores 0 on exact_answer: no signal
+
+
+def distinct_chars(completions, **columns):
+    """Varies within a group for an untrained model, so each step has signal and trains (a step whose rows
+    all have A = 0 makes no forward / optimizer step)."""
+    return [float(len(set(c))) for c in completions]
 
 
 def test_profile_window_starts_and_stops_the_cuda_profiler(monkeypatch):

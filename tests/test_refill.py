@@ -77,19 +77,19 @@ def test_refill_samples_until_the_filter_keeps_the_target_and_cuts_at_a_group(tm
 
 
 def test_refill_stops_after_max_refill_rounds_and_still_trains(tmp_path):
-    """Every group constant: nothing survives the filter, so refill gives up after max_refill_rounds and
-    the step trains on the fallback row (as without refill)."""
+    """Every group constant: nothing survives the filter, so refill gives up after max_refill_rounds; the
+    fallback row has A = 0, so the step makes no update at all (as without refill) and says so."""
     trainer = make_trainer(tmp_path, constant_reward, max_steps=1, max_refill_rounds=2)
     seen = record_updates(trainer)
     trainer.train()
     rec = next(r for r in trainer.state.log_history if "refill_rounds" in r)
     assert rec["refill_rounds"] == 2
-    assert len(seen) == 1 and len(seen[0]["kept"]) == 1
-    assert rec["optimizer_steps"] == 1
+    assert seen == [] and rec["optimizer_steps"] == 0 and rec["no_signal"] == 1
 
 
 def test_refill_does_nothing_when_the_filter_is_off(tmp_path):
-    trainer = make_trainer(tmp_path, half_constant_reward, max_steps=1, filter_tau=None)
+    trainer = make_trainer(tmp_path, lambda completions, **kw: [float(len(set(c))) for c in completions],
+                           max_steps=1, filter_tau=None)
     seen = record_updates(trainer)
     trainer.train()
     assert len(seen[0]["rollout"]) == 16 and trainer.sampler.state_dict()["offset"] == 4

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import math
 import threading
 
 import pytest
@@ -12,7 +11,6 @@ from dash_fast.rewards import (
     RewardError,
     call_reward_func,
     code_reward,
-    combine_rewards,
     exact_answer_reward,
     extract_boxed,
     extract_code,
@@ -191,18 +189,6 @@ def test_registry_and_unknown_name():
         get_reward_func("mtah")
     with pytest.raises(ValueError, match="cannot load"):
         get_reward_func("no_such_module_xyz:f")
-
-
-def test_combine_rewards_nan_sum():
-    total = combine_rewards([[1.0, None, 0.0, None], [0.5, 1.0, None, None]], [1.0, 2.0])
-    assert isinstance(total, torch.Tensor) and total.dtype == torch.float32
-    assert total[:3].tolist() == [2.0, 2.0, 0.0]
-    assert math.isnan(total[3].item())  # every function said "not applicable"
-    assert combine_rewards([[1.0, 2.0]]).tolist() == [1.0, 2.0]
-    with pytest.raises(ValueError, match="2 reward weights for 1"):
-        combine_rewards([[1.0]], [1.0, 2.0])
-    with pytest.raises(ValueError, match="different numbers"):
-        combine_rewards([[1.0], [1.0, 2.0]])
 
 
 def _call(func, n=2):

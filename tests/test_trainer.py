@@ -138,15 +138,38 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
 
 
-def test_train_step_reports_metrics_and_changes_weights(tmp_path):
-    trainer = make_trainer(tmp_path, dtype=torch.float32, reward=length_reward)
+def test_train_step_reports_metrics_and_moves_toward_higher_reward(tmp_path):
+    """One step on the default fused loss raises the log-probs of above-average completions against the
+    below-average ones: sum_i A_i * (log p_after(y_i) - log p_before(y_i)) > 0. The first Adam step is
+    -lr * sign(grad), a descent direction of the surrogate -sum A log p at ratio 1 (dr_grpo: the same weight
+    for every token), so this holds for a small lr; a sign-flipped loss fails it."""
+    trainer = make_trainer(tmp_path, dtype=torch.float32, reward=length_reward, loss_impl="fused",
+                           learning_rate=1e-3)
+    seen = {}
+    collect = trainer.collector.collect
+
+    def collect_and_score(step, version):
+        batch = collect(step, version)
+        rows = list(range(len(batch.rollout)))
+        seen.update(batch=batch, rows=rows,
+                    before=trainer.learner.logprob_pass(trainer.model, batch.rollout, rows, "test/before"))
+        return batch
+
+    trainer.collector.collect = collect_and_score
     before = [p.detach().clone() for p in trainer.model.parameters()]
     record = trainer.train_step(1)
     for key in ("step", "reward_mean", "reward_std", "accuracy", "kept_fraction", "clip_fraction", "kl",
                 "entropy", "completion_len_mean", "time_generate_s", "time_train_s", "time_step_s",
                 "tokens_per_s"):
         assert key in record, key
-    assert 0 < record["kept_fraction"] <= 1
+    assert record["kept_fraction"] == 1  # filter_tau=None: every row trains
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    batch, rows = seen["batch"], seen["rows"]
+    after = trainer.learner.logprob_pass(trainer.model, batch.rollout, rows, "test/after")
+    mask = batch.rollout.completion_mask.bool()
+    delta = ((after - seen["before"]) * mask).sum(dim=1).double()
+    advantages = algo.group_advantages(batch.rewards, trainer.args.group_size, trainer.args.scale_rewards).double()
+    assert advantages.abs().sum() > 0
+    assert float((advantages * delta).sum()) > 0
 
 
