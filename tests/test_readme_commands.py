@@ -4,7 +4,7 @@ and exits 0 with plain-number metrics; a README command no rule covers fails her
 from pathlib import Path
 
 import pytest
-from readme_commands import ROOT, prepare, readme_commands, run_all
+from readme_commands import ROOT, needs_vllm, prepare, readme_commands, run_all
 
 
 def test_every_readme_command_has_a_rule_or_a_marked_reason(tmp_path):
@@ -34,3 +34,13 @@ def test_readme_commands_run_and_write_plain_number_metrics(tmp_path: Path):
     failures = run_all(tmp_path, log=log.append)
     assert not failures, "\n".join(log)
     assert sum(line.startswith("OK") for line in log) >= 10
+
+
+@pytest.mark.vllm
+def test_readme_vllm_commands_run_with_real_vllm(tmp_path: Path):
+    pytest.importorskip("vllm")
+    assert any(needs_vllm(c) for c in readme_commands((ROOT / "README.md").read_text()))
+    log = []
+    failures = run_all(tmp_path, log=log.append, vllm=True)
+    assert not failures, "\n".join(log)
+    assert sum(line.startswith("OK") for line in log) >= 1
