@@ -44,6 +44,7 @@ class Learner:
         self.nonfinite_in_a_row = 0
         self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
         self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
+        self.trl_loss = None  # a trl_losses.TrlLoss: TRL's loss variants instead of the loss kernels
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -189,6 +190,15 @@ class Learner:
         a = self.args
         hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
         weight, bias = _lm_head(self.model)
+        if self.trl_loss is not None:
+            from dash_fast.trl_losses import variant_micro_loss
+
+            loss, st = variant_micro_loss(
+                self.trl_loss, hidden, weight, bias, targets, rollout.completion_lengths[micro_rows].tolist(),
+                self._per_token(advantages, rollout, micro_rows), self._per_token(weights, rollout, micro_rows),
+                None if old is None else self._per_token(old, rollout, micro_rows),
+                None if ref is None else self._per_token(ref, rollout, micro_rows), temperature=a.temperature)
+            return loss, st, targets.numel()
         loss, st = self.loss_fn(
             hidden, weight, bias, targets,
             self._per_token(advantages, rollout, micro_rows),

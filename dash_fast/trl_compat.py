@@ -26,9 +26,12 @@ Differences from TRL worth knowing:
   A LoRA adapter on lm_head and prompt-learning methods are refused.
 - `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
   count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
-  vespo, `importance_sampling_level="sequence"`, `delta`, `entropy_coef`, `top_entropy_quantile`,
-  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) change
-  the per-token objective inside the loss kernels and are refused with the reason.
+  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1`,
+  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) are TRL's
+  formulas in trl_losses.py: such a run trains on that path, which materialises the logits of one
+  micro-batch (memory bounded by the micro-batch token budget; `loss_impl` is then not used for the
+  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). `entropy_coef` /
+  `use_adaptive_entropy` (the entropy bonus) are refused.
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
@@ -75,6 +78,7 @@ import torch
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
+from dash_fast.trl_losses import TrlLoss
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
 # from typos without importing trl.
@@ -98,13 +102,10 @@ vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 # Arguments accepted only at these values: name -> (accepted values, why others are refused). A refusal
 # reads "dash-fast does not support <name>=<value>: <why>".
 _ONLY: dict[str, tuple[tuple, str]] = {
-    "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
+    "importance_sampling_level": (("token", "sequence"), "TRL 1.16 knows 'token' and 'sequence'"),
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
     "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
-    "delta": ((None,), "the two-sided clip is not in the loss kernels"),
-    "top_entropy_quantile": ((1.0,), "the entropy token mask is not in the loss kernels"),
-    "off_policy_mask_threshold": ((None,), "the off-policy sequence mask is not in the loss kernels"),
     "entropy_coef": ((0, 0.0), "the entropy bonus is not in the loss kernels"),
     "use_adaptive_entropy": ((False,), "the entropy bonus is not in the loss kernels"),
     "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
@@ -128,9 +129,10 @@ _ONLY: dict[str, tuple[tuple, str]] = {
 # TRL loss types: the ones that are a different aggregation of dash-fast's clipped surrogate map onto
 # DashConfig.loss_agg; bnpo normalises by the tokens of the local batch, which is dapo's global count here
 # (one rollout is one batch). The others change the per-token objective.
-_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
-_LOSS_REFUSED = {"cispo": "CISPO's clipped-weight objective", "sapo": "SAPO's soft gate",
-                 "luspo": "LUSPO's length-weighted sequence objective", "vespo": "VESPO's variational weights"}
+# cispo / sapo / luspo / vespo change the per-token objective: trl_losses.py computes them (luspo's
+# per-row sum is dr_grpo's weights times max_completion_tokens, see trl_losses).
+_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean",
+               "cispo": "token-mean", "vespo": "token-mean", "sapo": "seq-mean-token-mean", "luspo": "dr_grpo"}
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
@@ -219,6 +221,12 @@ class GRPOConfig:
     cast_lm_head_to_fp32: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     # --- accepted: what dash-fast does already (see the module docstring) ---
     eval_on_start: bool = False
     num_generations_eval: int | None = None
@@ -270,14 +278,10 @@ class GRPOConfig:
         for key, (allowed, why) in _ONLY.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(_refuse(key, getattr(self, key), why))
-        if self.loss_type in _LOSS_REFUSED:
-            raise ConfigError(_refuse("loss_type", self.loss_type, f"{_LOSS_REFUSED[self.loss_type]} is not in "
-                                      "the loss kernels (supported: " + ", ".join(_LOSS_TYPES) + ")"))
         if self.loss_type not in _LOSS_TYPES:
             raise ConfigError(_refuse("loss_type", self.loss_type, "unknown (supported: " + ", ".join(_LOSS_TYPES) + ")"))
-        if self.beta > 0 and self.use_bias_correction_kl:
-            raise ConfigError(_refuse("use_bias_correction_kl", True, "with beta > 0 the KL term is the plain k3 "
-                                      "estimator (pass use_bias_correction_kl=False)"))
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(_refuse("top_entropy_quantile", self.top_entropy_quantile, "must be in [0, 1]"))
         if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
             raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
                                       "(the loss kernels compute log-probs in fp32)"))
@@ -289,6 +293,17 @@ class GRPOConfig:
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ConfigError("GRPOConfig: generation_batch_size and steps_per_generation cannot both be set")
         self.report_to = _report_to(self.report_to)
+
+    def trl_loss(self) -> TrlLoss:
+        """The TRL loss options (trl_losses.py); `.is_variant()` says whether the learner needs that path."""
+        return TrlLoss(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.epsilon, epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            delta=self.delta, beta=self.beta, use_bias_correction_kl=self.use_bias_correction_kl,
+            top_entropy_quantile=self.top_entropy_quantile, off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length))
 
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
                        reward_names: list[str] | None = None) -> DashConfig:
@@ -547,6 +562,8 @@ class GRPOTrainer(DashTrainer):
             self.sampler.load_state_dict(self.sampler.state_dict())
         self._wrap_optimizer_events()
         self._epoch_fired = -1
+        if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
+            self.learner.trl_loss = args.trl_loss()
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
