@@ -68,6 +68,7 @@ Differences from TRL worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -79,6 +80,8 @@ from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
 from dash_fast.trl_losses import TrlLoss
+
+logger = logging.getLogger(__name__)
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
 # from typos without importing trl.
@@ -383,6 +386,21 @@ class GRPOConfig:
         return DashConfig(**values)
 
 
+def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:
+    """TRL's warnings for loss-type / importance-level pairs that are valid but not what the papers use."""
+    out = []
+    if loss_type == "luspo" and importance_sampling_level != "sequence":
+        out.append("When using 'luspo' loss, importance_sampling_level should be 'sequence' to mirror the paper's setup.")
+    if loss_type == "vespo" and importance_sampling_level != "token":
+        out.append("VESPO computes sequence-level importance weights internally; importance_sampling_level should "
+                   "be 'token' (the default).")
+    if importance_sampling_level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        out.append(f"With importance_sampling_level='sequence', the {loss_type!r} loss sums per-token contributions, "
+                   "which effectively weights each sequence by its completion length instead of optimizing the "
+                   "per-sequence objective; GSPO's setup is loss_type='grpo'.")
+    return out
+
+
 class InOrderSampler(PromptSampler):
     """`shuffle_dataset=False`: every pass over the prompts in dataset order (resumable like PromptSampler)."""
 
@@ -564,6 +582,9 @@ class GRPOTrainer(DashTrainer):
         self._epoch_fired = -1
         if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
             self.learner.trl_loss = args.trl_loss()
+        if isinstance(args, GRPOConfig):
+            for warning in loss_warnings(args.loss_type, args.importance_sampling_level):
+                logger.warning(warning)
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "

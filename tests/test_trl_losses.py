@@ -252,3 +252,13 @@ def test_trainer_trains_with_trl_variants(tmp_path, args):
     assert all(math.isfinite(x) for x in losses)
     changed = [not torch.equal(p, q) for p, q in zip(init.model.parameters(), trainer.model.parameters())]
     assert any(changed)
+
+
+def test_loss_warnings_name_the_length_weighting():
+    from dash_fast.trl_compat import loss_warnings
+
+    assert loss_warnings("grpo", "sequence") == [] and loss_warnings("dapo", "token") == []
+    for lt in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        (w,) = loss_warnings(lt, "sequence")
+        assert "weights each sequence by its completion length" in w and repr(lt) in w
+    assert "'sequence'" in loss_warnings("luspo", "token")[0] and "'token'" in loss_warnings("vespo", "sequence")[0]
