@@ -30,8 +30,10 @@ Differences from TRL worth knowing:
   `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) are TRL's
   formulas in trl_losses.py: such a run trains on that path, which materialises the logits of one
   micro-batch (memory bounded by the micro-batch token budget; `loss_impl` is then not used for the
-  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). `entropy_coef` /
-  `use_adaptive_entropy` (the entropy bonus) are refused.
+  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
+  (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
+  coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
+  logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
@@ -79,7 +81,7 @@ import torch
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
-from dash_fast.trl_losses import TrlLoss
+from dash_fast.trl_losses import EntropyBonus, TrlLoss
 
 logger = logging.getLogger(__name__)
 
@@ -109,8 +111,6 @@ _ONLY: dict[str, tuple[tuple, str]] = {
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
     "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
-    "entropy_coef": ((0, 0.0), "the entropy bonus is not in the loss kernels"),
-    "use_adaptive_entropy": ((False,), "the entropy bonus is not in the loss kernels"),
     "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
     "vllm_mode": (("colocate",), "only the in-process vLLM engine exists"),
     "logging_strategy": (("steps",), "logs are written every logging_steps steps"),
@@ -212,6 +212,10 @@ class GRPOConfig:
     off_policy_mask_threshold: float | None = None
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     chat_template_kwargs: dict | None = None
     cache_implementation: str | None = None
     use_transformers_paged: bool = False
@@ -283,6 +287,9 @@ class GRPOConfig:
                 raise ConfigError(_refuse(key, getattr(self, key), why))
         if self.loss_type not in _LOSS_TYPES:
             raise ConfigError(_refuse("loss_type", self.loss_type, "unknown (supported: " + ", ".join(_LOSS_TYPES) + ")"))
+        if (self.entropy_coef != 0 or self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0:
+            raise ConfigError(_refuse("entropy_coef", self.entropy_coef, "the entropy bonus together with "
+                                      "top_entropy_quantile < 1 is not implemented (its mean is over all tokens)"))
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ConfigError(_refuse("top_entropy_quantile", self.top_entropy_quantile, "must be in [0, 1]"))
         if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
@@ -306,7 +313,8 @@ class GRPOConfig:
             top_entropy_quantile=self.top_entropy_quantile, off_policy_mask_threshold=self.off_policy_mask_threshold,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length))
+            vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length),
+            entropy_bonus=self.entropy_coef != 0 or self.use_adaptive_entropy)
 
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
                        reward_names: list[str] | None = None) -> DashConfig:
@@ -582,6 +590,13 @@ class GRPOTrainer(DashTrainer):
         self._epoch_fired = -1
         if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
             self.learner.trl_loss = args.trl_loss()
+        if isinstance(args, GRPOConfig) and args.trl_loss().entropy_bonus:
+            if self.dist.enabled:
+                raise ValueError(_refuse("entropy_coef", args.entropy_coef, "the entropy bonus is per rank's "
+                                         "tokens; under torchrun it is not implemented"))
+            self.learner.entropy_bonus = EntropyBonus(
+                args.entropy_coef, adaptive=args.use_adaptive_entropy, target=args.entropy_target,
+                delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
         if isinstance(args, GRPOConfig):
             for warning in loss_warnings(args.loss_type, args.importance_sampling_level):
                 logger.warning(warning)
@@ -608,6 +623,8 @@ class GRPOTrainer(DashTrainer):
         def step_with_events(*args, **kwargs):
             self._callback("on_pre_optimizer_step")
             out = step(*args, **kwargs)
+            if self.learner.entropy_bonus is not None:  # the adaptive coefficient moves once per optimizer step
+                self.learner.entropy_bonus.end_step()
             self._callback("on_optimizer_step")
             return out
 
@@ -735,8 +752,20 @@ class GRPOTrainer(DashTrainer):
             record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
                                           self.reward_names, self.args.group_size, self.stop_ids,
                                           self.args.max_completion_tokens))
+        bonus = self.learner.entropy_bonus
+        if bonus is not None and "loss" in record:  # TRL's policy_loss: the loss before the bonus is subtracted
+            record["policy_loss"] = record["loss"] + bonus.contribution / max(record.get("optimizer_steps", 1), 1)
+            record["entropy_coef"] = bonus.coef
+        if bonus is not None:
+            bonus.contribution = 0.0
         self._sync_ref_model()
         return record
+
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's trainer.entropy_coef: the entropy bonus coefficient now (moved by the adaptive controller)."""
+        bonus = self.learner.entropy_bonus
+        return 0.0 if bonus is None else bonus.coef
 
     def save(self, step: int) -> str | None:
         """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's

@@ -4,7 +4,7 @@ The fused / chunked loss kernels implement one per-token objective (clipped surr
 other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
 plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
 two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask and the
-off-policy sequence mask. The learner uses this path (`variant_micro_loss`) only when such a variant is
+off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path (`variant_micro_loss`) only when such a variant is
 configured (GRPOConfig sets `Learner.trl_loss`); it runs on the materialised logits of one micro-batch
 (dash_kernels.logprobs_ref), so memory is bounded by the micro-batch token budget, not the rollout.
 
@@ -46,13 +46,56 @@ class TrlLoss:
     vespo_lambda_pos: float = 3.0
     vespo_k_neg: float = 3.0
     vespo_lambda_neg: float = 2.0
+    entropy_bonus: bool = False  # entropy_coef != 0 or use_adaptive_entropy (the coefficient: EntropyBonus)
     luspo_scale: float = 1.0  # max_completion_tokens: turns dr_grpo's token weights into luspo's per-row sums
 
     def is_variant(self) -> bool:
         """True when the default clipped-surrogate + k3 kernels would compute something else."""
         return (self.loss_type in ("cispo", "sapo", "luspo", "vespo") or self.importance_sampling_level != "token"
                 or self.delta is not None or (self.beta != 0.0 and self.use_bias_correction_kl)
-                or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None)
+                or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
+                or self.entropy_bonus)
+
+
+@dataclass
+class EntropyBonus:
+    """TRL's entropy bonus, L = L_policy - coef * H with H the mean entropy of the optimizer step's real
+    tokens (here: the step's kept rows on this rank; TRL: per micro-batch, / accumulation steps), and its
+    adaptive controller: after each optimizer step coef moves by `delta` towards more entropy when the
+    step's mean entropy is <= `target` and back otherwise, within [coef_min, coef_max]; under the
+    controller the coefficient applies only while the last step's entropy is <= target (TRL's gate)."""
+
+    coef: float
+    adaptive: bool = False
+    target: float = 0.2
+    delta: float = 0.005
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+    last_entropy: float = math.inf
+    window_sum: float = 0.0
+    window_tokens: float = 0.0
+    contribution: float = 0.0  # sum of coef x H subtracted since the last record (policy_loss = loss + this)
+
+    def term(self, entropies: torch.Tensor, mask: torch.Tensor, step_tokens: int) -> torch.Tensor:
+        """coef x (this micro-batch's share of the step's mean entropy), with gradient."""
+        coef = self.coef if not self.adaptive or self.last_entropy <= self.target else 0.0
+        total = (entropies * mask).sum()
+        self.window_sum += float(total.detach())
+        self.window_tokens += float(mask.sum())
+        out = coef * total / max(step_tokens, 1)
+        self.contribution += float(out.detach())
+        return out
+
+    def end_step(self) -> None:
+        """After an optimizer step: the adaptive update, then a fresh window."""
+        if self.adaptive:
+            entropy = self.window_sum / max(self.window_tokens, 1.0)
+            if entropy <= self.target:
+                self.coef = min(self.coef + self.delta, self.coef_max)
+            else:
+                self.coef = max(self.coef - self.delta, self.coef_min)
+            self.last_entropy = entropy
+        self.window_sum = self.window_tokens = 0.0
 
 
 def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
@@ -156,7 +199,8 @@ def to_rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def variant_micro_loss(spec: TrlLoss, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        targets: torch.Tensor, lengths: list[int], advantages: torch.Tensor,
                        token_weights: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                       temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
+                       temperature: float = 1.0, bonus: EntropyBonus | None = None,
+                       step_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """One micro-batch's loss on this path: flat tokens of rows with `lengths` -> rows, TRL's per-token
     loss, then sum of loss x DASH token weights (which carry the mask and the global normaliser)."""
     from dash_kernels import logprobs_ref
@@ -171,6 +215,8 @@ def variant_micro_loss(spec: TrlLoss, hidden: torch.Tensor, weight: torch.Tensor
     per_token, stats = trl_token_loss(spec, logp_r, old_r, ref_r, adv_r, mask, ent_r)
     w = w_r.to(per_token.dtype) * (spec.luspo_scale if spec.loss_type == "luspo" else 1.0)
     loss = (per_token * w * mask).sum()
+    if bonus is not None:
+        loss = loss - bonus.term(ent_r, mask, step_tokens)
     stats["entropy"] = ent.detach()
     stats["logp"] = logp.detach()
     return loss, stats

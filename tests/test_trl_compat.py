@@ -171,7 +171,7 @@ def test_batch_arguments_map_like_trl():
     ({"num_generation": 4}, "unknown argument 'num_generation' (did you mean 'num_generations'?)"),
     ({"loss_type": "foo"}, "dash-fast does not support loss_type='foo': unknown"),
     ({"importance_sampling_level": "sequence_token"}, "dash-fast does not support importance_sampling_level="),
-    ({"entropy_coef": 0.1}, "dash-fast does not support entropy_coef=0.1: "),
+    ({"entropy_coef": 0.1, "top_entropy_quantile": 0.5}, "dash-fast does not support entropy_coef=0.1: "),
     ({"top_entropy_quantile": 1.5}, "dash-fast does not support top_entropy_quantile=1.5: "),
     ({"vllm_mode": "server"}, "dash-fast does not support vllm_mode='server': "),
     ({"delta": 2.0}, None),  # TRL's loss variants (trl_losses.py) are accepted

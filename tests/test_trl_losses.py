@@ -262,3 +262,60 @@ def test_loss_warnings_name_the_length_weighting():
         (w,) = loss_warnings(lt, "sequence")
         assert "weights each sequence by its completion length" in w and repr(lt) in w
     assert "'sequence'" in loss_warnings("luspo", "token")[0] and "'token'" in loss_warnings("vespo", "sequence")[0]
+
+
+def test_entropy_bonus_term_and_adaptive_controller():
+    from dash_fast.trl_losses import EntropyBonus
+
+    ent = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    bonus = EntropyBonus(0.5)
+    term = bonus.term(ent, mask, step_tokens=6)  # this micro-batch holds 3 of the step's 6 tokens
+    assert float(term) == pytest.approx(0.5 * 6.0 / 6)
+    term.backward()
+    assert torch.equal(ent.grad, 0.5 * mask / 6)
+    assert bonus.contribution == pytest.approx(0.5)
+    ada = EntropyBonus(0.01, adaptive=True, target=1.5, delta=0.1, coef_max=0.15)
+    assert float(ada.term(ent.detach(), mask, 3)) == 0.0  # gated off until a step's entropy is <= target
+    ada.end_step()  # step entropy 2.0 > 1.5: coef down (clamped at coef_min 0)
+    assert (ada.coef, ada.last_entropy) == (0.0, 2.0)
+    ada.term(ent.detach() * 0.5, mask, 3)
+    ada.end_step()  # 1.0 <= 1.5: up by delta
+    ada.term(ent.detach() * 0.5, mask, 3)
+    ada.end_step()  # up again, clamped at coef_max
+    assert ada.coef == pytest.approx(0.15) and ada.last_entropy == 1.0
+    assert float(ada.term(ent.detach(), mask, 3)) == pytest.approx(0.15 * 2.0)
+
+
+def test_trainer_entropy_bonus_is_coef_times_logged_entropy(tmp_path):
+    """TRL's contract (its test_entropy_bonus_scale): policy_loss - loss = entropy_coef x entropy."""
+    trainer = _train(tmp_path, entropy_coef=0.5, max_completion_length=8)
+    for r in trainer.step_records:
+        assert r["entropy"] > 0 and r["entropy_coef"] == 0.5
+        assert r["policy_loss"] - r["loss"] == pytest.approx(0.5 * r["entropy"], rel=1e-4)
+    ada = _train(tmp_path / "ada", entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=100.0,
+                 max_steps=3)
+    assert ada.entropy_coef == pytest.approx(0.01 + 0.005 * 3)  # one increment per optimizer step
+
+
+def test_variant_loss_subtracts_the_bonus_with_gradient():
+    from dash_kernels import logprobs_ref
+
+    from dash_fast.trl_losses import EntropyBonus
+
+    g = torch.Generator().manual_seed(7)
+    lengths = [3, 2]
+    N, H, V = 5, 6, 9
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g)
+    targets = torch.randint(0, V, (N,), generator=g)
+    adv, tw = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0]), torch.full((N,), 0.2)
+    base, _ = variant_micro_loss(TrlLoss(), hidden, weight, None, targets, lengths, adv, tw, None, None)
+    with_bonus, _ = variant_micro_loss(TrlLoss(entropy_bonus=True), hidden, weight, None, targets, lengths, adv, tw,
+                                       None, None, bonus=EntropyBonus(0.3), step_tokens=10)
+    _, ent = logprobs_ref(hidden, weight, None, targets, return_entropy=True)
+    expected = base - 0.3 * ent.sum() / 10
+    assert torch.allclose(with_bonus, expected)
+    g1 = torch.autograd.grad(with_bonus, hidden, retain_graph=True)[0]
+    g2 = torch.autograd.grad(expected, hidden, retain_graph=True)[0]
+    assert torch.allclose(g1, g2, atol=1e-6) and not torch.allclose(g1, torch.autograd.grad(base, hidden)[0])
