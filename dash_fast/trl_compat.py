@@ -34,6 +34,7 @@ Differences from TRL worth knowing:
   (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
   coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
   logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
+  The adaptive coefficient is not saved in checkpoints (a resumed run restarts it at `entropy_coef`).
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
@@ -398,7 +399,8 @@ def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:
     """TRL's warnings for loss-type / importance-level pairs that are valid but not what the papers use."""
     out = []
     if loss_type == "luspo" and importance_sampling_level != "sequence":
-        out.append("When using 'luspo' loss, importance_sampling_level should be 'sequence' to mirror the paper's setup.")
+        out.append("When using 'luspo' loss, importance_sampling_level should be 'sequence' to mirror the "
+                   "paper's setup.")
     if loss_type == "vespo" and importance_sampling_level != "token":
         out.append("VESPO computes sequence-level importance weights internally; importance_sampling_level should "
                    "be 'token' (the default).")
@@ -696,14 +698,14 @@ class GRPOTrainer(DashTrainer):
         return out
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-        """TRL's helper (trl_masks.high_entropy_mask); not applied by dash-fast's loss."""
+        """TRL's helper (trl_masks.high_entropy_mask); training applies trl_losses' own (per micro-batch)."""
         from dash_fast.trl_masks import high_entropy_mask
 
         return high_entropy_mask(entropies, mask, threshold)
 
     @staticmethod
     def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
-        """TRL's helper (trl_masks.off_policy_mask); not applied by dash-fast's loss."""
+        """TRL's helper (trl_masks.off_policy_mask); training applies trl_losses' own (same formula)."""
         from dash_fast.trl_masks import off_policy_mask
 
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)

@@ -3,10 +3,11 @@
 The fused / chunked loss kernels implement one per-token objective (clipped surrogate + k3 KL). TRL's
 other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
 plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
-two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask and the
-off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path (`variant_micro_loss`) only when such a variant is
-configured (GRPOConfig sets `Learner.trl_loss`); it runs on the materialised logits of one micro-batch
-(dash_kernels.logprobs_ref), so memory is bounded by the micro-batch token budget, not the rollout.
+two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask, the
+off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path
+(`variant_micro_loss`) only when such a variant is configured (GRPOTrainer sets `Learner.trl_loss`); it
+runs on the materialised logits of one micro-batch (dash_kernels.logprobs_ref), so memory is bounded by
+the micro-batch token budget, not the rollout; the fused kernels are not used for the loss there.
 
 How it meets DASH: rows are filtered (|A| > tau) before the forward, and every per-row quantity here
 (sequence ratio, off-policy mask, VESPO weight) is computed over a whole kept row, so the filter only
