@@ -319,3 +319,19 @@ def test_variant_loss_subtracts_the_bonus_with_gradient():
     g1 = torch.autograd.grad(with_bonus, hidden, retain_graph=True)[0]
     g2 = torch.autograd.grad(expected, hidden, retain_graph=True)[0]
     assert torch.allclose(g1, g2, atol=1e-6) and not torch.allclose(g1, torch.autograd.grad(base, hidden)[0])
+
+
+def test_cross_check_with_installed_trl_static_helpers():
+    """TRL's own static helpers (cheap to call) give the same VESPO weights and off-policy mask."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    from dash_fast.trl_losses import vespo_gamma_weights
+
+    logp, old, _, adv, mask, _ = _inputs(2)
+    a = adv[:, None]
+    want = trl_grpo.GRPOTrainer.get_gamma_weights(a, logp - old, mask, None, 2.0, 3.0, 3.0, 2.0)
+    assert torch.allclose(vespo_gamma_weights(a, logp - old, mask, 2.0, 3.0, 3.0, 2.0), want, rtol=1e-12)
+    far = logp + torch.tensor([[0.01], [1.0], [1.0], [0.01]], dtype=logp.dtype) * mask
+    keep = trl_grpo.GRPOTrainer.get_off_policy_mask(a, logp, far, mask, 0.05)
+    per_token, _ = trl_token_loss(TrlLoss(off_policy_mask_threshold=0.05), logp, far, None, adv, mask)
+    assert keep.view(-1).tolist() == [1.0, 0.0, 1.0, 1.0]  # row 1: negative advantage, mean KL 1 > 0.05
+    assert ((per_token * mask).abs().sum(1) > 0).tolist() == keep.view(-1).bool().tolist()
