@@ -44,6 +44,9 @@ class Learner:
         self.nonfinite_in_a_row = 0
         self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
         self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
+        self.trl_loss = None  # a trl_losses.TrlLoss: TRL's loss variants instead of the loss kernels
+        self.entropy_bonus = None  # a trl_losses.EntropyBonus (needs trl_loss set)
+        self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -122,6 +125,7 @@ class Learner:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         micros: list = self.micro_batches(rollout, rows) if rows else []
+        self.step_tokens = int(rollout.completion_lengths[rows].sum()) if rows else 0
         if self.fsdp_root is not None:  # same number of forwards on every rank
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
@@ -192,6 +196,16 @@ class Learner:
         a = self.args
         hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
         weight, bias = _lm_head(self.model)
+        if self.trl_loss is not None:
+            from dash_fast.trl_losses import variant_micro_loss
+
+            loss, st = variant_micro_loss(
+                self.trl_loss, hidden, weight, bias, targets, rollout.completion_lengths[micro_rows].tolist(),
+                self._per_token(advantages, rollout, micro_rows), self._per_token(weights, rollout, micro_rows),
+                None if old is None else self._per_token(old, rollout, micro_rows),
+                None if ref is None else self._per_token(ref, rollout, micro_rows), temperature=a.temperature,
+                bonus=self.entropy_bonus, step_tokens=self.step_tokens)
+            return loss, st, targets.numel()
         loss, st = self.loss_fn(
             hidden, weight, bias, targets,
             self._per_token(advantages, rollout, micro_rows),

@@ -27,9 +27,15 @@ Differences from TRL worth knowing:
   A LoRA adapter on lm_head and prompt-learning methods are refused.
 - `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
   count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
-  vespo, `importance_sampling_level="sequence"`, `delta`, `entropy_coef`, `top_entropy_quantile`,
-  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) change
-  the per-token objective inside the loss kernels and are refused with the reason.
+  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1`,
+  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) are TRL's
+  formulas in trl_losses.py: such a run trains on that path, which materialises the logits of one
+  micro-batch (memory bounded by the micro-batch token budget; `loss_impl` is then not used for the
+  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
+  (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
+  coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
+  logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
+  The adaptive coefficient is not saved in checkpoints (a resumed run restarts it at `entropy_coef`).
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
@@ -66,6 +72,7 @@ Differences from TRL worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -76,6 +83,9 @@ import torch
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer
+from dash_fast.trl_losses import EntropyBonus, TrlLoss
+
+logger = logging.getLogger(__name__)
 
 # TRL GRPOConfig names beyond TrainingArguments (trl 1.16), so that those dash-fast lacks are told apart
 # from typos without importing trl.
@@ -99,15 +109,10 @@ vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 # Arguments accepted only at these values: name -> (accepted values, why others are refused). A refusal
 # reads "dash-fast does not support <name>=<value>: <why>".
 _ONLY: dict[str, tuple[tuple, str]] = {
-    "importance_sampling_level": (("token",), "GSPO's sequence-level ratio is not in the loss kernels"),
+    "importance_sampling_level": (("token", "sequence"), "TRL 1.16 knows 'token' and 'sequence'"),
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
     "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
     "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
-    "delta": ((None,), "the two-sided clip is not in the loss kernels"),
-    "top_entropy_quantile": ((1.0,), "the entropy token mask is not in the loss kernels"),
-    "off_policy_mask_threshold": ((None,), "the off-policy sequence mask is not in the loss kernels"),
-    "entropy_coef": ((0, 0.0), "the entropy bonus is not in the loss kernels"),
-    "use_adaptive_entropy": ((False,), "the entropy bonus is not in the loss kernels"),
     "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
     "vllm_mode": (("colocate",), "only the in-process vLLM engine exists"),
     "logging_strategy": (("steps",), "logs are written every logging_steps steps"),
@@ -129,9 +134,10 @@ _ONLY: dict[str, tuple[tuple, str]] = {
 # TRL loss types: the ones that are a different aggregation of dash-fast's clipped surrogate map onto
 # DashConfig.loss_agg; bnpo normalises by the tokens of the local batch, which is dapo's global count here
 # (one rollout is one batch). The others change the per-token objective.
-_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean"}
-_LOSS_REFUSED = {"cispo": "CISPO's clipped-weight objective", "sapo": "SAPO's soft gate",
-                 "luspo": "LUSPO's length-weighted sequence objective", "vespo": "VESPO's variational weights"}
+# cispo / sapo / luspo / vespo change the per-token objective: trl_losses.py computes them (luspo's
+# per-row sum is dr_grpo's weights times max_completion_tokens, see trl_losses).
+_LOSS_TYPES = {"dapo": "token-mean", "bnpo": "token-mean", "dr_grpo": "dr_grpo", "grpo": "seq-mean-token-mean",
+               "cispo": "token-mean", "vespo": "token-mean", "sapo": "seq-mean-token-mean", "luspo": "dr_grpo"}
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constant_with_warmup": "constant"}
 
 
@@ -208,6 +214,10 @@ class GRPOConfig:
     off_policy_mask_threshold: float | None = None
     entropy_coef: float = 0.0
     use_adaptive_entropy: bool = False
+    entropy_coef_min: float = 0.0
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2
     chat_template_kwargs: dict | None = None
     cache_implementation: str | None = None
     use_transformers_paged: bool = False
@@ -220,6 +230,12 @@ class GRPOConfig:
     cast_lm_head_to_fp32: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
+    sapo_temperature_neg: float = 1.05
+    sapo_temperature_pos: float = 1.0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     # --- accepted: what dash-fast does already (see the module docstring) ---
     eval_on_start: bool = False
     num_generations_eval: int | None = None
@@ -272,14 +288,13 @@ class GRPOConfig:
         for key, (allowed, why) in _ONLY.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(_refuse(key, getattr(self, key), why))
-        if self.loss_type in _LOSS_REFUSED:
-            raise ConfigError(_refuse("loss_type", self.loss_type, f"{_LOSS_REFUSED[self.loss_type]} is not in "
-                                      "the loss kernels (supported: " + ", ".join(_LOSS_TYPES) + ")"))
         if self.loss_type not in _LOSS_TYPES:
             raise ConfigError(_refuse("loss_type", self.loss_type, "unknown (supported: " + ", ".join(_LOSS_TYPES) + ")"))
-        if self.beta > 0 and self.use_bias_correction_kl:
-            raise ConfigError(_refuse("use_bias_correction_kl", True, "with beta > 0 the KL term is the plain k3 "
-                                      "estimator (pass use_bias_correction_kl=False)"))
+        if (self.entropy_coef != 0 or self.use_adaptive_entropy) and self.top_entropy_quantile < 1.0:
+            raise ConfigError(_refuse("entropy_coef", self.entropy_coef, "the entropy bonus together with "
+                                      "top_entropy_quantile < 1 is not implemented (its mean is over all tokens)"))
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(_refuse("top_entropy_quantile", self.top_entropy_quantile, "must be in [0, 1]"))
         if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
             raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
                                       "(the loss kernels compute log-probs in fp32)"))
@@ -291,6 +306,18 @@ class GRPOConfig:
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ConfigError("GRPOConfig: generation_batch_size and steps_per_generation cannot both be set")
         self.report_to = _report_to(self.report_to)
+
+    def trl_loss(self) -> TrlLoss:
+        """The TRL loss options (trl_losses.py); `.is_variant()` says whether the learner needs that path."""
+        return TrlLoss(
+            loss_type=self.loss_type, importance_sampling_level=self.importance_sampling_level,
+            epsilon_low=self.epsilon, epsilon_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            delta=self.delta, beta=self.beta, use_bias_correction_kl=self.use_bias_correction_kl,
+            top_entropy_quantile=self.top_entropy_quantile, off_policy_mask_threshold=self.off_policy_mask_threshold,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length),
+            entropy_bonus=self.entropy_coef != 0 or self.use_adaptive_entropy)
 
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
                        reward_names: list[str] | None = None) -> DashConfig:
@@ -368,6 +395,22 @@ class GRPOConfig:
         if reward_names:
             values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
+
+
+def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:
+    """TRL's warnings for loss-type / importance-level pairs that are valid but not what the papers use."""
+    out = []
+    if loss_type == "luspo" and importance_sampling_level != "sequence":
+        out.append("When using 'luspo' loss, importance_sampling_level should be 'sequence' to mirror the "
+                   "paper's setup.")
+    if loss_type == "vespo" and importance_sampling_level != "token":
+        out.append("VESPO computes sequence-level importance weights internally; importance_sampling_level should "
+                   "be 'token' (the default).")
+    if importance_sampling_level == "sequence" and loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+        out.append(f"With importance_sampling_level='sequence', the {loss_type!r} loss sums per-token contributions, "
+                   "which effectively weights each sequence by its completion length instead of optimizing the "
+                   "per-sequence objective; GSPO's setup is loss_type='grpo'.")
+    return out
 
 
 class InOrderSampler(PromptSampler):
@@ -549,6 +592,18 @@ class GRPOTrainer(DashTrainer):
             self.sampler.load_state_dict(self.sampler.state_dict())
         self._wrap_optimizer_events()
         self._epoch_fired = -1
+        if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
+            self.learner.trl_loss = args.trl_loss()
+        if isinstance(args, GRPOConfig) and args.trl_loss().entropy_bonus:
+            if self.dist.enabled:
+                raise ValueError(_refuse("entropy_coef", args.entropy_coef, "the entropy bonus is per rank's "
+                                         "tokens; under torchrun it is not implemented"))
+            self.learner.entropy_bonus = EntropyBonus(
+                args.entropy_coef, adaptive=args.use_adaptive_entropy, target=args.entropy_target,
+                delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
+        if isinstance(args, GRPOConfig):
+            for warning in loss_warnings(args.loss_type, args.importance_sampling_level):
+                logger.warning(warning)
         self.aux_loss_enabled = bool(getattr(self.model.config, "output_router_logits", False))
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
@@ -572,6 +627,8 @@ class GRPOTrainer(DashTrainer):
         def step_with_events(*args, **kwargs):
             self._callback("on_pre_optimizer_step")
             out = step(*args, **kwargs)
+            if self.learner.entropy_bonus is not None:  # the adaptive coefficient moves once per optimizer step
+                self.learner.entropy_bonus.end_step()
             self._callback("on_optimizer_step")
             return out
 
@@ -643,14 +700,14 @@ class GRPOTrainer(DashTrainer):
         return out
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
-        """TRL's helper (trl_masks.high_entropy_mask); not applied by dash-fast's loss."""
+        """TRL's helper (trl_masks.high_entropy_mask); training applies trl_losses' own (per micro-batch)."""
         from dash_fast.trl_masks import high_entropy_mask
 
         return high_entropy_mask(entropies, mask, threshold)
 
     @staticmethod
     def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
-        """TRL's helper (trl_masks.off_policy_mask); not applied by dash-fast's loss."""
+        """TRL's helper (trl_masks.off_policy_mask); training applies trl_losses' own (same formula)."""
         from dash_fast.trl_masks import off_policy_mask
 
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
@@ -699,8 +756,20 @@ class GRPOTrainer(DashTrainer):
             record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
                                           self.reward_names, self.args.group_size, self.stop_ids,
                                           self.args.max_completion_tokens))
+        bonus = self.learner.entropy_bonus
+        if bonus is not None and "loss" in record:  # TRL's policy_loss: the loss before the bonus is subtracted
+            record["policy_loss"] = record["loss"] + bonus.contribution / max(record.get("optimizer_steps", 1), 1)
+            record["entropy_coef"] = bonus.coef
+        if bonus is not None:
+            bonus.contribution = 0.0
         self._sync_ref_model()
         return record
+
+    @property
+    def entropy_coef(self) -> float:
+        """TRL's trainer.entropy_coef: the entropy bonus coefficient now (moved by the adaptive controller)."""
+        bonus = self.learner.entropy_bonus
+        return 0.0 if bonus is None else bonus.coef
 
     def save(self, step: int) -> str | None:
         """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's

@@ -1,7 +1,8 @@
 """TRL's two token/sequence masks as plain functions (TRL 1.16 exposes them on GRPOTrainer).
 
-dash-fast's loss kernels do not apply them (GRPOConfig refuses `top_entropy_quantile < 1` and
-`off_policy_mask_threshold`); they are here so code that calls TRL's helpers directly keeps working.
+Training applies the same masks inside trl_losses.trl_token_loss (the entropy quantile there is over one
+micro-batch on one rank, without the gather); these are here so code that calls TRL's helpers directly
+keeps working.
 """
 
 from __future__ import annotations

@@ -169,10 +169,14 @@ def test_batch_arguments_map_like_trl():
 @pytest.mark.parametrize("kwargs, message", [
     ({"vllm_server_host": "1.2.3.4"}, "dash-fast does not support vllm_server_host='1.2.3.4': not implemented"),
     ({"num_generation": 4}, "unknown argument 'num_generation' (did you mean 'num_generations'?)"),
-    ({"loss_type": "cispo"}, "dash-fast does not support loss_type='cispo': CISPO"),
+    ({"loss_type": "foo"}, "dash-fast does not support loss_type='foo': unknown"),
+    ({"importance_sampling_level": "sequence_token"}, "dash-fast does not support importance_sampling_level="),
+    ({"entropy_coef": 0.1, "top_entropy_quantile": 0.5}, "dash-fast does not support entropy_coef=0.1: "),
+    ({"top_entropy_quantile": 1.5}, "dash-fast does not support top_entropy_quantile=1.5: "),
     ({"vllm_mode": "server"}, "dash-fast does not support vllm_mode='server': "),
-    ({"delta": 2.0}, "dash-fast does not support delta=2.0: "),
-    ({"beta": 0.1}, "dash-fast does not support use_bias_correction_kl=True: "),
+    ({"delta": 2.0}, None),  # TRL's loss variants (trl_losses.py) are accepted
+    ({"beta": 0.1}, None),
+    ({"loss_type": "cispo", "importance_sampling_level": "sequence", "off_policy_mask_threshold": 0.5}, None),
     ({"bf16": True, "cast_lm_head_to_fp32": True}, "dash-fast does not support cast_lm_head_to_fp32=True: "),
     ({"dataloader_drop_last": False}, None),  # a TrainingArguments option at its default: accepted
     ({"save_only_model": True}, "dash-fast does not support save_only_model=True: not implemented"),

@@ -1,0 +1,223 @@
+"""TRL 1.16's GRPO loss variants as plain torch on per-row token tensors, with autograd.
+
+The fused / chunked loss kernels implement one per-token objective (clipped surrogate + k3 KL). TRL's
+other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
+plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
+two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask, the
+off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path
+(`variant_micro_loss`) only when such a variant is configured (GRPOTrainer sets `Learner.trl_loss`); it
+runs on the materialised logits of one micro-batch (dash_kernels.logprobs_ref), so memory is bounded by
+the micro-batch token budget, not the rollout; the fused kernels are not used for the loss there.
+
+How it meets DASH: rows are filtered (|A| > tau) before the forward, and every per-row quantity here
+(sequence ratio, off-policy mask, VESPO weight) is computed over a whole kept row, so the filter only
+removes rows, as on the default path. Aggregation is DASH's: the per-token loss is multiplied by the
+learner's token weights (mask / global normaliser of `loss_agg`), so micro-batches sum to the
+minibatch loss. TRL's loss types map onto loss_agg as: grpo / sapo -> seq-mean-token-mean, dapo / bnpo /
+cispo / vespo -> token-mean, dr_grpo -> dr_grpo, luspo -> dr_grpo weights times max_completion_tokens
+(= per-row sum / rows). The entropy quantile of `top_entropy_quantile` is taken over the real tokens of
+the micro-batch on this rank (TRL: of its per-device micro-batch, gathered over ranks); dash-fast's
+micro-batches are token-budget packs of kept rows, so the set of tokens the quantile sees differs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TrlLoss:
+    """The TRL loss options that select this path (names and defaults as TRL's GRPOConfig)."""
+
+    loss_type: str = "dapo"
+    importance_sampling_level: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    delta: float | None = None
+    beta: float = 0.0
+    use_bias_correction_kl: bool = False
+    top_entropy_quantile: float = 1.0
+    off_policy_mask_threshold: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    entropy_bonus: bool = False  # entropy_coef != 0 or use_adaptive_entropy (the coefficient: EntropyBonus)
+    luspo_scale: float = 1.0  # max_completion_tokens: turns dr_grpo's token weights into luspo's per-row sums
+
+    def is_variant(self) -> bool:
+        """True when the default clipped-surrogate + k3 kernels would compute something else."""
+        return (self.loss_type in ("cispo", "sapo", "luspo", "vespo") or self.importance_sampling_level != "token"
+                or self.delta is not None or (self.beta != 0.0 and self.use_bias_correction_kl)
+                or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
+                or self.entropy_bonus)
+
+
+@dataclass
+class EntropyBonus:
+    """TRL's entropy bonus, L = L_policy - coef * H with H the mean entropy of the optimizer step's real
+    tokens (here: the step's kept rows on this rank; TRL: per micro-batch, / accumulation steps), and its
+    adaptive controller: after each optimizer step coef moves by `delta` towards more entropy when the
+    step's mean entropy is <= `target` and back otherwise, within [coef_min, coef_max]; under the
+    controller the coefficient applies only while the last step's entropy is <= target (TRL's gate)."""
+
+    coef: float
+    adaptive: bool = False
+    target: float = 0.2
+    delta: float = 0.005
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+    last_entropy: float = math.inf
+    window_sum: float = 0.0
+    window_tokens: float = 0.0
+    contribution: float = 0.0  # sum of coef x H subtracted since the last record (policy_loss = loss + this)
+
+    def term(self, entropies: torch.Tensor, mask: torch.Tensor, step_tokens: int) -> torch.Tensor:
+        """coef x (this micro-batch's share of the step's mean entropy), with gradient."""
+        coef = self.coef if not self.adaptive or self.last_entropy <= self.target else 0.0
+        total = (entropies * mask).sum()
+        self.window_sum += float(total.detach())
+        self.window_tokens += float(mask.sum())
+        out = coef * total / max(step_tokens, 1)
+        self.contribution += float(out.detach())
+        return out
+
+    def end_step(self) -> None:
+        """After an optimizer step: the adaptive update, then a fresh window."""
+        if self.adaptive:
+            entropy = self.window_sum / max(self.window_tokens, 1.0)
+            if entropy <= self.target:
+                self.coef = min(self.coef + self.delta, self.coef_max)
+            else:
+                self.coef = max(self.coef - self.delta, self.coef_min)
+            self.last_entropy = entropy
+        self.window_sum = self.window_tokens = 0.0
+
+
+def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
+                        k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> torch.Tensor:
+    """VESPO's detached per-row weight phi(w) = exp(lambda + k log w - lambda w), w the sequence ratio
+    exp(sum_t log_ratio_t) (TRL's get_gamma_weights, without the vLLM sampler correction). [R, 1]."""
+    with torch.no_grad():
+        lower = math.log(1e-8)
+        seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        log_w = torch.clamp(seq_log_ratio, lower, 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, torch.full_like(advantages, k_pos), torch.full_like(advantages, k_neg))
+        lam = torch.where(nonneg, torch.full_like(advantages, lambda_pos),
+                          torch.full_like(advantages, lambda_neg)).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w))
+        return phi.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def trl_token_loss(spec: TrlLoss, logp: torch.Tensor, old_logp: torch.Tensor | None,
+                   ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
+                   entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """TRL's per-token loss [R, T] before aggregation (mask not yet applied), and its statistics.
+
+    `advantages` is [R] or [R, T]; `old_logp` None means on-policy (logp.detach()); `mask` is 1 on real
+    completion tokens. The order of operations is TRL's, so sequence-level tensors broadcast as there."""
+    mask = mask.to(logp.dtype)
+    adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+    adv = adv.to(logp.dtype)
+    old = logp.detach() if old_logp is None else old_logp
+    keep = mask
+    if spec.top_entropy_quantile < 1.0:
+        if entropies is None:
+            raise ValueError("top_entropy_quantile < 1 needs the token entropies")
+        real = entropies[mask.bool()].detach().float()
+        entropy_mask = torch.zeros_like(mask, dtype=torch.bool)
+        if real.numel():
+            threshold = torch.quantile(real, 1 - spec.top_entropy_quantile)
+            entropy_mask = (entropies.detach() * mask >= threshold) & mask.bool()
+    else:
+        entropy_mask = None
+    if spec.off_policy_mask_threshold is not None:  # the sampler's log-probs are the old ones here
+        kl_seq = torch.nan_to_num(old - logp.detach(), nan=0.0)
+        mean_kl = (kl_seq * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
+        off_policy = ((adv >= 0) | (mean_kl <= spec.off_policy_mask_threshold)).to(logp.dtype)
+    log_ratio = logp - old
+    if spec.importance_sampling_level == "token":
+        log_w = log_ratio
+    elif spec.importance_sampling_level == "sequence":
+        log_w = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    else:
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got "
+                         f"{spec.importance_sampling_level!r}")
+    coef_1 = torch.exp(log_w)
+    kl = None
+    if spec.beta != 0.0:
+        if ref_logp is None:
+            raise ValueError("beta != 0 needs ref_logp")
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        if spec.use_bias_correction_kl:
+            kl = kl * coef_1
+    lt = spec.loss_type
+    if lt == "cispo":
+        per_token = -torch.clamp(coef_1, max=spec.epsilon_high).detach() * adv * logp
+    elif lt in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
+        coef_2 = torch.clamp(coef_1, 1 - spec.epsilon_low, 1 + spec.epsilon_high)
+        c1 = coef_1 if spec.delta is None else torch.clamp(coef_1, max=spec.delta)
+        per_token = -torch.minimum(c1 * adv, coef_2 * adv)
+    elif lt == "sapo":
+        temps = torch.where(adv > 0, torch.full_like(adv, spec.sapo_temperature_pos),
+                            torch.full_like(adv, spec.sapo_temperature_neg))
+        per_token = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
+    elif lt == "vespo":
+        phi = vespo_gamma_weights(adv, log_ratio, mask, spec.vespo_k_pos, spec.vespo_lambda_pos,
+                                  spec.vespo_k_neg, spec.vespo_lambda_neg)
+        per_token = -phi * adv * logp
+    else:
+        raise ValueError(f"unknown loss_type {lt!r}")
+    if spec.off_policy_mask_threshold is not None:
+        per_token = per_token * off_policy
+    if entropy_mask is not None:
+        per_token = per_token * entropy_mask
+    if kl is not None:
+        per_token = per_token + spec.beta * kl
+    per_token = per_token.expand_as(logp)
+    if lt == "cispo":
+        clipped = (coef_1 > spec.epsilon_high) & (adv > 0)
+    else:
+        clipped = ((coef_1 < 1 - spec.epsilon_low) & (adv < 0)) | ((coef_1 > 1 + spec.epsilon_high) & (adv > 0))
+    n = keep.sum().clamp(min=1)
+    stats = {"clip_fraction": (clipped.expand_as(logp) * keep).sum().detach() / n,
+             "kl_mean": None if kl is None else (kl.detach().expand_as(logp) * keep).sum() / n}
+    return per_token, stats
+
+
+def to_rows(flat: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Flat per-token values of consecutive rows -> [rows, max length], zero-padded."""
+    return torch.nn.utils.rnn.pad_sequence(list(torch.split(flat, lengths)), batch_first=True)
+
+
+def variant_micro_loss(spec: TrlLoss, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       targets: torch.Tensor, lengths: list[int], advantages: torch.Tensor,
+                       token_weights: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                       temperature: float = 1.0, bonus: EntropyBonus | None = None,
+                       step_tokens: int = 0) -> tuple[torch.Tensor, dict]:
+    """One micro-batch's loss on this path: flat tokens of rows with `lengths` -> rows, TRL's per-token
+    loss, then sum of loss x DASH token weights (which carry the mask and the global normaliser)."""
+    from dash_kernels import logprobs_ref
+
+    logp, ent = logprobs_ref(hidden, weight, bias, targets, temperature=temperature, return_entropy=True)
+    mask = to_rows(torch.ones_like(logp), lengths)
+    rows = [to_rows(x, lengths) if x is not None else None for x in (logp, advantages, token_weights, old_logp,
+                                                                      ref_logp, ent)]
+    logp_r, adv_r, w_r, old_r, ref_r, ent_r = rows
+    ref_r = None if ref_r is None else ref_r.to(logp_r.dtype)
+    old_r = None if old_r is None else torch.where(mask.bool(), old_r.to(logp_r.dtype), logp_r.detach())
+    per_token, stats = trl_token_loss(spec, logp_r, old_r, ref_r, adv_r, mask, ent_r)
+    w = w_r.to(per_token.dtype) * (spec.luspo_scale if spec.loss_type == "luspo" else 1.0)
+    loss = (per_token * w * mask).sum()
+    if bonus is not None:
+        loss = loss - bonus.term(ent_r, mask, step_tokens)
+    stats["entropy"] = ent.detach()
+    stats["logp"] = logp.detach()
+    return loss, stats
