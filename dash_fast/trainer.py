@@ -257,9 +257,9 @@ class DashTrainer:
         advantages = algo.group_advantages(batch.rewards, a.group_size, a.scale_rewards)
         kept = algo.filter_rows(advantages, a.filter_tau)
         t0 = time.perf_counter()
-        if a.beta == 0 and not bool((advantages[kept] != 0).any()):
-            # no kept row carries signal (every row filtered and the fallback row has A = 0): the loss and its
-            # gradient are exactly 0, so no forward/backward, no optimizer or LR-scheduler step
+        if a.beta == 0 and self.learner.entropy_bonus is None and not bool((advantages[kept] != 0).any()):
+            # no kept row carries signal (every row filtered and the fallback row has A = 0) and no KL or entropy
+            # term: the loss and its gradient are exactly 0, so no forward/backward, no optimizer or LR step
             train_stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
                            "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1}
         else:

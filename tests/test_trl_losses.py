@@ -201,7 +201,13 @@ def test_luspo_through_dr_grpo_weights_is_per_row_sum_mean():
     assert torch.allclose(got, want, rtol=1e-6), (float(got), float(want))  # logprobs_ref: fp32 logits
 
 
-def _train(tmp_path, **extra):
+def _varied_reward(completions, **kw):
+    """Differs between completions of one length too: an untrained model's completions often all reach
+    max_completion_length, and a length reward would then give a step with no signal (no update)."""
+    return [float(len(c) + sum(map(ord, c)) % 5) for c in completions]
+
+
+def _train(tmp_path, reward=_varied_reward, **extra):
     """A tiny GRPOTrainer run (as test_trl_features.make_trainer) with TRL arguments `extra`."""
     from datasets import Dataset
 
@@ -214,7 +220,7 @@ def _train(tmp_path, **extra):
                 max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1, seed=0)
     args.update(extra)
     model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
-    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+    trainer = GRPOTrainer(model=model, reward_funcs=reward,
                           args=GRPOConfig(**args), train_dataset=Dataset.from_list([{"prompt": f"{i}+1="}
                                                                                     for i in range(6)]),
                           processing_class=tok)
@@ -335,3 +341,16 @@ def test_cross_check_with_installed_trl_static_helpers():
     per_token, _ = trl_token_loss(TrlLoss(off_policy_mask_threshold=0.05), logp, far, None, adv, mask)
     assert keep.view(-1).tolist() == [1.0, 0.0, 1.0, 1.0]  # row 1: negative advantage, mean KL 1 > 0.05
     assert ((per_token * mask).abs().sum(1) > 0).tolist() == keep.view(-1).bool().tolist()
+
+
+def test_entropy_bonus_updates_even_when_no_row_has_an_advantage(tmp_path):
+    """A constant reward gives A = 0 on every row, but the entropy bonus still has a gradient: the step is not
+    the no-signal shortcut (no forward/backward), it trains (as TRL's loss = policy_loss - coef x entropy)."""
+    def constant(completions, **kw):
+        return [1.0] * len(completions)
+
+    init = _train(tmp_path / "init", reward=constant, max_steps=1, learning_rate=0.0)
+    trainer = _train(tmp_path / "run", reward=constant, entropy_coef=0.5, max_steps=1)
+    (r,) = trainer.step_records
+    assert r["no_signal"] == 0 and r["entropy"] > 0
+    assert any(not torch.equal(p, q) for p, q in zip(init.model.parameters(), trainer.model.parameters()))
