@@ -72,6 +72,7 @@ Differences from TRL worth knowing:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -468,7 +469,9 @@ def _refuse(name: str, value: Any, why: str) -> str:
     return f"dash-fast does not support {name}={value!r}: {why}"
 
 
+@functools.lru_cache(maxsize=1)
 def _training_arguments_defaults() -> dict[str, Any]:
+    """TrainingArguments' field defaults (read-only: cached, since GRPOConfig asks once per argument)."""
     import transformers
 
     out = {}
