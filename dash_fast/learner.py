@@ -36,9 +36,10 @@ class Learner:
     def __init__(self, args: DashConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, engine, dist: ddp.DistInfo, overlap: OverlapScheduler | None = None,
                  ref_model: torch.nn.Module | None = None, fsdp_root=None, shared_prompt: bool = False,
-                 pad_id: int = 0, device: torch.device | None = None) -> None:
+                 pad_id: int = 0, device: torch.device | None = None, ref_context=None) -> None:
         self.args, self.model, self.optimizer, self.scheduler, self.engine = args, model, optimizer, scheduler, engine
         self.dist, self.overlap, self.ref_model, self.fsdp_root = dist, overlap, ref_model, fsdp_root
+        self.ref_context = ref_context  # PEFT: a context under which the policy is the reference (no ref_model)
         self.shared_prompt, self.pad_id, self.device = shared_prompt, pad_id, device or torch.device("cpu")
         self.micro_batch_tokens = args.micro_batch_tokens  # halved on out-of-memory; saved in checkpoints
         self.nonfinite_in_a_row = 0
@@ -73,8 +74,8 @@ class Learner:
         elif needs_old:
             old = self.logprob_pass(self.model, rollout, local(kept_rows), "train/logprob_old")
         ref = None
-        if self.ref_model is not None:
-            ref = self.logprob_pass(self.ref_model, rollout, local(kept_rows), "train/logprob_ref")
+        if self.ref_model is not None or self.ref_context is not None:
+            ref = self.reference_logprobs(rollout, local(kept_rows))
 
         stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
                  "skipped_steps": 0, "time/sync_weights": 0.0}  # the last two summed over the updates
@@ -267,15 +268,25 @@ class Learner:
             out = torch.cat([values[r, : lengths[r]] for r in rows])
         return out.to(self.device)
 
+    def reference_logprobs(self, rollout: Rollout, rows: list[int]) -> torch.Tensor:
+        """The reference policy's token log-probs of `rows` ([B, L]): the frozen copy, or with PEFT the
+        policy itself with its adapters disabled (or its "ref" adapter active)."""
+        if self.ref_context is None:
+            return self.logprob_pass(self.ref_model, rollout, rows, "train/logprob_ref")
+        with self.ref_context():
+            return self.logprob_pass(self.model, rollout, rows, "train/logprob_ref", policy=False)
+
     @torch.no_grad()
-    def logprob_pass(self, model, rollout: Rollout, rows: list[int], name: str) -> torch.Tensor:
-        """No-grad token log-probs of rollout rows, as a [B, L] tensor (old / ref passes)."""
+    def logprob_pass(self, model, rollout: Rollout, rows: list[int], name: str,
+                     policy: bool = True) -> torch.Tensor:
+        """No-grad token log-probs of rollout rows, as a [B, L] tensor (old / ref passes); `policy=False`:
+        not a policy forward (the PEFT reference), not counted in `forward_passes`."""
         out = torch.zeros_like(rollout.sampling_logps)
         lengths = rollout.completion_lengths.tolist()
         with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
             for micro in self.micro_batches(rollout, rows):
                 micro_rows = [rows[i] for i in micro]
-                if model is self.model:
+                if model is self.model and policy:
                     self.forward_passes += 1
                 hidden, targets = self.hidden_and_targets(model, rollout, micro_rows)
                 weight, bias = _lm_head(model)

@@ -12,6 +12,7 @@ and metrics.py (the step record).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import signal
@@ -42,6 +43,7 @@ from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
 from dash_fast.overlap import OverlapScheduler, bind_process, parse_cpus
+from dash_fast.peft_support import is_peft_model, reference_policy
 from dash_fast.profiling import ProfileWindow
 from dash_fast.rollout.base import Rollout
 
@@ -207,9 +209,14 @@ class DashTrainer:
         )
         total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
-        ref_model = copy.deepcopy(self.model).eval().requires_grad_(False) if args.beta > 0 else None
+        ref_model, ref_context = None, None
+        if args.beta > 0 and is_peft_model(self.model):  # the reference is in the policy's weights (peft_support)
+            ref_context = functools.partial(reference_policy, self.model)
+        elif args.beta > 0:
+            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
-                               ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device)
+                               ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
+                               ref_context=ref_context)
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)
