@@ -23,8 +23,10 @@ Differences from TRL worth knowing:
   reward_models.py): scored as TRL does, on the chat-rendered prompt + completion, logit of class 0.
 - LoRA / PEFT (`peft_config` or a PeftModel, peft_support.py): only adapters train; generation and the
   training forward run the model's own forward (the static engine and shared-prompt forward read base
-  weights). With `beta > 0` the reference is a frozen copy of the model (not the adapter-disabled base).
-  A LoRA adapter on lm_head and prompt-learning methods are refused.
+  weights). With `beta > 0` the reference is, as in TRL, the base with adapters disabled (`peft_config`)
+  or a frozen copy of the adapter, "ref" (a PeftModel passed in); no copy of the base weights;
+  `sync_ref_model` is refused with PEFT (as TRL). A LoRA adapter on lm_head and prompt-learning methods are
+  refused.
 - `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
   count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
   vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1`,
@@ -536,7 +538,7 @@ class GRPOTrainer(DashTrainer):
         peft_config: Any = None,
     ) -> None:
         from dash_fast.data import load_rows
-        from dash_fast.peft_support import apply_peft
+        from dash_fast.peft_support import apply_peft, is_peft_model
         from dash_fast.reward_models import RewardModelFunc, resolve_reward_models
 
         if optimizers != (None, None):
@@ -560,7 +562,10 @@ class GRPOTrainer(DashTrainer):
                                  "inputs (the engines and the training forward take token ids only)")
         if isinstance(model, str):
             model = _load_causal_lm(model, args, init_kwargs)
-        model = apply_peft(model, peft_config)
+        model = apply_peft(model, peft_config, beta=args.beta)
+        if getattr(args, "sync_ref_model", False) and is_peft_model(model):
+            raise ValueError(_refuse("sync_ref_model", True, "with PEFT the reference is the policy's own base weights "
+                                     "(adapters disabled), there is no reference copy to sync (TRL refuses it too)"))
         self.grpo_args = args
         names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
         dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows), names) \

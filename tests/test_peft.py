@@ -1,0 +1,145 @@
+"""LoRA / PEFT in the TRL-style trainer: the reference policy in the policy's own weights (base with adapters
+disabled, or TRL's frozen "ref" adapter for a PeftModel passed in), exact resume of a LoRA run, gradient
+checkpointing. Tiny local models only."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset
+
+from dash_fast import GRPOConfig, GRPOTrainer
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+
+peft = pytest.importorskip("peft")
+
+TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+
+
+def length_reward(completions, **kw):
+    return [float(len(c)) for c in completions]
+
+
+def make_trainer(tmp_path, model, **kwargs):
+    tok = build_tokenizer()
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
+    args.update(kwargs.pop("args", {}))
+    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
+    return GRPOTrainer(model=model, reward_funcs=length_reward, args=GRPOConfig(**args), train_dataset=data,
+                       processing_class=tok, **kwargs)
+
+
+def lora(**kw):
+    # init_lora_weights=False: random B, so the adapters change the policy from the first step (with PEFT's
+    # default B = 0 the adapted and the base model agree, and a reference test could not tell them apart)
+    return peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **kw)
+
+
+def held_modules(obj, depth=3, seen=None):
+    """Every nn.Module reachable from `obj`'s attributes (a few levels deep): what the trainer keeps alive."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth < 0:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        return [obj]
+    found = []
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else \
+        vars(obj).values() if hasattr(obj, "__dict__") and not isinstance(obj, (torch.Tensor, type)) else []
+    for v in values:
+        found += held_modules(v, depth - 1, seen)
+    return found
+
+
+def parameter_bytes(modules) -> int:
+    """Bytes of the distinct parameter storages of `modules`."""
+    storages = {}
+    for m in modules:
+        for p in m.parameters():
+            s = p.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+def hf_logprobs(model, rollout, rows):
+    """Token log-probs of the completions under `model`'s own HF forward (logits -> log_softmax)."""
+    out = []
+    for r in rows:
+        n = int(rollout.completion_lengths[r])
+        ids = torch.tensor([rollout.prompt_ids[r] + rollout.completion_ids[r, :n].tolist()])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0].float()
+        p = len(rollout.prompt_ids[r])
+        logp = torch.log_softmax(logits[p - 1 : p - 1 + n], -1)
+        out.append(logp.gather(-1, rollout.completion_ids[r, :n, None]).squeeze(-1))
+    return out
+
+
+def rollout_of(trainer):
+    prompts = trainer.train_data.prompt_ids[:2]
+    return trainer.generate([list(p) for p in prompts for _ in range(2)], step=1)
+
+
+@pytest.mark.parametrize("use_bias_correction_kl", [False, True])
+def test_lora_reference_is_the_base_with_adapters_disabled_and_no_copy(tmp_path, use_bias_correction_kl):
+    tok = build_tokenizer()
+    model = build_model(tok, TINY)
+    base = copy.deepcopy(model).eval()  # the test's own copy, to compare against
+    trainer = make_trainer(tmp_path, model, peft_config=lora(),
+                           args=dict(beta=0.1, use_bias_correction_kl=use_bias_correction_kl))
+    assert trainer.ref_model is None and trainer.learner.ref_model is None  # as TRL: no reference model
+    assert "ref" not in trainer.model.peft_config  # a new adapter: the reference is the bare base
+    # no second copy of the base weights anywhere the trainer holds (a frozen copy would double this)
+    assert parameter_bytes(held_modules(trainer)) == parameter_bytes([trainer.model])
+    rollout = rollout_of(trainer)
+    rows = list(range(len(rollout)))
+    was_training = trainer.model.training
+    ref = trainer.learner.reference_logprobs(rollout, rows)
+    assert trainer.model.training == was_training
+    policy = trainer.learner.logprob_pass(trainer.model, rollout, rows, "policy")
+    for r, want in zip(rows, hf_logprobs(base, rollout, rows), strict=True):
+        n = len(want)
+        torch.testing.assert_close(ref[r, :n], want, rtol=0, atol=1e-5)
+        assert (policy[r, :n] - want).abs().max() > 1e-3  # the adapters do change the policy
+    # the adapters are back on and trainable afterwards
+    torch.testing.assert_close(trainer.learner.logprob_pass(trainer.model, rollout, rows, "policy"), policy)
+    assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    assert trainer.step_records[0]["kl"] > 0  # policy (base + random adapters) vs base
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(before[n], p) != ("lora_" in n), n
+
+
+def test_peft_model_passed_in_gets_trls_frozen_ref_adapter(tmp_path):
+    """TRL: a PeftModel (its adapter possibly trained already) with beta != 0 gets a frozen copy of its adapter,
+    "ref": the reference is the initial policy, base + that adapter, not the bare base."""
+    tok = build_tokenizer()
+    model = peft.get_peft_model(build_model(tok, TINY), lora())
+    start = copy.deepcopy(model).eval()
+    trainer = make_trainer(tmp_path, model, args=dict(beta=0.1, use_bias_correction_kl=False, learning_rate=5e-2))
+    assert "ref" in trainer.model.peft_config and trainer.ref_model is None
+    ref_params = [p for n, p in trainer.model.named_parameters() if ".ref." in n]
+    assert ref_params and not any(p.requires_grad for p in ref_params)
+    in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_optimizer for p in ref_params)
+    held = parameter_bytes(held_modules(trainer))
+    assert held == parameter_bytes([trainer.model])  # the base is held once; "ref" is an adapter copy only
+    rollout = rollout_of(trainer)
+    rows = list(range(len(rollout)))
+    trainer.train()
+    assert trainer.model.active_adapter == "default"
+    ref = trainer.learner.reference_logprobs(rollout, rows)
+    policy = trainer.learner.logprob_pass(trainer.model, rollout, rows, "policy")
+    for r, want in zip(rows, hf_logprobs(start, rollout, rows), strict=True):  # the initial policy
+        n = len(want)
+        torch.testing.assert_close(ref[r, :n], want, rtol=0, atol=1e-5)
+    assert (policy - ref).abs().max() > 1e-4  # the trained adapter moved away from it
+
+
+def test_sync_ref_model_with_peft_is_refused(tmp_path):
+    tok = build_tokenizer()
+    with pytest.raises(ValueError, match="dash-fast does not support sync_ref_model=True"):
+        make_trainer(tmp_path, build_model(tok, TINY), peft_config=lora(),
+                     args=dict(beta=0.1, sync_ref_model=True))
