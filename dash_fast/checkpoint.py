@@ -2,7 +2,7 @@
 
 A checkpoint is written into `<dir>.tmp-<pid>`, fsynced, then renamed to `checkpoints/step-N`: a crash
 leaves either the old set of checkpoints or the new one, never a half-written `step-N`. Beside the HF
-model and tokenizer it holds trainer_state.pt: optimizer, scheduler, prompt sampler, RNG streams, the
+model (for a PeftModel: its adapters, in PEFT format) and tokenizer it holds trainer_state.pt: optimizer, scheduler, prompt sampler, RNG streams, the
 learner's counters, the logs, and the rollout sampled ahead with overlap=True (`pending_rollout_state`).
 """
 
@@ -120,8 +120,14 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     shards under `fsdp_root`); returns its trainer state for the caller to restore the rest."""
     from transformers import AutoModelForCausalLM
 
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    from dash_fast.peft_support import is_peft_model, load_adapter_weights
+
     state = load_trainer_state(path)
+    if is_peft_model(model):  # the checkpoint holds the adapters (PEFT format); the base is the model's own
+        load_adapter_weights(path, model)
+        optimizer.load_state_dict(state["optimizer"])  # built over the trainable (adapter) parameters only
+        return state
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
     if fsdp_root is None:
         model.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(state["optimizer"])

@@ -332,6 +332,7 @@ class DashTrainer:
             "eval_history": self.eval_history,
             "config": self.args.to_dict(),
             "weights_version": learner.weights_version,
+            "entropy_bonus": learner.entropy_bonus.state_dict() if learner.entropy_bonus is not None else None,
             **pending_rollout_state(self.overlap, self.dist.enabled),
         }
 
@@ -366,6 +367,8 @@ class DashTrainer:
         set_rng_state(state["rng"])
         self.learner.micro_batch_tokens = state["micro_batch_tokens"]
         self.learner.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        if self.learner.entropy_bonus is not None and state.get("entropy_bonus") is not None:
+            self.learner.entropy_bonus.load_state_dict(state["entropy_bonus"])  # the adaptive coefficient
         self.state.log_history = state["log_history"]
         self.eval_history = state["eval_history"]
         self.state.global_step = state["step"]

@@ -22,6 +22,7 @@ micro-batches are token-budget packs of kept rows, so the set of tokens the quan
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -86,6 +87,14 @@ class EntropyBonus:
         out = coef * total / max(step_tokens, 1)
         self.contribution += float(out.detach())
         return out
+
+    def state_dict(self) -> dict:
+        """The controller's state, saved in checkpoints so that a resumed run continues with the same coef."""
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
     def end_step(self) -> None:
         """After an optimizer step: the adaptive update, then a fresh window."""

@@ -20,7 +20,7 @@ def length_reward(completions, **kw):
     return [float(len(c)) for c in completions]
 
 
-def make_trainer(tmp_path, model, **kwargs):
+def make_trainer(tmp_path, model=None, **kwargs):
     tok = build_tokenizer()
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
                 max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
@@ -143,3 +143,67 @@ def test_sync_ref_model_with_peft_is_refused(tmp_path):
     with pytest.raises(ValueError, match="dash-fast does not support sync_ref_model=True"):
         make_trainer(tmp_path, build_model(tok, TINY), peft_config=lora(),
                      args=dict(beta=0.1, sync_ref_model=True))
+
+
+class StopAt:
+    """A transformers callback that stops training after step `n` (a checkpoint is saved there)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == self.n:
+            control.should_training_stop = True
+
+
+@pytest.mark.parametrize("how", ["peft_config", "peft_model"])
+def test_lora_resume_is_exact(tmp_path, how):
+    """4 steps straight == 2 steps, stop, resume 2 more: every parameter bit-identical (CPU), with beta > 0 (the
+    reference pass) and LoRA dropout (the RNG streams). The checkpoint holds the adapters in PEFT format and
+    the optimizer state of the adapter parameters only."""
+    from safetensors.torch import load_file
+
+    from dash_fast.checkpoint import load_trainer_state
+
+    tok = build_tokenizer()
+    config = dict(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.1)
+    args = dict(max_steps=4, beta=0.1, learning_rate=5e-2)
+
+    def build(seed, **extra):
+        torch.manual_seed(seed)  # the adapters' init draws from the global RNG
+        model = build_model(tok, TINY)  # the same base weights each time (build_model seeds itself)
+        if how == "peft_model":
+            model = peft.get_peft_model(model, peft.LoraConfig(**config))
+            return dict(model=model, **extra)
+        return dict(model=model, peft_config=peft.LoraConfig(**config), **extra)
+
+    straight = make_trainer(tmp_path / "a", args=args, **build(0))
+    straight.train()
+    cut = make_trainer(tmp_path / "b", args={**args, "save_steps": 1}, callbacks=[StopAt(2)], **build(0))
+    cut.train()
+    ckpt = tmp_path / "b" / "checkpoint-2"
+    assert (ckpt / "adapter_config.json").exists() and not (ckpt / "model.safetensors").exists()
+    saved = load_file(ckpt / "adapter_model.safetensors")
+    trainable = {n: p for n, p in cut.model.named_parameters() if p.requires_grad}
+    assert saved and all("lora_" in k for k in saved) and len(saved) == len(trainable)
+    opt = load_trainer_state(str(ckpt))["optimizer"]
+    assert len(opt["state"]) == len(trainable)  # AdamW moments of the adapter parameters only
+    assert sum(s["exp_avg"].numel() for s in opt["state"].values()) == sum(p.numel() for p in trainable.values())
+    # another adapter init (peft_config): only the checkpoint's adapters can make it match the straight run
+    resumed = make_trainer(tmp_path / "b", args={**args, "save_steps": 1}, **build(1 if how == "peft_config" else 0))
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.state.global_step == 4
+    for (n, p), q in zip(straight.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q), n
+    assert [r["loss"] for r in resumed.step_records] == [r["loss"] for r in straight.step_records]
+    assert any("lora_" in n and not torch.equal(p, dict(cut.model.named_parameters())[n])
+               for n, p in straight.model.named_parameters())  # steps 3-4 did move the adapters
+
+
+def test_resuming_a_lora_run_from_a_full_model_checkpoint_is_an_error(tmp_path):
+    tok = build_tokenizer()
+    full = make_trainer(tmp_path / "full", build_model(tok, TINY), args=dict(max_steps=1))
+    full.train()
+    trainer = make_trainer(tmp_path / "lora", build_model(tok, TINY), peft_config=lora())
+    with pytest.raises(ValueError, match="holds no PEFT adapter"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))

@@ -214,6 +214,7 @@ def _train(tmp_path, reward=_varied_reward, **extra):
     from dash_fast import GRPOConfig, GRPOTrainer
     from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
 
+    callbacks, resume = extra.pop("callbacks", None), extra.pop("resume_from_checkpoint", None)
     torch.manual_seed(0)
     tok = build_tokenizer()
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
@@ -223,8 +224,8 @@ def _train(tmp_path, reward=_varied_reward, **extra):
     trainer = GRPOTrainer(model=model, reward_funcs=reward,
                           args=GRPOConfig(**args), train_dataset=Dataset.from_list([{"prompt": f"{i}+1="}
                                                                                     for i in range(6)]),
-                          processing_class=tok)
-    trainer.train()
+                          processing_class=tok, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -302,6 +303,27 @@ def test_trainer_entropy_bonus_is_coef_times_logged_entropy(tmp_path):
     ada = _train(tmp_path / "ada", entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=100.0,
                  max_steps=3)
     assert ada.entropy_coef == pytest.approx(0.01 + 0.005 * 3)  # one increment per optimizer step
+
+
+def test_adaptive_entropy_coefficient_is_checkpointed_and_resumed_exactly(tmp_path):
+    """The controller's state (coef, the last step's entropy that gates it) is in the checkpoint: 2 steps, stop,
+    resume 2 more == 4 steps straight, bit-identical on CPU. (Restarted at entropy_coef with the gate closed, the
+    resumed steps would train with another coefficient.)"""
+    class StopAtTwo:
+        def on_step_end(self, args, state, control, **kw):
+            control.should_training_stop = state.global_step == 2
+
+    extra = dict(entropy_coef=0.01, use_adaptive_entropy=True, entropy_target=100.0, entropy_coef_delta=0.05,
+                 max_steps=4, save_steps=1, max_completion_length=8)
+    straight = _train(tmp_path / "a", **extra)
+    cut = _train(tmp_path / "b", callbacks=[StopAtTwo()], **extra)
+    assert cut.state.global_step == 2 and cut.entropy_coef == pytest.approx(0.01 + 2 * 0.05)
+    resumed = _train(tmp_path / "b", resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"), **extra)
+    assert resumed.entropy_coef == straight.entropy_coef == pytest.approx(0.01 + 4 * 0.05)
+    assert [r["entropy_coef"] for r in resumed.step_records] == [r["entropy_coef"] for r in straight.step_records]
+    assert [r["policy_loss"] for r in resumed.step_records] == [r["policy_loss"] for r in straight.step_records]
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
 
 
 def test_variant_loss_subtracts_the_bonus_with_gradient():
