@@ -37,7 +37,7 @@ Differences from TRL worth knowing:
   (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
   coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
   logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
-  The adaptive coefficient is not saved in checkpoints (a resumed run restarts it at `entropy_coef`).
+  The adaptive controller's state is saved in checkpoints (a resumed run continues it exactly).
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
@@ -56,8 +56,8 @@ Differences from TRL worth knowing:
   `shuffle_dataset=False` draws prompts in dataset order; image columns are refused.
 - Checkpoints: `output_dir/checkpoint-N` links to dash-fast's `checkpoints/step-N` (model or PEFT adapters,
   tokenizer, exact-resume state) and holds `trainer_state.json`; `save_total_limit` keeps the last N;
-  `train(resume_from_checkpoint=True | path)` resumes bit-exactly (full models; resuming a PEFT run is not
-  implemented).
+  `train(resume_from_checkpoint=True | path)` resumes bit-exactly, a LoRA run too (its adapters are loaded
+  from the checkpoint's PEFT files onto the base the trainer was given; AdamW state covers the adapters only).
 - Callbacks get TRL's events (`on_init_end`, `on_train_begin`, `on_epoch_begin/end`, `on_step_begin`,
   `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
   `on_train_end`; not `on_substep_end`) and their `control.should_training_stop / should_evaluate /
