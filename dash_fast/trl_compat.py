@@ -59,8 +59,9 @@ Differences from TRL worth knowing:
   `train(resume_from_checkpoint=True | path)` resumes bit-exactly, a LoRA run too (its adapters are loaded
   from the checkpoint's PEFT files onto the base the trainer was given; AdamW state covers the adapters only).
 - Callbacks get TRL's events (`on_init_end`, `on_train_begin`, `on_epoch_begin/end`, `on_step_begin`,
-  `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`,
-  `on_train_end`; not `on_substep_end`) and their `control.should_training_stop / should_evaluate /
+  `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log` (also for the
+  final entry, before `on_train_end`, as transformers), `on_evaluate`, `on_save`, `on_train_end`; the
+  substeps are the learner's micro-batches, callbacks.py) and their `control.should_training_stop / should_evaluate /
   should_save / should_log` are honoured. `trainer.args` is the DashConfig (`trainer.grpo_args` the
   GRPOConfig).
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,
@@ -600,6 +601,7 @@ class GRPOTrainer(DashTrainer):
             self.sampler.load_state_dict(self.sampler.state_dict())
         self._wrap_optimizer_events()
         self._epoch_fired = -1
+        self._in_train = False
         if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
             self.learner.trl_loss = args.trl_loss()
         if isinstance(args, GRPOConfig) and args.trl_loss().entropy_bonus:
@@ -654,6 +656,8 @@ class GRPOTrainer(DashTrainer):
                 super()._callback("on_epoch_begin")
         if event == "on_train_end" and self._epoch_fired >= 0:
             super()._callback("on_epoch_end")
+        if event == "on_train_end" and self._in_train:
+            return  # train() fires it after on_log of the final entry (train_loss, ...), as transformers does
         super()._callback(event, **kwargs)
         if event != "on_step_end":
             return
@@ -839,7 +843,11 @@ class GRPOTrainer(DashTrainer):
             self.args.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
         if self.step_records is not None:  # a second train() call continues from the per-step records
             self.state.log_history = self.step_records
-        summary = super().train()
+        self._in_train = True
+        try:
+            summary = super().train()
+        finally:
+            self._in_train = False
         self.step_records = list(self.state.log_history)
         losses = [r["loss"] for r in self.step_records if isinstance(r.get("loss"), float)]
         runtime = summary["rl_wall_time_s"]
@@ -848,6 +856,8 @@ class GRPOTrainer(DashTrainer):
         entries, pending = log_entries(self.step_records, self.args.logging_steps)
         self.state.log_history = [*entries, {**pending, **metrics, "epoch": self.state.epoch,
                                               "step": self.state.global_step}]
+        super()._callback("on_log", logs=self.state.log_history[-1])
+        super()._callback("on_train_end")  # the epoch's end already fired, before the final on_log
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
     def save_model(self, output_dir: str | None = None) -> None:
