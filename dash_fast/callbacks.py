@@ -1,8 +1,13 @@
 """transformers-style callbacks: the TrainerState / TrainerControl they see, and the event dispatch.
 
 A callback is any object with some of TrainerCallback's methods (`on_train_begin`, `on_step_begin`,
-`on_step_end`, `on_log`, `on_evaluate`, `on_save`, `on_train_end`); each is called as
+`on_substep_end`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`, `on_train_end`); each is called as
 `fn(args, state, control, model=..., processing_class=..., optimizer=..., lr_scheduler=..., **event)`.
+
+`on_substep_end` fires where transformers' Trainer fires it: after each gradient-accumulation micro-step of
+an optimizer step except the last (whose end is the optimizer step). dash-fast's micro-steps are the
+learner's token-budget micro-batches, so their number per step follows the kept rows' lengths and
+`micro_batch_tokens`, not `gradient_accumulation_steps`; an out-of-memory retry re-runs (and re-fires) them.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ class Learner:
         self.trl_loss = None  # a trl_losses.TrlLoss: TRL's loss variants instead of the loss kernels
         self.entropy_bonus = None  # a trl_losses.EntropyBonus (needs trl_loss set)
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
+        self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -130,7 +131,7 @@ class Learner:
         if self.fsdp_root is not None:  # same number of forwards on every rank
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
-        for micro in micros:
+        for i, micro in enumerate(micros):
             with nvtx_range("train/forward"):
                 self.forward_passes += 1
                 if micro is None:
@@ -141,6 +142,8 @@ class Learner:
                     loss, st, n = run(rollout, micro_rows, advantages, weights, old, ref)
             with nvtx_range("train/backward"):
                 loss.backward()
+            if self.on_substep_end is not None and i < len(micros) - 1:  # transformers' on_substep_end
+                self.on_substep_end()
             if st is None:
                 continue
             total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here

@@ -217,6 +217,7 @@ class DashTrainer:
         self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
                                ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
                                ref_context=ref_context)
+        self.learner.on_substep_end = functools.partial(self._callback, "on_substep_end")
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)
