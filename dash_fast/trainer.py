@@ -92,6 +92,30 @@ def logit_transform(model: torch.nn.Module) -> str | None:
     return None
 
 
+def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = False) -> None:
+    """Refuse a vision-language model (its config has a vision tower, or is one of transformers'
+    image-text-to-text types) before any weights load: the engines and the training forward take token ids
+    only, so its image inputs could not reach it."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    if isinstance(model, str):
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):  # not a readable config: loading the model reports it
+            return
+        name = model
+    else:
+        config = getattr(model, "config", None)
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        name = type(inner).__name__
+    model_type = getattr(config, "model_type", None)
+    if getattr(config, "vision_config", None) is not None or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        raise ValueError(f"dash-fast does not support model={name!r}: its config ({model_type}) is a vision-language "
+                         "config, and dash-fast's engines and training forward take token ids only (no images); "
+                         "pass a text-only causal LM")
+
+
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":
@@ -152,6 +176,7 @@ class DashTrainer:
         if args.deterministic:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
+        check_text_only(model)
         self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
         reason = logit_transform(self.model)
         if reason:
