@@ -86,7 +86,7 @@ import torch
 
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
-from dash_fast.trainer import DashTrainer
+from dash_fast.trainer import DashTrainer, check_text_only
 from dash_fast.trl_losses import EntropyBonus, TrlLoss
 
 logger = logging.getLogger(__name__)
@@ -553,6 +553,7 @@ class GRPOTrainer(DashTrainer):
             args = GRPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-GRPO")
         if train_dataset is None:
             raise ValueError("GRPOTrainer: `train_dataset` is required")
+        check_text_only(model, getattr(args, "trust_remote_code", False))  # a VLM: refused before anything loads
         init_kwargs = getattr(args, "model_init_kwargs", None) or {}
         reward_funcs, self.reward_processing_classes = resolve_reward_models(
             reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
