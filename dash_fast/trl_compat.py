@@ -17,7 +17,8 @@ Differences from TRL worth knowing:
   unless `micro_batch_tokens` is given; micro-batches pack rows by tokens.
 - `bf16=True` trains the bf16 weights themselves (no autocast, no fp32 master copy: a warning says so);
   `fp16=True` is refused (no loss scaler); the default is float32.
-  `gradient_checkpointing` defaults to False (TRL: True).
+  `gradient_checkpointing` defaults to False (TRL: True); when on, training runs the model's own forward
+  (checkpointed per decoder layer), not the shared-prompt forward.
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
 - `reward_funcs` entries may be reward models (an id / path or a loaded sequence-classification model,
   reward_models.py): scored as TRL does, on the chat-rendered prompt + completion, logit of class 0.
@@ -627,6 +628,8 @@ class GRPOTrainer(DashTrainer):
             if args.gradient_checkpointing or args.activation_checkpointing:
                 kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}  # frozen inputs (LoRA)
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+                # the shared-prompt forward runs the layers' math itself, unchecked: train on the model's own forward
+                self.shared_prompt = self.learner.shared_prompt = False
             if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
                 self.model.get_output_embeddings().float()
         self._callback("on_init_end")
