@@ -207,3 +207,38 @@ def test_resuming_a_lora_run_from_a_full_model_checkpoint_is_an_error(tmp_path):
     trainer = make_trainer(tmp_path / "lora", build_model(tok, TINY), peft_config=lora())
     with pytest.raises(ValueError, match="holds no PEFT adapter"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_gradient_checkpointing_is_honoured(tmp_path, with_lora):
+    """gradient_checkpointing=True recomputes each decoder layer in backward (a second forward with grad), and
+    trains to the same weights as without it; with LoRA (the model's own forward) and with a full model (whose
+    shared-prompt forward does not checkpoint, so it then trains on the model's own forward)."""
+    tok = build_tokenizer()
+
+    def run(checkpointing):
+        extra = dict(peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])) if with_lora else {}
+        trainer = make_trainer(tmp_path / str(checkpointing), build_model(tok, TINY),
+                               args=dict(gradient_checkpointing=checkpointing, max_steps=2), **extra)
+        decoder = trainer.model.get_base_model().model if with_lora else trainer.model.model
+        calls = []
+        mlp = decoder.layers[0].mlp
+        forward = mlp.forward  # wrapped, not hooked: torch's checkpoint recompute does not run module hooks
+
+        def counted(*args, **kwargs):
+            calls.append(torch.is_grad_enabled())
+            return forward(*args, **kwargs)
+
+        mlp.forward = counted
+        trainer.train()
+        return trainer, sum(calls)
+
+    plain, grad_forwards = run(False)
+    checkpointed, grad_forwards_checkpointed = run(True)
+    assert checkpointed.learner.forward_passes > 0  # the training forwards (no old-log-prob pass here)
+    assert grad_forwards_checkpointed == 2 * checkpointed.learner.forward_passes  # each recomputed in backward
+    if with_lora:  # the model's own forward either way
+        assert grad_forwards == plain.learner.forward_passes
+    for p, q in zip(plain.model.parameters(), checkpointed.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+    assert any(not torch.equal(p, q) for p, q in zip(plain.model.parameters(), build_model(tok, TINY).parameters()))
