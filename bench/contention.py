@@ -233,6 +233,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--json", help="also write the rows here")
+    ap.add_argument("--workdir", default=None, help="warm start cache (default: e2e.py's, runs/bench-warm[-smoke])")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--policy-cfg", help=argparse.SUPPRESS)
@@ -244,7 +245,7 @@ def main() -> None:
         args.steps, args.warmup = 3, 1
     import e2e
 
-    ns = argparse.Namespace(results_dir=None, threads=1, workdir=None, seed=0, smoke=args.smoke)
+    ns = argparse.Namespace(results_dir=None, threads=1, workdir=args.workdir, seed=0, smoke=args.smoke)
     os.environ.pop("OMP_NUM_THREADS", None)  # setup_run sets it for its own process only
     saved = dict(os.environ)
     warm = e2e.setup_run(ns)
@@ -266,7 +267,7 @@ def main() -> None:
                 base = next((b for b in rows if b["policy"] == policy and b["competitor"] == "none"
                              and b["round"] == r), None)
                 row["p99/p50_alone"] = row["p99"] / base["p50"] if base else float("nan")
-                row["finished"] = res["finished"]
+                row["finished"], row["openmp_wait"] = res["finished"], res.get("openmp_wait")
                 rows.append(row)
                 print(f"{policy:11s} {row['competitor']:13s} threads {row['threads_seen']:4s} n {row['n']:4d}{'' if res['finished'] else '*'} "
                       f"p50 {row['p50']:.3f}  p99 {row['p99']:.3f}  max {row['max']:.3f}  >1s {row['over_1s']:3d}  "

@@ -14,7 +14,12 @@ from test_overlap import make_trainer
 
 from dash_fast import device_setup
 from dash_fast.config import ConfigError, DashConfig, make_config
-from dash_fast.device_setup import SPINNING_NOTICE, apply_cpu_threads, cpu_thread_count, set_openmp_wait_policy
+from dash_fast.device_setup import (
+    SPINNING_NOTICE,
+    apply_cpu_threads,
+    cpu_thread_count,
+    set_openmp_wait_policy,
+)
 from dash_fast.overlap import bind_process
 
 ROOT = Path(__file__).resolve().parents[1]
