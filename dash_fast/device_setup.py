@@ -12,17 +12,18 @@ CPU threads (`cpu_threads`, default "auto"; bench/contention.py measures every p
 ops run on libgomp (GNU OpenMP), whose threads meet at a barrier after every parallel op and by default
 spin there (GOMP_SPINCOUNT 300000) before sleeping. Next to another busy process that is the stall behind
 steps of seconds instead of ~0.1 s: a thread that has been descheduled holds the whole team, and the
-spinning ones take CPU from it. Measured on 2 cores, a ~0.06 s step, a busy loop in another session:
-5 s per step (80x) with torch's defaults, 0.07-0.09 s with the spin turned off, 0.08 s at 1 thread; alone
-the spin-free 2 threads cost about what the spin saves. So:
+spinning ones take CPU from it. Measured on 2 cores (README, "CPU threads next to other busy processes"),
+a TRL-style ~0.07 s step next to a busy loop in another session: 4.9 s per step with torch's defaults,
+0.09 s with the spin off (OMP_WAIT_POLICY=PASSIVE), 0.07 s at 1 thread, 0.3 s with a spin of 10000; alone
+the spin bought at most ~5%. So:
 1. `set_openmp_wait_policy` (called by dash_fast/__init__.py, before dash_fast imports torch) sets
    OMP_WAIT_POLICY=PASSIVE: libgomp reads it once, when torch loads it, so it only takes effect if torch
    was not imported before dash_fast (the `dash-fast` CLI and scripts that import dash_fast before torch
    get it; in-process it cannot be changed later). A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 2. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
-   then "auto" uses one thread per usable CPU when the spin is off, and 1 thread when torch was imported
-   first (its threads then spin: a 1-thread process has no barrier to stall at; the start-up line says
-   how to get all cores). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in
+   then "auto" uses one thread per usable CPU when the spin is off (or the user set the wait policy), and
+   1 thread when torch was imported first (its threads then spin: a 1-thread process has no barrier to
+   stall at; the start-up line says how to get all cores). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in
    the environment (left to torch), or `cpu_threads=None` (torch's own count, the old default).
 The count is fixed for the run (CPU results are reproducible at a fixed thread count). overlap=True on
 CPU then splits the cores between sampler and learner (overlap.py).
