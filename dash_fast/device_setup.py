@@ -23,8 +23,9 @@ the spin bought at most ~5%. So:
 2. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
    then "auto" uses one thread per usable CPU when the spin is off (or the user set the wait policy), and
    1 thread when torch was imported first (its threads then spin: a 1-thread process has no barrier to
-   stall at; the start-up line says how to get all cores). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in
-   the environment (left to torch), or `cpu_threads=None` (torch's own count, the old default).
+   stall at; the start-up line says how to get all cores). An explicit choice wins: `cpu_threads=N`,
+   OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (left to torch; torchrun sets 1), or
+   `cpu_threads=None` (torch's own count, the old default).
 The count is fixed for the run (CPU results are reproducible at a fixed thread count). overlap=True on
 CPU then splits the cores between sampler and learner (overlap.py).
 """
