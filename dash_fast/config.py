@@ -87,7 +87,7 @@ class DashConfig:
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
     vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
     vllm_enforce_eager: bool | None = None  # engine=vllm: no torch.compile / CUDA graphs; None: eager on CPU only
-    cpu_threads: int | None = None  # torch intra-op threads of the trainer, set at start-up (before vLLM); None: torch's
+    cpu_threads: int | str | None = "auto"  # torch threads, set at start-up (before vLLM): N | auto | None (torch's); device_setup.py
     cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
     bind_cpus: bool = False  # overlap=True on CPU: bind the sampler thread and the learner to their own cores
@@ -157,7 +157,8 @@ class DashConfig:
         need(0 < self.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization", "must be in (0, 1]")
         need(self.vllm_kv_cache_bytes is None or self.vllm_kv_cache_bytes > 0, "vllm_kv_cache_bytes",
              "must be > 0 or None")
-        need(self.cpu_threads is None or self.cpu_threads >= 1, "cpu_threads", "must be >= 1 or None")
+        need(self.cpu_threads in (None, "auto") or (type(self.cpu_threads) is int and self.cpu_threads >= 1),
+             "cpu_threads", "must be auto, an int >= 1 or None")
         need(self.sampler_cores is None or self.sampler_cores >= 1, "sampler_cores", "must be >= 1 or None")
         if self.cpu_affinity is not None:
             from dash_fast.overlap import parse_cpus
@@ -253,6 +254,8 @@ def _check_types(obj, prefix: str = "") -> None:
             if "None" not in kind:
                 raise ConfigError(f"config: {prefix}{f.name} must not be None")
             continue
+        if kind.startswith("int | str") and isinstance(value, str) and not value.strip().isdigit():
+            continue  # a keyword (cpu_threads=auto); validate() names the allowed ones
         for name, cast in (("float", float), ("int", int)):
             if kind.startswith(name) and not isinstance(value, bool):
                 try:

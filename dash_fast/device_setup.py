@@ -6,13 +6,97 @@
   enforced by the config).
 - `prepare_engine`: reserve the embedded engine's cache once and capture its CUDA graphs on the main
   thread, before a sampler runs in a worker thread (overlap=True).
+- `set_openmp_wait_policy` and `apply_cpu_threads`: CPU threads that hold up next to other busy processes.
+
+CPU threads (`cpu_threads`, default "auto"; bench/contention.py measures every policy below). torch's CPU
+ops run on libgomp (GNU OpenMP), whose threads meet at a barrier after every parallel op and by default
+spin there (GOMP_SPINCOUNT 300000) before sleeping. Next to another busy process that is the stall behind
+steps of seconds instead of ~0.1 s: a thread that has been descheduled holds the whole team, and the
+spinning ones take CPU from it. Measured on 2 cores (README, "CPU threads next to other busy processes"),
+a TRL-style ~0.07 s step next to a busy loop in another session: 4.9 s per step with torch's defaults,
+0.09 s with the spin off (OMP_WAIT_POLICY=PASSIVE), 0.07 s at 1 thread, 0.3 s with a spin of 10000; alone
+the spin bought at most ~5%. So:
+1. `set_openmp_wait_policy` (called by dash_fast/__init__.py, before dash_fast imports torch) sets
+   OMP_WAIT_POLICY=PASSIVE: libgomp reads it once, when torch loads it, so it only takes effect if torch
+   was not imported before dash_fast (the `dash-fast` CLI and scripts that import dash_fast before torch
+   get it; in-process it cannot be changed later). A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+2. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
+   then "auto" uses one thread per usable CPU when the spin is off (or the user set the wait policy), and
+   1 thread when torch was imported first (its threads then spin: a 1-thread process has no barrier to
+   stall at; the start-up line says how to get all cores). An explicit choice wins: `cpu_threads=N`,
+   OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (left to torch; torchrun sets 1), or
+   `cpu_threads=None` (torch's own count, the old default).
+The count is fixed for the run (CPU results are reproducible at a fixed thread count). overlap=True on
+CPU then splits the cores between sampler and learner (overlap.py).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import MutableMapping
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: set_openmp_wait_policy must run before it is loaded
+    import torch
+
+WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # read by libgomp once, when torch loads it
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # a thread count the user chose for torch
+# what set_openmp_wait_policy found at import: "set" (by dash-fast), "user" (the user's own), or "too_late"
+# (torch was already imported, so libgomp kept its spinning default)
+openmp_wait: str | None = None
+
+
+def set_openmp_wait_policy(environ: MutableMapping[str, str] = os.environ,
+                           modules: dict | None = None) -> str:
+    """OMP_WAIT_POLICY=PASSIVE unless the user set a wait policy or torch (so libgomp) is already loaded.
+    Returns "user", "too_late" or "set" (also kept in `openmp_wait`)."""
+    global openmp_wait
+    modules = sys.modules if modules is None else modules
+    if any(environ.get(k) for k in WAIT_VARS):
+        openmp_wait = "user"
+    elif "torch" in modules:
+        openmp_wait = "too_late"
+    else:
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        openmp_wait = "set"
+    return openmp_wait
+
+
+SPINNING_NOTICE = ("cpu_threads=auto: 1 thread, because torch was imported before dash_fast, so OpenMP threads "
+                   "spin-wait (a step then stalls for seconds next to another busy process); import dash_fast "
+                   "before torch, or set OMP_WAIT_POLICY=PASSIVE before starting Python, or cpu_threads=N")
+
+
+def cpu_thread_count(cpu_threads: int | str | None, usable_cpus: int, wait: str | None,
+                     environ: MutableMapping[str, str] = os.environ) -> tuple[int | None, str]:
+    """(torch threads to set, or None to leave torch's count; why: SPINNING_NOTICE when auto chose 1 thread
+    for want of the wait policy, which the start-up line prints). `wait`: `openmp_wait`."""
+    if cpu_threads is None:
+        return None, "cpu_threads=None: torch's own count"
+    if cpu_threads != "auto":
+        return int(cpu_threads), f"cpu_threads={cpu_threads}"
+    chosen = [k for k in THREAD_VARS if environ.get(k)]
+    if chosen:
+        return None, f"{chosen[0]}={environ[chosen[0]]} in the environment"
+    if wait == "too_late" and usable_cpus > 1:
+        return 1, SPINNING_NOTICE
+    return max(1, usable_cpus), f"cpu_threads=auto: one per usable CPU ({usable_cpus})"
+
+
+def apply_cpu_threads(cpu_threads: int | str | None, cpu_affinity: str | None) -> tuple[int | None, str]:
+    """Bind the process to `cpu_affinity` (if set), then set torch's thread count (cpu_thread_count over
+    the CPUs the process may now use). Returns what cpu_thread_count returned."""
+    import torch
+
+    from dash_fast.overlap import bind_process, parse_cpus
+
+    if cpu_affinity is not None:
+        bind_process(parse_cpus(cpu_affinity))
+    threads, why = cpu_thread_count(cpu_threads, len(os.sched_getaffinity(0)), openmp_wait)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return threads, why
 
 
 def resolve_dtype(name: str, device: torch.device) -> str:
@@ -25,6 +109,8 @@ def make_deterministic(device: torch.device) -> list[str]:
     """Deterministic kernels for the ops that have them on CUDA; returns what was set. CPU: nothing to set
     (its kernels are run-to-run deterministic at a fixed thread count). warn_only: an op without a
     deterministic CUDA kernel warns (naming itself) instead of stopping a run."""
+    import torch
+
     if device.type != "cuda":
         return []
     # cuBLAS picks reduction splits per workspace: a fixed workspace makes GEMMs reproducible. It only

@@ -37,12 +37,12 @@ from dash_fast.collect import Collector, RewardFunc, RewardScorer
 from dash_fast.config import DashConfig
 from dash_fast.cpu_memory import keep_freed_memory
 from dash_fast.data import PromptDataset, PromptSampler
-from dash_fast.device_setup import make_deterministic, resolve_dtype
+from dash_fast.device_setup import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.evaluation import greedy_accuracy
 from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
-from dash_fast.overlap import OverlapScheduler, bind_process, parse_cpus
+from dash_fast.overlap import OverlapScheduler, parse_cpus
 from dash_fast.peft_support import is_peft_model, reference_policy
 from dash_fast.profiling import ProfileWindow
 from dash_fast.rollout.base import Rollout
@@ -156,10 +156,10 @@ class DashTrainer:
         from transformers import AutoTokenizer
 
         self.args = args = args or DashConfig()
-        if args.cpu_affinity is not None:
-            bind_process(parse_cpus(args.cpu_affinity))
-        if args.cpu_threads is not None:  # first: in-process vLLM on CPU makes set_num_threads a no-op
-            torch.set_num_threads(args.cpu_threads)
+        # first: in-process vLLM on CPU makes set_num_threads a no-op; device_setup.py says what auto picks
+        if apply_cpu_threads(args.cpu_threads, args.cpu_affinity)[1] == SPINNING_NOTICE and \
+                int(os.environ.get("RANK", "0")) == 0:
+            print(f"dash-fast: {SPINNING_NOTICE}")
         torch.manual_seed(args.seed)
         # datasets first (a bad layout fails before any model loads), in the standard columns by dataset_format
         train_dataset = args.dataset if train_dataset is None else train_dataset

@@ -57,3 +57,20 @@ def test_e2e_and_paper_smoke(tmp_path):
     assert {r["provider"] for r in paper_rows} == {"GRPO", "No-GF", "DASH", "DASH-all", "DASH-refill", "PPO Multi",
                                                    "PPO Mini", "KL"}
     assert (tmp_path / "results" / "paper.png").exists()
+
+
+def test_contention_smoke(tmp_path):
+    """bench/contention.py's children run the real start-up paths: dash_fast imported first gets the wait
+    policy and a thread per CPU, torch imported first gets 1 thread (cpu_threads=auto)."""
+    import json
+    import os
+
+    cmd = [sys.executable, str(ROOT / "bench" / "contention.py"), "--smoke", "--policies", "default,torch_first",
+           "--competitors", "none", "--workdir", str(tmp_path / "warm"), "--json", str(tmp_path / "rows.json")]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert rows["default"]["openmp_wait"] == "set" and rows["torch_first"]["openmp_wait"] == "too_late"
+    assert rows["default"]["threads"] == len(os.sched_getaffinity(0)) and rows["torch_first"]["threads"] == 1
+    assert all(r["n"] == 2 and r["finished"] and r["p50"] > 0 for r in rows.values())
