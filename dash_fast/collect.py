@@ -162,7 +162,8 @@ class Collector:
         on (a function of seed, step and row: resume, any rank and any chunking sample the same tokens)."""
         a = self.args
         return SamplingParams(
-            temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p,
+            temperature=0.0 if greedy else a.temperature, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+            repetition_penalty=a.repetition_penalty,
             max_new_tokens=max_new or a.max_completion_tokens, stop_token_ids=self.stop_ids,
             seed=stream_seed(a.seed, step, row),
         )

@@ -63,6 +63,9 @@ class DashConfig:
     temperature: float = 0.9
     top_k: int = 50
     top_p: float = 1.0
+    min_p: float = 0.0  # 0: off (HF's min-p: drop tokens below min_p x the top probability)
+    repetition_penalty: float = 1.0  # 1: off (HF's: logits of tokens already seen / p if > 0 else x p)
+    chat_template_kwargs: dict | None = None  # extra arguments of apply_chat_template (e.g. enable_thinking)
     max_prompt_tokens: int = 512
     max_completion_tokens: int = 2048
     # --- algorithm ---
@@ -185,6 +188,12 @@ class DashConfig:
         need(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         need(self.max_steps >= 0, "max_steps", "must be >= 0")
         need(self.temperature > 0, "temperature", "must be > 0 for sampling")
+        need(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
+        need(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
+        if self.engine == "vllm" and (self.min_p > 0 or self.repetition_penalty != 1.0):
+            key = "min_p" if self.min_p > 0 else "repetition_penalty"
+            raise ConfigError(f"dash-fast does not support {key}={getattr(self, key)!r} with engine='vllm': the vLLM "
+                              "engine's log-probs would include it (the embedded engine, engine='torch', has it)")
         need(self.filter_tau is None or self.filter_tau >= 0, "filter_tau", "must be >= 0 or None")
         need(self.epochs_per_rollout >= 1, "epochs_per_rollout", "must be >= 1")
         need(1 <= self.minibatches <= self.rows_per_step, "minibatches", "must be in [1, rows per step]")

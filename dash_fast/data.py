@@ -61,7 +61,7 @@ def check_columns(rows: list[dict], required: list[str], name: str = "dataset") 
 
 
 def render_prompt(tokenizer, prompt: Any, system_prompt: str | None,
-                  use_chat_template: bool | None) -> tuple[str, bool]:
+                  use_chat_template: bool | None, chat_template_kwargs: dict | None = None) -> tuple[str, bool]:
     """The text the model sees, and whether the chat template rendered it (its text then already holds the
     template's special tokens, BOS included: tokenise it with add_special_tokens=False, as TRL does).
 
@@ -82,7 +82,8 @@ def render_prompt(tokenizer, prompt: Any, system_prompt: str | None,
     if getattr(tokenizer, "chat_template", None) is None:
         why = "system_prompt needs" if system_prompt is not None and not is_chat else "chat prompts need"
         raise DataError(f"{why} a tokenizer with a chat_template")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), True
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {})), True
 
 
 class PromptDataset:
@@ -98,6 +99,7 @@ class PromptDataset:
         max_prompt_tokens: int | None = None,
         system_prompt: str | None = None,
         use_chat_template: bool | None = None,
+        chat_template_kwargs: dict | None = None,
         name: str = "dataset",
     ) -> None:
         check_columns(rows, [prompt_column, *required_columns], name)
@@ -107,7 +109,8 @@ class PromptDataset:
         self.prompt_ids: list[list[int]] = []
         for i, row in enumerate(rows):
             try:
-                text, templated = render_prompt(tokenizer, row[prompt_column], system_prompt, use_chat_template)
+                text, templated = render_prompt(tokenizer, row[prompt_column], system_prompt, use_chat_template,
+                                                chat_template_kwargs)
             except DataError as e:
                 raise DataError(f"{name}: row {i}, column {prompt_column!r}: {e}") from None
             ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]  # no second BOS after a template

@@ -49,6 +49,7 @@ class Learner:
         self.entropy_bonus = None  # a trl_losses.EntropyBonus (needs trl_loss set)
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
         self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
+        self.logit_multiplier = logit_multiplier(model)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -248,8 +249,9 @@ class Learner:
         if self.shared_prompt:
             from dash_fast.shared_prompt import shared_prompt_hidden
 
-            return shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
-                                        [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id)
+            hidden, targets = shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
+                                                   [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id)
+            return (hidden if self.logit_multiplier == 1.0 else hidden * self.logit_multiplier), targets
         seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
         ids, attn = pad_right(seqs, self.pad_id)
         ids, attn = ids.to(self.device), attn.to(self.device)
@@ -260,7 +262,8 @@ class Learner:
             p = len(rollout.prompt_ids[r])
             pred[j, p - 1 : p - 1 + lengths[r]] = True
         targets = torch.cat([comp[r, : lengths[r]] for r in rows]).to(self.device)
-        return hidden[pred], targets
+        hidden = hidden[pred]
+        return (hidden if self.logit_multiplier == 1.0 else hidden * self.logit_multiplier), targets
 
     def _per_token(self, values: torch.Tensor, rollout: Rollout, rows: list[int]) -> torch.Tensor:
         """Row-wise [B] or token-wise [B, L] values -> flat per completion token of `rows`."""
@@ -325,6 +328,15 @@ class Learner:
             from dash_kernels import pg_loss_ref
 
             return pg_loss_ref(*inputs, **kwargs)
+
+
+def logit_multiplier(model) -> float:
+    """The factor a model applies to `hidden @ lm_head.T` (Cohere's logit_scale, Granite's 1 / logits_scaling),
+    folded into the hidden states so that the kernels' logits are the model's (1.0 for most models)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
+    return (1.0 if scale is None else float(scale)) / (1.0 if scaling is None else float(scaling))
 
 
 def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -153,9 +153,10 @@ def run_summary(steps: int, finished: bool, records: list[dict], eval_history: l
     return {
         "steps": steps,
         "finished": finished,
-        "eval_accuracy_initial": eval_history[0]["accuracy"] if eval_history else None,
-        "eval_accuracy_final": eval_history[-1]["accuracy"] if eval_history else None,
-        "eval_examples": eval_history[-1]["examples"] if eval_history else 0,
+        # (GRPOTrainer's evaluations are TRL's metrics: no accuracy / examples)
+        "eval_accuracy_initial": eval_history[0].get("accuracy") if eval_history else None,
+        "eval_accuracy_final": eval_history[-1].get("accuracy") if eval_history else None,
+        "eval_examples": eval_history[-1].get("examples", 0) if eval_history else 0,
         "eval_history": eval_history,
         "rl_wall_time_s": wall_time_s,
         "step_time_mean_s": sum(r["time_step_s"] for r in records) / max(len(records), 1),

@@ -50,6 +50,7 @@ class RewardModelFunc:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.chat_template_kwargs: dict = {}  # TRL's chat_template_kwargs, for chat-rendered texts
         self.__name__ = str(name_or_path).rstrip("/").split("/")[-1] or type(model).__name__
 
     def to(self, device: torch.device) -> RewardModelFunc:
@@ -62,7 +63,8 @@ class RewardModelFunc:
         for prompt, completion in zip(prompts, completions, strict=True):
             if isinstance(prompt, list):  # conversational
                 reply = completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-                out.append(self.tokenizer.apply_chat_template(prompt + reply, tokenize=False))
+                out.append(self.tokenizer.apply_chat_template(prompt + reply, tokenize=False,
+                                                              **self.chat_template_kwargs))
             else:
                 text = completion if isinstance(completion, str) else completion[-1]["content"]
                 out.append(prompt + text)

@@ -513,5 +513,5 @@ def warn_rows_without_reward(per_func: list[list[float | None]], prompts: list, 
     i = rows[0]
     inputs = {k: v[i] for k, v in columns.items() if k not in _TRAINER_KWARGS}
     inputs.update(prompt=prompts[i], completion=completions[i])
-    logger.warning("All reward functions returned None for %d row(s); the first one's inputs: %s. Please ensure "
-                   "that at least one reward function returns a valid reward.", len(rows), inputs)
+    logger.warning("All reward functions returned None for the following kwargs: %s (the first of %d such row(s)). "
+                   "Please ensure that at least one reward function returns a valid reward.", inputs, len(rows))

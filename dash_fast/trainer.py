@@ -78,16 +78,16 @@ def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -
 
 
 def logit_transform(model: torch.nn.Module) -> str | None:
-    """Why the model's logits are not `hidden @ lm_head.T` (the loss and log-prob ops, and the engine, compute
-    exactly that), naming the config field; None when they are. Gemma-2/3 soft-cap them, Cohere and Granite
-    scale them after the head."""
+    """Why the model's logits are not `hidden @ lm_head.T` up to a constant factor (the loss and log-prob ops
+    compute that; the learner folds Cohere's / Granite's factor into the hidden states, learner.logit_multiplier),
+    naming the config field; None when they are. Gemma-2/3 soft-cap them."""
     config = getattr(model, "config", None)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    checks = (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0))
+    checks = (("final_logit_softcapping", None),)
     for name, neutral in checks:
         value = getattr(config, name, None)
         if value is not None and value != neutral:
-            return (f"config.{name}={value} transforms the logits after the lm_head, which dash-fast's loss, "
+            return (f"config.{name}={value}: it transforms the logits after the lm_head, which dash-fast's loss, "
                     "log-prob and sampling ops do not apply")
     return None
 
@@ -155,7 +155,8 @@ class DashTrainer:
     ) -> None:
         from transformers import AutoTokenizer
 
-        self.args = args = args or DashConfig()
+        # `config` is what the loop reads; `args` is the same object here (GRPOTrainer's `args` is its GRPOConfig)
+        self.config = self.args = args = args or DashConfig()
         # first: in-process vLLM on CPU makes set_num_threads a no-op; device_setup.py says what auto picks
         if apply_cpu_threads(args.cpu_threads, args.cpu_affinity)[1] == SPINNING_NOTICE and \
                 int(os.environ.get("RANK", "0")) == 0:
@@ -180,7 +181,7 @@ class DashTrainer:
         self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
         reason = logit_transform(self.model)
         if reason:
-            raise ValueError(f"this model is not supported: {reason}")
+            raise ValueError(f"dash-fast does not support {reason}")
         if next(self.model.parameters()).dtype == torch.bfloat16 and self.dist.is_main:
             print("dash-fast: dtype=bfloat16 trains the bf16 weights in place: no fp32 master copy, AdamW state in "
                   "bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost; use dtype=float32 "
@@ -204,7 +205,7 @@ class DashTrainer:
 
         data_kwargs = dict(prompt_column=args.prompt_column if self.dataset_format == "prompt" else "prompt",
                            max_prompt_tokens=args.max_prompt_tokens, system_prompt=args.system_prompt,
-                           use_chat_template=args.use_chat_template)
+                           use_chat_template=args.use_chat_template, chat_template_kwargs=args.chat_template_kwargs)
         self.train_data = PromptDataset(train_rows, self.tokenizer, name="train_dataset", **data_kwargs)
         self.eval_data = None
         if eval_rows is not None:
@@ -272,17 +273,17 @@ class DashTrainer:
         `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
         from dash_fast.shared_prompt import shared_prompt_unsupported
 
-        if self.args.train_forward == "hf" or (self.args.train_forward == "auto" and self.device.type != "cpu"):
+        if self.config.train_forward == "hf" or (self.config.train_forward == "auto" and self.device.type != "cpu"):
             return False
         reason = "parameters sharded by FSDP2" if self.fsdp_root is not None else shared_prompt_unsupported(self.model)
-        if reason and self.args.train_forward == "shared_prompt":
+        if reason and self.config.train_forward == "shared_prompt":
             raise ValueError(f"train_forward='shared_prompt' cannot run this model: {reason}")
         return reason is None
 
     # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
         """One optimizer step's algorithm: collect a batch -> advantages -> filter -> update -> record."""
-        a, t_start = self.args, time.perf_counter()
+        a, t_start = self.config, time.perf_counter()
         batch = self.collector.collect(step, self.learner.weights_version)
         if batch.skipped:  # a reward function failed and on_reward_error="skip": no update
             return {**metrics.skipped_record(step, batch.time_generate_s, time.perf_counter() - t_start, self._lr()),
@@ -324,8 +325,8 @@ class DashTrainer:
             self.overlap.wait()
         if dataset is None:
             raise ValueError("no eval dataset")
-        n = min(len(dataset), max_examples or self.args.eval_examples)
-        params = self.collector.sampling_params(0, greedy=True, max_new=self.args.eval_max_completion_tokens)
+        n = min(len(dataset), max_examples or self.config.eval_examples)
+        params = self.collector.sampling_params(0, greedy=True, max_new=self.config.eval_max_completion_tokens)
         result = greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
         self.collector.engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
         return result
@@ -356,7 +357,7 @@ class DashTrainer:
             "nonfinite_in_a_row": learner.nonfinite_in_a_row,
             "log_history": self.state.log_history,
             "eval_history": self.eval_history,
-            "config": self.args.to_dict(),
+            "config": self.config.to_dict(),
             "weights_version": learner.weights_version,
             "entropy_bonus": learner.entropy_bonus.state_dict() if learner.entropy_bonus is not None else None,
             **pending_rollout_state(self.overlap, self.dist.enabled),
@@ -373,13 +374,13 @@ class DashTrainer:
         path = None
         if self.dist.is_main:
             path = save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
-                                   state, keep_last=self.args.keep_last_checkpoints, state_dict=model_sd)
+                                   state, keep_last=self.config.keep_last_checkpoints, state_dict=model_sd)
         ddp.barrier(self.dist)
         self._callback("on_save")
         return path
 
     def _resume(self) -> int:
-        resume = self.args.resume
+        resume = self.config.resume
         if not resume:
             return 0
         path = latest_checkpoint(os.path.join(self.output_dir, "checkpoints")) if resume == "auto" else resume
@@ -412,7 +413,7 @@ class DashTrainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> dict:
         """Run RL for `max_steps` optimizer steps; returns the summary written to summary.json."""
-        a = self.args
+        a = self.config
         t_begin = time.perf_counter()
         start = self._resume()
         logger = MetricsLogger(self.output_dir, a.report_to, append=start > 0) if self.dist.is_main else None
@@ -471,9 +472,9 @@ class DashTrainer:
 
     def _finish(self, t_begin: float) -> dict:
         step = self.state.global_step
-        finished = step >= self.args.max_steps and not self.stop_requested
+        finished = step >= self.config.max_steps and not self.stop_requested
         summary = metrics.run_summary(step, finished, self.state.log_history, self.eval_history,
-                                      time.perf_counter() - t_begin, self.args.to_dict())
+                                      time.perf_counter() - t_begin, self.config.to_dict())
         if self.dist.is_main:
             metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary

@@ -42,17 +42,30 @@ Differences from TRL worth knowing:
 - `multi_objective_aggregation="normalize_then_sum"`: each reward normalised in its group, weighted sum,
   then divided by the batch std (TRL's formula; scale_rewards is then "batch").
 - `sync_ref_model`: ref <- alpha * policy + (1 - alpha) * ref every `ref_model_sync_steps` optimizer steps.
-- Evaluation is greedy, one completion per prompt (`num_generations_eval` and `eval_on_start` have no
-  effect: the eval set is evaluated before training and every `eval_steps`); its metrics are the
-  accuracy reward's mean (`eval_accuracy`), not TRL's `eval_loss` / `eval_reward`. A dict of eval sets
-  gives `eval_<name>_*`.
+- Evaluation is TRL's (trl_eval.py): `evaluate()` samples `num_generations_eval` completions per prompt with
+  the training sampling settings, in batches of `per_device_eval_batch_size` rows, and returns `eval_loss`
+  (the training loss at ratio 1, no gradient, on every row: the DASH filter selects training rows only) and
+  TRL's eval metrics (`eval_reward`, `eval_rewards/<name>/mean`, `eval_completions/*`, ...); a dict /
+  DatasetDict of eval sets gives `eval_<name>_*`; an IterableDataset eval set is read whole at each
+  evaluation. In training: every `eval_steps` with eval_strategy="steps", before the first step with
+  `eval_on_start`; entries in `log_history` as TRL's. Not under torchrun (DashTrainer.evaluate is).
 - `state.log_history` after `train()` is TRL's: one entry per `logging_steps` steps with the means of
   TRL's metrics over them (`reward`, `reward_std`, `rewards/<name>/mean|std`, `frac_reward_zero_std`,
   `kl`, `entropy`, `clip_ratio/region_mean`, `num_tokens`, `completions/*`, `loss`, `grad_norm`,
   `learning_rate`, `epoch`, `step_time`) and dash-fast's own (`kept_fraction`, `time_*_s`), then the
   final entry with `train_loss` / `train_runtime` and the metrics of the steps since the last log.
   The per-step records stay in `trainer.step_records`.
-- Sampling: temperature, top_k, top_p; `min_p`, `repetition_penalty`, `generation_kwargs` are refused.
+- Sampling: temperature, top_k, top_p, `min_p`, `repetition_penalty` (transformers' processors, in
+  generate()'s order; the log-probs stay those of the tempered distribution, as the trainer recomputes them)
+  on the embedded engine; with `use_vllm=True` min_p / repetition_penalty are refused. `generation_kwargs`
+  may override top_k / top_p / min_p / repetition_penalty; other keys (num_beams > 1, length_penalty, a
+  different temperature, ...) are refused naming the key. `chat_template_kwargs` reach apply_chat_template
+  for prompts and chat-rendered reward-model texts.
+- Datasets: a streamed train set (`IterableDataset`, trl_data.py) is read as training draws prompts
+  (`max_steps` required, as TRL; shuffled with the seed unless `shuffle_dataset=False`; a new pass when it
+  ends; resumable by re-reading); `dispatch_batches` / `dataloader_num_workers` follow TRL's rules for
+  iterable sets. `get_train_dataloader()` / `get_eval_dataloader()` return DataLoaders of TRL's batches
+  (lists of rows, each prompt repeated), for inspection: training does not read them.
 - `mask_truncated_completions` drops completions cut without a stop token from the loss (one process only);
   `shuffle_dataset=False` draws prompts in dataset order; image columns are refused.
 - Checkpoints: `output_dir/checkpoint-N` links to dash-fast's `checkpoints/step-N` (model or PEFT adapters,
@@ -62,9 +75,15 @@ Differences from TRL worth knowing:
 - Callbacks get TRL's events (`on_init_end`, `on_train_begin`, `on_epoch_begin/end`, `on_step_begin`,
   `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log` (also for the
   final entry, before `on_train_end`, as transformers), `on_evaluate`, `on_save`, `on_train_end`; the
-  substeps are the learner's micro-batches, callbacks.py) and their `control.should_training_stop / should_evaluate /
-  should_save / should_log` are honoured. `trainer.args` is the DashConfig (`trainer.grpo_args` the
-  GRPOConfig).
+  substeps are the learner's micro-batches, callbacks.py) and their `control.should_training_stop /
+  should_evaluate / should_save / should_log` are honoured. `trainer.args` is the GRPOConfig (TRL's config:
+  every TrainingArguments field reads back, `generation_batch_size` / `steps_per_generation` resolved, an
+  AcceleratorConfig); the loop reads `trainer.config`, the DashConfig it maps to. `log()` adds an entry.
+- TRL internals the loop does not go through (`training_step`, `compute_loss`, `_prepare_inputs`, `_generate`,
+  `_generate_and_score_completions`, `prediction_step`, ...) are refused when called, and a subclass or
+  patch overriding one (or `log`, `_get_per_token_logps_and_entropies`) is refused at train(), since the
+  override would not run. `_get_per_token_logps_and_entropies` itself works (TRL's signature and return).
+- `logging_strategy="no"`: no log entries but the final one (the run's metrics averaged into it).
 - Accepted with no effect: dataloader_num_workers, dataloader_pin_memory, logging_dir, run_name,
   remove_unused_columns (every column reaches the reward functions, as TRL's default),
   per_device_eval_batch_size, logging_first_step, overwrite_output_dir, do_train, do_eval,
@@ -88,6 +107,13 @@ import torch
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data import PromptSampler
 from dash_fast.trainer import DashTrainer, check_text_only
+from dash_fast.trl_data import (
+    StreamedPrompts,
+    is_iterable_dataset,
+    peek_rows,
+    rows_dataloader,
+    stream_dataloader,
+)
 from dash_fast.trl_losses import EntropyBonus, TrlLoss
 
 logger = logging.getLogger(__name__)
@@ -116,18 +142,14 @@ vllm_structured_outputs_regex vllm_tensor_parallel_size""".split()
 _ONLY: dict[str, tuple[tuple, str]] = {
     "importance_sampling_level": (("token", "sequence"), "TRL 1.16 knows 'token' and 'sequence'"),
     "multi_objective_aggregation": (("sum_then_normalize", "normalize_then_sum"), "unknown aggregation"),
-    "min_p": ((None,), "the samplers implement temperature, top_k and top_p only"),
-    "repetition_penalty": ((1.0,), "the samplers implement temperature, top_k and top_p only"),
-    "chat_template_kwargs": ((None,), "prompts are rendered with the tokenizer's chat template as is"),
     "vllm_mode": (("colocate",), "only the in-process vLLM engine exists"),
-    "logging_strategy": (("steps",), "logs are written every logging_steps steps"),
+    "logging_strategy": (("steps", "no"), "logs are written every logging_steps steps"),
     "save_strategy": (("steps", "no"), "checkpoints are written every save_steps steps"),
     "eval_strategy": (("no", "steps"), "evaluation runs every eval_steps steps"),
     "optim": (("adamw_torch", "adamw_torch_fused"), "the optimizer is torch AdamW"),
     "adam_epsilon": ((1e-8,), "AdamW uses torch's default eps"),
     "torch_compile": ((False,), "the model is not compiled"),
     "push_to_hub": ((False,), "nothing is uploaded"),
-    "generation_kwargs": ((None, {}), "generation goes through dash-fast's own engines, not generate()"),
     "cache_implementation": ((None,), "the embedded engine manages its own KV cache"),
     "use_transformers_paged": ((False,), "generation goes through dash-fast's own engines"),
     "use_transformers_continuous_batching": ((False,), "generation goes through dash-fast's own engines"),
@@ -262,6 +284,7 @@ class GRPOConfig:
     ddp_find_unused_parameters: bool | None = None
     gradient_checkpointing_kwargs: dict | None = None
     vllm_gpu_memory_utilization: float = 0.3
+    accelerator_config: Any = None  # an AcceleratorConfig after __init__; only dispatch_batches may be set
     # --- dash-fast's own ---
     filter_tau: float | None = 0.1
     overlap: bool = False
@@ -311,6 +334,48 @@ class GRPOConfig:
         if self.generation_batch_size is not None and self.steps_per_generation is not None:
             raise ConfigError("GRPOConfig: generation_batch_size and steps_per_generation cannot both be set")
         self.report_to = _report_to(self.report_to)
+        self.accelerator_config = _accelerator_config(self.accelerator_config)
+        self._sampling = _generation_kwargs(self.generation_kwargs, self.temperature, self.max_completion_length)
+        # TRL's GRPOConfig resolves the generation batch in __post_init__: both numbers are readable
+        # (to_dash_config reads the values as given, `_generation`)
+        self._generation = (self.generation_batch_size, self.steps_per_generation)
+        world = self.world_size
+        if self.steps_per_generation is None and self.generation_batch_size is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        if self.generation_batch_size is None:
+            self.generation_batch_size = self.per_device_train_batch_size * world * self.steps_per_generation
+        elif self.steps_per_generation is None:
+            self.steps_per_generation = self.generation_batch_size // (self.per_device_train_batch_size * world)
+
+    def __getattr__(self, name: str) -> Any:
+        """TrainingArguments' other fields read as their defaults (what TRL's config answers; setting one to
+        another value is refused in __init__)."""
+        defaults = _training_arguments_defaults()
+        if name.startswith("__") or name not in defaults:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return defaults[name]
+
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def process_index(self) -> int:
+        return int(os.environ.get("RANK", "0"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The arguments as set (TrainingArguments.to_dict's shape: a flat dict)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["accelerator_config"] = dataclasses.asdict(self.accelerator_config)
+        return out
 
     def trl_loss(self) -> TrlLoss:
         """The TRL loss options (trl_losses.py); `.is_variant()` says whether the learner needs that path."""
@@ -329,16 +394,17 @@ class GRPOConfig:
         """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs;
         `reward_names`: the rewards GRPOTrainer was given, so that `reward_weights` is checked against them)."""
         per_step = self.per_device_train_batch_size * world_size  # completions per micro-step, all ranks
-        if self.generation_batch_size is not None:
-            if self.generation_batch_size % per_step:
-                raise ConfigError(f"GRPOConfig: generation_batch_size={self.generation_batch_size} must be "
+        generation_batch_size, steps_per_generation = self._generation
+        if generation_batch_size is not None:
+            if generation_batch_size % per_step:
+                raise ConfigError(f"GRPOConfig: generation_batch_size={generation_batch_size} must be "
                                   f"divisible by per_device_train_batch_size x world size ({per_step})")
-            spg = self.generation_batch_size // per_step
+            spg = generation_batch_size // per_step
         else:
-            spg = self.steps_per_generation or self.gradient_accumulation_steps
+            spg = steps_per_generation or self.gradient_accumulation_steps
         if spg % self.gradient_accumulation_steps:
-            raise ConfigError(f"GRPOConfig: steps_per_generation={spg} must be a multiple of "
-                              f"gradient_accumulation_steps={self.gradient_accumulation_steps}")
+            raise ConfigError(_refuse("steps_per_generation", spg, "must be a multiple of gradient_accumulation_steps="
+                                      f"{self.gradient_accumulation_steps} (one rollout spans whole optimizer steps)"))
         rows = per_step * spg
         if rows % self.num_generations:
             raise ConfigError(f"GRPOConfig: the generation batch ({rows} completions) must be divisible by "
@@ -364,7 +430,9 @@ class GRPOConfig:
             dtype="bfloat16" if self.bf16 else "float16" if self.fp16 else "float32",
             device="cpu" if self.use_cpu else "auto",
             prompts_per_step=prompts_per_step, group_size=self.num_generations,
-            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            **{"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p or 0.0,
+               "repetition_penalty": self.repetition_penalty, **self._sampling},  # generation_kwargs override
+            chat_template_kwargs=self.chat_template_kwargs,
             max_prompt_tokens=prompt_len, max_completion_tokens=self.max_completion_length,
             # normalize_then_sum: the trainer sums group-normalised rewards (GRPOTrainer.compute_rewards), then
             # TRL normalises by the batch: (r - group mean, which is 0) / batch std, i.e. scale_rewards="batch"
@@ -382,7 +450,7 @@ class GRPOConfig:
             weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm or None,  # HF: 0 = no clipping
             lr_scheduler_type=_SCHEDULERS[self.lr_scheduler_type], warmup_steps=int(warmup),
             eval_every=_every(self.eval_steps, steps) if self.eval_strategy == "steps" else 0,
-            eval_examples=self.eval_examples, logging_steps=_every(self.logging_steps, steps),
+            eval_examples=self.eval_examples, logging_steps=_every(self.logging_steps, steps) if self.logging_strategy == "steps" else 0,
             save_steps=_every(self.save_steps, steps) if self.save_strategy == "steps" else 0,
             keep_last_checkpoints=self.save_total_limit or 0, report_to=self.report_to,
             disable_tqdm=bool(self.disable_tqdm), on_reward_error=self.on_reward_error,
@@ -515,6 +583,92 @@ def _report_to(value) -> list[str]:
     return out
 
 
+# TRL GRPOTrainer internals dash-fast's loop does not go through (its own stages: collect.py, learner.py):
+# calling one is refused, and a subclass (or a patch) overriding one is refused at train(), since the
+# override would be silently ignored. name -> why.
+_TRL_INTERNALS = {
+    "training_step": "an optimizer step is learner.Learner.optimizer_step over token-budget micro-batches",
+    "compute_loss": "the loss is the learner's fused kernel (or trl_losses' variants), per micro-batch",
+    "_compute_loss": "the loss is the learner's fused kernel (or trl_losses' variants), per micro-batch",
+    "_prepare_inputs": "batches are built by collect.Collector (one rollout per optimizer step)",
+    "_generate_and_score_completions": "sampling and scoring are collect.Collector.collect",
+    "_generate": "generation runs in dash-fast's engines (rollout/), from collect.Collector.generate",
+    "_generate_single_turn": "generation runs in dash-fast's engines (rollout/), from collect.Collector.generate",
+    "_calculate_rewards": "rewards are scored by collect.RewardScorer.score",
+    "prediction_step": "evaluation is trl_eval.trl_evaluate",
+    "log": "training logs are built by trl_logs.log_entries, not through log() (a callback's on_log sees them)",
+    "_get_per_token_logps_and_entropies": "training computes log-probs in the learner's own forward",
+}
+
+
+def _trl_internal(name: str):
+    def refused(self, *args, **kwargs):
+        raise NotImplementedError(f"dash-fast does not support GRPOTrainer.{name}=called: {_TRL_INTERNALS[name]}")
+
+    refused.__name__ = name
+    refused.__doc__ = f"TRL's internal `{name}`: not part of dash-fast's loop ({_TRL_INTERNALS[name]})."
+    return refused
+
+
+# generation_kwargs (TRL: passed to transformers' GenerationConfig or vLLM's SamplingParams, overriding the
+# sampling arguments): the keys the engines honour, and the values of others that change nothing.
+_GENERATION_KEYS = ("top_k", "top_p", "min_p", "repetition_penalty")
+_GENERATION_NEUTRAL = {"do_sample": True, "num_beams": 1, "num_return_sequences": 1, "n": 1, "use_cache": True}
+
+
+def _generation_kwargs(kwargs: dict | None, temperature: float, max_completion_length: int) -> dict[str, Any]:
+    """The sampling settings `generation_kwargs` overrides (top_k, top_p, min_p, repetition_penalty; vLLM's
+    top_k=-1 is off); a key the engines cannot honour is refused, naming it."""
+    out: dict[str, Any] = {}
+    for key, value in (kwargs or {}).items():
+        if key in _GENERATION_KEYS:
+            out[key] = 0 if key == "top_k" and value == -1 else value
+        elif key == "temperature" and value == temperature or key in ("max_new_tokens", "max_tokens") \
+                and value == max_completion_length or _GENERATION_NEUTRAL.get(key, object()) == value:
+            continue  # the value the run has anyway
+        elif key == "temperature":
+            raise ConfigError(_refuse("generation_kwargs['temperature']", value, f"differs from temperature="
+                                      f"{temperature} (the training log-probs use the sampling temperature)"))
+        elif key == "num_beams":
+            raise ConfigError(_refuse("generation_kwargs['num_beams']", value, "beam search is not implemented "
+                                      "(the engines sample one token per row and step)"))
+        else:
+            raise ConfigError(_refuse(f"generation_kwargs[{key!r}]", value, "the engines implement temperature, "
+                                      "top_k, top_p, min_p and repetition_penalty"))
+    return out
+
+
+def _iterable_dataset_settings(args: GRPOConfig, streamed_train: bool, eval_dataset: Any) -> None:
+    """TRL's settings for iterable datasets: `dispatch_batches` must be False (set so), and a streamed train
+    set is read by one DataLoader worker (`dataloader_num_workers` forced to 0, with TRL's warning)."""
+    evals = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+    if streamed_train or any(is_iterable_dataset(ds) for ds in evals):
+        if args.accelerator_config.dispatch_batches:
+            raise ValueError("Iterable datasets require `dispatch_batches=False`, but it is set to `True` in "
+                             "`accelerator_config`. Please set it to `False`.")
+        args.accelerator_config.dispatch_batches = False
+    if streamed_train and args.dataloader_num_workers != 0:
+        logger.warning("Iterable datasets require `dataloader_num_workers=0` to preserve prompt grouping; overriding "
+                       f"the provided value ({args.dataloader_num_workers}).")
+        args.dataloader_num_workers = 0
+
+
+def _accelerator_config(value: Any):
+    """TrainingArguments' `accelerator_config` (a dict, an AcceleratorConfig or None) as an AcceleratorConfig.
+    Only `dispatch_batches` is meaningful here (iterable datasets need it False, as in TRL); any other field
+    away from its default is refused."""
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    if value is None:
+        return AcceleratorConfig()
+    config = AcceleratorConfig(**value) if isinstance(value, dict) else value
+    for f in dataclasses.fields(AcceleratorConfig):
+        if f.name != "dispatch_batches" and getattr(config, f.name) != f.default:
+            raise ConfigError(_refuse(f"accelerator_config.{f.name}", getattr(config, f.name),
+                                      "one process per device: accelerate's batch dispatching is not used"))
+    return config
+
+
 def _every(value: float | None, steps: int) -> int:
     """HF's `*_steps`: an int, or a float < 1 meaning that fraction of the run."""
     if not value:
@@ -558,7 +712,11 @@ class GRPOTrainer(DashTrainer):
         init_kwargs = getattr(args, "model_init_kwargs", None) or {}
         reward_funcs, self.reward_processing_classes = resolve_reward_models(
             reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
-        rows = load_rows(train_dataset)
+        streamed = is_iterable_dataset(train_dataset)
+        if isinstance(args, GRPOConfig):
+            _iterable_dataset_settings(args, streamed, eval_dataset)
+        # a streamed train set: its first rows are checked (and build the trainer); training reads the stream
+        rows = peek_rows(train_dataset, 8) if streamed else load_rows(train_dataset)
         for column in ("image", "images"):
             if rows and column in rows[0]:
                 raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
@@ -571,7 +729,7 @@ class GRPOTrainer(DashTrainer):
                                      "(adapters disabled), there is no reference copy to sync (TRL refuses it too)"))
         self.grpo_args = args
         names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
-        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), len(rows), names) \
+        dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), None if streamed else len(rows), names) \
             if isinstance(args, GRPOConfig) else args
         callbacks = [cb() if isinstance(cb, type) else cb for cb in (callbacks or [])]
         named_eval = dict(eval_dataset) if isinstance(eval_dataset, dict) else None  # DatasetDict is a dict
@@ -579,7 +737,7 @@ class GRPOTrainer(DashTrainer):
         super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows,
                          eval_dataset=None if first_eval is None else load_rows(first_eval),
                          processing_class=processing_class, callbacks=callbacks)
-        self.callback_args = args
+        self.callback_args = self.args = args  # TRL's trainer.args; the loop reads self.config (the DashConfig)
         self._eval_sets = None
         if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name
             self._eval_sets = {name: self._prompt_dataset(ds, f"eval_dataset[{name!r}]")
@@ -589,16 +747,23 @@ class GRPOTrainer(DashTrainer):
         for func in self.rewards.funcs:
             if isinstance(func, RewardModelFunc):
                 func.to(self.device)
+                func.chat_template_kwargs = dict(getattr(args, "chat_template_kwargs", None) or {})
         self.processing_class = self.tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self._n_train = len(rows)
+        self._n_train = None if streamed else len(rows)
+        if streamed:
+            self._stream_train_set(train_dataset, shuffle=getattr(args, "shuffle_dataset", True))
         self._step_rollouts: list = []
         self._ref_syncs = 0
+        self._training = False  # inside train(): evaluate() leaves state.log_history (the step records) alone
+        self._extra_logs: list[dict] = []  # what log() was given
+        self._logs: dict = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}  # the last step's (TRL's)
+        self.use_adaptive_entropy = bool(getattr(args, "use_adaptive_entropy", False))
         self.step_records: list[dict] | None = None
         if getattr(args, "mask_truncated_completions", False) and self.dist.enabled:
             raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
                              "each rank sees only its own completions' stop tokens")
-        if isinstance(args, GRPOConfig) and not args.shuffle_dataset:  # TRL: prompts in dataset order
+        if isinstance(args, GRPOConfig) and not args.shuffle_dataset and not streamed:  # TRL: in dataset order
             self.sampler.__class__ = InOrderSampler  # the collector holds this same sampler object
             self.sampler.load_state_dict(self.sampler.state_dict())
         self._wrap_optimizer_events()
@@ -632,7 +797,65 @@ class GRPOTrainer(DashTrainer):
                 self.shared_prompt = self.learner.shared_prompt = False
             if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
                 self.model.get_output_embeddings().float()
+        self._entropy_bonus_enabled = self.learner.entropy_bonus is not None  # TRL's flag (entropies with grad)
         self._callback("on_init_end")
+
+    def _stream_train_set(self, stream: Any, shuffle: bool) -> None:
+        """Train from a streamed dataset (trl_data.StreamedPrompts): the trainer's prompt dataset and sampler
+        become the stream's reader; shuffled with the seed's buffered shuffle, as TRL does."""
+        from dash_fast.data import PromptDataset
+        from dash_fast.formats import FORMATS
+
+        a = self.config
+        if shuffle and hasattr(stream, "shuffle"):
+            stream = stream.shuffle(seed=a.seed if a.data_seed is None else a.data_seed)
+        column = a.prompt_column if self.dataset_format == "prompt" else "prompt"
+
+        def encode(row: dict, i: int) -> PromptDataset:
+            return PromptDataset([row], self.tokenizer, name=f"train_dataset (streamed row {i})",
+                                 prompt_column=column, max_prompt_tokens=a.max_prompt_tokens,
+                                 system_prompt=a.system_prompt, use_chat_template=a.use_chat_template,
+                                 chat_template_kwargs=a.chat_template_kwargs)
+
+        adapt = None if self.dataset_format == "prompt" else FORMATS[self.dataset_format]
+        # rows stay in memory for a few steps: the one being trained, one sampled ahead, refill rounds
+        keep = a.prompts_per_step * (a.max_refill_rounds + 4)
+        reader = StreamedPrompts(stream, encode, keep, prompt_column=column, adapt=adapt)
+        self.train_data = self.sampler = self.collector.data = self.collector.sampler = reader
+
+    def get_train_dataloader(self):
+        """TRL's train DataLoader: one generation batch per item (each prompt repeated num_generations times),
+        in the order the trainer draws them from now on (the trainer's own sampler is not advanced); a
+        streamed train set is read by a single worker, as TRL does."""
+        a, G = self.config, self.config.group_size
+        if isinstance(self.train_data, StreamedPrompts):
+            return stream_dataloader(self.train_data.stream, G, a.rows_per_step)  # (shuffled as training reads it)
+        sampler = type(self.sampler)(self.sampler.n, self.sampler.seed)
+        sampler.load_state_dict(self.sampler.state_dict())
+        draws = -(-self.sampler.n // a.prompts_per_step)  # one pass over the prompts
+        order = [i for _ in range(draws) for i in sampler.next(a.prompts_per_step) for _ in range(G)]
+        workers = getattr(self.args, "dataloader_num_workers", 0)
+        return rows_dataloader(self.train_data.rows, order, a.rows_per_step, workers)
+
+    def get_eval_dataloader(self, eval_dataset: Any = None):
+        """TRL's eval DataLoader: each prompt repeated num_generations_eval times, per_device_eval_batch_size
+        rows per batch; a streamed eval set is read by one worker (the setting itself is left as it is)."""
+        from dash_fast.data import load_rows
+
+        source = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else \
+            eval_dataset if eval_dataset is not None else self.eval_dataset
+        if source is None:
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        g, batch = self._eval_generations(), getattr(self.args, "per_device_eval_batch_size", 8)
+        if is_iterable_dataset(source):
+            return stream_dataloader(source, g, batch)
+        rows = load_rows(source)
+        order = [i for i in range(len(rows)) for _ in range(g)]
+        return rows_dataloader(rows, order, batch, getattr(self.args, "dataloader_num_workers", 0))
+
+    def _eval_generations(self) -> int:
+        """TRL's num_generations_eval (default: num_generations)."""
+        return getattr(self.args, "num_generations_eval", None) or self.config.group_size
 
     def _wrap_optimizer_events(self) -> None:
         """on_pre_optimizer_step / on_optimizer_step around every optimizer step the learner takes."""
@@ -652,7 +875,7 @@ class GRPOTrainer(DashTrainer):
         """DashTrainer's dispatch, plus TRL's epoch events and the control flags a callback may set in
         on_step_end: should_evaluate, should_save and should_log are acted on at that step, then reset."""
         if event == "on_step_begin":
-            epoch = int(self.state.global_step * self.args.prompts_per_step // max(self._n_train, 1))
+            epoch = int(self._epoch(self.state.global_step))
             if epoch > self._epoch_fired:
                 if self._epoch_fired >= 0:
                     super()._callback("on_epoch_end")
@@ -669,14 +892,21 @@ class GRPOTrainer(DashTrainer):
         if c.should_evaluate:
             c.should_evaluate = False
             if self.eval_data is not None:
-                self._evaluate(step)
+                self.evaluate() if isinstance(self.args, GRPOConfig) else self._evaluate(step)
         if c.should_save:
             c.should_save = False
             self.save(step)
         if c.should_log:
             c.should_log = False
-            if not (self.args.logging_steps and step % self.args.logging_steps == 0):  # not logged anyway
+            if not (self.config.logging_steps and step % self.config.logging_steps == 0):  # not logged anyway
                 super()._callback("on_log", logs=self.state.log_history[-1])
+
+    def _epoch(self, step: int) -> float:
+        """TrainerState.epoch after `step` steps: passes over the train set (a streamed one: the passes begun
+        minus one, its length being unknown)."""
+        if self._n_train is None:
+            return float(self.train_data.epoch)
+        return step * self.config.prompts_per_step / max(self._n_train, 1)
 
     def add_callback(self, callback) -> None:
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
@@ -684,36 +914,54 @@ class GRPOTrainer(DashTrainer):
     def _prompt_dataset(self, dataset: Any, name: str):
         from dash_fast.data import PromptDataset, load_rows
 
-        a = self.args
+        a = self.config
         return PromptDataset(load_rows(dataset), self.tokenizer, name=name, prompt_column=a.prompt_column,
                              max_prompt_tokens=a.max_prompt_tokens, system_prompt=a.system_prompt,
-                             use_chat_template=a.use_chat_template)
+                             use_chat_template=a.use_chat_template, chat_template_kwargs=a.chat_template_kwargs)
 
-    def evaluate(self, dataset: Any = None, max_examples: int | None = None, batch_size: int = 256, *,
-                 eval_dataset: Any = None, metric_key_prefix: str | None = None) -> dict:
-        """DashTrainer's greedy evaluation. Called TRL's way (`eval_dataset=`, a dataset or a dict of them)
-        it returns TRL-style keys, `eval_accuracy` / `eval_<name>_accuracy`, ... With a dict of eval sets given
-        at construction, the in-training evaluation covers each, prefixed by its name."""
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict:
+        """TRL's evaluate(): `{prefix}_loss` and TRL's eval metrics (trl_eval.py) on `eval_dataset` (a dataset,
+        an IterableDataset, a DatasetDict or dict of them: each set prefixed by its name, `eval_<name>_loss`),
+        default the trainer's eval set(s). Like the HF Trainer it logs the metrics (state.log_history,
+        on_log) and fires on_evaluate. DashTrainer.evaluate is the greedy-accuracy evaluation."""
         from dash_fast.data import PromptDataset
+        from dash_fast.trl_eval import trl_evaluate
 
-        if eval_dataset is None and metric_key_prefix is None:
-            if dataset is not None or not self._eval_sets:
-                return super().evaluate(dataset, max_examples, batch_size)
-            results = {name: super(GRPOTrainer, self).evaluate(ds, max_examples, batch_size)
-                       for name, ds in self._eval_sets.items()}
-            first = next(iter(results.values()))
-            return {**first, **{f"{n}_{k}": v for n, r in results.items() for k, v in r.items()}}
-        prefix = metric_key_prefix or "eval"
-        source = eval_dataset if eval_dataset is not None else dataset
+        del ignore_keys  # no logits are returned to filter
+        source = eval_dataset if eval_dataset is not None else \
+            (self._eval_sets or self.eval_data if self._eval_sets or self.eval_data is not None else None)
         if source is None:
-            return {f"{prefix}_{k}": v for k, v in self.evaluate(None, max_examples, batch_size).items()}
+            raise ValueError("Trainer: evaluation requires an eval_dataset.")
+        if isinstance(source, str):
+            source = {source: (self._eval_sets or {})[source]}
         sets = dict(source) if isinstance(source, dict) else {None: source}
-        out = {}
+        metrics = {}
         for name, ds in sets.items():
-            data = ds if isinstance(ds, PromptDataset) else self._prompt_dataset(ds, "eval_dataset")
-            key = prefix if name is None else f"{prefix}_{name}"
-            out.update({f"{key}_{k}": v for k, v in super().evaluate(data, max_examples, batch_size).items()})
-        return out
+            data = ds if isinstance(ds, PromptDataset) else \
+                self._prompt_dataset(ds, "eval_dataset" if name is None else f"eval_dataset[{name!r}]")
+            metrics.update(trl_evaluate(self, data, metric_key_prefix if name is None else
+                                        f"{metric_key_prefix}_{name}"))
+        metrics["epoch"] = self.state.epoch
+        entry = {**metrics, "step": self.state.global_step}
+        self.eval_history.append(entry)  # merged into log_history by train() (and saved in checkpoints)
+        if not self._training:
+            self.state.log_history.append(entry)
+        self._callback("on_log", logs=metrics)
+        self._callback("on_evaluate", metrics=metrics)
+        return metrics
+
+    def _evaluate(self, step: int) -> dict:
+        """The in-training evaluation, when TRL's schedule has one: every `eval_steps` steps with
+        eval_strategy="steps", and before the first step with `eval_on_start` (DashTrainer's loop asks at
+        step 0 and at the last step too). The metrics go to the log, not into the step's record."""
+        if not isinstance(self.args, GRPOConfig):
+            return super()._evaluate(step)
+        every = self.config.eval_every
+        if (step == 0 and not self.args.eval_on_start) or (step > 0 and not (every and step % every == 0)):
+            return {}
+        self.evaluate()
+        return {}
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """TRL's helper (trl_masks.high_entropy_mask); training applies trl_losses' own (per micro-batch)."""
@@ -750,9 +998,28 @@ class GRPOTrainer(DashTrainer):
         if dataset is not self.train_data:
             return rewards, per_func
         self._step_rollouts.append((rollout, rewards, per_func))  # for the step's TRL metrics (and refill rounds)
+        self._record_logs(dataset, indices, rollout, repeat, per_func)
         if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
             rewards = normalize_then_sum(per_func, self.rewards.weights, repeat)
         return rewards, per_func
+
+    def _record_logs(self, dataset, indices, rollout, repeat, per_func) -> None:
+        """TRL's `trainer._logs` for the current step: each reward's values, the columns reward functions
+        logged with `log_extra`, and (with log_completions) the prompts and completions."""
+        logs = self._logs
+        for k, name in enumerate(self.reward_names):
+            logs["rewards"].setdefault(name, []).extend(per_func[:, k].tolist())
+        for column, values in self.rewards.logs["extra"].items():  # accumulated over this step's scorings
+            logs["extra"][column] = list(values)
+        if getattr(self.args, "log_completions", False):
+            logs["prompt"] += [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
+            logs["completion"] += self.tokenizer.batch_decode(rollout.completion_token_lists(), skip_special_tokens=True)
+
+    @property
+    def liger_loss(self):
+        """TRL's Liger loss module: dash-fast's use_liger_kernel=True runs dash_kernels' Liger adapter instead."""
+        raise NotImplementedError("dash-fast does not support GRPOTrainer.liger_loss=accessed: use_liger_kernel=True "
+                                  "runs the loss through dash_kernels.liger_adapter inside the learner")
 
     def train_step(self, step: int) -> dict:
         """DashTrainer's step record, plus TRL's names for the same numbers (trl_logs.py)."""
@@ -760,8 +1027,9 @@ class GRPOTrainer(DashTrainer):
         from dash_fast.trl_logs import rollout_metrics
 
         self._step_rollouts = []
+        self._logs = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}
         record = super().train_step(step)
-        self.state.epoch = step * self.args.prompts_per_step / max(self._n_train, 1)
+        self.state.epoch = self._epoch(step)
         record.update({"learning_rate": record["lr"], "step_time": record["time_step_s"],
                        "clip_ratio/region_mean": record.get("clip_fraction", 0.0), "epoch": self.state.epoch})
         if self._step_rollouts:
@@ -770,8 +1038,8 @@ class GRPOTrainer(DashTrainer):
             rewards = torch.cat([r for _, r, _ in self._step_rollouts])
             per_func = torch.cat([f for _, _, f in self._step_rollouts])
             record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
-                                          self.reward_names, self.args.group_size, self.stop_ids,
-                                          self.args.max_completion_tokens))
+                                          self.reward_names, self.config.group_size, self.stop_ids,
+                                          self.config.max_completion_tokens))
         bonus = self.learner.entropy_bonus
         if bonus is not None and "loss" in record:  # TRL's policy_loss: the loss before the bonus is subtracted
             record["policy_loss"] = record["loss"] + bonus.contribution / max(record.get("optimizer_steps", 1), 1)
@@ -786,6 +1054,51 @@ class GRPOTrainer(DashTrainer):
         """TRL's trainer.entropy_coef: the entropy bonus coefficient now (moved by the adaptive controller)."""
         bonus = self.learner.entropy_bonus
         return 0.0 if bonus is None else bonus.coef
+
+    @entropy_coef.setter
+    def entropy_coef(self, value: float) -> None:
+        bonus = self.learner.entropy_bonus
+        if bonus is not None:
+            bonus.coef = float(value)
+        elif value != 0:
+            raise ValueError(_refuse("entropy_coef", value, "set after construction without an entropy bonus "
+                                     "configured (pass entropy_coef in GRPOConfig)"))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The HF Trainer's log(): `logs` (with epoch and step) into state.log_history, and on_log. The loop's own
+        logs do not pass through here (an override of log() is refused at train())."""
+        del start_time
+        entry = {**logs, "epoch": self.state.epoch, "step": self.state.global_step}
+        self._extra_logs.append(entry)  # merged into log_history by train()
+        if not self._training:
+            self.state.log_history.append(entry)
+        self._callback("on_log", logs=logs)
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's helper, same signature and return (logps, entropies, aux_loss): log-probs of the last
+        `logits_to_keep` tokens under softmax(logits / temperature) (0 where attention_mask is 0), their
+        entropies when asked — with gradient only while the entropy bonus is on (`_entropy_bonus_enabled`), as
+        TRL. Training does not call it (the learner's own forward and kernels compute the same numbers)."""
+        given = sorted(k for k, v in multimodal.items() if v is not None)
+        if given:
+            raise NotImplementedError(_refuse(given[0], "...", "vision-language inputs are not supported"))
+        if compute_aux_loss:
+            raise NotImplementedError(_refuse("compute_aux_loss", True, "the MoE load-balancing loss is not added"))
+        batch_size = batch_size or input_ids.size(0)
+        temperature = self.config.temperature
+        logps, entropies = [], []
+        for start in range(0, input_ids.size(0), batch_size):
+            ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+            logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=logits_to_keep + 1).logits
+            logits = logits[:, :-1].float() / temperature  # position t predicts token t + 1
+            logp_all = torch.log_softmax(logits, dim=-1)
+            keep = mask[:, -logits_to_keep:].to(logp_all.dtype)
+            logps.append(logp_all.gather(-1, ids[:, -logits_to_keep:, None]).squeeze(-1) * keep)
+            if compute_entropy:
+                ent = -(logp_all.exp() * logp_all).sum(-1) * keep
+                entropies.append(ent if self._entropy_bonus_enabled else ent.detach())
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def save(self, step: int) -> str | None:
         """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's
@@ -809,10 +1122,10 @@ class GRPOTrainer(DashTrainer):
         """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
         left out of the loss and of its token count; when none is left the step trains on nothing."""
         if getattr(self.grpo_args, "mask_truncated_completions", False):
-            truncated = truncated_rows(rollout, self.stop_ids, self.args.max_completion_tokens)
+            truncated = truncated_rows(rollout, self.stop_ids, self.config.max_completion_tokens)
             kept = kept[~truncated[kept]]
             if kept.numel() == 0:
-                for _ in range(self.args.updates_per_rollout * self.args.minibatches):
+                for _ in range(self.config.updates_per_rollout * self.config.minibatches):
                     self.scheduler.step()  # TRL's step still happens, with a zero loss and no gradient
                 return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
                         "skipped_steps": 0}
@@ -843,24 +1156,32 @@ class GRPOTrainer(DashTrainer):
 
         if kwargs:
             raise NotImplementedError(f"GRPOTrainer.train: {sorted(kwargs)} not supported by dash-fast")
+        for name, own in _OWN_INTERNALS.items():  # an override of a TRL internal would be silently ignored
+            if name in self.__dict__ or getattr(type(self), name) is not own:
+                raise NotImplementedError(f"dash-fast does not support GRPOTrainer.{name}=overridden: "
+                                          f"{_TRL_INTERNALS[name]}, so the override would not run")
         if resume_from_checkpoint:
-            self.args.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
-        if self.step_records is not None:  # a second train() call continues from the per-step records
-            self.state.log_history = self.step_records
-        self._in_train = True
+            self.config.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+        # the loop appends per-step records (a second train() call continues from them); evaluations made
+        # outside train() are in eval_history, merged back below
+        self.state.log_history = list(self.step_records or [])
+        self._training = self._in_train = True
         try:
             summary = super().train()
         finally:
-            self._in_train = False
+            self._training = self._in_train = False
         self.step_records = list(self.state.log_history)
         losses = [r["loss"] for r in self.step_records if isinstance(r.get("loss"), float)]
         runtime = summary["rl_wall_time_s"]
         metrics = {"train_runtime": runtime, "train_steps_per_second": self.state.global_step / max(runtime, 1e-9),
                    "train_loss": sum(losses) / len(losses) if losses else 0.0, "train_steps": summary["steps"]}
-        entries, pending = log_entries(self.step_records, self.args.logging_steps)
-        self.state.log_history = [*entries, {**pending, **metrics, "epoch": self.state.epoch,
-                                              "step": self.state.global_step}]
-        super()._callback("on_log", logs=self.state.log_history[-1])
+        entries, pending = log_entries(self.step_records, self.config.logging_steps)
+        final = {**pending, **metrics, "epoch": self.state.epoch, "step": self.state.global_step}
+        # TRL's order: a step's train log, then its evaluation; the final entry last
+        ordered = [(e["step"], 0, e) for e in entries] + [(e["step"], 1, e) for e in self.eval_history] + \
+            [(e["step"], 1, e) for e in self._extra_logs]
+        self.state.log_history = [e for _, _, e in sorted(ordered, key=lambda t: t[:2])] + [final]
+        super()._callback("on_log", logs=final)
         super()._callback("on_train_end")  # the epoch's end already fired, before the final on_log
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 
@@ -868,6 +1189,12 @@ class GRPOTrainer(DashTrainer):
         """Save the model and tokenizer in HF format (rank 0)."""
         if not self.dist.is_main:
             return
-        output_dir = output_dir or self.args.output_dir
+        output_dir = output_dir or self.config.output_dir
         self.model.save_pretrained(output_dir)
         self.tokenizer.save_pretrained(output_dir)
+
+
+for _name in _TRL_INTERNALS:
+    if _name not in GRPOTrainer.__dict__:  # (log and _get_per_token_logps_and_entropies are implemented)
+        setattr(GRPOTrainer, _name, _trl_internal(_name))
+_OWN_INTERNALS = {name: GRPOTrainer.__dict__[name] for name in _TRL_INTERNALS}

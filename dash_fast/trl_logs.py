@@ -66,13 +66,13 @@ def _last(records: list[dict]) -> dict:
 def log_entries(records: list[dict], logging_steps: int) -> tuple[list[dict], dict]:
     """(one averaged entry per `logging_steps` steps, the average of the steps after the last one).
 
-    `num_tokens` is cumulative, as TRL logs it; `step` is the last step of the window."""
+    `num_tokens` is cumulative, as TRL logs it; `step` is the last step of the window. `logging_steps=0`
+    (logging_strategy="no"): no entries, every step in the final one's average."""
     entries, window, total_tokens = [], [], 0.0
-    every = max(1, logging_steps or 1)
     for r in records:
         total_tokens += r.get("num_tokens", 0.0)
         window.append({**r, "num_tokens": total_tokens})
-        if r["step"] % every == 0:
+        if logging_steps and r["step"] % logging_steps == 0:
             entries.append({**_mean(window), **_last(window), "step": r["step"], "num_tokens": total_tokens})
             window = []
     pending = {**_mean(window), **_last(window), "num_tokens": total_tokens} if window else {}

@@ -59,16 +59,37 @@ def tiny(config_cls, **fields):
     return AutoModelForCausalLM.from_config(config)
 
 
-@pytest.mark.parametrize("name, field", [("Gemma2Config", "final_logit_softcapping"), ("CohereConfig", "logit_scale"),
-                                         ("GraniteConfig", "logits_scaling")])
-def test_models_with_transformed_logits_are_refused_naming_the_field(tmp_path, name, field):
+def test_soft_capped_logits_are_refused_naming_the_field(tmp_path):
     import transformers
 
-    model = tiny(getattr(transformers, name), **({"logits_scaling": 8.0} if field == "logits_scaling" else {}))
-    tok = build_tokenizer()
-    with pytest.raises(ValueError, match=f"config.{field}="):
+    model = tiny(transformers.Gemma2Config)
+    with pytest.raises(ValueError, match="dash-fast does not support config.final_logit_softcapping="):
         DashTrainer(model, "exact_answer", args=DashConfig(output_dir=str(tmp_path), report_to=[]),
-                    train_dataset=[{"prompt": "1+1=", "answer": "2"}], processing_class=tok)
+                    train_dataset=[{"prompt": "1+1="}], processing_class=build_tokenizer())
+
+
+@pytest.mark.parametrize("name, fields", [("CohereConfig", {"logit_scale": 0.25}),
+                                          ("GraniteConfig", {"logits_scaling": 8.0})])
+def test_scaled_logits_train_with_the_models_log_probs(tmp_path, name, fields):
+    """Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling: the learner folds the
+    factor into the hidden states, so its log-probs are the model's own forward's."""
+    import transformers
+
+    from dash_fast.rollout.base import Rollout
+
+    model = tiny(getattr(transformers, name), **fields).double()
+    trainer = DashTrainer(model, "exact_answer", args=DashConfig(output_dir=str(tmp_path), report_to=[],
+                          loss_impl="naive", temperature=0.7), train_dataset=[{"prompt": "1+1=", "answer": "2"}],
+                          processing_class=build_tokenizer())
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    ro = Rollout(prompt_ids=[[3, 4, 5]], completion_ids=ids[:, 3:], completion_mask=torch.ones(1, 3),
+                 sampling_logps=torch.zeros(1, 3))
+    got = trainer.learner.logprob_pass(model, ro, [0], "test")
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, 2:5].double()
+    want = torch.log_softmax(logits / 0.7, -1).gather(1, ids[0, 3:, None])[:, 0]
+    torch.testing.assert_close(got[0].double(), want, atol=1e-6, rtol=0)
+    assert trainer.learner.logit_multiplier != 1.0
 
 
 def test_models_with_plain_logits_pass():

@@ -132,10 +132,10 @@ def test_named_eval_sets_are_prefixed(tmp_path):
     evals = {"a": Dataset.from_list([{"prompt": "1+1="}]), "b": Dataset.from_list([{"prompt": "2+2="}] * 2)}
     trainer = make_trainer(tmp_path, eval_dataset=evals)
     assert set(trainer.eval_dataset) == {"a", "b"}
-    m = trainer.evaluate(eval_dataset=evals)
-    assert m["eval_a_examples"] == 1 and m["eval_b_examples"] == 2
-    inner = trainer.evaluate()
-    assert inner["a_examples"] == 1 and inner["b_examples"] == 2
+    m = trainer.evaluate(eval_dataset=evals)  # TRL's keys: eval_<name>_loss, eval_<name>_reward, ...
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_reward", "eval_b_rewards/length_reward/mean"} <= set(m)
+    inner = trainer.evaluate()  # the sets given at construction
+    assert inner["eval_a_loss"] == m["eval_a_loss"] and inner["eval_b_reward"] == m["eval_b_reward"]
 
 
 def test_truncated_rows():

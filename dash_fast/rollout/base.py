@@ -15,6 +15,8 @@ class SamplingParams:
     temperature: float = 0.9
     top_k: int = 50  # <= 0: off
     top_p: float = 1.0  # >= 1: off
+    min_p: float = 0.0  # <= 0: off; tokens below min_p x the top token's probability are not drawn
+    repetition_penalty: float = 1.0  # 1: off; HF's penalty on tokens already in the prompt or completion
     max_new_tokens: int = 64
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None

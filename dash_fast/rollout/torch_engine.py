@@ -21,6 +21,7 @@ hold them to it in float64).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -45,22 +46,28 @@ def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | N
 
 
 def sample_next(
-    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None
+    logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None, seen: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row, by inverse CDF at `uniform` [rows] (see draw_uniforms; unused when greedy).
     Returns (tokens, log p(token) under softmax(logits / temperature)).
 
-    top-k / top-p only restrict which tokens can be drawn; the returned log-prob is on the full
-    tempered distribution, as TRL computes it in the trainer, so the two agree. The draw is by inverse
-    CDF (one uniform per row, float64 cumsum) rather than torch.multinomial, whose per-vocabulary-entry
-    exponential noise dominates a small model's decode step on CPU.
+    The repetition penalty (on the tokens `seen` [rows, vocab] marks: the row's prompt and completion so
+    far), top-k, top-p and min-p only change which tokens are drawn, in Hugging Face's order (penalty on the
+    raw logits, then temperature, top-k, top-p, min-p); the returned log-prob is on the full tempered
+    distribution, as TRL computes it in the trainer, so the two agree. The draw is by inverse CDF (one
+    uniform per row, float64 cumsum) rather than torch.multinomial, whose per-vocabulary-entry exponential
+    noise dominates a small model's decode step on CPU.
     """
     logits = logits.float()
+    drawn = logits
+    if seen is not None and params.repetition_penalty != 1.0:
+        p = params.repetition_penalty
+        drawn = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if params.temperature == 0:
-        tokens = logits.argmax(dim=-1)
+        tokens = drawn.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
     logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
-    allowed = logprobs
+    allowed = logprobs if drawn is logits else torch.log_softmax(drawn / params.temperature, dim=-1)
     if 0 < params.top_k < allowed.shape[-1]:
         kth = torch.topk(allowed, params.top_k, dim=-1).values[:, -1:]
         allowed = allowed.masked_fill(allowed < kth, float("-inf"))
@@ -69,9 +76,24 @@ def sample_next(
         probs = torch.softmax(sorted_lp, -1)  # renormalised after top-k, as HF's warpers
         drop_sorted = probs.cumsum(-1) - probs > params.top_p  # keep the token crossing p
         allowed = allowed.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if params.min_p > 0:  # HF's MinPLogitsWarper: p < min_p x max p is dropped (the top token always stays)
+        top = allowed.max(dim=-1, keepdim=True).values
+        allowed = allowed.masked_fill(allowed < top + math.log(params.min_p), float("-inf"))
     cdf = allowed.exp().double().cumsum(-1)  # unnormalised; dropped tokens add 0 and are never drawn
     tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def seen_tokens(ids: torch.Tensor, attn: torch.Tensor, row_prompt: torch.Tensor, vocab: int,
+                params: SamplingParams, extra_rows: int = 0) -> torch.Tensor | None:
+    """[rows (+ extra_rows), vocab] bool: the tokens of each output row's prompt (the repetition penalty's
+    history; sampled tokens are marked as they come). None when the penalty is off."""
+    if params.repetition_penalty == 1.0:
+        return None
+    counts = torch.zeros(ids.shape[0], vocab, dtype=torch.int32, device=ids.device)
+    counts.scatter_add_(1, ids, attn.to(torch.int32))  # padding adds 0
+    seen = (counts > 0).index_select(0, row_prompt)
+    return torch.cat([seen, seen.new_zeros(extra_rows, vocab)]) if extra_rows else seen
 
 
 def static_unsupported(model: torch.nn.Module) -> str | None:
@@ -526,6 +548,7 @@ class TorchEngine:
         out_tokens, out_logps, lengths, stop = self._outputs(B + 1, params, device)  # row B: finished rows' sink
 
         logits = dec.prefill(ids, attn)  # each distinct prompt once (a group's G rows share it) ...
+        seen = seen_tokens(ids, attn, row_prompt, logits.shape[-1], params, extra_rows=1)  # row B: the sink
         if ids.shape[0] < B:  # ... then its K/V rows are copied to every row that samples from it
             dec.compact(row_prompt, P)
             logits, attn = logits.index_select(0, row_prompt), attn.index_select(0, row_prompt)
@@ -536,7 +559,10 @@ class TorchEngine:
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(B, params, generator, device)  # finished rows (B) reuse row B-1's: discarded
-            tokens, logps = sample_next(logits[:n], params, None if uniform is None else uniform[rows.clamp(max=B - 1)])
+            tokens, logps = sample_next(logits[:n], params, None if uniform is None else uniform[rows.clamp(max=B - 1)],
+                                        None if seen is None else seen[rows])
+            if seen is not None:
+                seen[rows, tokens] = True
             out_tokens[rows, t] = tokens
             out_logps[rows, t] = logps
             lengths[rows] = t + 1
@@ -578,6 +604,7 @@ class TorchEngine:
         out = model(input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache,
                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
+        seen = seen_tokens(ids, attn, row_prompt, logits.shape[-1], params)
         if ids.shape[0] < row_prompt.numel():  # one prefill per distinct prompt, copied to its rows
             cache.batch_select_indices(row_prompt)
             logits, attn, positions = logits[row_prompt], attn[row_prompt], positions[row_prompt]
@@ -585,7 +612,10 @@ class TorchEngine:
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(row_prompt.numel(), params, generator, device)
-            tokens, logps = sample_next(logits, params, None if uniform is None else uniform[active])
+            tokens, logps = sample_next(logits, params, None if uniform is None else uniform[active],
+                                        None if seen is None else seen[active])
+            if seen is not None:
+                seen[active, tokens] = True
             out_tokens[active, t] = tokens
             out_logps[active, t] = logps
             lengths[active] = t + 1
