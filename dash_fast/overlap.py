@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dash_fast.rollout.base import Rollout
+from dash_fast.sampler_process import GenerationPlan, SamplerProcess
 
 
 @dataclass
@@ -102,18 +103,28 @@ def split_cpus(cpus: set[int], sampler_cores: int | None) -> tuple[set[int], set
 
 
 class OverlapScheduler:
-    """Holds at most one rollout sampled ahead. `concurrent=True` runs the sampler in a worker thread: on
-    CUDA on a side stream, on CPU on its own cores (see the module docstring); otherwise in order."""
+    """Holds at most one rollout sampled ahead. `concurrent=True` samples beside the update: on CUDA in a
+    worker thread on a side stream; on CPU in a sampler process (or, `cpu_sampler="thread"`, a worker
+    thread) on its own cores (see the module docstring); otherwise in order."""
 
     def __init__(self, device: torch.device, concurrent: bool, sampler_cores: int | None = None,
-                 cpus: set[int] | None = None, bind_cpus: bool = False) -> None:
+                 cpus: set[int] | None = None, bind_cpus: bool = False, cpu_sampler: str = "process",
+                 engine=None) -> None:
         """`cpus`: the CPU ids to split on CPU (default: the process's affinity when dash_fast was imported,
-        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own."""
+        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own;
+        `cpu_sampler`: "process" (needs `engine`, the trainer's TorchEngine, whose model the process reads)
+        or "thread"."""
+        if cpu_sampler not in ("process", "thread"):
+            raise ValueError(f"cpu_sampler={cpu_sampler!r}: must be process or thread")
         self.cpu_split = split_cpus(set(cpus or INITIAL_CPUS), sampler_cores) \
             if concurrent and device.type == "cpu" else None
         self.concurrent = concurrent and (device.type == "cuda" or self.cpu_split is not None)
         self.stream = torch.cuda.Stream(device) if self.concurrent and device.type == "cuda" else None
         self.bind_cpus = bind_cpus and self.cpu_split is not None
+        self.engine = engine
+        self.use_process = self.cpu_split is not None and cpu_sampler == "process"
+        if self.use_process and engine is None:
+            raise ValueError("cpu_sampler='process' needs the engine whose model the sampler process reads")
         if self.cpu_split is not None:
             learner, _ = self.cpu_split
             if self.bind_cpus:
@@ -122,11 +133,22 @@ class OverlapScheduler:
         self.pending: Prefetched | None = None
         self._thread: threading.Thread | None = None
         self._event: torch.cuda.Event | None = None
+        self.process: SamplerProcess | None = None
+        self._in_flight = False  # a plan was sent to the process and its rollout not yet received
+        if self.use_process:  # now: its start-up (imports, ~3 s of CPU) overlaps the trainer's own
+            self._process()
 
-    def launch(self, job: Prefetched, sample: Callable[[], Rollout]) -> None:
-        """Start sampling `job` (at once, in order, unless concurrent)."""
+    def launch(self, job: Prefetched, sample: Callable[[], Rollout], plan: GenerationPlan | None = None) -> None:
+        """Start sampling `job` (at once, in order, unless concurrent). `sample` samples it here; `plan`, its
+        generation calls, is what the sampler process runs (cpu_sampler="process")."""
         assert self.pending is None, "one rollout ahead at most"
         self.pending = job
+        if self.use_process:
+            if plan is None:
+                raise ValueError("the sampler process needs the rollout's generation plan")
+            self._process().submit(job.step, plan)
+            self._in_flight = True
+            return
 
         def work() -> None:
             try:
@@ -152,8 +174,33 @@ class OverlapScheduler:
         self._thread = threading.Thread(target=work, name="dash-fast-prefetch", daemon=True)
         self._thread.start()
 
+    def _process(self) -> SamplerProcess:
+        """The sampler process, (re)started when there is none, it died, or the engine's model changed."""
+        model = self.engine.model
+        if self.process is not None and (not self.process.alive or self.process.model is not model):
+            self.process.close()
+            self.process = None
+        if self.process is None:
+            _, sampler = self.cpu_split
+            self.process = SamplerProcess(model, self.engine.pad_token_id, threads=len(sampler),
+                                          cpus=sampler if self.bind_cpus else None)
+        return self.process
+
+    def sampler_started(self, timeout: float | None = None) -> int | None:
+        """The sampler process's pid once it has begun sampling the pending rollout (None if it has not
+        within `timeout` s, or there is no process): lets a caller see the sampler run beside it."""
+        if not self._in_flight or self.process is None:
+            return None
+        return self.process.pid if self.process.wait_started(self.pending.step, timeout) else None
+
     def wait(self) -> None:
         """Block until the sampler no longer reads the weights (before an optimizer step, eval or save)."""
+        if self._in_flight:
+            self._in_flight = False
+            try:
+                self.pending.rollout = self.process.result(self.pending.step)
+            except BaseException as e:
+                self.pending.error = e
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -174,6 +221,15 @@ class OverlapScheduler:
         self.wait()
         job, self.pending = self.pending, None
         return job
+
+    def close(self) -> None:
+        """Stop the sampler process (training ended or failed); a rollout still in flight is dropped. A
+        later launch starts a new one."""
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+        if self._in_flight:
+            self._in_flight, self.pending = False, None
 
     def _raise(self) -> None:
         if self.pending is not None and self.pending.error is not None:
