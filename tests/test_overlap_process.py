@@ -212,7 +212,9 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
     path = tmp_path / "train_script.py"
     path.write_text(script)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
-    pid = int(out.stdout.split()[0])
+    # output to files, not pipes: the sampler inherits them, and reading a pipe to its end would wait for it
+    with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
+        code = subprocess.run([sys.executable, str(path)], stdout=out, stderr=err, env=env, timeout=300).returncode
+    assert code == -signal.SIGKILL, (tmp_path / "err.txt").read_text()[-2000:]
+    pid = int((tmp_path / "out.txt").read_text().split()[0])
     assert gone_within(pid, 30)
