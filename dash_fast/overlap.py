@@ -10,16 +10,29 @@ rows come from theta_r itself, so their sampling log-probs are exactly the old o
 
 On CUDA, with the static-cache engine, the sampler runs in a worker thread on its own CUDA stream and
 `wait()` joins it and makes the default stream wait on its event. On CPU, with the static-cache engine
-and at least two usable cores, the sampler runs in a worker thread (the CPU analogue of a side stream)
-and torch runs with the learner's share of the cores (`sampler_cores`, default half, go to the sampler).
-`torch.set_num_threads` is process-wide (measured, torch 2.13 OpenMP build: a call in one thread changes
-`torch.get_num_threads()` in all), so both sides use that count. With `bind_cpus=True` the process's
-threads are bound to the learner's cores and the sampler thread to its own (`os.sched_setaffinity(0,
-...)` binds the calling thread only; OpenMP workers inherit their creator's binding). Binding is off by
-default: on this project's shared 2-core machine (load ~6 from other jobs) bound 1-thread sides ran a step
-in 1.9-2.1 s, unbound 0.6-1.3 s, in order 1.1-1.7 s (a bound thread cannot move to whichever core is free).
-Everywhere else (one core, the dynamic or vLLM
-engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
+and at least two usable cores, the sampler runs in its own process (`cpu_sampler="process"`, the
+default; sampler_process.py): the parameters are moved to shared memory once and the child reads them in
+place (AdamW, `load_state_dict` and resume write into those same storages; the optimizer step waits for
+the child's rollout, so rollout r+1 is read from theta_r exactly), with its own torch thread count (the
+sampler's cores, `sampler_cores`, default half) and its own KV cache; the trainer runs torch with the
+learner's share. It is spawned once per run, when the scheduler is built (its start-up overlaps the
+trainer's), and stopped when training ends or fails (and dies with a killed trainer). `cpu_sampler=
+"thread"` keeps the former worker thread (one interpreter: the GIL, and a process-wide thread count).
+With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
+
+Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
+project's shared 2-core machine, which other jobs kept at load 8-14 throughout (bench/overlap_diag.py,
+the e2e dash step's update, 1 torch thread a side): the update took 0.85-0.91 s alone, 2.41 s beside a
+sampler thread, 2.73 s beside a sampler process, 2.98 s beside a process bound to the other core, while
+the learner's own CPU time stayed 0.42-0.51 s in every case; the whole run used 0.49 cores alone and
+0.29-0.34 cores with the sampler beside it. The process, which shares no GIL, was no faster than the
+thread: what limited both was CPU time, not the GIL: the machine had no free core to give the sampler.
+In bench/e2e.py the sampler process hides generation (0.000 s left in the step) but the update slows as
+much as beside the thread (run of 2026-12-02, load ~8: forward + backward 0.77 + 1.14 s vs 0.45 + 0.72 s
+in order). Whether the process wins over the thread on an idle machine (the GIL) was not measured: no idle
+window.
+
+Everywhere else (one core, the dynamic or vLLM engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
 bookkeeping and the results are exactly those of the concurrent schedule.
 
 Checkpoints: a pending rollout is saved with the trainer state (single process), so `--resume auto`
