@@ -1,15 +1,19 @@
 """Why the learner slows beside the CPU sampler (issue 15): the learner's update timed alone, beside a
 sampler *thread* and beside a sampler *process* (1 torch thread each), unbound and bound to one core each.
 
-    python bench/overlap_diag.py [--updates 6] [--cases alone,thread,process,thread_bound,process_bound]
+    python bench/overlap_diag.py [--updates 6] [--cases cores,alone,thread,process,thread_bound,process_bound]
+
+`cores` first checks whether the machine runs two CPU-bound processes at once at full speed (a matmul
+loop and a pure-Python loop, one and then two at a time).
 
 The workload is bench/e2e.py's dash step on the embedded default (64 prompts x 8 rows, 24 tokens): one
 rollout is sampled, then the learner's update on it is timed `--updates` times while the sampler loops
 `generate` of another such rollout from the same weights. Also reported: the learner thread's own CPU time
 per update (time.thread_time; wall minus CPU = time it was runnable or blocked but not running: waiting
 for the GIL or for a core), the sampler's generate time in the same window, and the CPU the learner and
-the sampler used together per wall second ("cores used": about 1 in order; up to 2 when both run at once). Thread vs process at the
-same core count separates the GIL (shared only by threads) from the cores (shared by both).
+the sampler used together per wall second ("cores used": about 1 in order; up to 2 when both run at
+once). Thread vs process at the same core count separates the GIL (shared only by threads) from the
+cores (shared by both).
 """
 
 from __future__ import annotations
@@ -71,6 +75,40 @@ def child_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _probe(kind: str, out) -> None:
+    """Best of 3: 400 fp32 256x256 matmuls (1 thread) or 3M iterations of a Python loop."""
+    torch.set_num_threads(1)
+    a, best = torch.randn(256, 256), float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        if kind == "matmul":
+            for _ in range(400):
+                a @ a
+        else:
+            x = 0
+            for i in range(3_000_000):
+                x += i
+        best = min(best, time.perf_counter() - t0)
+    out.put(best)
+
+
+def core_scaling() -> None:
+    """Can this machine run two CPU-bound processes at once at full speed? (1 then 2 probes at a time)."""
+    ctx = mp.get_context("spawn")
+    for kind in ("matmul", "python"):
+        times = {}
+        for n in (1, 2):
+            out = ctx.Queue()
+            procs = [ctx.Process(target=_probe, args=(kind, out)) for _ in range(n)]
+            for p in procs:
+                p.start()
+            times[n] = [out.get() for _ in procs]
+            for p in procs:
+                p.join()
+        print(f"cores {kind:7s} alone {times[1][0]:.3f}s, two at once {max(times[2]):.3f}s each: "
+              f"{2 * times[1][0] / max(times[2]):.2f}x the throughput of one  load {os.getloadavg()[0]:.2f}")
+
+
 def time_updates(trainer, batch, adv, kept, n: int) -> tuple[list[float], list[float]]:
     wall, cpu = [], []
     for _ in range(n):
@@ -86,8 +124,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--updates", type=int, default=6)
-    ap.add_argument("--cases", default="alone,thread,process,thread_bound,process_bound,generate_alone")
+    ap.add_argument("--cases", default="cores,alone,thread,process,thread_bound,process_bound,generate_alone")
     args = ap.parse_args()
+    if "cores" in args.cases.split(","):
+        core_scaling()
     torch.set_num_threads(1)
     warm = e2e.setup_run(argparse.Namespace(results_dir=None, threads=1, workdir=None, seed=0, smoke=False))
     trainer, batch, adv, kept, prompts, params = build(warm)
@@ -95,7 +135,7 @@ def main() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     print(f"cpus {cpus}; load {os.getloadavg()}; kept rows {len(kept)}")
     time_updates(trainer, batch, adv, kept, 1)  # warm-up
-    for case in args.cases.split(","):
+    for case in [c for c in args.cases.split(",") if c != "cores"]:
         bound = case.endswith("_bound")
         if bound:
             os.sched_setaffinity(0, {cpus[0]})

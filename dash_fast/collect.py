@@ -256,7 +256,9 @@ class Collector:
         t0 = time.perf_counter()
         self.prepare_engine_once()
         job = self._draw_prompts(step, weights_version)
-        plan = self.generation_plan(self._prompt_rows(job), job.step, job.row_offset) if self.overlap.use_process else None
+        plan = None
+        if self.overlap.use_process:  # what the sampler process runs, as plain data
+            plan = self.generation_plan(self._prompt_rows(job), job.step, job.row_offset)
         self.overlap.launch(job, lambda: self._sample(job), plan)
         return time.perf_counter() - t0
 

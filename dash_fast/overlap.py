@@ -21,19 +21,21 @@ trainer's), and stopped when training ends or fails (and dies with a killed trai
 With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
 
 Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
-project's shared 2-core machine, which other jobs kept at load 8-14 throughout (bench/overlap_diag.py,
-the e2e dash step's update, 1 torch thread a side): the update took 0.85-0.91 s alone, 2.41 s beside a
-sampler thread, 2.73 s beside a sampler process, 2.98 s beside a process bound to the other core, while
-the learner's own CPU time stayed 0.42-0.51 s in every case; the whole run used 0.49 cores alone and
-0.29-0.34 cores with the sampler beside it. The process, which shares no GIL, was no faster than the
-thread: what limited both was CPU time, not the GIL: the machine had no free core to give the sampler.
-In bench/e2e.py the sampler process hides generation (0.000 s left in the step) but the update slows as
-much as beside the thread (run of 2026-12-02, load ~8: forward + backward 0.77 + 1.14 s vs 0.45 + 0.72 s
-in order). Whether the process wins over the thread on an idle machine (the GIL) was not measured: no idle
-window.
+project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
+Quietest window (load ~2.2, this run's own two processes included): the update took 0.444 s alone (its
+own CPU 0.443 s: 0.99 cores used), 0.747 s beside a sampler process and 0.699 s beside a sampler thread,
+and the run as a whole still used 1.01 / 1.05 cores: the second core's time never came. Two independent
+CPU-bound processes at once got 1.12x (fp32 matmul) and 1.68x (a pure-Python loop) the throughput of one,
+not 2x. At load 10-14: 0.85-0.91 s alone, 2.41 s beside a thread, 2.73 s beside a process, learner CPU
+0.42-0.51 s in every case. The process, which shares no GIL, was no faster than the thread: the limit is
+CPU time (the vCPUs do not deliver two cores' throughput here), not the GIL. In bench/e2e.py the sampler
+process hides generation (0.000 s left in the step) and the update slows about as much as beside the
+thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). Whether the process wins
+over the thread on a machine with two real free cores was not measured here.
 
-Everywhere else (one core, the dynamic or vLLM engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
-bookkeeping and the results are exactly those of the concurrent schedule.
+Everywhere else (one core, the dynamic or vLLM engines) the same schedule runs in order: `launch()`
+samples at once, before the optimizer step, so the bookkeeping and the results are exactly those of the
+concurrent schedule.
 
 Checkpoints: a pending rollout is saved with the trainer state (single process), so `--resume auto`
 continues bit-for-bit; the sampler position saved is the one after its prompts were drawn. Under

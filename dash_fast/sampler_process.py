@@ -12,8 +12,9 @@ The child does not re-run the user's `__main__` (spawn would: a training script 
 launched, so it needs only importable classes (the model's, from transformers).
 
 Protocol over one pipe: the child says `("ready", None, pid)` once started; the parent sends `(step, plan)`;
-the child answers `("started", step, pid)` on receipt, then `("done", step, rollout)` or `("error", step, exception)`. `None` asks it to exit. The
-child dies with the parent: PR_SET_PDEATHSIG on Linux, and EOF on the pipe otherwise.
+the child answers `("started", step, pid)` on receipt, then `("done", step, rollout)` or `("error", step,
+exception)`. `None` asks it to exit. The child dies with the parent: PR_SET_PDEATHSIG on Linux, and EOF
+on the pipe otherwise.
 """
 
 from __future__ import annotations

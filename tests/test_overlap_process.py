@@ -48,7 +48,8 @@ def gone_within(pid: int, seconds: float) -> bool:
 
 
 def records(trainer) -> list[dict]:
-    return [{k: v for k, v in r.items() if not k.startswith("time") and k != "tokens_per_s"} for r in trainer.state.log_history]
+    timed = ("time", "tokens_per_s")
+    return [{k: v for k, v in r.items() if not k.startswith(timed)} for r in trainer.state.log_history]
 
 
 def test_the_sampler_process_runs_beside_the_update_in_another_pid(tmp_path):
