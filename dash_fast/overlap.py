@@ -22,13 +22,14 @@ With `bind_cpus=True` the learner's threads and the sampler's are bound to their
 
 Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
 project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
-Quietest window (load ~2.2, this run's own two processes included): the update took 0.444 s alone (its
+At load ~2.2 (this run's own two processes included): the update took 0.444 s alone (its
 own CPU 0.443 s: 0.99 cores used), 0.747 s beside a sampler process and 0.699 s beside a sampler thread,
 and the run as a whole still used 1.01 / 1.05 cores: the second core's time never came. Two independent
 CPU-bound processes at once got 1.12x (fp32 matmul) and 1.68x (a pure-Python loop) the throughput of one,
 not 2x. At load 10-14: 0.85-0.91 s alone, 2.41 s beside a thread, 2.73 s beside a process, learner CPU
 0.42-0.51 s in every case. The process, which shares no GIL, was no faster than the thread: the limit was
-CPU time taken by other jobs (the vCPUs then gave the run about one core), not the GIL. In bench/e2e.py the sampler
+CPU time taken by other jobs (the vCPUs then gave the run about one core), not the GIL. In
+bench/e2e.py the sampler
 process hides generation (0.000 s left in the step) and the update slows about as much as beside the
 thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). At load ~1.3 the update
 did not slow beside the sampler process (0.154 + 0.222 s vs 0.152 + 0.220 s) and the overlapped step was
