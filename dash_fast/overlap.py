@@ -29,8 +29,8 @@ CPU-bound processes at once got 1.12x (fp32 matmul) and 1.68x (a pure-Python loo
 not 2x. At load 10-14: 0.85-0.91 s alone, 2.41 s beside a thread, 2.73 s beside a process, learner CPU
 0.42-0.51 s in every case. The process, which shares no GIL, was no faster than the thread: the limit was
 CPU time taken by other jobs (the vCPUs then gave the run about one core), not the GIL. In
-bench/e2e.py the sampler process hides generation (0.000 s left in the step) and the update slows about as much as beside the
-thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). At load ~1.3 the update
+bench/e2e.py the sampler process hides generation (0.000 s left in the step) and the update slows about
+as much as beside the thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). At load ~1.3 the update
 did not slow beside the sampler process (0.154 + 0.222 s vs 0.152 + 0.220 s) and the overlapped step was
 1.04x max(generate, train). Process vs thread on such a quiet machine was not compared.
 
