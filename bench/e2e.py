@@ -7,6 +7,7 @@
 Providers, all starting from one SFT warm start of the embedded default (tiny Qwen2, arithmetic task)
 and trained on the same rollout size (prompts x group size), lengths, lr and algorithm settings:
   dash, dash_overlap   dash-fast preset `dash` (one generate per step, filter tau 0.1), overlap off / on
+                       (on CPU the sampler runs in its own process; dash_overlap_thread: in a thread)
   grpo, grpo_overlap   dash-fast preset `grpo` (generate in batches of 8 rows, no filter)
   trl                  TRL's GRPOTrainer (HF generate of the whole rollout at once, loss_type dr_grpo,
                        beta 0, use_cpu, fp32, gradient checkpointing off); skipped when trl is missing
@@ -159,9 +160,19 @@ class DashRunner:
         self.cfg = dash_config(preset, s, **overrides)
         self.trainer = DashTrainer(warm["model"], self.cfg.reward_funcs, args=self.cfg, train_dataset=warm["train"],
                                    eval_dataset=warm["test"])
+        split = self.trainer.overlap.cpu_split if self.trainer.overlap is not None else None
+        self.threads = len(split[0]) if split else s["threads"]  # overlap on CPU: the learner's share of the cores
+        process = self.trainer.overlap.process if self.trainer.overlap is not None else None
+        if process is not None:  # its start-up, like the trainer's own, is not step time
+            t0 = time.perf_counter()
+            process.wait_ready(timeout=600)
+            print(f"{name}: sampler process (pid {process.pid}) ready after {time.perf_counter() - t0:.1f}s more")
 
     def step(self) -> dict:
+        import torch
+
         self.n += 1
+        torch.set_num_threads(self.threads)  # process-wide: each provider's own, whoever stepped before
         _active.split = split = Split()
         t0 = time.perf_counter()
         try:
@@ -180,6 +191,7 @@ class DashRunner:
     def close(self) -> None:
         if self.trainer.overlap is not None:
             self.trainer.overlap.discard()
+            self.trainer.overlap.close()
 
 
 class TRLRunner:
@@ -291,7 +303,7 @@ def make_runners(names: list[str], warm: dict, s: dict) -> dict:
     """Providers by name; those in CURVES run s["steps"] steps, the others s["timing_steps"]."""
     runners = {}
     for name in names:
-        sn = {**s, "steps": s["steps"] if name in CURVES else min(s["steps"], s["timing_steps"])}
+        sn = {**s, "steps": s["steps"] if name in s.get("curves", CURVES) else min(s["steps"], s["timing_steps"])}
         if name == "trl":
             try:
                 import trl  # noqa: F401
@@ -300,8 +312,9 @@ def make_runners(names: list[str], warm: dict, s: dict) -> dict:
                 continue
             runners[name] = TRLRunner(warm, sn)
         else:
-            preset, _, overlap = name.partition("_")
-            runners[name] = DashRunner(name, warm, sn, preset, overlap=bool(overlap))
+            preset, _, overlap = name.partition("_")  # dash_overlap_thread: the CPU sampler in a thread
+            extra = {"cpu_sampler": "thread"} if overlap.endswith("_thread") else {}
+            runners[name] = DashRunner(name, warm, sn, preset, overlap=bool(overlap), **extra)
     return runners
 
 
@@ -414,6 +427,13 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
         if ta and tb:
             ratio(f"{b}_vs_{a}: step time speed-up", ta / tb, f">= {bar}" if bar else "",
                   ta / tb >= bar if bar else None)
+    train_phases = ("logprob", "forward", "backward", "optimizer", "sync")  # the update
+    t_gen, t_train = p50(rows, "dash", "time_generate"), sum(p50(rows, "dash", f"time_{p}") or 0 for p in train_phases)
+    for name in ("dash_overlap", "dash_overlap_thread"):
+        t_over = p50(rows, name, "step_time")
+        if t_over and t_gen:
+            ratio(f"{name}: step time / max(generate, train) of dash", t_over / max(t_gen, t_train), "<= 1.15",
+                  t_over / max(t_gen, t_train) <= 1.15, f"{t_over:.3f}s vs max({t_gen:.3f}, {t_train:.3f})s")
     for a, b in (("dash", "grpo"), ("dash_overlap", "grpo_overlap")):
         if curves.get(a) and curves.get(b):  # at b's last evaluated step
             step, acc_b = curves[b][-1][0], curves[b][-1][2]
@@ -421,6 +441,13 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
             if acc_a is not None:
                 ratio(f"{a}_vs_{b}: accuracy difference at equal steps", acc_a - acc_b, "~ 0 (noise)",
                       note=f"{acc_a:.3f} vs {acc_b:.3f} after {step} steps each")
+    for name in ("dash_overlap", "dash_overlap_thread"):
+        if len(curves.get(name, [])) > 1 and len(curves.get("dash", [])) > 1:
+            o, d = curves[name], curves["dash"]
+            wall = min(o[-1][1], d[-1][1])
+            ratio(f"{name}_vs_dash: accuracy difference at equal time", acc_at(o, wall) - acc_at(d, wall), ">= 0",
+                  acc_at(o, wall) - acc_at(d, wall) >= -1e-9, f"at {wall:.1f}s: {acc_at(o, wall):.3f} vs "
+                  f"{acc_at(d, wall):.3f} ({o[-1][0]} vs {d[-1][0]} steps in all)")
     if curves.get("dash") and curves.get("trl"):
         d, t = curves["dash"], curves["trl"]
         td, tt = time_to_gain(d, 0.15), time_to_gain(t, 0.15)
@@ -511,6 +538,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="12 steps, eval every 6 (a few minutes)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and task, 2 steps (seconds; for tests)")
     ap.add_argument("--providers", default="dash,grpo,dash_overlap,grpo_overlap,trl")
+    ap.add_argument("--curves", default=",".join(CURVES),
+                    help="providers trained for `--steps` with accuracy curves (the others: `--timing-steps`)")
     ap.add_argument("--steps", type=int, help="steps of the curve providers (dash, trl)")
     ap.add_argument("--timing-steps", type=int, help="steps of the timed-only providers (grpo, *_overlap)")
     ap.add_argument("--eval-every", type=int)
@@ -523,7 +552,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="warm start cache (default runs/bench-warm[-smoke])")
     ap.add_argument("--results-dir", default=None, help="where e2e.csv / e2e.png go (default bench/results)")
     args = ap.parse_args()
-    s = settings(args)
+    s = {**settings(args), "curves": args.curves.split(",")}
     warm = setup_run(args)
     names = args.providers.split(",")
     print(f"settings: {json.dumps(s)}\nproviders: {names}\ndevice: {common.device_name('cpu')}")

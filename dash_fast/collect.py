@@ -24,6 +24,7 @@ from dash_fast.device_setup import prepare_engine
 from dash_fast.overlap import OverlapScheduler, Prefetched
 from dash_fast.profiling import nvtx_range
 from dash_fast.rollout.base import Rollout, SamplingParams
+from dash_fast.sampler_process import GenerationPlan, run_plan
 
 RewardFunc = Callable[..., list]
 
@@ -172,16 +173,17 @@ class Collector:
         """Preemptive sampling: the whole rollout in one call (dash), or in small batches (grpo preset).
         `row_offset` (this rank's first row in the global rollout) keys the sampling seed, so a chunk
         samples the same tokens whichever rank or process generates it."""
-        params = self.sampling_params(step, row=row_offset)
-        size = self.args.generation_batch_size or len(prompt_ids)
         with nvtx_range("rollout/generate"), ddp.gathered_params(self.fsdp_root):
-            if size >= len(prompt_ids):
-                return self.engine.generate(prompt_ids, params)
-            parts = []
-            for i in range(0, len(prompt_ids), size):
-                params.seed = stream_seed(self.args.seed, step, row_offset + i)  # distinct, reproducible streams
-                parts.append(self.engine.generate(prompt_ids[i : i + size], params))
-            return Rollout.concat(parts, self.pad_id)
+            return run_plan(self.engine, self.generation_plan(prompt_ids, step, row_offset), self.pad_id)
+
+    def generation_plan(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> GenerationPlan:
+        """The engine calls that sample `prompt_ids` (`generate`): one, or one per `generation_batch_size`
+        rows, each with its own reproducible stream (plain data: the CPU sampler process runs it)."""
+        size = self.args.generation_batch_size or len(prompt_ids)
+        if size >= len(prompt_ids):
+            return [(prompt_ids, self.sampling_params(step, row=row_offset))]
+        return [(prompt_ids[i : i + size], self.sampling_params(step, row=row_offset + i))
+                for i in range(0, len(prompt_ids), size)]
 
     def collect(self, step: int, weights_version: int) -> Batch:
         """Step `step`'s batch. `weights_version` counts the optimizer steps applied to the policy now."""
@@ -244,9 +246,10 @@ class Collector:
         return Prefetched(step, indices[lo:hi], lo * self.args.group_size, before, weights_version)
 
     def _sample(self, job: Prefetched) -> Rollout:
-        G = self.args.group_size
-        prompt_ids = [self.data.prompt_ids[i] for i in job.indices for _ in range(G)]
-        return self.generate(prompt_ids, job.step, row_offset=job.row_offset)
+        return self.generate(self._prompt_rows(job), job.step, row_offset=job.row_offset)
+
+    def _prompt_rows(self, job: Prefetched) -> list[list[int]]:
+        return [self.data.prompt_ids[i] for i in job.indices for _ in range(self.args.group_size)]
 
     def _prefetch(self, step: int, weights_version: int) -> float:
         """Sample rollout `step` now, from the current weights, beside this step's update (overlap.py).
@@ -254,7 +257,10 @@ class Collector:
         t0 = time.perf_counter()
         self.prepare_engine_once()
         job = self._draw_prompts(step, weights_version)
-        self.overlap.launch(job, lambda: self._sample(job))
+        plan = None
+        if self.overlap.use_process:  # what the sampler process runs, as plain data
+            plan = self.generation_plan(self._prompt_rows(job), job.step, job.row_offset)
+        self.overlap.launch(job, lambda: self._sample(job), plan)
         return time.perf_counter() - t0
 
     def _score(self, indices: list[int], rollout: Rollout, step: int):

@@ -93,7 +93,8 @@ class DashConfig:
     cpu_threads: int | str | None = "auto"  # torch threads, set at start-up (before vLLM): N | auto | None (torch's); device_setup.py
     cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
-    bind_cpus: bool = False  # overlap=True on CPU: bind the sampler thread and the learner to their own cores
+    bind_cpus: bool = False  # overlap=True on CPU: bind the sampler and the learner to their own cores
+    cpu_sampler: str = "process"  # overlap=True on CPU: the sampler runs in its own process | a thread (GIL-shared)
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
@@ -163,6 +164,7 @@ class DashConfig:
         need(self.cpu_threads in (None, "auto") or (type(self.cpu_threads) is int and self.cpu_threads >= 1),
              "cpu_threads", "must be auto, an int >= 1 or None")
         need(self.sampler_cores is None or self.sampler_cores >= 1, "sampler_cores", "must be >= 1 or None")
+        need(self.cpu_sampler in ("process", "thread"), "cpu_sampler", "must be process or thread")
         if self.cpu_affinity is not None:
             from dash_fast.overlap import parse_cpus
 

@@ -10,17 +10,33 @@ rows come from theta_r itself, so their sampling log-probs are exactly the old o
 
 On CUDA, with the static-cache engine, the sampler runs in a worker thread on its own CUDA stream and
 `wait()` joins it and makes the default stream wait on its event. On CPU, with the static-cache engine
-and at least two usable cores, the sampler runs in a worker thread (the CPU analogue of a side stream)
-and torch runs with the learner's share of the cores (`sampler_cores`, default half, go to the sampler).
-`torch.set_num_threads` is process-wide (measured, torch 2.13 OpenMP build: a call in one thread changes
-`torch.get_num_threads()` in all), so both sides use that count. With `bind_cpus=True` the process's
-threads are bound to the learner's cores and the sampler thread to its own (`os.sched_setaffinity(0,
-...)` binds the calling thread only; OpenMP workers inherit their creator's binding). Binding is off by
-default: on this project's shared 2-core machine (load ~6 from other jobs) bound 1-thread sides ran a step
-in 1.9-2.1 s, unbound 0.6-1.3 s, in order 1.1-1.7 s (a bound thread cannot move to whichever core is free).
-Everywhere else (one core, the dynamic or vLLM
-engines) the same schedule runs in order: `launch()` samples at once, before the optimizer step, so the
-bookkeeping and the results are exactly those of the concurrent schedule.
+and at least two usable cores, the sampler runs in its own process (`cpu_sampler="process"`, the
+default; sampler_process.py): the parameters are moved to shared memory once and the child reads them in
+place (AdamW, `load_state_dict` and resume write into those same storages; the optimizer step waits for
+the child's rollout, so rollout r+1 is read from theta_r exactly), with its own torch thread count (the
+sampler's cores, `sampler_cores`, default half) and its own KV cache; the trainer runs torch with the
+learner's share. It is spawned once per run, when the scheduler is built (its start-up overlaps the
+trainer's), and stopped when training ends or fails (and dies with a killed trainer). `cpu_sampler=
+"thread"` keeps the former worker thread (one interpreter: the GIL, and a process-wide thread count).
+With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
+
+Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
+project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
+At load ~2.2 (this run's own two processes included): the update took 0.444 s alone (its
+own CPU 0.443 s: 0.99 cores used), 0.747 s beside a sampler process and 0.699 s beside a sampler thread,
+and the run as a whole still used 1.01 / 1.05 cores: the second core's time never came. Two independent
+CPU-bound processes at once got 1.12x (fp32 matmul) and 1.68x (a pure-Python loop) the throughput of one,
+not 2x. At load 10-14: 0.85-0.91 s alone, 2.41 s beside a thread, 2.73 s beside a process, learner CPU
+0.42-0.51 s in every case. The process, which shares no GIL, was no faster than the thread: the limit was
+CPU time taken by other jobs (the vCPUs then gave the run about one core), not the GIL. In
+bench/e2e.py the sampler process hides generation (0.000 s left in the step) and the update slows about
+as much as beside the thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). At load ~1.3 the update
+did not slow beside the sampler process (0.154 + 0.222 s vs 0.152 + 0.220 s) and the overlapped step was
+1.04x max(generate, train). Process vs thread on such a quiet machine was not compared.
+
+Everywhere else (one core, the dynamic or vLLM engines) the same schedule runs in order: `launch()`
+samples at once, before the optimizer step, so the bookkeeping and the results are exactly those of the
+concurrent schedule.
 
 Checkpoints: a pending rollout is saved with the trainer state (single process), so `--resume auto`
 continues bit-for-bit; the sampler position saved is the one after its prompts were drawn. Under
@@ -39,6 +55,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dash_fast.rollout.base import Rollout
+from dash_fast.sampler_process import GenerationPlan, SamplerProcess
 
 
 @dataclass
@@ -102,18 +119,28 @@ def split_cpus(cpus: set[int], sampler_cores: int | None) -> tuple[set[int], set
 
 
 class OverlapScheduler:
-    """Holds at most one rollout sampled ahead. `concurrent=True` runs the sampler in a worker thread: on
-    CUDA on a side stream, on CPU on its own cores (see the module docstring); otherwise in order."""
+    """Holds at most one rollout sampled ahead. `concurrent=True` samples beside the update: on CUDA in a
+    worker thread on a side stream; on CPU in a sampler process (or, `cpu_sampler="thread"`, a worker
+    thread) on its own cores (see the module docstring); otherwise in order."""
 
     def __init__(self, device: torch.device, concurrent: bool, sampler_cores: int | None = None,
-                 cpus: set[int] | None = None, bind_cpus: bool = False) -> None:
+                 cpus: set[int] | None = None, bind_cpus: bool = False, cpu_sampler: str = "process",
+                 engine=None) -> None:
         """`cpus`: the CPU ids to split on CPU (default: the process's affinity when dash_fast was imported,
-        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own."""
+        so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own;
+        `cpu_sampler`: "process" (needs `engine`, the trainer's TorchEngine, whose model the process reads)
+        or "thread"."""
+        if cpu_sampler not in ("process", "thread"):
+            raise ValueError(f"cpu_sampler={cpu_sampler!r}: must be process or thread")
         self.cpu_split = split_cpus(set(cpus or INITIAL_CPUS), sampler_cores) \
             if concurrent and device.type == "cpu" else None
         self.concurrent = concurrent and (device.type == "cuda" or self.cpu_split is not None)
         self.stream = torch.cuda.Stream(device) if self.concurrent and device.type == "cuda" else None
         self.bind_cpus = bind_cpus and self.cpu_split is not None
+        self.engine = engine
+        self.use_process = self.cpu_split is not None and cpu_sampler == "process"
+        if self.use_process and engine is None:
+            raise ValueError("cpu_sampler='process' needs the engine whose model the sampler process reads")
         if self.cpu_split is not None:
             learner, _ = self.cpu_split
             if self.bind_cpus:
@@ -122,11 +149,22 @@ class OverlapScheduler:
         self.pending: Prefetched | None = None
         self._thread: threading.Thread | None = None
         self._event: torch.cuda.Event | None = None
+        self.process: SamplerProcess | None = None
+        self._in_flight = False  # a plan was sent to the process and its rollout not yet received
+        if self.use_process:  # now: its start-up (imports, ~3 s of CPU) overlaps the trainer's own
+            self._process()
 
-    def launch(self, job: Prefetched, sample: Callable[[], Rollout]) -> None:
-        """Start sampling `job` (at once, in order, unless concurrent)."""
+    def launch(self, job: Prefetched, sample: Callable[[], Rollout], plan: GenerationPlan | None = None) -> None:
+        """Start sampling `job` (at once, in order, unless concurrent). `sample` samples it here; `plan`, its
+        generation calls, is what the sampler process runs (cpu_sampler="process")."""
         assert self.pending is None, "one rollout ahead at most"
         self.pending = job
+        if self.use_process:
+            if plan is None:
+                raise ValueError("the sampler process needs the rollout's generation plan")
+            self._process().submit(job.step, plan)
+            self._in_flight = True
+            return
 
         def work() -> None:
             try:
@@ -152,8 +190,33 @@ class OverlapScheduler:
         self._thread = threading.Thread(target=work, name="dash-fast-prefetch", daemon=True)
         self._thread.start()
 
+    def _process(self) -> SamplerProcess:
+        """The sampler process, (re)started when there is none, it died, or the engine's model changed."""
+        model = self.engine.model
+        if self.process is not None and (not self.process.alive or self.process.model is not model):
+            self.process.close()
+            self.process = None
+        if self.process is None:
+            _, sampler = self.cpu_split
+            self.process = SamplerProcess(model, self.engine.pad_token_id, threads=len(sampler),
+                                          cpus=sampler if self.bind_cpus else None)
+        return self.process
+
+    def sampler_started(self, timeout: float | None = None) -> int | None:
+        """The sampler process's pid once it has begun sampling the pending rollout (None if it has not
+        within `timeout` s, or there is no process): lets a caller see the sampler run beside it."""
+        if not self._in_flight or self.process is None:
+            return None
+        return self.process.pid if self.process.wait_started(self.pending.step, timeout) else None
+
     def wait(self) -> None:
         """Block until the sampler no longer reads the weights (before an optimizer step, eval or save)."""
+        if self._in_flight:
+            self._in_flight = False
+            try:
+                self.pending.rollout = self.process.result(self.pending.step)
+            except BaseException as e:
+                self.pending.error = e
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -174,6 +237,15 @@ class OverlapScheduler:
         self.wait()
         job, self.pending = self.pending, None
         return job
+
+    def close(self) -> None:
+        """Stop the sampler process (training ended or failed); a rollout still in flight is dropped. A
+        later launch starts a new one."""
+        if self.process is not None:
+            self.process.close()
+            self.process = None
+        if self._in_flight:
+            self._in_flight, self.pending = False, None
 
     def _raise(self) -> None:
         if self.pending is not None and self.pending.error is not None:

@@ -225,7 +225,8 @@ class DashTrainer:
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
         self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
                                         cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None,
-                                        bind_cpus=args.bind_cpus) if args.overlap else None
+                                        bind_cpus=args.bind_cpus, cpu_sampler=args.cpu_sampler,
+                                        engine=self.engine) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
 
@@ -465,6 +466,8 @@ class DashTrainer:
             return summary
         finally:
             profile.close()
+            if self.overlap is not None:  # no sampler process outlives training (a finished or failed one)
+                self.overlap.close()
             if logger is not None:
                 logger.close()
             for s, h in handlers.items():

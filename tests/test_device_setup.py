@@ -49,15 +49,16 @@ def test_the_fused_loss_gets_the_configured_backward(tmp_path, monkeypatch):
 
 
 def test_overlap_prepares_the_engine_on_the_main_thread_before_the_first_launch(tmp_path):
-    trainer = make_trainer(tmp_path, overlap=True, max_steps=3)
+    # the CUDA design (a worker thread replaying graphs captured on the main thread), emulated on CPU
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=3, cpu_sampler="thread")
     eng = trainer.engine
     eng.cuda_graphs, eng.capture = True, fake_capture
     launches = []
     real_launch = trainer.overlap.launch
 
-    def launch(job, sample):
+    def launch(job, sample, plan=None):
         launches.append(list(eng._static.capture_log) if eng._static else [])
-        return real_launch(job, sample)
+        return real_launch(job, sample, plan)
 
     trainer.overlap.launch = launch
     trainer.train()

@@ -49,15 +49,16 @@ class Recorder:
     and old log-probs each step trained on, and its prompts."""
 
     def __init__(self, trainer: DashTrainer) -> None:
-        self.sampled_with: list[tuple[int, dict]] = []  # (seed, weights) per generate call
+        self.sampled_with: list[tuple[int, dict]] = []  # (seed, weights) per rollout sampled
         self.at_begin: dict[int, dict] = {}
         self.used: dict[int, tuple] = {}  # step -> (rollout, old)
         self.prompts: dict[int, list[int]] = {}
-        generate, update, rollout_for = trainer.engine.generate, trainer.update, trainer.collector.rollout_for
+        plan, update, rollout_for = trainer.collector.generation_plan, trainer.update, trainer.collector.rollout_for
 
-        def gen(prompt_ids, p):
-            self.sampled_with.append((p.seed, params(trainer.model)))
-            return generate(prompt_ids, p)
+        def plan_(prompt_ids, step, row_offset=0):  # once per rollout, in this process (whoever then samples it)
+            calls = plan(prompt_ids, step, row_offset)
+            self.sampled_with.append((calls[0][1].seed, params(trainer.model)))
+            return calls
 
         def rollout_for_(step, weights_version):
             self.at_begin[step] = params(trainer.model)
@@ -79,7 +80,7 @@ class Recorder:
             finally:
                 trainer.learner.optimizer_step = opt
 
-        trainer.engine.generate, trainer.update, trainer.collector.rollout_for = gen, upd, rollout_for_
+        trainer.collector.generation_plan, trainer.update, trainer.collector.rollout_for = plan_, upd, rollout_for_
 
 
 def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r(tmp_path):
@@ -214,7 +215,7 @@ def test_cpu_split_and_cpu_lists():
 @pytest.mark.parametrize("bind", [False, True])
 def test_cpu_scheduler_samples_in_a_thread_on_its_own_cores(bind):
     cpus = set(sorted(INITIAL_CPUS)[:2])
-    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus=cpus, bind_cpus=bind)
+    sched = OverlapScheduler(torch.device("cpu"), concurrent=True, cpus=cpus, bind_cpus=bind, cpu_sampler="thread")
     learner, sampler = sched.cpu_split
     assert sched.concurrent and learner | sampler == cpus and not learner & sampler
     assert os.sched_getaffinity(0) == (learner if bind else INITIAL_CPUS)
