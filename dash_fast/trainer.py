@@ -94,8 +94,10 @@ def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":
         from dash_fast.rollout.vllm_engine import VLLMEngine
+        from dash_fast.rollout.vllm_process import VLLMProcessEngine, use_process
 
-        return VLLMEngine(model, tokenizer, args)
+        device = next(model.parameters()).device
+        return VLLMProcessEngine(model, tokenizer, args) if use_process(args, device) else VLLMEngine(model, tokenizer, args)
     from dash_fast.rollout.torch_engine import TorchEngine
 
     return TorchEngine(model, pad_id)
