@@ -133,9 +133,8 @@ class VLLMProcessEngine(VLLMEngine):
         self.weights_fresh = True
 
     def close(self) -> None:
-        """Stop the engine process now and remove the staging directory. vLLM stops it when its client is
-        collected or at exit; this calls the client's shutdown (what that finalizer runs) without waiting
-        for the collector."""
+        """Stop the engine process now and remove the staging directory. vLLM stops it at exit (a finalizer on
+        its client); this calls that client's shutdown now (`LLM` has no public one; guarded by getattr)."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
