@@ -126,9 +126,11 @@ class VLLMProcessEngine(VLLMEngine):
         try:
             save_file({name: p.detach().contiguous() for name, p in model.named_parameters()}, path)
             self.llm.collective_rpc("dash_fast_reload", args=(self.stage,))
-        finally:
+        finally:  # nothing left in shared memory between pushes (nor after a run that never calls close())
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.stage)
         self.llm.reset_prefix_cache()
         self.weights_fresh = True
 
