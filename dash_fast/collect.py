@@ -322,7 +322,7 @@ class Collector:
         if len(kept) >= target:  # the groups up to the target-th kept row; the later ones are not used
             cut = (int(kept[target - 1]) // G + 1) * G
             rewards, per_func, lengths = rewards[:cut], per_func[:cut], lengths[:cut]
-        rollout = Rollout.concat(parts, self.pad_id) if len(parts) > 1 else rollout
+        rollout = Rollout.concat(parts, self.pad_id)
         mine = [i for i, g in enumerate(global_rows) if g < len(rewards)]  # never empty: round 0 is kept whole
         if len(mine) < len(rollout):
             rollout, global_rows = rollout.select(mine), [global_rows[i] for i in mine]

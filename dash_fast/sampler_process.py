@@ -36,9 +36,8 @@ GenerationPlan = list[tuple[list[list[int]], SamplingParams]]  # one engine.gene
 
 
 def run_plan(engine, plan: GenerationPlan, pad_id: int) -> Rollout:
-    """The generation calls of one rollout, joined (the one call's rollout itself when there is one)."""
-    parts = [engine.generate(prompt_ids, params) for prompt_ids, params in plan]
-    return parts[0] if len(parts) == 1 else Rollout.concat(parts, pad_id)
+    """The generation calls of one rollout, joined."""
+    return Rollout.concat([engine.generate(prompt_ids, params) for prompt_ids, params in plan], pad_id)
 
 
 def _die_with_parent() -> None:

@@ -1033,8 +1033,7 @@ class GRPOTrainer(DashTrainer):
         record.update({"learning_rate": record["lr"], "step_time": record["time_step_s"],
                        "clip_ratio/region_mean": record.get("clip_fraction", 0.0), "epoch": self.state.epoch})
         if self._step_rollouts:
-            parts = [r for r, _, _ in self._step_rollouts]
-            rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts, self.pad_id)
+            rollout = Rollout.concat([r for r, _, _ in self._step_rollouts], self.pad_id)
             rewards = torch.cat([r for _, r, _ in self._step_rollouts])
             per_func = torch.cat([f for _, _, f in self._step_rollouts])
             record.update(rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,

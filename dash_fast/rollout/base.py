@@ -60,7 +60,10 @@ class Rollout:
 
     @staticmethod
     def concat(parts: list[Rollout], pad_id: int) -> Rollout:
-        """Join rollouts generated in separate batches (the grpo preset samples in small batches)."""
+        """Join rollouts generated in separate batches (the grpo preset samples in small batches); one part is
+        returned as it is."""
+        if len(parts) == 1:
+            return parts[0]
         width = max(p.completion_ids.shape[1] for p in parts)
 
         def pad(t: torch.Tensor, value: float) -> torch.Tensor:
