@@ -97,6 +97,11 @@ def parse_cpus(spec: str) -> set[int]:
     return cpus
 
 
+def usable_cpus(cpu_affinity: str | None) -> set[int]:
+    """The CPUs a run may split: `cpu_affinity` when given, else the process's affinity at import."""
+    return parse_cpus(cpu_affinity) if cpu_affinity else set(INITIAL_CPUS)
+
+
 def bind_process(cpus: set[int]) -> None:
     """Bind every thread of this process (OpenMP workers included) to `cpus`: sched_setaffinity on a
     thread id binds that thread only, and threads started later inherit their creator's binding."""

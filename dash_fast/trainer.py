@@ -42,7 +42,7 @@ from dash_fast.evaluation import greedy_accuracy
 from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.metrics import MetricsLogger
-from dash_fast.overlap import OverlapScheduler, parse_cpus
+from dash_fast.overlap import OverlapScheduler, usable_cpus
 from dash_fast.peft_support import is_peft_model, reference_policy
 from dash_fast.profiling import ProfileWindow
 from dash_fast.rollout.base import Rollout
@@ -226,7 +226,7 @@ class DashTrainer:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
         self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
-                                        cpus=parse_cpus(args.cpu_affinity) if args.cpu_affinity else None,
+                                        cpus=usable_cpus(args.cpu_affinity),
                                         bind_cpus=args.bind_cpus,
                                         cpu_sampler="thread" if getattr(self.engine, "samples_in_own_process", False)
                                         else args.cpu_sampler,

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.overlap import INITIAL_CPUS, parse_cpus, split_cpus
+from dash_fast.overlap import split_cpus, usable_cpus
 from dash_fast.rollout.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
 
 
@@ -54,7 +54,7 @@ def engine_cpus(args: Any, device: torch.device) -> set[int] | None:
     with overlap, all of them in order; None on CUDA (nothing bound)."""
     if device.type != "cpu":
         return None
-    usable = parse_cpus(args.cpu_affinity) if args.cpu_affinity else set(INITIAL_CPUS)
+    usable = usable_cpus(args.cpu_affinity)
     split = split_cpus(usable, args.sampler_cores) if args.overlap else None
     return split[1] if split else usable
 
@@ -65,7 +65,7 @@ def use_process(args: Any, device: torch.device) -> bool:
     (a cheaper push, and sleep mode on CUDA)."""
     if args.vllm_process is not None:
         return bool(args.vllm_process)
-    usable = parse_cpus(args.cpu_affinity) if args.cpu_affinity else set(INITIAL_CPUS)
+    usable = usable_cpus(args.cpu_affinity)
     return bool(args.overlap) and device.type == "cpu" and len(usable) >= 2
 
 
