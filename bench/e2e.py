@@ -151,17 +151,6 @@ def _wrap(obj, attr: str, phase_of) -> None:
     setattr(obj, attr, timed)
 
 
-@contextlib.contextmanager
-def _environ(values: dict):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-
-
 def finish_split(split: Split, total: float) -> dict:
     out = {p: split.times.get(p, 0.0) for p in PHASES if p != "other"}
     out["other"] = max(0.0, total - sum(out.values()))
@@ -226,6 +215,7 @@ class TRLRunner:
 
         from dash_fast.data import load_rows
         from dash_fast.rewards import exact_answer_reward
+        from dash_fast.rollout.vllm_process import environment
         from dash_fast.trainer import DashTrainer
 
         self.name, self.s, self.max_steps = "trl+vllm" if use_vllm else "trl", s, s["steps"]
@@ -265,7 +255,7 @@ class TRLRunner:
         cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[: s["threads"]]))
         # colocate: vLLM in this process; on CPU its KV cache in GiB (else a share of RAM) and its OpenMP
         # threads bound to the same `threads` cores TRL trains on (vLLM's settings)
-        with _environ({"VLLM_CPU_KVCACHE_SPACE": str(max(1, VLLM_KV_CACHE_BYTES >> 30)),
+        with environment({"VLLM_CPU_KVCACHE_SPACE": str(max(1, VLLM_KV_CACHE_BYTES >> 30)),
                        "VLLM_CPU_OMP_THREADS_BIND": cpus} if use_vllm else {}):
             self.trainer = GRPOTrainer(model=model, reward_funcs=exact_answer_reward, args=args, train_dataset=data,
                                        processing_class=tok, callbacks=[Pause()])
