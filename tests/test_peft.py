@@ -6,28 +6,13 @@ import copy
 
 import pytest
 import torch
-from datasets import Dataset
+from test_trl_features import make_trainer  # every call here passes its model
 
-from dash_fast import GRPOConfig, GRPOTrainer
 from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
 
 peft = pytest.importorskip("peft")
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
-
-
-def length_reward(completions, **kw):
-    return [float(len(c)) for c in completions]
-
-
-def make_trainer(tmp_path, model=None, **kwargs):
-    tok = build_tokenizer()
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-                max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
-    args.update(kwargs.pop("args", {}))
-    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
-    return GRPOTrainer(model=model, reward_funcs=length_reward, args=GRPOConfig(**args), train_dataset=data,
-                       processing_class=tok, **kwargs)
 
 
 def lora(**kw):
