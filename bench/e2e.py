@@ -579,7 +579,9 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
 
     print("\nratios (p50 step time; accuracy from the curves):")
     for a, b, bar in (("grpo", "dash", 6.0), ("grpo_overlap", "dash_overlap", 6.0), ("trl", "dash", 4.0),
-                      ("dash", "dash_overlap", None), ("grpo", "grpo_overlap", None)):
+                      ("dash", "dash_overlap", None), ("grpo", "grpo_overlap", None),
+                      ("trl+vllm", "dash+vllm_torchlinear", None), ("trl+vllm", "dash+vllm", None),
+                      ("trl+vllm", "dash+vllm_overlap", None), ("dash+vllm", "dash+vllm_torchlinear", None)):
         ta, tb = p50(rows, a, "step_time"), p50(rows, b, "step_time")
         if ta and tb:
             ratio(f"{b}_vs_{a}: step time speed-up", ta / tb, f">= {bar}" if bar else "",
