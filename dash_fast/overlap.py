@@ -20,6 +20,18 @@ trainer's), and stopped when training ends or fails (and dies with a killed trai
 "thread"` keeps the former worker thread (one interpreter: the GIL, and a process-wide thread count).
 With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
 
+Widening (sampler process): the sampler on its share of the cores usually finishes before the learner on
+the rest (bench/e2e.py on 2 cores, one thread a side: ~0.2 s vs ~0.4 s), and torch scales ~1.7x from 1 to
+2 threads here, so a fixed split leaves the sampler's cores idle for the rest of the step. Between
+micro-batches (never inside one) the learner asks, without blocking, whether the rollout is back; once it
+is, it takes every core of the split (torch's thread count and, with bind_cpus, every thread's affinity:
+OpenMP workers inherit the binding of the thread that starts them, and bind_process rebinds those already
+there) until the next launch, which gives the cores back before the sampler is sent its plan. The sampler
+is idle in between (blocked on its pipe), and the optimizer step still waits for the rollout, so weights
+it reads are never written. Only the learner's thread count changes, so results change at most in the last
+bits, and which micro-batches run widened depends on when the sampler finishes. The micro-batch is the
+grain: with 2-3 per update (the embedded default's 4096 tokens) the gain is well under an idle core.
+
 Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
 project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
 At load ~2.2 (this run's own two processes included): the update took 0.444 s alone (its
