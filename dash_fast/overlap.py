@@ -269,7 +269,8 @@ class OverlapScheduler:
             self.widened = False
 
     def wait(self) -> None:
-        """Block until the sampler no longer reads the weights (before an optimizer step, eval or save)."""
+        """Block until the sampler no longer reads the weights (before an optimizer step, eval or save); with
+        the sampler process idle from then on, the learner runs on every core until the next launch."""
         self._receive()
         if self.widen and not self.widened:  # the sampler is idle until the next launch
             self._widen()
