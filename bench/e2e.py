@@ -7,7 +7,8 @@
 Providers, all starting from one SFT warm start of the embedded default (tiny Qwen2, arithmetic task)
 and trained on the same rollout size (prompts x group size), lengths, lr and algorithm settings:
   dash, dash_overlap   dash-fast preset `dash` (one generate per step, filter tau 0.1), overlap off / on
-                       (on CPU the sampler runs in its own process; dash_overlap_thread: in a thread)
+                       (on CPU the sampler runs in its own process; dash_overlap_thread: in a thread;
+                       dash_overlap_narrow: the learner never takes the sampler's core once it is done)
   grpo, grpo_overlap   dash-fast preset `grpo` (generate in batches of 8 rows, no filter)
   trl                  TRL's GRPOTrainer (HF generate of the whole rollout at once, loss_type dr_grpo,
                        beta 0, use_cpu, fp32, gradient checkpointing off); skipped when trl is missing
@@ -472,6 +473,8 @@ def make_runners(names: list[str], warm: dict, s: dict) -> dict:
             preset, _, overlap = name.partition("_")  # dash_overlap_thread: the CPU sampler in a thread
             extra = {"cpu_sampler": "thread"} if overlap.endswith("_thread") else {}
             runners[name] = DashRunner(name, warm, sn, preset, overlap=bool(overlap), **extra)
+            if overlap.endswith("_narrow") and runners[name].trainer.overlap is not None:
+                runners[name].trainer.overlap.widen = False
     return runners
 
 
@@ -581,14 +584,15 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
     for a, b, bar in (("grpo", "dash", 6.0), ("grpo_overlap", "dash_overlap", 6.0), ("trl", "dash", 4.0),
                       ("dash", "dash_overlap", None), ("grpo", "grpo_overlap", None),
                       ("trl+vllm", "dash+vllm_torchlinear", None), ("trl+vllm", "dash+vllm", None),
-                      ("trl+vllm", "dash+vllm_overlap", None), ("dash+vllm", "dash+vllm_torchlinear", None)):
+                      ("trl+vllm", "dash+vllm_overlap", None), ("dash+vllm", "dash+vllm_torchlinear", None),
+                      ("dash_overlap_narrow", "dash_overlap", None)):
         ta, tb = p50(rows, a, "step_time"), p50(rows, b, "step_time")
         if ta and tb:
             ratio(f"{b}_vs_{a}: step time speed-up", ta / tb, f">= {bar}" if bar else "",
                   ta / tb >= bar if bar else None)
     train_phases = ("logprob", "forward", "backward", "optimizer", "sync")  # the update
     t_gen, t_train = p50(rows, "dash", "time_generate"), sum(p50(rows, "dash", f"time_{p}") or 0 for p in train_phases)
-    for name in ("dash_overlap", "dash_overlap_thread"):
+    for name in ("dash_overlap", "dash_overlap_thread", "dash_overlap_narrow"):
         t_over = p50(rows, name, "step_time")
         if t_over and t_gen:
             ratio(f"{name}: step time / max(generate, train) of dash", t_over / max(t_gen, t_train), "<= 1.15",
@@ -600,7 +604,7 @@ def report(rows: list[dict], curves: dict) -> list[dict]:
             if acc_a is not None:
                 ratio(f"{a}_vs_{b}: accuracy difference at equal steps", acc_a - acc_b, "~ 0 (noise)",
                       note=f"{acc_a:.3f} vs {acc_b:.3f} after {step} steps each")
-    for name in ("dash_overlap", "dash_overlap_thread"):
+    for name in ("dash_overlap", "dash_overlap_thread", "dash_overlap_narrow"):
         if len(curves.get(name, [])) > 1 and len(curves.get("dash", [])) > 1:
             o, d = curves[name], curves["dash"]
             wall = min(o[-1][1], d[-1][1])

@@ -133,6 +133,8 @@ class Learner:
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
         for i, micro in enumerate(micros):
+            if self.overlap is not None:  # the learner may take the cores of a sampler that is done
+                self.overlap.between_micro_batches()
             with nvtx_range("train/forward"):
                 self.forward_passes += 1
                 if micro is None:
@@ -291,6 +293,8 @@ class Learner:
         lengths = rollout.completion_lengths.tolist()
         with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
             for micro in self.micro_batches(rollout, rows):
+                if self.overlap is not None:
+                    self.overlap.between_micro_batches()
                 micro_rows = [rows[i] for i in micro]
                 if model is self.model and policy:
                     self.forward_passes += 1

@@ -20,6 +20,18 @@ trainer's), and stopped when training ends or fails (and dies with a killed trai
 "thread"` keeps the former worker thread (one interpreter: the GIL, and a process-wide thread count).
 With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
 
+Widening (sampler process): the sampler on its share of the cores usually finishes before the learner on
+the rest (bench/e2e.py on 2 cores, one thread a side: ~0.2 s vs ~0.4 s), and torch scales ~1.7x from 1 to
+2 threads here, so a fixed split leaves the sampler's cores idle for the rest of the step. Between
+micro-batches (never inside one) the learner asks, without blocking, whether the rollout is back; once it
+is, it takes every core of the split (torch's thread count and, with bind_cpus, every thread's affinity:
+OpenMP workers inherit the binding of the thread that starts them, and bind_process rebinds those already
+there) until the next launch, which gives the cores back before the sampler is sent its plan. The sampler
+is idle in between (blocked on its pipe), and the optimizer step still waits for the rollout, so weights
+it reads are never written. Only the learner's thread count changes, so results change at most in the last
+bits, and which micro-batches run widened depends on when the sampler finishes. The micro-batch is the
+grain: with 2-3 per update (the embedded default's 4096 tokens) the gain is well under an idle core.
+
 Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
 project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
 At load ~2.2 (this run's own two processes included): the update took 0.444 s alone (its
@@ -130,11 +142,11 @@ class OverlapScheduler:
 
     def __init__(self, device: torch.device, concurrent: bool, sampler_cores: int | None = None,
                  cpus: set[int] | None = None, bind_cpus: bool = False, cpu_sampler: str = "process",
-                 engine=None) -> None:
+                 engine=None, widen: bool = True) -> None:
         """`cpus`: the CPU ids to split on CPU (default: the process's affinity when dash_fast was imported,
         so a second scheduler in one process splits the same cores); `bind_cpus`: bind each side to its own;
         `cpu_sampler`: "process" (needs `engine`, the trainer's TorchEngine, whose model the process reads)
-        or "thread"."""
+        or "thread"; `widen`: with the process, the learner takes the sampler's cores once it is done."""
         if cpu_sampler not in ("process", "thread"):
             raise ValueError(f"cpu_sampler={cpu_sampler!r}: must be process or thread")
         self.cpu_split = split_cpus(set(cpus or INITIAL_CPUS), sampler_cores) \
@@ -156,6 +168,8 @@ class OverlapScheduler:
         self._event: torch.cuda.Event | None = None
         self.process: SamplerProcess | None = None
         self._in_flight = False  # a plan was sent to the process and its rollout not yet received
+        self.widen = widen and self.use_process
+        self.widened = False  # the learner runs on all the split's cpus (the sampler is idle)
         if self.use_process:  # now: its start-up (imports, ~3 s of CPU) overlaps the trainer's own
             self._process()
 
@@ -167,6 +181,7 @@ class OverlapScheduler:
         if self.use_process:
             if plan is None:
                 raise ValueError("the sampler process needs the rollout's generation plan")
+            self._narrow()  # the sampler's cores are its own again
             self._process().submit(job.step, plan)
             self._in_flight = True
             return
@@ -214,14 +229,51 @@ class OverlapScheduler:
             return None
         return self.process.pid if self.process.wait_started(self.pending.step, timeout) else None
 
+    def between_micro_batches(self) -> None:
+        """Called by the learner between micro-batches (never inside one): once the sampler process has sent
+        the pending rollout back (checked without blocking), the learner takes the sampler's cores too."""
+        if self.widen and not self.widened and self._receive(timeout=0):
+            self._widen()
+
+    def _receive(self, timeout: float | None = None) -> bool:
+        """Whether no rollout is in flight any more: receive the process's (waiting up to `timeout` s,
+        None: until it comes), keeping it or its error on `pending`."""
+        if not self._in_flight:
+            return True
+        try:
+            rollout = self.process.result(self.pending.step, timeout)
+            if rollout is None:
+                return False
+            self.pending.rollout = rollout
+        except BaseException as e:  # re-raised by wait()
+            self.pending.error = e
+        self._in_flight = False
+        return True
+
+    def _widen(self) -> None:
+        """All the split's cpus to the learner: its threads (OpenMP workers started later inherit the main
+        thread's binding) and torch's thread count. Only while the sampler process is idle."""
+        learner, sampler = self.cpu_split
+        if self.bind_cpus:
+            bind_process(learner | sampler)
+        torch.set_num_threads(len(learner | sampler))
+        self.widened = True
+
+    def _narrow(self) -> None:
+        """Back to the learner's share, before the sampler process is given the next rollout."""
+        if self.widened:
+            learner, _ = self.cpu_split
+            if self.bind_cpus:
+                bind_process(learner)
+            torch.set_num_threads(len(learner))
+            self.widened = False
+
     def wait(self) -> None:
-        """Block until the sampler no longer reads the weights (before an optimizer step, eval or save)."""
-        if self._in_flight:
-            self._in_flight = False
-            try:
-                self.pending.rollout = self.process.result(self.pending.step)
-            except BaseException as e:
-                self.pending.error = e
+        """Block until the sampler no longer reads the weights (before an optimizer step, eval or save); with
+        the sampler process idle from then on, the learner runs on every core until the next launch."""
+        self._receive()
+        if self.widen and not self.widened:  # the sampler is idle until the next launch
+            self._widen()
         if self._thread is not None:
             self._thread.join()
             self._thread = None

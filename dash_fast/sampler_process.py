@@ -147,12 +147,14 @@ class SamplerProcess:
             self._receive(step)
         return True
 
-    def result(self, step: int) -> Rollout:
-        """Block until rollout `step` comes back; re-raise the child's error, or say that it died."""
-        while True:
+    def result(self, step: int, timeout: float | None = None) -> Rollout | None:
+        """Rollout `step` once it comes back (waiting up to `timeout` s, None: for as long as it takes; None
+        if it has not come back by then); re-raise the child's error, or say that it died."""
+        while timeout is None or self.conn.poll(timeout):
             reply = self._receive(step)
             if reply is not None:
                 return reply
+        return None
 
     def _receive(self, step: int | None) -> Rollout | None:
         try:
