@@ -40,12 +40,14 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import uuid
 from typing import Any
 
 import torch
 
 from dash_fast.overlap import split_cpus, usable_cpus
+from dash_fast.rollout.engine_reaper import is_resource_tracker, processes_with
 from dash_fast.rollout.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
 
 
@@ -105,6 +107,49 @@ def start_reaper(marker: str, stage: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, script, marker, stage], stdin=subprocess.PIPE, text=True)
 
 
+class Watched:
+    """The `LLM`, with its blocking calls failing once the engine's processes are gone. vLLM's sync client
+    waits without end for a call in flight when its engine core dies without answering (a utility call's
+    future is never resolved, and no error is queued for `generate`): seen as a trainer hung after Ctrl-C,
+    which vLLM's engine core also receives. Each call runs in a helper thread; the caller checks every
+    second that a marked process other than the resource tracker still exists."""
+
+    WATCHED = ("generate", "collective_rpc", "reset_prefix_cache")
+
+    def __init__(self, llm: Any, marker: str) -> None:
+        self.llm, self.marker = llm, marker.encode()
+
+    def alive(self) -> bool:
+        if not os.path.isdir("/proc"):  # no way to tell here (not Linux): assume it is
+            return True
+        return any(not is_resource_tracker(p) for p in processes_with(self.marker))
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.llm, name)
+        return (lambda *a, **k: self.call(attr, *a, **k)) if name in self.WATCHED else attr
+
+    def call(self, fn, *args, **kwargs) -> Any:
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                done["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller)
+                done["error"] = e
+
+        thread = threading.Thread(target=run, name=f"vllm-{fn.__name__}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(1.0)
+            if thread.is_alive() and not self.alive():
+                thread.join(5.0)  # an answer (or vLLM's own EngineDeadError) may still be on its way
+                if thread.is_alive():
+                    raise RuntimeError(f"vLLM's engine process exited during {fn.__name__}() without answering")
+        if "error" in done:
+            raise done["error"]
+        return done["value"]
+
+
 def shm_dir() -> str:
     """Where pushed weights are staged: /dev/shm (memory) where it exists, else the temp directory."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -138,7 +183,8 @@ class VLLMProcessEngine(VLLMEngine):
             self.reaper = start_reaper(f"{MARKER}={run_id}", self.stage)  # before vLLM starts anything
             try:
                 with environment(env):
-                    self.llm = vllm.LLM(**kwargs)  # no local name: vLLM keeps this frame alive (seen in gc)
+                    self.llm = Watched(vllm.LLM(**kwargs), f"{MARKER}={run_id}")  # no local name: vLLM keeps
+                    # this frame alive (seen in gc)
             except BaseException:
                 self.reaper.stdin.close()  # end of file without "close": it kills what vLLM left
                 raise
@@ -168,6 +214,7 @@ class VLLMProcessEngine(VLLMEngine):
         """Stop the engine process now and remove the staging directory. vLLM stops it at exit (a finalizer on
         its client); this calls that client's shutdown now (`LLM` has no public one; guarded by getattr)."""
         llm, self.llm = getattr(self, "llm", None), None
+        llm = llm.llm if isinstance(llm, Watched) else llm
         if llm is not None:
             shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
             if shutdown is not None:
