@@ -28,8 +28,8 @@ processes are spawned (`VLLM_WORKER_MULTIPROC_METHOD=spawn`, vLLM's setting) wit
 environment, and a small reaper child (engine_reaper.py, started before vLLM) kills the marked processes and
 removes the staged weights once the trainer is gone. Only vLLM's environment settings are used, so the GPU
 package behaves the same. Ctrl-C in a terminal (SIGINT to the whole process group) also reaches vLLM's engine
-core, which then shuts down: the run ends with vLLM's EngineDeadError, not with the end-of-step checkpoint
-that SIGTERM to the trainer gives.
+core, which then shuts down: the run ends with vLLM's EngineDeadError (or Watched's error, where vLLM left the
+call in flight unanswered), not with the end-of-step checkpoint that SIGTERM to the trainer gives.
 """
 
 from __future__ import annotations
