@@ -22,7 +22,11 @@ Policies: default (what dash-fast does with no thread settings: cpu_threads=auto
 torch), torch_first (the same in a script that imports torch before dash_fast), torch (torch's own: one thread
 per core, libgomp's default spin of 300000, as dash-fast ran before cpu_threads=auto), t1 (cpu_threads=1),
 t2_passive (OMP_WAIT_POLICY=PASSIVE), t2_spin (GOMP_SPINCOUNT=0), t2_spin10k (GOMP_SPINCOUNT=10000), t2_bound
-(OMP_PROC_BIND=true, OMP_PLACES=cores: each thread bound to one core, libgomp's default spin).
+(OMP_PROC_BIND=true, OMP_PLACES=cores: each thread bound to one core, libgomp's default spin); embedded task
+only: overlap (overlap=true: the sampler process on one core, the learner on the other), vllm (engine=vllm in
+its own engine process, bound to both cores, in order) and vllm_overlap (that process on the sampler's core,
+sampling beside the update); all three with cpu_threads=auto. vLLM's engine process is not in the CPU /
+run-queue columns, which count the trainer's own threads.
 Every step is timed from outside (the gap between `on_step_end` callbacks: what a user's clock sees), with the
 process's run-queue wait (/proc/self/task/*/schedstat), CPU time and GC pauses over the same step, which is
 what tells the causes apart.
@@ -54,6 +58,9 @@ POLICIES: dict[str, tuple[dict[str, str], dict]] = {
     "t2_spin": ({"GOMP_SPINCOUNT": "0"}, {"cpu_threads": 2}),
     "t2_spin10k": ({"GOMP_SPINCOUNT": "10000"}, {"cpu_threads": 2}),
     "t2_bound": ({"OMP_PROC_BIND": "true", "OMP_PLACES": "cores"}, {"cpu_threads": 2}),
+    "overlap": ({}, {"overlap": True}),
+    "vllm": ({}, {"engine": "vllm", "vllm_process": True, "vllm_kv_cache_bytes": 256 << 20}),
+    "vllm_overlap": ({}, {"engine": "vllm", "overlap": True, "vllm_kv_cache_bytes": 256 << 20}),
 }
 COMPETITORS = {
     "py": [sys.executable, "-c", "while True: pass"],

