@@ -256,7 +256,8 @@ def test_overlap_with_the_vllm_process_trains_on_the_previous_weights(tmp_path, 
 
 def test_cli_overlap_with_vllm_leaves_no_engine_process(tmp_path):
     """The README's kind of run (`dash-fast train engine=vllm overlap=true`, shrunk): exits 0, and no vLLM
-    process outlives it."""
+    process outlives it. (That vLLM binds its worker to the sampler's core is checked on the worker's
+    affinity in test_overlap_with_the_vllm_process_trains_on_the_previous_weights, not on vLLM's log text.)"""
     import os
     import subprocess
     import sys
@@ -269,7 +270,6 @@ def test_cli_overlap_with_vllm_leaves_no_engine_process(tmp_path):
     env = {**os.environ, "DASH_FAST_TEST_TAG": tag}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "OpenMP thread binding" in done.stdout + done.stderr  # vLLM bound its own process's threads
     assert not engine_processes(tag, tracker=True)
 
 
