@@ -166,23 +166,9 @@ def test_vllm_training_moves_the_reward_like_the_embedded_engine(tmp_path):
 def engine_processes(tag: str, tracker: bool = False) -> list[int]:
     """Live processes (ours or orphaned) whose environment carries `tag` (the engine processes inherit it),
     other than this one; Python's multiprocessing resource tracker (it exits with its parent) only if asked."""
-    import os
+    from dash_fast.rollout.engine_reaper import is_resource_tracker, processes_with
 
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                is_tracker = b"resource_tracker" in f.read()
-        except OSError:
-            continue
-        if int(pid) != os.getpid() and f"DASH_FAST_TEST_TAG={tag}".encode() in env and state != "Z" \
-                and (tracker or not is_tracker):
-            found.append(int(pid))
-    return found
+    return [p for p in processes_with(f"DASH_FAST_TEST_TAG={tag}".encode()) if tracker or not is_resource_tracker(p)]
 
 
 def cpus_of(pid: int) -> set[int]:

@@ -171,6 +171,7 @@ class VLLMProcessEngine(VLLMEngine):
                              f"(model.name_or_path={source!r})")
         self.cpus = engine_cpus(args, first.device)
         run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        marker = f"{MARKER}={run_id}"  # what the reaper and Watched look for in a process's environment
         # spawned (vLLM's own setting): exec'd with this environment, so the reaper can tell its processes
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_WORKER_MULTIPROC_METHOD": "spawn", MARKER: run_id}
         if self.cpus is not None:
@@ -180,11 +181,10 @@ class VLLMProcessEngine(VLLMEngine):
         if llm is None:
             kwargs = {**llm_kwargs(source, args, first.device, first.dtype), "enable_sleep_mode": False,
                       "worker_extension_cls": f"{__name__}.WorkerExtension"}
-            self.reaper = start_reaper(f"{MARKER}={run_id}", self.stage)  # before vLLM starts anything
+            self.reaper = start_reaper(marker, self.stage)  # before vLLM starts anything
             try:
                 with environment(env):
-                    self.llm = Watched(vllm.LLM(**kwargs), f"{MARKER}={run_id}")  # no local name: vLLM keeps
-                    # this frame alive (seen in gc)
+                    self.llm = Watched(vllm.LLM(**kwargs), marker)  # no local name: vLLM keeps this frame alive
             except BaseException:
                 self.reaper.stdin.close()  # end of file without "close": it kills what vLLM left
                 raise
