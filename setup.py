@@ -8,7 +8,7 @@ setup(
     description="Fast GRPO-style RL for LM reasoning: preemptive sampling + gradient filtering (DASH)",
     python_requires=">=3.10",
     packages=["dash_fast", "dash_fast.rollout", "dash_kernels"],
-    package_dir={"dash_kernels": "kernels"},
+    package_dir={"dash_kernels": "kernels/dash_kernels"},
     install_requires=[
         "torch",  # never pinned here: the README's CPU commands install torch==2.13.0 first
         "triton",

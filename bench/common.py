@@ -15,7 +15,6 @@ import csv
 import ctypes
 import gc
 import importlib
-import importlib.util
 import os
 import sys
 import threading
@@ -31,18 +30,16 @@ COLUMNS = ["name", "provider", "metric", "x_name", "x_value", "p20", "p50", "p80
 
 
 def import_dash_kernels():
-    """`dash_kernels` (kernels/ mapped by setup.py), loaded from the source tree when not installed."""
+    """`dash_kernels` (kernels/dash_kernels/), from the installed package or else the source tree.
+
+    Only `kernels/` itself goes on sys.path: it holds no `__init__.py` and no module called `kernels`, so
+    Hugging Face's `kernels` package (which transformers imports) is never shadowed.
+    """
     try:
         return importlib.import_module("dash_kernels")
     except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "dash_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["dash_kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+        return importlib.import_module("dash_kernels")
 
 
 def sync(device: torch.device | str) -> None:

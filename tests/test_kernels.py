@@ -4,7 +4,6 @@ against Liger's LigerFusedLinearGRPOLoss. The Triton kernels are in test_kernels
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -13,18 +12,12 @@ import torch
 
 
 def _import_dash_kernels():
-    """`dash_kernels` is kernels/ mapped by setup.py; load it from the source tree when not installed."""
+    """`dash_kernels` installed, or else from kernels/ (a folder without `__init__.py`: it shadows nothing)."""
     try:
         return importlib.import_module("dash_kernels")
     except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[1] / "kernels"
-        spec = importlib.util.spec_from_file_location(
-            "dash_kernels", root / "__init__.py", submodule_search_locations=[str(root)]
-        )
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["dash_kernels"] = mod
-        spec.loader.exec_module(mod)
-        return mod
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))
+        return importlib.import_module("dash_kernels")
 
 
 dk = _import_dash_kernels()
