@@ -134,26 +134,43 @@ def latest_checkpoint(checkpoints_dir: str) -> str | None:
     return found[-1] if found else None
 
 
-def _encode(obj: Any, tensors: dict[str, torch.Tensor], names: dict[int, str], where: str) -> Any:
-    """`obj` as JSON-able data; its tensors go into `tensors` (one entry per tensor object: aliases stay one)."""
+class _TensorTable:
+    """The tensors of a state being encoded, named "0", "1", ... in order: one entry per tensor object (aliases
+    stay one); a view of a storage already in the table is copied (safetensors holds no two views of one)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.names: dict[int, str] = {}
+        self.storages: set[int] = set()
+
+    def name(self, obj: torch.Tensor) -> str:
+        if id(obj) not in self.names:
+            t = obj.detach().cpu().contiguous()
+            if t.untyped_storage().data_ptr() in self.storages:
+                t = t.clone()
+            self.storages.add(t.untyped_storage().data_ptr())
+            self.names[id(obj)] = str(len(self.tensors))
+            self.tensors[self.names[id(obj)]] = t
+        return self.names[id(obj)]
+
+
+def _encode(obj: Any, table: _TensorTable, where: str) -> Any:
+    """`obj` as JSON-able data, its tensors named in `table`; `where` names it in errors."""
     if isinstance(obj, torch.Tensor):
-        if id(obj) not in names:
-            names[id(obj)] = str(len(tensors))
-            tensors[names[id(obj)]] = obj.detach().cpu().contiguous()
-        return {TAG: "tensor", "name": names[id(obj)]}
+        return {TAG: "tensor", "name": table.name(obj)}
     if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
         return {TAG: "ndarray", "dtype": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
     if isinstance(obj, np.generic):
-        return _encode(obj.item(), tensors, names, where)
+        return _encode(obj.item(), table, where)
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, (list, tuple)):
-        items = [_encode(v, tensors, names, f"{where}[{i}]") for i, v in enumerate(obj)]
+        items = [_encode(v, table, f"{where}[{i}]") for i, v in enumerate(obj)]
         return items if isinstance(obj, list) else {TAG: "tuple", "items": items}
     if isinstance(obj, dict):
         if all(isinstance(k, str) for k in obj) and TAG not in obj:
-            return {k: _encode(v, tensors, names, f"{where}.{k}") for k, v in obj.items()}
-        return {TAG: "dict", "items": [[_encode(k, tensors, names, where), _encode(v, tensors, names, f"{where}[{k!r}]")]
+            return {k: _encode(v, table, f"{where}.{k}") for k, v in obj.items()}
+        return {TAG: "dict", "items": [[_encode(k, table, where), _encode(v, table, f"{where}[{k!r}]")]
                                        for k, v in obj.items()]}
     raise TypeError(f"resume state: {where} is a {type(obj).__name__}, not plain data (dict, list, tuple, number, "
                     "string, tensor or numpy array)")
@@ -180,9 +197,9 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def save_state(state: dict, folder: str) -> None:
     """Write `state` as resume_state.json + resume_state.safetensors in `folder` (see the module docstring)."""
-    tensors: dict[str, torch.Tensor] = {}
-    tree = _encode(state, tensors, {}, "state")
-    save_file(tensors, os.path.join(folder, STATE_TENSORS))
+    table = _TensorTable()
+    tree = _encode(state, table, "state")
+    save_file(table.tensors, os.path.join(folder, STATE_TENSORS))
     with open(os.path.join(folder, STATE_JSON), "w") as f:
         json.dump({"format": FORMAT, "version": VERSION, "state": tree}, f)
 

@@ -77,7 +77,7 @@ def same(a, b) -> bool:
 
 
 def test_resume_state_round_trips_exactly(tmp_path):
-    shared = torch.arange(6.0)
+    shared, buffer = torch.arange(6.0), torch.arange(10.0)
     state = {
         "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(2, 3)}},
                       "param_groups": [{"betas": (0.9, 0.99), "params": [0], "foreach": None, "fused": False}]},
@@ -85,6 +85,7 @@ def test_resume_state_round_trips_exactly(tmp_path):
         "tensors": [torch.randn(4, dtype=torch.bfloat16), torch.tensor([True, False]), torch.randn(3, 2).t(),
                     torch.zeros(0), torch.randint(0, 255, (5,), dtype=torch.uint8)],
         "aliases": [shared, shared],
+        "overlapping views": [buffer[:6], buffer[4:]],
         "floats": [float("nan"), float("inf"), -float("inf"), 1e-300, 0.1],
         "numpy": [np.float64(0.5), np.int64(7)],
         TAG: {"a dict using the tag as a key": ("x", 1)},
