@@ -227,3 +227,23 @@ def test_cli_resume_from_a_planted_checkpoint_is_a_one_line_error(run, tmp_path)
     assert len(errors) == 1 and errors[0].startswith("dash-fast: error: refusing "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not os.path.exists(marker)
+
+
+def test_trl_resume_from_a_planted_checkpoint_is_refused(run, tmp_path):
+    from datasets import Dataset
+
+    from dash_fast import GRPOConfig, GRPOTrainer
+
+    path, marker = copy_of(run[0], tmp_path), str(tmp_path / "PWNED")
+    for name in (STATE_JSON, STATE_TENSORS):
+        os.remove(os.path.join(path, name))
+    plant(os.path.join(path, LEGACY_STATE), marker)
+    tok = build_tokenizer()
+    args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=4, max_steps=2, report_to="none", disable_tqdm=True)
+    trainer = GRPOTrainer(model=build_model(tok, TINY), reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                          args=args, train_dataset=Dataset.from_list([{"prompt": f"{i}+1="} for i in range(4)]),
+                          processing_class=tok)
+    with pytest.raises(CheckpointError, match="refusing .*calls posix.system"):
+        trainer.train(resume_from_checkpoint=path)
+    assert not os.path.exists(marker)
