@@ -9,7 +9,7 @@ with overlap=True (`pending_rollout_state`).
 A checkpoint is data, never code: someone else's checkpoint (shared, or from the hub) must not run
 anything on `--resume PATH`. So nothing resume reads is a pickle: the resume state is
 `resume_state.json` (the tree: dicts, lists, numbers, strings; tuples, non-string keys and numpy arrays
-tagged) + `resume_state.safetensors` (its tensors, named from the JSON), the weights are read from
+tagged) + `resume_state-NNNNN.safetensors` (its tensors, named from the JSON), the weights are read from
 safetensors only (a `pytorch_model.bin` / `adapter_model.bin` is refused, never opened), and a
 `trainer_state.pt` of the previous format is read with torch's restricted unpickler (`weights_only=True`,
 plus the numpy array types its RNG state needs), which refuses any other callable.
@@ -34,7 +34,8 @@ from dash_fast.overlap import OverlapScheduler, Prefetched
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_JSON = "resume_state.json"
-STATE_TENSORS = "resume_state.safetensors"
+STATE_SHARD = re.compile(r"^resume_state-\d{5}\.safetensors$")  # the state's tensors, listed in STATE_JSON
+SHARD_BYTES = 1 << 30  # tensors per shard: a CUDA state is copied to host one shard at a time
 LEGACY_STATE = "trainer_state.pt"  # the previous format: a pickle, read only with weights_only=True
 FORMAT = "dash-fast resume state"
 VERSION = 1
@@ -141,14 +142,14 @@ class _TensorTable:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
         self.names: dict[int, str] = {}
-        self.storages: set[int] = set()
+        self.storages: set[tuple[torch.device, int]] = set()
 
     def name(self, obj: torch.Tensor) -> str:
         if id(obj) not in self.names:
-            t = obj.detach().cpu().contiguous()
-            if t.untyped_storage().data_ptr() in self.storages:
+            t = obj.detach().contiguous()
+            if (t.device, t.untyped_storage().data_ptr()) in self.storages:
                 t = t.clone()
-            self.storages.add(t.untyped_storage().data_ptr())
+            self.storages.add((t.device, t.untyped_storage().data_ptr()))
             self.names[id(obj)] = str(len(self.tensors))
             self.tensors[self.names[id(obj)]] = t
         return self.names[id(obj)]
@@ -195,13 +196,22 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise CheckpointError(f"resume state: unknown entry {TAG}={kind!r} (written by a newer dash-fast?)")
 
 
-def save_state(state: dict, folder: str) -> None:
-    """Write `state` as resume_state.json + resume_state.safetensors in `folder` (see the module docstring)."""
+def save_state(state: dict, folder: str, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write `state` as resume_state.json + resume_state-NNNNN.safetensors in `folder` (module docstring).
+    Shards of about `shard_bytes`: safetensors holds a file's tensors in host memory while writing it."""
     table = _TensorTable()
     tree = _encode(state, table, "state")
-    save_file(table.tensors, os.path.join(folder, STATE_TENSORS))
+    files: list[str] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for i, (name, t) in enumerate(table.tensors.items()):
+        shard[name], size = t.cpu(), size + t.nbytes
+        if size >= shard_bytes or i == len(table.tensors) - 1:
+            files.append(f"resume_state-{len(files):05d}.safetensors")
+            save_file(shard, os.path.join(folder, files[-1]))
+            shard, size = {}, 0
     with open(os.path.join(folder, STATE_JSON), "w") as f:
-        json.dump({"format": FORMAT, "version": VERSION, "state": tree}, f)
+        json.dump({"format": FORMAT, "version": VERSION, "files": files, "state": tree}, f)
 
 
 def load_trainer_state(path: str) -> dict:
@@ -213,7 +223,12 @@ def load_trainer_state(path: str) -> dict:
             doc = json.load(f)
         if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
             raise CheckpointError(f"{os.path.join(path, STATE_JSON)}: not a {FORMAT} version {VERSION}")
-        return _decode(doc["state"], load_file(os.path.join(path, STATE_TENSORS), device="cpu"))
+        tensors: dict[str, torch.Tensor] = {}
+        for name in doc["files"]:
+            if not isinstance(name, str) or not STATE_SHARD.match(name):
+                raise CheckpointError(f"{os.path.join(path, STATE_JSON)}: {name!r} is not a resume_state shard name")
+            tensors.update(load_file(os.path.join(path, name), device="cpu"))
+        return _decode(doc["state"], tensors)
     legacy = os.path.join(path, LEGACY_STATE)
     if not os.path.exists(legacy):
         raise CheckpointError(f"{path}: not a dash-fast checkpoint (no {STATE_JSON})")

@@ -6,6 +6,7 @@ stays absent); planted beside a valid checkpoint it is never opened.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -22,7 +23,7 @@ from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import (
     LEGACY_STATE,
     STATE_JSON,
-    STATE_TENSORS,
+    STATE_SHARD,
     TAG,
     CheckpointError,
     load_trainer_state,
@@ -92,7 +93,8 @@ def test_resume_state_round_trips_exactly(tmp_path):
         "mixed keys": {1: "one", "1": "string one", (2, 3): None},
         "log_history": [{"step": 1, "loss": -0.25, "text": "é ✓"}],
     }
-    save_state(state, str(tmp_path))
+    save_state(state, str(tmp_path), shard_bytes=64)  # several shard files
+    assert len([n for n in os.listdir(tmp_path) if STATE_SHARD.match(n)]) > 2
     loaded = load_trainer_state(str(tmp_path))
     expected = {**state, "numpy": [0.5, 7]}  # numpy scalars come back as Python numbers
     assert same(loaded, expected)
@@ -101,6 +103,16 @@ def test_resume_state_round_trips_exactly(tmp_path):
     draws = (random.random(), np.random.rand(), torch.rand(1))
     set_rng_state(state["rng"])
     assert same(draws, (random.random(), np.random.rand(), torch.rand(1)))
+
+
+def test_state_files_are_only_its_own_shards(tmp_path):
+    save_state({"step": 3, "log_history": []}, str(tmp_path))  # no tensors: no shard
+    assert load_trainer_state(str(tmp_path)) == {"step": 3, "log_history": []}
+    doc = json.load(open(tmp_path / STATE_JSON))
+    assert doc["files"] == []
+    json.dump({**doc, "files": ["../../elsewhere.safetensors"]}, open(tmp_path / STATE_JSON, "w"))
+    with pytest.raises(CheckpointError, match="'../../elsewhere.safetensors' is not a resume_state shard name"):
+        load_trainer_state(str(tmp_path))
 
 
 def test_state_that_is_not_plain_data_is_refused_when_saving(tmp_path):
@@ -135,6 +147,13 @@ def run(tmp_path_factory):
     return str(out / "checkpoints" / "step-1"), params(trainer)
 
 
+def drop_resume_state(path: str) -> None:
+    """Leave a checkpoint without its current-format state (as the previous format wrote it)."""
+    for name in os.listdir(path):
+        if name == STATE_JSON or STATE_SHARD.match(name):
+            os.remove(os.path.join(path, name))
+
+
 def copy_of(ckpt: str, dest) -> str:
     path = str(dest / "step-1")
     shutil.copytree(ckpt, path)
@@ -157,8 +176,7 @@ def assert_refused(tmp_path, path: str, marker: str, match: str) -> None:
 @pytest.mark.parametrize("how, what", [("torch", r"calls posix\.system"), ("pickle", "is not plain data")])
 def test_planted_trainer_state_pickle_is_refused_and_never_runs(run, tmp_path, how, what):
     path, marker = copy_of(run[0], tmp_path), str(tmp_path / "PWNED")
-    for name in (STATE_JSON, STATE_TENSORS):
-        os.remove(os.path.join(path, name))
+    drop_resume_state(path)
     plant(os.path.join(path, LEGACY_STATE), marker, how)
     assert_refused(tmp_path, path, marker, rf"refusing .*trainer_state\.pt: a pickle that {what}")
 
@@ -202,8 +220,7 @@ def test_previous_format_checkpoint_still_resumes_exactly(run, tmp_path):
     state = load_trainer_state(path)
     assert isinstance(state["rng"]["numpy"][1], np.ndarray)
     torch.save(state, os.path.join(path, LEGACY_STATE))
-    for name in (STATE_JSON, STATE_TENSORS):
-        os.remove(os.path.join(path, name))
+    drop_resume_state(path)
     assert same(load_trainer_state(path), state)
     resumed = params(resume_from(path, tmp_path / "resumed"))
     assert all(torch.equal(resumed[k], v) for k, v in run[1].items())
@@ -211,8 +228,7 @@ def test_previous_format_checkpoint_still_resumes_exactly(run, tmp_path):
 
 def test_cli_resume_from_a_planted_checkpoint_is_a_one_line_error(run, tmp_path):
     path, marker = copy_of(run[0], tmp_path), str(tmp_path / "PWNED")
-    for name in (STATE_JSON, STATE_TENSORS):
-        os.remove(os.path.join(path, name))
+    drop_resume_state(path)
     plant(os.path.join(path, LEGACY_STATE), marker)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "kernels")]), "OMP_NUM_THREADS": "1"}
@@ -235,8 +251,7 @@ def test_trl_resume_from_a_planted_checkpoint_is_refused(run, tmp_path):
     from dash_fast import GRPOConfig, GRPOTrainer
 
     path, marker = copy_of(run[0], tmp_path), str(tmp_path / "PWNED")
-    for name in (STATE_JSON, STATE_TENSORS):
-        os.remove(os.path.join(path, name))
+    drop_resume_state(path)
     plant(os.path.join(path, LEGACY_STATE), marker)
     tok = build_tokenizer()
     args = GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, num_generations=4,
