@@ -57,7 +57,20 @@ def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path):
     trainer = make_trainer(tmp_path, torch.bfloat16, max_steps=2)  # a bf16 module: its run gets masters too
     sampler = trainer.precision.sampler_model
     assert trainer.engine.model is sampler and sampler is not trainer.model
+    learner, seen = trainer.learner, []
+    decoder_hidden, loss_fn = learner._decoder_hidden, learner.loss_fn
+
+    def decoder_spy(*args):
+        seen.append(("decoder autocast", torch.is_autocast_enabled("cpu")))
+        return decoder_hidden(*args)
+
+    def loss_spy(hidden, weight, *args, **kwargs):
+        seen.append(("loss inputs", hidden.dtype, weight.dtype))
+        return loss_fn(hidden, weight, *args, **kwargs)
+
+    learner._decoder_hidden, learner.loss_fn = decoder_spy, loss_spy
     trainer.train()
+    assert set(seen) == {("decoder autocast", True), ("loss inputs", torch.bfloat16, torch.float32)}, set(seen)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
     for (name, master), copy in zip(trainer.model.named_parameters(), sampler.parameters(), strict=True):
@@ -86,12 +99,25 @@ class StopAt:
         control.should_training_stop = state.global_step == self.step
 
 
+class CopyMatchesMasters:
+    """At train begin (after a resume restored the masters) the sampler's copy must be their rounding."""
+
+    def __init__(self) -> None:
+        self.trainer, self.checked = None, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for master, copy in zip(self.trainer.model.parameters(), self.trainer.precision.sampler_model.parameters()):
+            assert torch.equal(copy, master.to(torch.bfloat16)), "the sampler's copy is stale after resume"
+        self.checked = True
+
+
 def test_bf16_resume_is_exact(tmp_path):
     full = make_trainer(tmp_path / "full", dtype="bfloat16")
     full.train()
     make_trainer(tmp_path / "cut", dtype="bfloat16", callbacks=[StopAt(2)]).train()
-    resumed = make_trainer(tmp_path / "cut", dtype="bfloat16", resume="auto")
-    assert resumed.train()["steps"] == 4
+    check = CopyMatchesMasters()
+    resumed = check.trainer = make_trainer(tmp_path / "cut", dtype="bfloat16", resume="auto", callbacks=[check])
+    assert resumed.train()["steps"] == 4 and check.checked
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         assert a.dtype == torch.float32 and torch.equal(a, b), name
     for a, b in zip(full.precision.sampler_model.parameters(), resumed.precision.sampler_model.parameters()):
