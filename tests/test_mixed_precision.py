@@ -146,3 +146,25 @@ def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
     moved, _ = weight_change(trainer)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert moved > 0.9, moved
+
+
+def test_trl_bf16_with_lora_trains_fp32_adapters_over_a_bf16_base(tmp_path):
+    """PEFT: only the adapters are masters (fp32); the frozen base stays bf16 and there is no sampler copy."""
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    build_model(tok, TINY).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    train, _ = make_task(TINY, seed=0)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, learning_rate=3e-6, max_steps=2,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=8, report_to=[],
+                      disable_tqdm=True, filter_tau=None)
+    trainer = GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train,
+                          peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {(p.requires_grad, p.dtype) for p in trainer.model.parameters()} == {(False, torch.bfloat16),
+                                                                               (True, torch.float32)}
+    assert trainer.precision.sampler_model is trainer.model
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"{name} did not move"
