@@ -103,7 +103,7 @@ print(device_setup.openmp_wait, threads, torch.get_num_threads(), before, cpu_ov
     assert wait == "too_late" and int(threads) == int(now) == cpus
     if cpus > 1:
         assert "short spin" in why and SPINNING_NOTICE not in why
-        assert float(after) < 0.75 * float(before), (before, after)  # spinning: ~2x the CPU of the work
+        assert float(after) < 0.5 * float(before), (before, after)  # spinning: 4-8x the CPU of the work here
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the sampler process needs two CPUs")
