@@ -14,7 +14,8 @@ completion's place in its group (0, 1, 2, 3, ...), so every group has the same s
 |advantage| > 0.1: the DASH filter keeps every row (the run checks kept_fraction == 1). Step times are the
 gaps between `on_step_end` callbacks (what a user's clock sees), the first `--warmup` steps dropped; peak
 RSS is the child's VmHWM. Rounds alternate the trainers (dash, trl, dash, trl, ...) so that background load
-hits both alike. Writes bench/results/swap_<shape>.csv (DESIGN.md section 4 columns) and prints ratios.
+hits both alike. `trl_passive` is TRL with OMP_WAIT_POLICY=PASSIVE set before start (its OpenMP threads then
+sleep at once instead of spinning: what a busy machine needs). Writes bench/results/swap_<shape>.csv (DESIGN.md section 4 columns) and prints ratios.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 REPO = Path(__file__).resolve().parents[1]
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")  # none: as a user runs it
 SHAPES = {  # Qwen2Config fields
     "qwen0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                      intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
@@ -74,7 +76,7 @@ CHILD = """
 import json, os, sys, time, tempfile
 import torch, transformers, datasets  # a TRL script's imports come first
 from transformers import TrainerCallback
-if {trainer!r} == "dash":
+if {trainer!r}.startswith("dash"):
     from dash_fast import GRPOConfig, GRPOTrainer
 else:
     from trl import GRPOConfig, GRPOTrainer
@@ -104,18 +106,22 @@ clock = Clock()
 trainer = GRPOTrainer({model!r}, group_place_reward, args=args, train_dataset=data, callbacks=[clock])
 trainer.train()
 kept = [r["kept_fraction"] for r in trainer.state.log_history if "kept_fraction" in r]
+phases = [{{k: v for k, v in r.items() if k.startswith("time_")}} for r in trainer.state.log_history
+          if "kept_fraction" in r]  # dash-fast's own split of each step
 with open("/proc/self/status") as f:
     hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
 print("SWAP_RESULT " + json.dumps({{"steps": clock.steps, "peak_rss_gb": hwm / 2**20, "kept": kept,
-                                    "threads": torch.get_num_threads()}}))
+                                    "phases": phases, "threads": torch.get_num_threads()}}))
 """
 
 
 def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
     code = CHILD.format(trainer=trainer, bench=str(Path(__file__).resolve().parent), model=model,
                         rows=a.prompts * a.group, group=a.group, tokens=a.tokens, steps=a.steps)
-    env = {**os.environ, "SWAP_GROUP": str(a.group), "PYTHONPATH": os.pathsep.join(
-        [str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    env = {**{k: v for k, v in os.environ.items() if k not in THREAD_ENV}, "SWAP_GROUP": str(a.group),
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    if trainer.endswith("_passive"):  # libgomp's spin off from the start, as a user can set it
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=a.timeout)
     if proc.returncode != 0:
@@ -135,7 +141,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--trainers", default="dash,trl")
+    ap.add_argument("--trainers", default="dash,trl",
+                    help="dash, trl, and trl_passive / dash_passive (OMP_WAIT_POLICY=PASSIVE set before start)")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dash-fast-swap"))
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
@@ -162,6 +169,11 @@ def main() -> None:
         rows.append(common.row("swap", t, "peak_rss", "shape", a.shape, (rss[t],) * 3, "GB", "cpu", "float32", 0.0,
                                note))
     common.print_table(rows)
+    for t, results in runs.items():
+        timed = [ph for res in results for ph in res.get("phases", [])[a.warmup:]]
+        if timed:
+            split = {k: statistics.median(ph.get(k, 0.0) for ph in timed) for k in sorted({k for ph in timed for k in ph})}
+            print(f"{t} p50 split: " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
     if "dash" in p50s and "trl" in p50s:
         print(f"dash-fast vs TRL at {a.shape}: {p50s['trl'] / p50s['dash']:.2f}x per step (p50 {p50s['dash']:.2f} "
               f"vs {p50s['trl']:.2f} s; bar 1.5x), peak RSS {rss['dash']:.2f} vs {rss['trl']:.2f} GB (bar <= TRL)")
