@@ -28,7 +28,8 @@ the spin bought at most ~5%. So the spin goes, and the cores stay:
    are more OpenMP threads than available CPUs, 1000 and 100 spins for OMP_WAIT_POLICY being ACTIVE or
    undefined"). It parks one idle team of one thread per CPU (a host thread blocked for good, its workers
    asleep at libgomp's dock), which keeps the count above the CPUs whatever team sizes torch uses later.
-   Measured like PASSIVE (bench/contention.py, policy torch_first vs default). No re-exec, nothing patched.
+   Measured like PASSIVE (bench/results/swap.md: TRL-style step p50 0.071 s alone, 0.080 s beside a busy
+   loop, vs 0.073 / 0.093 s with PASSIVE and 0.32 / 0.75 s with the full spin). No re-exec, nothing patched.
 3. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
    then "auto" uses one thread per usable CPU, whatever the import order (what torch itself would use, as
    TRL does). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in the
