@@ -19,8 +19,9 @@ Competitors (started before the trainer, killed after it):
   <name>_session  the same, started in a new session: with autogroup scheduling (Linux's default for
             desktops, on here) each session gets an equal share of the CPUs whatever its processes' nice
 Policies: default (what dash-fast does with no thread settings: cpu_threads=auto, dash_fast imported before
-torch), torch_first (the same in a script that imports torch before dash_fast), torch (torch's own: one thread
-per core, libgomp's default spin of 300000, as dash-fast ran before cpu_threads=auto), t1 (cpu_threads=1),
+torch: PASSIVE), torch_first (the same in a script that imports torch before dash_fast: libgomp's short spin,
+device_setup.shorten_openmp_spin), torch (torch's own: one thread per core, libgomp's default spin of 300000,
+as dash-fast ran before cpu_threads=auto, and TRL runs), t1 (cpu_threads=1),
 t2_passive (OMP_WAIT_POLICY=PASSIVE), t2_spin (GOMP_SPINCOUNT=0), t2_spin10k (GOMP_SPINCOUNT=10000), t2_bound
 (OMP_PROC_BIND=true, OMP_PLACES=cores: each thread bound to one core, libgomp's default spin); embedded task
 only: overlap (overlap=true: the sampler process on one core, the learner on the other), vllm (engine=vllm in

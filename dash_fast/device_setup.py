@@ -6,7 +6,8 @@
   enforced by the config).
 - `prepare_engine`: reserve the embedded engine's cache once and capture its CUDA graphs on the main
   thread, before a sampler runs in a worker thread (overlap=True).
-- `set_openmp_wait_policy` and `apply_cpu_threads`: CPU threads that hold up next to other busy processes.
+- `set_openmp_wait_policy`, `shorten_openmp_spin` and `apply_cpu_threads`: every usable core, with OpenMP
+  threads that hold up next to other busy processes.
 
 CPU threads (`cpu_threads`, default "auto"; bench/contention.py measures every policy below). torch's CPU
 ops run on libgomp (GNU OpenMP), whose threads meet at a barrier after every parallel op and by default
@@ -15,17 +16,26 @@ steps of seconds instead of ~0.1 s: a thread that has been descheduled holds the
 spinning ones take CPU from it. Measured on 2 cores (README, "CPU threads next to other busy processes"),
 a TRL-style ~0.07 s step next to a busy loop in another session: 4.9 s per step with torch's defaults,
 0.09 s with the spin off (OMP_WAIT_POLICY=PASSIVE), 0.07 s at 1 thread, 0.3 s with a spin of 10000; alone
-the spin bought at most ~5%. So:
+the spin bought at most ~5%. So the spin goes, and the cores stay:
 1. `set_openmp_wait_policy` (called by dash_fast/__init__.py, before dash_fast imports torch) sets
    OMP_WAIT_POLICY=PASSIVE: libgomp reads it once, when torch loads it, so it only takes effect if torch
-   was not imported before dash_fast (the `dash-fast` CLI and scripts that import dash_fast before torch
-   get it; in-process it cannot be changed later). A user's OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-2. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
-   then "auto" uses one thread per usable CPU when the spin is off (or the user set the wait policy), and
-   1 thread when torch was imported first (its threads then spin: a 1-thread process has no barrier to
-   stall at; the start-up line says how to get all cores). An explicit choice wins: `cpu_threads=N`,
-   OMP_NUM_THREADS / MKL_NUM_THREADS in the environment (left to torch; torchrun sets 1), or
-   `cpu_threads=None` (torch's own count, the old default).
+   was not imported before dash_fast (the `dash-fast` CLI, scripts that import dash_fast first, and the
+   overlap sampler process, whose spawned interpreter imports dash_fast before torch). A user's
+   OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+2. When torch came first (every TRL script imports torch, transformers or datasets before its trainer),
+   `shorten_openmp_spin` gets libgomp's short spin instead: libgomp spins only 100 times, not 300000, while
+   it manages more threads than the CPUs it found at load (the libgomp manual, GOMP_SPINCOUNT: "If there
+   are more OpenMP threads than available CPUs, 1000 and 100 spins for OMP_WAIT_POLICY being ACTIVE or
+   undefined"). It parks one idle team of one thread per CPU (a host thread blocked for good, its workers
+   asleep at libgomp's dock), which keeps the count above the CPUs whatever team sizes torch uses later.
+   Measured like PASSIVE (bench/results/swap.md: TRL-style step p50 0.071 s alone, 0.080 s beside a busy
+   loop, vs 0.073 / 0.093 s with PASSIVE and 0.32 / 0.75 s with the full spin). No re-exec, nothing patched.
+3. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
+   then "auto" uses one thread per usable CPU, whatever the import order (what torch itself would use, as
+   TRL does). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in the
+   environment (left to torch; torchrun sets 1), or `cpu_threads=None` (torch's own count). With torch
+   first and more than one thread it shortens the spin (2.); where that cannot be done (torch not on
+   libgomp) the start-up line says so and how to turn the spin off.
 The count is fixed for the run (CPU results are reproducible at a fixed thread count). overlap=True on
 CPU then splits the cores between sampler and learner (overlap.py).
 """
@@ -63,15 +73,18 @@ def set_openmp_wait_policy(environ: MutableMapping[str, str] = os.environ,
     return openmp_wait
 
 
-SPINNING_NOTICE = ("cpu_threads=auto: 1 thread, because torch was imported before dash_fast, so OpenMP threads "
-                   "spin-wait (a step then stalls for seconds next to another busy process); import dash_fast "
-                   "before torch, or set OMP_WAIT_POLICY=PASSIVE before starting Python, or cpu_threads=N")
+SPINNING_NOTICE = ("torch was imported before dash_fast, so its OpenMP threads spin-wait at every barrier (next to "
+                   "another busy process a step can then stall for seconds) and dash-fast found no libgomp to shorten "
+                   "the spin in; set OMP_WAIT_POLICY=PASSIVE before starting Python, import dash_fast before torch, "
+                   "or cpu_threads=1")
+# the parked team of shorten_openmp_spin (its host thread and size), kept for the life of the process
+_parked: tuple | None = None
 
 
-def cpu_thread_count(cpu_threads: int | str | None, usable_cpus: int, wait: str | None,
+def cpu_thread_count(cpu_threads: int | str | None, usable_cpus: int,
                      environ: MutableMapping[str, str] = os.environ) -> tuple[int | None, str]:
-    """(torch threads to set, or None to leave torch's count; why: SPINNING_NOTICE when auto chose 1 thread
-    for want of the wait policy, which the start-up line prints). `wait`: `openmp_wait`."""
+    """(torch threads to set, or None to leave torch's count; why, for the start-up line). "auto": one per
+    usable CPU, whatever the import order (the spin is dealt with by shorten_openmp_spin)."""
     if cpu_threads is None:
         return None, "cpu_threads=None: torch's own count"
     if cpu_threads != "auto":
@@ -79,23 +92,71 @@ def cpu_thread_count(cpu_threads: int | str | None, usable_cpus: int, wait: str 
     chosen = [k for k in THREAD_VARS if environ.get(k)]
     if chosen:
         return None, f"{chosen[0]}={environ[chosen[0]]} in the environment"
-    if wait == "too_late" and usable_cpus > 1:
-        return 1, SPINNING_NOTICE
     return max(1, usable_cpus), f"cpu_threads=auto: one per usable CPU ({usable_cpus})"
+
+
+def loaded_libgomp(maps: str = "/proc/self/maps") -> str | None:
+    """The path of the libgomp torch runs on (the one inside torch's own folders when several are loaded),
+    or None (not Linux, or torch on another OpenMP runtime)."""
+    try:
+        with open(maps) as f:
+            paths = {line.split()[-1] for line in f if "/libgomp" in line}
+    except OSError:
+        return None
+    ours = sorted(p for p in paths if "/torch/lib/" in p or "/torch.libs/" in p) or sorted(paths)
+    return ours[0] if ours else None
+
+
+def shorten_openmp_spin(cpus: int) -> bool:
+    """Make the loaded libgomp spin 100 times instead of 300000 before its threads sleep (module docstring,
+    2.): park one team of `cpus` threads (at least 2) in a host thread that never returns, so libgomp
+    manages more threads than the `cpus` it found at load whatever team sizes run later. Once per
+    process; returns whether the short spin is on (False: no libgomp found)."""
+    global _parked
+    if _parked is not None:
+        return True
+    import ctypes
+    import threading
+
+    path = loaded_libgomp()
+    if path is None:
+        return False
+    gomp, libc = ctypes.CDLL(path), ctypes.CDLL(None)
+    noop = ctypes.cast(libc.free, ctypes.c_void_p)  # free(NULL): a C function of one pointer that does nothing
+    size = max(2, cpus)
+    formed = threading.Event()
+
+    def park() -> None:
+        gomp.GOMP_parallel(noop, None, ctypes.c_uint(size), ctypes.c_uint(0))  # the team forms, then docks
+        formed.set()
+        threading.Event().wait()  # this thread's pool (and so libgomp's count) must outlive the run
+
+    thread = threading.Thread(target=park, name="dash-fast-openmp-park", daemon=True)
+    thread.start()
+    formed.wait()
+    _parked = (thread, size)
+    return True
 
 
 def apply_cpu_threads(cpu_threads: int | str | None, cpu_affinity: str | None) -> tuple[int | None, str]:
     """Bind the process to `cpu_affinity` (if set), then set torch's thread count (cpu_thread_count over
-    the CPUs the process may now use). Returns what cpu_thread_count returned."""
+    the CPUs the process may now use); with torch imported before dash_fast and more than one thread,
+    shorten libgomp's spin. Returns (threads set or None, why); why is SPINNING_NOTICE when the threads
+    spin and nothing could shorten it (the trainer prints it)."""
     import torch
 
-    from dash_fast.overlap import bind_process, parse_cpus
+    from dash_fast.overlap import INITIAL_CPUS, bind_process, parse_cpus
 
     if cpu_affinity is not None:
         bind_process(parse_cpus(cpu_affinity))
-    threads, why = cpu_thread_count(cpu_threads, len(os.sched_getaffinity(0)), openmp_wait)
+    threads, why = cpu_thread_count(cpu_threads, len(os.sched_getaffinity(0)))
     if threads is not None:
         torch.set_num_threads(threads)
+    if openmp_wait == "too_late" and torch.get_num_threads() > 1:
+        if shorten_openmp_spin(len(INITIAL_CPUS)):  # libgomp counted the CPUs of the affinity before any binding
+            why += "; libgomp's short spin (torch was imported before dash_fast)"
+        else:
+            why = SPINNING_NOTICE
     return threads, why
 
 

@@ -301,6 +301,13 @@ class GRPOConfig:
     prompt_column: str = "prompt"
     dataset_format: str = "auto"  # auto | prompt | gsm8k | math | mbpp (GSM8K / MATH / MBPP columns adapted)
     parallel: str = "ddp"
+    # CPU runtime (DashConfig's; device_setup.py, overlap.py): torch threads (auto: one per usable CPU), the
+    # CPUs to bind to, and overlap's split of them
+    cpu_threads: int | str | None = "auto"
+    cpu_affinity: str | None = None
+    sampler_cores: int | None = None
+    bind_cpus: bool = False
+    cpu_sampler: str = "process"
     extra: dict[str, Any] = field(default_factory=dict)  # any other DashConfig keys, e.g. {"dtype": ...}
 
     def __init__(self, output_dir: str | None = None, **kwargs: Any) -> None:
@@ -457,6 +464,8 @@ class GRPOConfig:
             disable_tqdm=bool(self.disable_tqdm), on_reward_error=self.on_reward_error,
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
             prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
+            cpu_threads=self.cpu_threads, cpu_affinity=self.cpu_affinity, sampler_cores=self.sampler_cores,
+            bind_cpus=self.bind_cpus, cpu_sampler=self.cpu_sampler,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:

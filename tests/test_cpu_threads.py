@@ -1,5 +1,6 @@
-"""cpu_threads=auto and the OpenMP wait policy (device_setup.py): what gets set, in which order, when it can
-take effect, and that a user's own setting wins. The speed side is bench/contention.py (no timed tests)."""
+"""cpu_threads=auto and the OpenMP wait policy (device_setup.py): every usable CPU whatever the import order,
+the spin turned off (PASSIVE) or shortened (torch imported first), and a user's own setting wins. The speed
+side is bench/contention.py (no timed tests; the spin test compares CPU time, not speed)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dash_fast.device_setup import (
     SPINNING_NOTICE,
     apply_cpu_threads,
     cpu_thread_count,
+    loaded_libgomp,
     set_openmp_wait_policy,
 )
 from dash_fast.overlap import bind_process
@@ -63,16 +65,80 @@ def test_importing_dash_fast_first_turns_libgomps_spin_off_and_torch_first_canno
 
 def test_auto_thread_count():
     env: dict[str, str] = {}
-    assert cpu_thread_count("auto", 4, "set", env) == (4, "cpu_threads=auto: one per usable CPU (4)")
-    assert cpu_thread_count("auto", 4, "user", env)[0] == 4  # the user's wait policy: their call
-    assert cpu_thread_count("auto", 4, "too_late", env) == (1, SPINNING_NOTICE)
-    assert cpu_thread_count("auto", 1, "too_late", env)[0] == 1 and cpu_thread_count("auto", 1, "too_late", env)[1] \
-        != SPINNING_NOTICE  # one CPU: nothing was given up
-    assert cpu_thread_count(3, 4, "too_late", env)[0] == 3  # an explicit count wins
-    assert cpu_thread_count(None, 4, "set", env)[0] is None  # torch's own count
+    assert cpu_thread_count("auto", 4, env) == (4, "cpu_threads=auto: one per usable CPU (4)")
+    assert cpu_thread_count("auto", 1, env)[0] == 1
+    assert cpu_thread_count(3, 4, env)[0] == 3  # an explicit count wins
+    assert cpu_thread_count(None, 4, env)[0] is None  # torch's own count
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        threads, why = cpu_thread_count("auto", 4, "too_late", {var: "3"})
+        threads, why = cpu_thread_count("auto", 4, {var: "3"})
         assert threads is None and var in why  # left to torch, which read it
+
+
+def test_torch_first_gets_every_cpu_and_libgomps_short_spin():
+    """A TRL-style script (torch imported before dash_fast: libgomp spins 300000 times at each barrier) gets
+    one thread per CPU, and its idle OpenMP workers stop burning CPU once apply_cpu_threads has run: the
+    same parallel ops with sleeps between them, before and after, in one process."""
+    code = """
+import os, time, torch
+import dash_fast
+from dash_fast import device_setup
+def cpu_over_idle_gaps():
+    a = torch.randn(384, 384)
+    c0 = time.process_time()
+    for _ in range(120):
+        a @ a
+        time.sleep(0.004)  # the workers spin through the gap, or sleep
+    return time.process_time() - c0
+torch.set_num_threads(2)
+before = cpu_over_idle_gaps()
+threads, why = device_setup.apply_cpu_threads("auto", None)
+print(device_setup.openmp_wait, threads, torch.get_num_threads(), before, cpu_over_idle_gaps(), why, sep="|")
+"""
+    clean = {k: v for k, v in os.environ.items() if k not in device_setup.WAIT_VARS + device_setup.THREAD_VARS}
+    proc = subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wait, threads, now, before, after, why = proc.stdout.strip().splitlines()[-1].split("|")
+    cpus = len(os.sched_getaffinity(0))
+    assert wait == "too_late" and int(threads) == int(now) == cpus
+    if cpus > 1:
+        assert "short spin" in why and SPINNING_NOTICE not in why
+        assert float(after) < 0.5 * float(before), (before, after)  # spinning: 4-8x the CPU of the work here
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the sampler process needs two CPUs")
+def test_the_sampler_process_does_not_spin_even_when_torch_came_first():
+    """overlap's sampler process is the second busy process dash-fast itself runs beside the learner: its
+    spawned interpreter imports dash_fast before torch, so its libgomp starts with the spin off whatever
+    the training script imported first (the parent's libgomp, loaded first, prints its settings first)."""
+    code = """
+import torch
+from dash_fast.sampler_process import SamplerProcess
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+tok = build_tokenizer()
+model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), seed=0)
+proc = SamplerProcess(model, tok.pad_token_id, threads=1)
+assert proc.wait_ready(timeout=240)
+proc.close()
+"""
+    spins = [line.split("=")[1].strip() for line in openmp_settings(code).splitlines()
+             if line.strip().startswith("GOMP_SPINCOUNT")]
+    assert spins == ["'300000'", "'0'"]  # the trainer (torch first), then its sampler process
+
+
+def test_loaded_libgomp_prefers_torchs_own(tmp_path):
+    maps = tmp_path / "maps"
+    maps.write_text("7f0-7f1 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n"
+                    "7f2-7f3 r-xp 0 08:01 2 /venv/site-packages/torch/lib/libgomp.so.1\n"
+                    "7f4-7f5 r-xp 0 08:01 3 /usr/lib/libc.so.6\n")
+    assert loaded_libgomp(str(maps)) == "/venv/site-packages/torch/lib/libgomp.so.1"
+    maps.write_text("7f0-7f1 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libgomp.so.1\n")
+    assert loaded_libgomp(str(maps)) == "/usr/lib/x86_64-linux-gnu/libgomp.so.1"
+    maps.write_text("7f4-7f5 r-xp 0 08:01 3 /usr/lib/libc.so.6\n")
+    assert loaded_libgomp(str(maps)) is None
+    assert loaded_libgomp(str(tmp_path / "absent")) is None
+    if sys.platform == "linux" and torch._C.has_openmp:
+        assert loaded_libgomp() is not None  # this process's torch
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
@@ -86,22 +152,23 @@ def test_affinity_is_bound_before_auto_counts_the_cpus(monkeypatch):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
-def test_trainer_applies_auto_at_start_up_and_says_why_when_it_gives_cores_up(tmp_path, monkeypatch, capsys):
+def test_trainer_applies_auto_at_start_up_and_says_when_the_spin_stays(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
-    monkeypatch.setattr(device_setup, "openmp_wait", "too_late")
-    torch.set_num_threads(2)
-    make_trainer(tmp_path / "a", max_steps=1)
-    assert torch.get_num_threads() == 1 and SPINNING_NOTICE in capsys.readouterr().out
-    monkeypatch.setattr(device_setup, "openmp_wait", "set")
-    make_trainer(tmp_path / "b", max_steps=1)
-    assert torch.get_num_threads() == len(os.sched_getaffinity(0))
-    assert SPINNING_NOTICE not in capsys.readouterr().out
-    make_trainer(tmp_path / "c", max_steps=1, cpu_threads=1)
-    assert torch.get_num_threads() == 1
+    cpus = len(os.sched_getaffinity(0))
+    for n, wait in enumerate(("set", "too_late")):  # every CPU whatever the import order
+        monkeypatch.setattr(device_setup, "openmp_wait", wait)
+        torch.set_num_threads(1)
+        make_trainer(tmp_path / str(n), max_steps=1)
+        assert torch.get_num_threads() == cpus and SPINNING_NOTICE not in capsys.readouterr().out
+    monkeypatch.setattr(device_setup, "shorten_openmp_spin", lambda cpus: False)  # torch not on libgomp
+    make_trainer(tmp_path / "c", max_steps=1)
+    assert torch.get_num_threads() == cpus and SPINNING_NOTICE in capsys.readouterr().out
+    make_trainer(tmp_path / "d", max_steps=1, cpu_threads=1)
+    assert torch.get_num_threads() == 1 and SPINNING_NOTICE not in capsys.readouterr().out  # 1 thread: no barrier
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
-    make_trainer(tmp_path / "d", max_steps=1)
+    make_trainer(tmp_path / "e", max_steps=1)
     assert torch.get_num_threads() == 2  # the user's OMP_NUM_THREADS: untouched
 
 
@@ -114,10 +181,16 @@ def test_cpu_threads_config_values():
             DashConfig(cpu_threads=bad)
 
 
-def test_grpo_config_passes_cpu_threads_through():
+def test_grpo_config_takes_the_cpu_runtime_keys():
     from dash_fast import GRPOConfig
 
-    args = GRPOConfig(output_dir="x", per_device_train_batch_size=4, num_generations=2, extra={"cpu_threads": 1})
-    assert args.to_dash_config(n_train=8).cpu_threads == 1
-    assert GRPOConfig(output_dir="x", per_device_train_batch_size=4, num_generations=2).to_dash_config(
-        n_train=8).cpu_threads == "auto"
+    base = dict(output_dir="x", per_device_train_batch_size=4, num_generations=2)
+    cfg = GRPOConfig(**base).to_dash_config(n_train=8)
+    assert (cfg.cpu_threads, cfg.cpu_affinity, cfg.sampler_cores, cfg.bind_cpus, cfg.cpu_sampler) == \
+        ("auto", None, None, False, "process")
+    keys = dict(cpu_threads=1, cpu_affinity="0", sampler_cores=1, bind_cpus=True, cpu_sampler="thread")
+    cfg = GRPOConfig(**base, **keys).to_dash_config(n_train=8)
+    assert {k: getattr(cfg, k) for k in keys} == keys
+    assert GRPOConfig(**base, extra={"cpu_threads": 1}).to_dash_config(n_train=8).cpu_threads == 1
+    with pytest.raises(ConfigError, match="cpu_threads="):
+        GRPOConfig(**base, cpu_threads="fast").to_dash_config(n_train=8)
