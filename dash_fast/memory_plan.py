@@ -22,7 +22,8 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   activations when larger).
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
-  (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient).
+  (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient, and
+  with a tied head the embedding's gradient, summed with the head's in backward).
   The KV cache and graph pool stay allocated across the update unless `kv_cache_release` (the default
   engine keeps them for the next rollout); with `overlap` the next rollout samples during the update.
 
@@ -282,8 +283,9 @@ def activation_bytes(m: ModelShape, tokens: int, row_tokens: int, dtype_bytes: i
 def loss_bytes(m: ModelShape, tokens: int, dtype_bytes: int, device: str, loss_impl: str) -> int:
     """The loss of one micro-batch: fp32 gradients of the lm_head [V, H] and of the hidden states [N, H],
     plus its logits buffers: torch path (CPU) two chunk buffers (entropy on), Triton (CUDA) the dZ chunk;
-    the naive reference materialises the fp32 logits, their softmax and gradient."""
-    grads = (m.vocab * m.hidden + tokens * m.hidden) * 4
+    the naive reference materialises the fp32 logits, their softmax and gradient. With a tied head the
+    embedding's dense gradient [V, H] (weights' dtype) is summed with the head's before either is freed."""
+    grads = (m.vocab * m.hidden + tokens * m.hidden) * 4 + (m.vocab * m.hidden * dtype_bytes if m.tied else 0)
     if loss_impl == "naive":
         return grads + 3 * tokens * m.vocab * 4
     if device == "cuda" and loss_impl == "fused":

@@ -251,3 +251,21 @@ def test_cli_plan_and_dry_run(tmp_path, capsys):
     assert err.startswith("dash-fast: error: memory plan: needs") and "\n" not in err
     assert main(["plan"]) == 0  # the embedded default
     assert "fits" not in DashConfig().to_dict() and DashConfig().gradient_checkpointing is None
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    """bench/memory.py builds a model, trains it through `dash-fast train` and writes plan vs measured rows."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "memory.py"), "--smoke", "--layers", "1", "--steps", "1",
+                          "--threads", "1", "--results-dir", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "memory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["plan", "measured"] and all(float(r["p50"]) > 0 for r in rows)
