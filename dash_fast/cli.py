@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", help="A:B: wrap optimizer steps A..B in cudaProfilerStart/Stop")
     p.add_argument("--trace", action="store_true", default=None, help="write a torch.profiler Chrome trace")
     p.add_argument("--dataset-format", help="auto | prompt | gsm8k | math | mbpp (default auto: from the columns)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer in backward (default: when the memory plan needs it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, in any order with the flags (dotted for sub-configs: sft.steps=200); "
                         "every key is listed below")
@@ -42,7 +44,7 @@ def build_config(ns: argparse.Namespace):
         "output_dir": ns.output_dir, "max_steps": ns.max_steps, "seed": ns.seed, "model": ns.model,
         "dataset": ns.dataset, "eval_dataset": ns.eval_dataset, "resume": ns.resume, "beta": ns.beta,
         "device": ns.device, "profile_steps": ns.profile_steps, "trace": ns.trace,
-        "dataset_format": ns.dataset_format,
+        "dataset_format": ns.dataset_format, "gradient_checkpointing": ns.gradient_checkpointing,
     }
     overrides = list(ns.overrides)
     if ns.tau is not None:

@@ -456,6 +456,8 @@ class GRPOConfig:
             disable_tqdm=bool(self.disable_tqdm), on_reward_error=self.on_reward_error,
             max_nonfinite_steps=self.max_nonfinite_steps, system_prompt=self.system_prompt,
             prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
+            # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
+            gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:

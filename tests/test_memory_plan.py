@@ -249,6 +249,8 @@ def test_cli_plan_and_dry_run(tmp_path, capsys):
     assert main(["plan", "--model", "Qwen2.5-3B", "memory_budget_gb=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("dash-fast: error: memory plan: needs") and "\n" not in err
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "--gradient-checkpointing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["gradient_checkpointing"] is True
     assert main(["plan"]) == 0  # the embedded default
     assert "fits" not in DashConfig().to_dict() and DashConfig().gradient_checkpointing is None
 
@@ -269,3 +271,10 @@ def test_bench_memory_smoke(tmp_path):
     with open(tmp_path / "memory.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["provider"] for r in rows] == ["plan", "measured"] and all(float(r["p50"]) > 0 for r in rows)
+
+
+def test_grpo_config_gradient_checkpointing_reaches_the_dash_config():
+    from dash_fast import GRPOConfig
+
+    assert GRPOConfig(max_steps=2, gradient_checkpointing=True).to_dash_config().gradient_checkpointing is True
+    assert GRPOConfig(max_steps=2).to_dash_config().gradient_checkpointing is None  # TRL's False: the plan decides
