@@ -95,7 +95,7 @@ def plan_table() -> str:
     from dash_fast.cli import build_config, parse_args
 
     names = ["weights", "masters", "grads", "optimizer", "kv_cache", "graph_pool", "sampling", "activations",
-             "loss"]
+             "loss", "embedding_grad"]
     lines = ["| model | params | " + " | ".join(names) + " | peak as configured | fitted: choices | fitted peak |",
              "|---" * (len(names) + 5) + "|"]
     for model in mp.KNOWN_MODELS:

@@ -22,8 +22,9 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   activations when larger).
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
-  (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient, and
-  with a tied head the embedding's gradient, summed with the head's in backward).
+  (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
+  with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward (when the
+  activations are freed) and summed with the head's, which is held until then.
   The KV cache and graph pool stay allocated across the update unless `kv_cache_release` (the default
   engine keeps them for the next rollout); with `overlap` the next rollout samples during the update.
 
@@ -84,6 +85,7 @@ ADVICE = {  # what to change when an item is the largest and nothing fits
     "sampling": "a smaller generation_batch_size",
     "activations": "gradient_checkpointing=true or a smaller micro_batch_tokens",
     "loss": "a smaller micro_batch_tokens",
+    "embedding_grad": "a smaller model (the vocabulary x hidden gradient)",
 }
 
 
@@ -283,9 +285,8 @@ def activation_bytes(m: ModelShape, tokens: int, row_tokens: int, dtype_bytes: i
 def loss_bytes(m: ModelShape, tokens: int, dtype_bytes: int, device: str, loss_impl: str) -> int:
     """The loss of one micro-batch: fp32 gradients of the lm_head [V, H] and of the hidden states [N, H],
     plus its logits buffers: torch path (CPU) two chunk buffers (entropy on), Triton (CUDA) the dZ chunk;
-    the naive reference materialises the fp32 logits, their softmax and gradient. With a tied head the
-    embedding's dense gradient [V, H] (weights' dtype) is summed with the head's before either is freed."""
-    grads = (m.vocab * m.hidden + tokens * m.hidden) * 4 + (m.vocab * m.hidden * dtype_bytes if m.tied else 0)
+    the naive reference materialises the fp32 logits, their softmax and gradient."""
+    grads = (m.vocab * m.hidden + tokens * m.hidden) * 4
     if loss_impl == "naive":
         return grads + 3 * tokens * m.vocab * 4
     if device == "cuda" and loss_impl == "fused":
@@ -345,13 +346,15 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
+    items["embedding_grad"] = m.vocab * m.hidden * wb if m.tied else 0
 
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"]
-    update = items["activations"] + items["loss"] + (0 if r.kv_cache_release and not r.overlap else engine)
+    backward = items["loss"] + max(items["activations"], items["embedding_grad"])
+    update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
-        phase, top = "overlap", sample + items["activations"] + items["loss"]
+        phase, top = "overlap", sample + backward
     else:
         phase, top = ("sampling", sample) if sample >= update else ("update", update)
     return MemoryPlan(m, r, items, resident + top, phase, budget, budget_source)
