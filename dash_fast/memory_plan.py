@@ -23,8 +23,10 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
-  with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward (when the
-  activations are freed) and summed with the head's, which is held until then.
+  with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward and summed
+  with the head's, held until then. It comes after the activations are freed, yet adds to them: freed
+  activations stay in the allocator (glibc's heap under cpu_memory.keep_freed_memory, CUDA's cache in
+  small blocks) while a [V, H] buffer is mapped anew (measured on CPU: bench/memory.py).
   The KV cache and graph pool stay allocated across the update unless `kv_cache_release` (the default
   engine keeps them for the next rollout); with `overlap` the next rollout samples during the update.
 
@@ -351,7 +353,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"]
-    backward = items["loss"] + max(items["activations"], items["embedding_grad"])
+    backward = items["loss"] + items["activations"] + items["embedding_grad"]
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
         phase, top = "overlap", sample + backward
