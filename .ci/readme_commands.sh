@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 work="${1:-$(mktemp -d /tmp/readme-commands.XXXXXX)}"
 venv="$work/venv"
-python3 -m venv "$venv" && "$venv/bin/pip" install -q torch==2.13.0 && "$venv/bin/pip" install -q -e .
+python3 -m venv "$venv" && "$venv/bin/pip" install -q torch==2.13.0 && "$venv/bin/pip" install -q -c constraints.txt -e .
 export OMP_NUM_THREADS=1 PATH="$venv/bin:$PATH"
 "$venv/bin/python" tests/readme_commands.py --workdir "$work/readme"
 cd "$work"

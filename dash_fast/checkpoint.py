@@ -2,24 +2,48 @@
 
 A checkpoint is written into `<dir>.tmp-<pid>`, fsynced, then renamed to `checkpoints/step-N`: a crash
 leaves either the old set of checkpoints or the new one, never a half-written `step-N`. Beside the HF
-model (for a PeftModel: its adapters, in PEFT format) and tokenizer it holds trainer_state.pt: optimizer, scheduler, prompt sampler, RNG streams, the
-learner's counters, the logs, and the rollout sampled ahead with overlap=True (`pending_rollout_state`).
+model (for a PeftModel: its adapters, in PEFT format) and tokenizer it holds the resume state: optimizer,
+scheduler, prompt sampler, RNG streams, the learner's counters, the logs, and the rollout sampled ahead
+with overlap=True (`pending_rollout_state`).
+
+A checkpoint is data, never code: someone else's checkpoint (shared, or from the hub) must not run
+anything on `--resume PATH`. So nothing resume reads is a pickle: the resume state is
+`resume_state.json` (the tree: dicts, lists, numbers, strings; tuples, non-string keys and numpy arrays
+tagged) + `resume_state-NNNNN.safetensors` (its tensors, named from the JSON), the weights are read from
+safetensors only (a `pytorch_model.bin` / `adapter_model.bin` is refused, never opened), and a
+`trainer_state.pt` of the previous format is read with torch's restricted unpickler (`weights_only=True`,
+plus the numpy array types its RNG state needs), which refuses any other callable.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import re
 import shutil
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from dash_fast import distributed as ddp
 from dash_fast.overlap import OverlapScheduler, Prefetched
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+STATE_JSON = "resume_state.json"
+STATE_SHARD = re.compile(r"^resume_state-\d{5}\.safetensors$")  # the state's tensors, listed in STATE_JSON
+SHARD_BYTES = 1 << 30  # tensors per shard: a CUDA state is copied to host one shard at a time
+LEGACY_STATE = "trainer_state.pt"  # the previous format: a pickle, read only with weights_only=True
+FORMAT = "dash-fast resume state"
+VERSION = 1
+TAG = "__dash__"  # marks an encoded value in the JSON; a dict holding this key is itself encoded
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that resume refuses (not plain data, or incomplete); the message is one line."""
 
 
 def rng_state() -> dict:
@@ -62,7 +86,7 @@ def save_checkpoint(
     keep_last: int | None = None,
     state_dict: dict | None = None,
 ) -> str:
-    """Write checkpoints/step-N atomically: HF model + tokenizer + trainer_state.pt (optimizer, RNG, ...).
+    """Write checkpoints/step-N atomically: HF model + tokenizer + resume state (optimizer, RNG, ...).
 
     `state_dict` overrides the model's own (FSDP2 passes the gathered full weights)."""
     os.makedirs(checkpoints_dir, exist_ok=True)
@@ -74,7 +98,7 @@ def save_checkpoint(
     model.save_pretrained(tmp, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    torch.save(trainer_state, os.path.join(tmp, "trainer_state.pt"))
+    save_state(trainer_state, tmp)
     _fsync_tree(tmp)
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
         _remove(final)
@@ -101,7 +125,7 @@ def list_checkpoints(checkpoints_dir: str) -> list[str]:
     for name in os.listdir(checkpoints_dir):
         m = STEP_DIR.match(name)
         path = os.path.join(checkpoints_dir, name)
-        if m and os.path.exists(os.path.join(path, "trainer_state.pt")):
+        if m and (os.path.exists(os.path.join(path, STATE_JSON)) or os.path.exists(os.path.join(path, LEGACY_STATE))):
             found.append((int(m.group(1)), path))
     return [p for _, p in sorted(found)]
 
@@ -111,8 +135,126 @@ def latest_checkpoint(checkpoints_dir: str) -> str | None:
     return found[-1] if found else None
 
 
+class _TensorTable:
+    """The tensors of a state being encoded, named "0", "1", ... in order: one entry per tensor object (aliases
+    stay one); a view of a storage already in the table is copied (safetensors holds no two views of one)."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.names: dict[int, str] = {}
+        self.storages: set[tuple[torch.device, int]] = set()
+
+    def name(self, obj: torch.Tensor) -> str:
+        if id(obj) not in self.names:
+            t = obj.detach().contiguous()
+            if (t.device, t.untyped_storage().data_ptr()) in self.storages:
+                t = t.clone()
+            self.storages.add((t.device, t.untyped_storage().data_ptr()))
+            self.names[id(obj)] = str(len(self.tensors))
+            self.tensors[self.names[id(obj)]] = t
+        return self.names[id(obj)]
+
+
+def _encode(obj: Any, table: _TensorTable, where: str) -> Any:
+    """`obj` as JSON-able data, its tensors named in `table`; `where` names it in errors."""
+    if isinstance(obj, torch.Tensor):
+        return {TAG: "tensor", "name": table.name(obj)}
+    if isinstance(obj, np.ndarray) and obj.dtype.kind in "biuf":
+        return {TAG: "ndarray", "dtype": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), table, where)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        items = [_encode(v, table, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else {TAG: "tuple", "items": items}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj) and TAG not in obj:
+            return {k: _encode(v, table, f"{where}.{k}") for k, v in obj.items()}
+        return {TAG: "dict", "items": [[_encode(k, table, where), _encode(v, table, f"{where}[{k!r}]")]
+                                       for k, v in obj.items()]}
+    raise TypeError(f"resume state: {where} is a {type(obj).__name__}, not plain data (dict, list, tuple, number, "
+                    "string, tensor or numpy array)")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    kind = obj.get(TAG)
+    if kind is None:
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if kind == "tensor":
+        return tensors[obj["name"]]
+    if kind == "ndarray":
+        return np.array(obj["data"], dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+    if kind == "tuple":
+        return tuple(_decode(v, tensors) for v in obj["items"])
+    if kind == "dict":
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["items"]}
+    raise CheckpointError(f"resume state: unknown entry {TAG}={kind!r} (written by a newer dash-fast?)")
+
+
+def save_state(state: dict, folder: str, shard_bytes: int = SHARD_BYTES) -> None:
+    """Write `state` as resume_state.json + resume_state-NNNNN.safetensors in `folder` (module docstring).
+    Shards of about `shard_bytes`: safetensors holds a file's tensors in host memory while writing it."""
+    table = _TensorTable()
+    tree = _encode(state, table, "state")
+    files: list[str] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+    for i, (name, t) in enumerate(table.tensors.items()):
+        shard[name], size = t.cpu(), size + t.nbytes
+        if size >= shard_bytes or i == len(table.tensors) - 1:
+            files.append(f"resume_state-{len(files):05d}.safetensors")
+            save_file(shard, os.path.join(folder, files[-1]))
+            shard, size = {}, 0
+    with open(os.path.join(folder, STATE_JSON), "w") as f:
+        json.dump({"format": FORMAT, "version": VERSION, "files": files, "state": tree}, f)
+
+
 def load_trainer_state(path: str) -> dict:
-    return torch.load(os.path.join(path, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    """The resume state of checkpoint `path`, read as data only: resume_state.json + .safetensors, or a
+    previous-format trainer_state.pt through torch's restricted unpickler. Raises CheckpointError (one line)
+    on anything else, without running it."""
+    if os.path.exists(os.path.join(path, STATE_JSON)):
+        with open(os.path.join(path, STATE_JSON)) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise CheckpointError(f"{os.path.join(path, STATE_JSON)}: not a {FORMAT} version {VERSION}")
+        tensors: dict[str, torch.Tensor] = {}
+        for name in doc["files"]:
+            if not isinstance(name, str) or not STATE_SHARD.match(name):
+                raise CheckpointError(f"{os.path.join(path, STATE_JSON)}: {name!r} is not a resume_state shard name")
+            tensors.update(load_file(os.path.join(path, name), device="cpu"))
+        return _decode(doc["state"], tensors)
+    legacy = os.path.join(path, LEGACY_STATE)
+    if not os.path.exists(legacy):
+        raise CheckpointError(f"{path}: not a dash-fast checkpoint (no {STATE_JSON})")
+    return _load_legacy(legacy)
+
+
+def _load_legacy(file: str) -> dict:
+    """A trainer_state.pt of the previous format: plain containers, tensors and numpy's RNG state. Torch's
+    weights_only unpickler builds only those (and the numpy array types allowed here); any other global,
+    e.g. a pickle calling os.system, is refused before it is called."""
+    if tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2]) < (2, 6):  # weights_only escapes before 2.6
+        raise CheckpointError(f"{file}: a previous-format checkpoint (a pickle) needs torch >= 2.6 to be read "
+                              "safely; resume it with a newer torch, which rewrites it as resume_state.json")
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 | numpy 1
+    numpy_types = [np.ndarray, np.dtype, np.dtypes.UInt32DType, multiarray._reconstruct]
+    try:
+        with torch.serialization.safe_globals(numpy_types):
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"calls {found.group(1)}" if found else "is not plain data"
+        raise CheckpointError(f"refusing {file}: a pickle that {what}, not a dash-fast trainer state (those hold "
+                              "only data); resume never runs code from a checkpoint") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: not a dash-fast trainer state (a {type(state).__name__})")
+    return state
 
 
 def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp_root=None) -> dict:
@@ -124,16 +266,26 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
 
     state = load_trainer_state(path)
     if is_peft_model(model):  # the checkpoint holds the adapters (PEFT format); the base is the model's own
+        _require_safetensors(path, "adapter_model.safetensors", "adapter_model.bin")
         load_adapter_weights(path, model)
         optimizer.load_state_dict(state["optimizer"])  # built over the trainable (adapter) parameters only
         return state
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype)
+    _require_safetensors(path, "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
     if fsdp_root is None:
         model.load_state_dict(saved.state_dict())
         optimizer.load_state_dict(state["optimizer"])
     else:
         ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), state["optimizer"])
     return state
+
+
+def _require_safetensors(path: str, name: str, pickled: str, index: str | None = None) -> None:
+    """Weights are read from safetensors only: a checkpoint holding `pickled` (a pickle) instead is refused."""
+    if os.path.exists(os.path.join(path, name)) or (index and os.path.exists(os.path.join(path, index))):
+        return
+    found = f" (it holds {pickled}, a pickle, which resume never opens)" if os.path.exists(os.path.join(path, pickled)) else ""
+    raise CheckpointError(f"refusing {path}: no {name}{found}; dash-fast checkpoints hold their weights as safetensors")
 
 
 def pending_rollout_state(overlap: OverlapScheduler | None, distributed: bool) -> dict:

@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # per-shard load/save bars drown dash-fast's own progress bar
 
+    from dash_fast.checkpoint import CheckpointError
     from dash_fast.config import ConfigError
     from dash_fast.data import DataError
     from dash_fast.rollout.vllm_engine import check_torch_companions
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench,
                 "plan": cmd_plan}[ns.command](ns)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:

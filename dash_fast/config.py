@@ -55,6 +55,8 @@ class DashConfig:
     sandbox: str = "namespaces"  # code reward: namespaces (contained; refuses if unavailable) | unsafe-local
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 elsewhere) | float32 | bfloat16 (float16 refused)
+    master_weights: bool = True  # bf16 runs: fp32 master weights + bf16 autocast (mixed_precision.py); False
+    #                              trains the bf16 weights in place (half the memory; small updates round away)
     deterministic: bool = False  # bwd="dense" loss + deterministic torch/cuBLAS settings on CUDA (README)
     # --- sampling (one rollout per optimizer step) ---
     prompts_per_step: int = 64

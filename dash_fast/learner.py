@@ -20,6 +20,7 @@ from dash_fast import algo
 from dash_fast import distributed as ddp
 from dash_fast.config import DashConfig
 from dash_fast.data import pad_right
+from dash_fast.mixed_precision import MixedPrecision
 from dash_fast.overlap import OverlapScheduler
 from dash_fast.profiling import nvtx_range
 from dash_fast.rollout.base import Rollout
@@ -36,11 +37,14 @@ class Learner:
     def __init__(self, args: DashConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler, engine, dist: ddp.DistInfo, overlap: OverlapScheduler | None = None,
                  ref_model: torch.nn.Module | None = None, fsdp_root=None, shared_prompt: bool = False,
-                 pad_id: int = 0, device: torch.device | None = None, ref_context=None) -> None:
+                 pad_id: int = 0, device: torch.device | None = None, ref_context=None,
+                 precision: MixedPrecision | None = None) -> None:
         self.args, self.model, self.optimizer, self.scheduler, self.engine = args, model, optimizer, scheduler, engine
         self.dist, self.overlap, self.ref_model, self.fsdp_root = dist, overlap, ref_model, fsdp_root
         self.ref_context = ref_context  # PEFT: a context under which the policy is the reference (no ref_model)
         self.shared_prompt, self.pad_id, self.device = shared_prompt, pad_id, device or torch.device("cpu")
+        # bf16 compute over fp32 masters (mixed_precision.py); off: fp32, or bf16 weights trained in place
+        self.precision = precision or MixedPrecision(model, self.device)
         self.micro_batch_tokens = args.micro_batch_tokens  # halved on out-of-memory; saved in checkpoints
         self.nonfinite_in_a_row = 0
         self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
@@ -180,7 +184,8 @@ class Learner:
                 self.weights_version += 1
                 t_sync = time.perf_counter()
                 with nvtx_range("sync/weights"):
-                    self.engine.sync_weights(self.model)
+                    self.precision.refresh()  # the sampler's bf16 copy (none: it reads self.model)
+                    self.engine.sync_weights(self.precision.sampler_model)
                 t_sync = time.perf_counter() - t_sync
                 self.nonfinite_in_a_row = 0
             else:  # skip the step, keep the weights
@@ -245,7 +250,13 @@ class Learner:
 
     def hidden_and_targets(self, model, rollout: Rollout, rows: list[int]):
         """One forward of the decoder over prompt+completion rows; returns the hidden states that predict
-        each completion token, flattened to [N, H] in row order, with their targets."""
+        each completion token, flattened to [N, H] in row order, with their targets. A bf16 run computes it
+        under autocast and hands the loss kernels bf16 hidden states (the lm_head stays the fp32 master)."""
+        with self.precision.autocast():
+            hidden, targets = self._decoder_hidden(model, rollout, rows)
+        return self.precision.compute(hidden), targets
+
+    def _decoder_hidden(self, model, rollout: Rollout, rows: list[int]):
         lengths = rollout.completion_lengths.tolist()
         comp = rollout.completion_ids
         if self.shared_prompt:

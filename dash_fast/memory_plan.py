@@ -196,7 +196,8 @@ class RunShape:
                 from dash_fast.rollout.vllm_engine import CPU_KV_CACHE_BYTES
 
                 vllm_bytes = cfg.vllm_kv_cache_bytes or CPU_KV_CACHE_BYTES
-        return cls(device=device, dtype=dtype, master_weights=dtype in ("bfloat16", "float16"), rows=rows,
+        masters = dtype in ("bfloat16", "float16") and getattr(cfg, "master_weights", True)
+        return cls(device=device, dtype=dtype, master_weights=masters, rows=rows,
                    generation_rows=min(cfg.generation_batch_size or rows, rows), group_size=cfg.group_size,
                    prompt_tokens=cfg.max_prompt_tokens,
                    completion_tokens=cfg.max_completion_tokens, micro_batch_tokens=cfg.micro_batch_tokens,

@@ -43,6 +43,7 @@ from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
+from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
 from dash_fast.overlap import OverlapScheduler, usable_cpus
 from dash_fast.peft_support import is_peft_model, reference_policy
 from dash_fast.profiling import ProfileWindow
@@ -69,12 +70,17 @@ def attn_implementation(device: torch.device, dtype: str) -> str:
     return "sdpa"
 
 
-def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device) -> torch.nn.Module:
+def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device,
+               masters: bool = False) -> torch.nn.Module:
+    """The model on `device`: loaded in `dtype`, or with `masters` (a bf16 run's fp32 master weights,
+    mixed_precision.py) loaded in fp32 / its trainable parameters cast to fp32."""
     if isinstance(model, torch.nn.Module):
-        return model.to(device)
+        model = model.to(device)
+        return to_masters(model) if masters else model
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype), "attn_implementation": attn_implementation(device, dtype)}
+    kwargs: dict[str, Any] = {"dtype": torch.float32 if masters else getattr(torch, dtype),
+                              "attn_implementation": attn_implementation(device, dtype)}
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
 
 
@@ -181,19 +187,20 @@ class DashTrainer:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
         check_text_only(model)
+        dtype = resolve_dtype(args.dtype, self.device)
+        bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)
+        masters = bf16 and args.master_weights
         # planned before the weights load: refuses when nothing fits, sets what args leave to it (memory_plan.py)
-        self.memory_plan = startup_plan(model, args, self.device, resolve_dtype(args.dtype, self.device),
-                                        verbose=self.dist.is_main)
-        self.model = load_model(model, resolve_dtype(args.dtype, self.device), self.device)
+        self.memory_plan = startup_plan(model, args, self.device, dtype, verbose=self.dist.is_main)
+        self.model = load_model(model, dtype, self.device, masters=masters)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         reason = logit_transform(self.model)
         if reason:
             raise ValueError(f"dash-fast does not support {reason}")
-        if next(self.model.parameters()).dtype == torch.bfloat16 and self.dist.is_main:
-            print("dash-fast: dtype=bfloat16 trains the bf16 weights in place: no fp32 master copy, AdamW state in "
-                  "bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost; use dtype=float32 "
-                  "for exact updates")
+        if bf16 and not masters and self.dist.is_main:
+            print("dash-fast: master_weights=False trains the bf16 weights in place: no fp32 master copy, AdamW "
+                  "state in bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost")
         ddp.broadcast_module(self.model, self.dist)
         if processing_class is None:
             source = model if isinstance(model, str) else getattr(self.model, "name_or_path", None)
@@ -226,8 +233,12 @@ class DashTrainer:
             if args.beta > 0 or args.engine != "torch":
                 raise ValueError("parallel=fsdp2 supports beta=0 and engine=torch only")
             self.fsdp_root = ddp.fully_shard_model(self.model)
+        # bf16 compute over the fp32 masters; the sampler reads a bf16 copy (not for PEFT, whose base stays bf16
+        # and whose adapters the static engine cannot read, nor FSDP2, whose shards it would have to gather)
+        self.precision = MixedPrecision(self.model, self.device, torch.bfloat16 if masters else None,
+                                        sampler_copy=not is_peft_model(self.model) and self.fsdp_root is None)
         self.shared_prompt = self._use_shared_prompt()
-        self.engine = make_engine(args, self.model, self.tokenizer, self.pad_id)
+        self.engine = make_engine(args, self.precision.sampler_model, self.tokenizer, self.pad_id)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
@@ -253,7 +264,7 @@ class DashTrainer:
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
                                ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
-                               ref_context=ref_context)
+                               ref_context=ref_context, precision=self.precision)
         self.learner.on_substep_end = functools.partial(self._callback, "on_substep_end")
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
@@ -398,6 +409,7 @@ class DashTrainer:
         if path is None:
             return 0
         state = load_weights(path, self.model, self.optimizer, self.fsdp_root)
+        self.precision.refresh()  # the sampler's bf16 copy of the restored masters
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         restore_pending_rollout(state, self.overlap, self.sampler)

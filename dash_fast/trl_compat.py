@@ -15,8 +15,9 @@ Differences from TRL worth knowing:
 - `per_device_train_batch_size` only sets the micro-batch token budget
   (`micro_batch_tokens = per_device_train_batch_size x (max_prompt_length + max_completion_length)`)
   unless `micro_batch_tokens` is given; micro-batches pack rows by tokens.
-- `bf16=True` trains the bf16 weights themselves (no autocast, no fp32 master copy: a warning says so);
-  `fp16=True` is refused (no loss scaler); the default is float32.
+- `bf16=True` trains fp32 master weights with bf16 compute, as TRL's autocast (mixed_precision.py: the
+  sampler reads a bf16 copy refreshed after each optimizer step); `fp16=True` is refused (no loss scaler);
+  the default is float32.
   `gradient_checkpointing` defaults to False (TRL: True); when on, training runs the model's own forward
   (checkpointed per decoder layer), not the shared-prompt forward.
 - Prompts longer than `max_prompt_length` are an error naming the row (TRL truncates them).
@@ -516,15 +517,18 @@ def normalize_then_sum(per_func: torch.Tensor, weights: torch.Tensor, group_size
     return torch.nansum(normed * weights.to(normed.dtype), dim=1)
 
 
-def _load_causal_lm(name: str, args: Any, init_kwargs: dict) -> torch.nn.Module:
-    """TRL's model loading: `model_init_kwargs` (dtype, attn_implementation, ...) and `trust_remote_code`."""
+def _load_causal_lm(name: str, args: Any, init_kwargs: dict, peft: bool = False) -> torch.nn.Module:
+    """TRL's model loading: `model_init_kwargs` (dtype, attn_implementation, ...) and `trust_remote_code`.
+    `bf16=True` loads the fp32 master weights (mixed_precision.py), as TRL's autocast trains an fp32
+    checkpoint; with PEFT the frozen base loads in bf16 (only the adapters train, in fp32)."""
     from transformers import AutoModelForCausalLM
 
     from dash_fast.trainer import attn_implementation, resolve_device
 
     dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
     device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
-    kwargs = {"dtype": getattr(torch, dtype), **init_kwargs}
+    masters = dtype == "bfloat16" and not peft and (getattr(args, "extra", None) or {}).get("master_weights", True)
+    kwargs = {"dtype": torch.float32 if masters else getattr(torch, dtype), **init_kwargs}
     if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
         kwargs["dtype"] = getattr(torch, kwargs["dtype"])
     kwargs.pop("device_map", None)
@@ -724,7 +728,7 @@ class GRPOTrainer(DashTrainer):
                 raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
                                  "inputs (the engines and the training forward take token ids only)")
         if isinstance(model, str):
-            model = _load_causal_lm(model, args, init_kwargs)
+            model = _load_causal_lm(model, args, init_kwargs, peft=peft_config is not None)
         model = apply_peft(model, peft_config, beta=args.beta)
         if getattr(args, "sync_ref_model", False) and is_peft_model(model):
             raise ValueError(_refuse("sync_ref_model", True, "with PEFT the reference is the policy's own base weights "

@@ -264,3 +264,22 @@ def test_attention_implementation_selection(monkeypatch, device, dtype, installe
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if installed else None) if name == "flash_attn" else real(name, *a))
     assert attn_implementation(torch.device(device), dtype) == expected
+
+
+def test_the_kv_cache_goes_by_the_keyword_the_decoder_takes():
+    """transformers 5.24 renamed past_key_values= to cache=; a wrong keyword is swallowed by **kwargs
+    (decode then attends only the current token), so it is read off the decoder's own forward."""
+    import inspect
+
+    from dash_fast.rollout.torch_engine import cache_keyword
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    model = build_model(build_tokenizer(), TinyConfig())
+    native = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert cache_keyword(model) == native and cache_keyword(Old()) == "past_key_values"
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert cache_keyword(wrapped) == native  # a PeftModel's forward takes **kwargs: ask its base model

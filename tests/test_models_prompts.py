@@ -100,13 +100,13 @@ def test_models_with_plain_logits_pass():
     assert logit_transform(build_model(build_tokenizer(), TINY)) is None
 
 
-def test_float16_is_refused_and_bfloat16_says_it_has_no_master_weights(tmp_path, capsys):
+def test_float16_is_refused_and_bfloat16_without_masters_says_so(tmp_path, capsys):
     from dash_fast.config import ConfigError
 
     with pytest.raises(ConfigError, match="float16 is refused: dash-fast has no loss scaler"):
         DashConfig(dtype="float16")
     tok = build_tokenizer()
     DashTrainer(build_model(tok, TINY).to(torch.bfloat16), "exact_answer",
-                args=DashConfig(output_dir=str(tmp_path), report_to=[], dtype="bfloat16"),
+                args=DashConfig(output_dir=str(tmp_path), report_to=[], dtype="bfloat16", master_weights=False),
                 train_dataset=[{"prompt": "1+1=", "answer": "2"}], processing_class=tok)
     assert "no fp32 master copy" in capsys.readouterr().out

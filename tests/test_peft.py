@@ -224,6 +224,9 @@ def test_gradient_checkpointing_is_honoured(tmp_path, with_lora):
     assert grad_forwards_checkpointed == 2 * checkpointed.learner.forward_passes  # each recomputed in backward
     if with_lora:  # the model's own forward either way
         assert grad_forwards == plain.learner.forward_passes
+    # LoRA: one forward, so float32 agreement; full model: the shared-prompt forward against HF's, which round
+    # differently in float32: after two AdamW steps at lr 1e-2 they agree to 0.5% of one step
+    atol = 1e-5 if with_lora else 5e-5
     for p, q in zip(plain.model.parameters(), checkpointed.model.parameters(), strict=True):
-        torch.testing.assert_close(p, q, rtol=0, atol=1e-5)
+        torch.testing.assert_close(p, q, rtol=0, atol=atol)
     assert any(not torch.equal(p, q) for p, q in zip(plain.model.parameters(), build_model(tok, TINY).parameters()))

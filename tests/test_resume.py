@@ -17,6 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dash_fast.checkpoint import load_trainer_state
+
 MAX_STEPS = 5
 ARGS = ["--seed", "1", "--max-steps", str(MAX_STEPS), "sft.steps=0", "tiny.hidden_size=32", "tiny.num_layers=1",
         "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8", "eval_examples=8",
@@ -45,7 +47,7 @@ def env_with(folder: str) -> dict:
 
 def final_state(out: str) -> tuple[dict, dict]:
     ckpt = os.path.join(out, "checkpoints", f"step-{MAX_STEPS}")
-    state = torch.load(os.path.join(ckpt, "trainer_state.pt"), weights_only=False)
+    state = load_trainer_state(ckpt)
     return load_file(os.path.join(ckpt, "model.safetensors")), state["optimizer"]["state"]
 
 

@@ -96,6 +96,16 @@ def seen_tokens(ids: torch.Tensor, attn: torch.Tensor, row_prompt: torch.Tensor,
     return torch.cat([seen, seen.new_zeros(extra_rows, vocab)]) if extra_rows else seen
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword a transformers decoder's forward takes its KV cache by: `cache` from transformers 5.24
+    (which deprecates `past_key_values`), `past_key_values` before. Passing the wrong one is silent: the
+    forward swallows it in **kwargs and attends only the current token."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel forwards **kwargs
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 def static_unsupported(model: torch.nn.Module) -> str | None:
     """Why the static path cannot run this model (None when it can)."""
     if any(hasattr(m, "lora_A") or type(m).__module__.startswith("peft.") for m in model.modules()):
@@ -601,7 +611,8 @@ class TorchEngine:
         active = torch.arange(row_prompt.numel(), device=device)  # original row of each row still in the batch
 
         cache = DynamicCache()
-        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache,
+        cache_kw = cache_keyword(model)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=positions, **{cache_kw: cache},
                     use_cache=True, logits_to_keep=1)
         logits = out.logits[:, -1]
         seen = seen_tokens(ids, attn, row_prompt, logits.shape[-1], params)
@@ -628,7 +639,7 @@ class TorchEngine:
                 active, tokens, attn, next_pos = active[keep], tokens[keep], attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = model(input_ids=tokens[:, None], attention_mask=attn, position_ids=next_pos,
-                        cache=cache, use_cache=True)
+                        **{cache_kw: cache}, use_cache=True)
             logits = out.logits[:, -1]
             next_pos = next_pos + 1
             decode_steps += 1

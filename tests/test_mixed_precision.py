@@ -1,0 +1,170 @@
+"""bf16 runs train fp32 master weights with bf16 compute (mixed_precision.py, issue 25): at lr 3e-6 they
+move the weights as an fp32 run does, while bf16 weights trained in place lose almost every update; the
+sampler reads a bf16 copy kept equal to the rounded masters; checkpoints and exact resume carry the masters."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
+from dash_fast.mixed_precision import compute_copy
+from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+
+TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
+                  max_operand=19, n_train=40, n_test=8)
+
+
+def length_reward(prompts, completions, **columns):
+    """Varies within every group even for a random model, so every step carries signal."""
+    return [float(len(c) % 5) for c in completions]
+
+
+def make_trainer(out, model_dtype=torch.float32, callbacks=None, **overrides) -> DashTrainer:
+    tok = build_tokenizer()
+    train, _ = make_task(TINY, seed=0)
+    args = dict(output_dir=str(out), prompts_per_step=4, group_size=4, max_completion_tokens=8,
+                max_prompt_tokens=16, report_to=[], disable_tqdm=True, learning_rate=3e-6, filter_tau=None,
+                max_steps=4, seed=0)
+    args.update(overrides)
+    return DashTrainer(build_model(tok, TINY, seed=0).to(model_dtype), length_reward, args=DashConfig(**args),
+                       train_dataset=train, processing_class=tok, callbacks=callbacks)
+
+
+def weight_change(trainer: DashTrainer) -> tuple[float, float]:
+    """(fraction of weights moved, norm of the change) over `trainer.train()`, in fp32."""
+    before = {n: p.detach().float().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    delta = [p.detach().float() - before[n] for n, p in trainer.model.named_parameters()]
+    moved = sum(int((d != 0).sum()) for d in delta) / sum(d.numel() for d in delta)
+    return moved, float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta)))
+
+
+@pytest.mark.parametrize("train_forward", ["shared_prompt", "hf"])
+def test_bf16_at_lr_3e6_moves_the_weights_like_fp32(tmp_path, train_forward):
+    _, fp32_norm = weight_change(make_trainer(tmp_path / "fp32", train_forward=train_forward))
+    bf16 = make_trainer(tmp_path / "bf16", torch.bfloat16, dtype="bfloat16", train_forward=train_forward)
+    moved, norm = weight_change(bf16)
+    assert moved > 0.9 and 0.5 < norm / fp32_norm < 2.0, (moved, norm / fp32_norm)
+    # the control: bf16 weights trained in place round nearly every 3e-6 update away
+    moved, norm = weight_change(make_trainer(tmp_path / "in_place", torch.bfloat16, dtype="bfloat16",
+                                             master_weights=False, train_forward=train_forward))
+    assert moved < 0.5 and norm / fp32_norm < 0.5, (moved, norm / fp32_norm)
+
+
+def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path):
+    trainer = make_trainer(tmp_path, torch.bfloat16, max_steps=2)  # a bf16 module: its run gets masters too
+    sampler = trainer.precision.sampler_model
+    assert trainer.engine.model is sampler and sampler is not trainer.model
+    learner, seen = trainer.learner, []
+    decoder_hidden, loss_fn = learner._decoder_hidden, learner.loss_fn
+
+    def decoder_spy(*args):
+        seen.append(("decoder autocast", torch.is_autocast_enabled("cpu")))
+        return decoder_hidden(*args)
+
+    def loss_spy(hidden, weight, *args, **kwargs):
+        seen.append(("loss inputs", hidden.dtype, weight.dtype))
+        return loss_fn(hidden, weight, *args, **kwargs)
+
+    learner._decoder_hidden, learner.loss_fn = decoder_spy, loss_spy
+    trainer.train()
+    assert set(seen) == {("decoder autocast", True), ("loss inputs", torch.bfloat16, torch.float32)}, set(seen)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values() if v.dim())
+    for (name, master), copy in zip(trainer.model.named_parameters(), sampler.parameters(), strict=True):
+        assert copy.dtype == torch.bfloat16 and not copy.requires_grad
+        assert torch.equal(copy, master.to(torch.bfloat16)), f"{name}: the sampler's copy is stale"
+    weights = load_file(os.path.join(tmp_path, "checkpoints", "step-2", "model.safetensors"))
+    assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_compute_copy_keeps_ties_and_fp32_buffers():
+    model = build_model(build_tokenizer(), TINY)
+    copy = compute_copy(model, torch.bfloat16)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # tied head: one tensor, refreshed once
+    assert copy.model.rotary_emb.inv_freq.dtype == torch.float32  # as a model loaded in bf16 has it
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the masters are untouched
+
+
+class StopAt:
+    """Stops training after step `step` (the run checkpoints there), as a signal would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step == self.step
+
+
+class CopyMatchesMasters:
+    """At train begin (after a resume restored the masters) the sampler's copy must be their rounding."""
+
+    def __init__(self) -> None:
+        self.trainer, self.checked = None, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for master, copy in zip(self.trainer.model.parameters(), self.trainer.precision.sampler_model.parameters()):
+            assert torch.equal(copy, master.to(torch.bfloat16)), "the sampler's copy is stale after resume"
+        self.checked = True
+
+
+def test_bf16_resume_is_exact(tmp_path):
+    full = make_trainer(tmp_path / "full", dtype="bfloat16")
+    full.train()
+    make_trainer(tmp_path / "cut", dtype="bfloat16", callbacks=[StopAt(2)]).train()
+    check = CopyMatchesMasters()
+    resumed = check.trainer = make_trainer(tmp_path / "cut", dtype="bfloat16", resume="auto", callbacks=[check])
+    assert resumed.train()["steps"] == 4 and check.checked
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+    for a, b in zip(full.precision.sampler_model.parameters(), resumed.precision.sampler_model.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = full.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), (i, k)
+
+
+def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
+    """GRPOConfig(bf16=True) with the model passed by path: fp32 masters (TRL's autocast trains an fp32
+    checkpoint in fp32 too), a bf16 sampler copy, and updates at lr 3e-6 that land."""
+    tok = build_tokenizer()
+    build_model(tok, TINY).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    train, _ = make_task(TINY, seed=0)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, learning_rate=3e-6, max_steps=2,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=8, report_to=[],
+                      disable_tqdm=True, filter_tau=None)
+    trainer = GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train)
+    saved = load_file(tmp_path / "model" / "model.safetensors")
+    for name, p in trainer.model.named_parameters():  # loaded in fp32, not rounded through bf16
+        assert p.dtype == torch.float32 and torch.equal(p, saved[name]), name
+    assert next(trainer.precision.sampler_model.parameters()).dtype == torch.bfloat16
+    moved, _ = weight_change(trainer)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert moved > 0.9, moved
+
+
+def test_trl_bf16_with_lora_trains_fp32_adapters_over_a_bf16_base(tmp_path):
+    """PEFT: only the adapters are masters (fp32); the frozen base stays bf16 and there is no sampler copy."""
+    peft = pytest.importorskip("peft")
+    tok = build_tokenizer()
+    build_model(tok, TINY).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    train, _ = make_task(TINY, seed=0)
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, learning_rate=3e-6, max_steps=2,
+                      per_device_train_batch_size=8, num_generations=4, max_completion_length=8, report_to=[],
+                      disable_tqdm=True, filter_tau=None)
+    trainer = GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train,
+                          peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert {(p.requires_grad, p.dtype) for p in trainer.model.parameters()} == {(False, torch.bfloat16),
+                                                                               (True, torch.float32)}
+    assert trainer.precision.sampler_model is trainer.model
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    for name, p in trainer.model.named_parameters():
+        if p.requires_grad:
+            assert not torch.equal(p, before[name]), f"{name} did not move"
