@@ -278,3 +278,12 @@ def test_grpo_config_gradient_checkpointing_reaches_the_dash_config():
 
     assert GRPOConfig(max_steps=2, gradient_checkpointing=True).to_dash_config().gradient_checkpointing is True
     assert GRPOConfig(max_steps=2).to_dash_config().gradient_checkpointing is None  # TRL's False: the plan decides
+
+
+def test_bf16_without_masters_keeps_grads_and_adam_state_in_bf16():
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    run = mp.RunShape.from_config(DashConfig(master_weights=False), "cuda", "bfloat16")
+    items = mp.plan(shape, run).items
+    assert not run.master_weights and items["masters"] == 0
+    assert items["grads"] == items["weights"] == 2 * shape.params and items["optimizer"] == 4 * shape.params
+    assert mp.RunShape.from_config(DashConfig(), "cuda", "bfloat16").master_weights
