@@ -1,4 +1,4 @@
-"""`dash-fast train | eval | sft | bench`.
+"""`dash-fast train | eval | sft | bench | plan`.
 
 `dash-fast train` with no arguments runs the embedded default end to end on CPU: build a tiny Qwen2
 model + tokenizer + arithmetic task, SFT warm start, evaluate, DASH RL, evaluate again.
@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-steps", help="A:B: wrap optimizer steps A..B in cudaProfilerStart/Stop")
     p.add_argument("--trace", action="store_true", default=None, help="write a torch.profiler Chrome trace")
     p.add_argument("--dataset-format", help="auto | prompt | gsm8k | math | mbpp (default auto: from the columns)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each decoder layer in backward (default: when the memory plan needs it)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, in any order with the flags (dotted for sub-configs: sft.steps=200); "
                         "every key is listed below")
@@ -42,7 +44,7 @@ def build_config(ns: argparse.Namespace):
         "output_dir": ns.output_dir, "max_steps": ns.max_steps, "seed": ns.seed, "model": ns.model,
         "dataset": ns.dataset, "eval_dataset": ns.eval_dataset, "resume": ns.resume, "beta": ns.beta,
         "device": ns.device, "profile_steps": ns.profile_steps, "trace": ns.trace,
-        "dataset_format": ns.dataset_format,
+        "dataset_format": ns.dataset_format, "gradient_checkpointing": ns.gradient_checkpointing,
     }
     overrides = list(ns.overrides)
     if ns.tau is not None:
@@ -91,6 +93,8 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from dash_fast import distributed as ddp
     from dash_fast.trainer import DashTrainer, resolve_device
 
+    if ns.dry_run:
+        return cmd_plan(ns)
     t0 = time.perf_counter()
     cfg = build_config(ns)
     dist = ddp.init_distributed(resolve_device(cfg.device).type)  # under torchrun; a no-op otherwise
@@ -125,6 +129,31 @@ def cmd_train(ns: argparse.Namespace) -> int:
     print("dash-fast: " + ", ".join(f"{k}={summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}={summary[k]}"
                                     for k in keys))
     print(f"dash-fast: outputs in {cfg.output_dir}")
+    return 0
+
+
+def embedded_model_config(cfg) -> dict:
+    """The embedded tiny model's config.json fields (tiny.build_model), for a plan before it is built."""
+    from dash_fast.tiny import CHARS
+
+    t = cfg.tiny
+    return dict(model_type="qwen2", vocab_size=3 + len(CHARS), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
+                num_attention_heads=t.num_heads, num_key_value_heads=t.num_heads,
+                intermediate_size=t.intermediate_size, tie_word_embeddings=True)
+
+
+def cmd_plan(ns: argparse.Namespace) -> int:
+    """Print the memory plan of the run `dash-fast train` would start with these flags, without loading
+    weights: the model's config.json (a directory, a config.json file, or a name of memory_plan.KNOWN_MODELS)."""
+    from dash_fast.device_setup import resolve_dtype
+    from dash_fast.memory_plan import ModelShape, plan_run
+    from dash_fast.trainer import resolve_device
+
+    cfg = build_config(ns)
+    device = resolve_device(cfg.device)
+    model = cfg.model if cfg.model is not None else ModelShape.from_config(embedded_model_config(cfg))
+    p = plan_run(model, cfg, str(device), resolve_dtype(cfg.dtype, device))
+    print(json.dumps(p.to_dict(), indent=2) if ns.json else "dash-fast: " + p.format())
     return 0
 
 
@@ -212,6 +241,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     keys_help = dict(epilog=config_keys_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p = sub.add_parser("train", help="RL-train a model with DASH (no arguments: the embedded default)", **keys_help)
     _common(p)
+    p.add_argument("--dry-run", action="store_true", help="print the memory plan and exit (= dash-fast plan)")
+    p.add_argument("--json", action="store_true", help="--dry-run: the plan as JSON")
+    p = sub.add_parser("plan", help="the memory plan of a train command, without loading weights "
+                       "(the same flags and key=value; --model: a directory, config.json or "
+                       "a known name such as Qwen2.5-0.5B)", **keys_help)
+    _common(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset", **keys_help)
     p.add_argument("checkpoint")
     p.add_argument("--max-examples", type=int)
@@ -230,7 +266,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("name")
     p.add_argument("args", nargs=argparse.REMAINDER)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("train", "eval"):  # key=value overrides and --flags in any order
+    if argv and argv[0] in ("train", "eval", "plan"):  # key=value overrides and --flags in any order
         ns = sub.choices[argv[0]].parse_intermixed_args(argv[1:])
         ns.command = argv[0]
     else:
@@ -255,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2
     try:
-        return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench}[ns.command](ns)
+        return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench,
+                "plan": cmd_plan}[ns.command](ns)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2

@@ -87,7 +87,9 @@ class DashConfig:
     triton_bwd: str = "dense"  # fused loss on CUDA: dense (dZ + GEMMs, no atomics) | atomic (fp32 atomics)
     train_forward: str = "auto"  # auto (shared_prompt on CPU) | shared_prompt (each prompt once per group) | hf
     overlap: bool = False
-    kv_cache_release: bool = False  # free the embedded engine's KV cache + CUDA graphs across each update
+    kv_cache_release: bool | None = None  # free the embedded engine's KV cache + CUDA graphs across each update; None: when the memory plan needs it
+    gradient_checkpointing: bool | None = None  # recompute each decoder layer in backward; None: when the memory plan needs it
+    memory_budget_gb: float | None = None  # the memory plan's budget; None: CUDA total memory, or available RAM on CPU
     engine: str = "torch"  # torch | vllm
     vllm_gpu_memory_utilization: float = 0.3  # engine=vllm on CUDA: vLLM's share of the GPU (KV cache + weights)
     vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
@@ -187,6 +189,7 @@ class DashConfig:
              "atomic sums depend on scheduling order: deterministic=True needs triton_bwd=dense")
         need(not (self.kv_cache_release and self.overlap), "kv_cache_release",
              "the sampler runs during the update with overlap=True: its cache cannot be freed then")
+        need(self.memory_budget_gb is None or self.memory_budget_gb > 0, "memory_budget_gb", "must be > 0 or None")
         need(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "device",
              "must be auto, cpu or cuda[:N]")
         need(self.group_size >= 2, "group_size", "must be >= 2 (advantages compare answers within a group)")

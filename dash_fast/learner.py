@@ -263,7 +263,8 @@ class Learner:
             from dash_fast.shared_prompt import shared_prompt_hidden
 
             hidden, targets = shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
-                                                   [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id)
+                                                   [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id,
+                                                   checkpointing=bool(self.args.gradient_checkpointing))
             return (hidden if self.logit_multiplier == 1.0 else hidden * self.logit_multiplier), targets
         seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
         ids, attn = pad_right(seqs, self.pad_id)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from dash_fast.data import pad_left
 from dash_fast.rollout.torch_engine import (
@@ -83,9 +84,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]],
-                         pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         pad_id: int, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden states that predict each completion token, flattened in row order to [N, H],
-    and the tokens they predict [N]. Row r predicts completions[r] after prompts[r]."""
+    and the tokens they predict [N]. Row r predicts completions[r] after prompts[r]. `checkpointing`:
+    each decoder layer keeps only its input for backward and runs again there (torch's non-reentrant
+    checkpoint: the same values and gradients, one layer's activations alive instead of all of them)."""
     cfg, decoder = model.config, model.model
     device = decoder.embed_tokens.weight.device
     unique, group = unique_prompts(prompts)
@@ -117,7 +120,8 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     cos, sin = cos[0, :, None], sin[0, :, None]
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     n_p = U * P
-    for layer in decoder.layers[: cfg.num_hidden_layers]:
+
+    def run_layer(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         attn = layer.self_attn
         D = attn.head_dim
         h = _norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
@@ -133,7 +137,14 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
         x = _linear_add(x, o, attn.o_proj)
         h = _norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-        x = mlp_residual(x, h, layer.mlp)
+        return mlp_residual(x, h, layer.mlp)
+
+    checkpointing = checkpointing and torch.is_grad_enabled()
+    for layer in decoder.layers[: cfg.num_hidden_layers]:
+        if checkpointing:
+            x = torch.utils.checkpoint.checkpoint(run_layer, x, layer, use_reentrant=False)
+        else:
+            x = run_layer(x, layer)
 
     # row r: the prompt's last position predicts token 0, completion position j predicts token j + 1
     index = []

@@ -41,6 +41,7 @@ from dash_fast.device_setup import SPINNING_NOTICE, apply_cpu_threads, make_dete
 from dash_fast.evaluation import greedy_accuracy
 from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
+from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
 from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
 from dash_fast.overlap import OverlapScheduler, usable_cpus
@@ -189,7 +190,11 @@ class DashTrainer:
         dtype = resolve_dtype(args.dtype, self.device)
         bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)
         masters = bf16 and args.master_weights
+        # planned before the weights load: refuses when nothing fits, sets what args leave to it (memory_plan.py)
+        self.memory_plan = startup_plan(model, args, self.device, dtype, verbose=self.dist.is_main)
         self.model = load_model(model, dtype, self.device, masters=masters)
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
         reason = logit_transform(self.model)
         if reason:
             raise ValueError(f"dash-fast does not support {reason}")
@@ -495,6 +500,7 @@ class DashTrainer:
         finished = step >= self.config.max_steps and not self.stop_requested
         summary = metrics.run_summary(step, finished, self.state.log_history, self.eval_history,
                                       time.perf_counter() - t_begin, self.config.to_dict())
+        summary["memory_plan"] = self.memory_plan.to_dict() if self.memory_plan is not None else None
         if self.dist.is_main:
             metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary

@@ -466,6 +466,8 @@ class GRPOConfig:
             prompt_column=self.prompt_column, dataset_format=self.dataset_format, reward_weights=self.reward_weights,
             cpu_threads=self.cpu_threads, cpu_affinity=self.cpu_affinity, sampler_cores=self.sampler_cores,
             bind_cpus=self.bind_cpus, cpu_sampler=self.cpu_sampler,
+            # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
+            gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:

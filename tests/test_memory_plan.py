@@ -1,0 +1,289 @@
+"""The memory plan (memory_plan.py): its formulas against tensors the code really allocates, its choices
+and refusal, where it shows up (start-up, summary.json, `dash-fast plan`), and gradient checkpointing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from test_trainer import assert_same_grads, grads_of_update, make_trainer, rollout_for
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from dash_fast import memory_plan as mp
+from dash_fast.cli import main
+from dash_fast.config import ConfigError, DashConfig
+from dash_fast.rollout.torch_engine import TorchEngine
+from dash_fast.shared_prompt import shared_prompt_hidden
+
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2)
+
+
+def small_models() -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    return {
+        "qwen2_tied": Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=True)),
+        "qwen2_untied": Qwen2ForCausalLM(Qwen2Config(**SMALL, tie_word_embeddings=False)),
+        "qwen3": Qwen3ForCausalLM(Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True)),
+        "llama_bias": LlamaForCausalLM(LlamaConfig(**SMALL, attention_bias=True, mlp_bias=True,
+                                                   tie_word_embeddings=False)),
+    }
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen2_untied", "qwen3", "llama_bias"])
+def test_parameter_count_from_the_config_is_the_built_models(name):
+    model = small_models()[name]
+    from_config = mp.ModelShape.from_config(model.config)  # the formula: no module built
+    assert from_config.params == sum(p.numel() for p in model.parameters())
+    assert mp.ModelShape.from_config(model.config.to_dict()).params == from_config.params  # a config.json dict
+    plan = mp.plan(from_config, mp.RunShape(dtype="float32"))
+    assert plan.items["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_other_architectures_are_counted_on_the_meta_device():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64)
+    assert mp.ModelShape.from_config(config).params == sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
+def test_kv_cache_bytes_are_what_the_engine_allocates(name):
+    model = small_models()[name]
+    engine = TorchEngine(model, pad_token_id=0)
+    rows, length = 12, 37
+    engine.prepare(rows, length)
+    dec = engine._static
+    allocated = sum(t.numel() * t.element_size() for t in (*dec.k, *dec.v, dec.key_valid, dec.rope_q, dec.rope_k,
+                                                           dec.rot))
+    assert mp.kv_cache_bytes(mp.ModelShape.from_config(model.config), rows, length, 4, "cpu") == allocated
+
+
+def saved_bytes(fn, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while fn() runs (parameters excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
+def test_layer_activations_are_what_autograd_saves(name):
+    """The per-layer formula against the tensors the HF forward and the shared-prompt forward save (fp32,
+    no attention mask on the HF side), within 15%; it must grow with the model's width as they do."""
+    model = small_models()[name]
+    shape = mp.ModelShape.from_config(model.config)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(1, 300, (6, 40))
+    hf = saved_bytes(lambda: model.model(input_ids=ids, attention_mask=torch.ones_like(ids)), params)
+    predicted = shape.layers * ids.numel() * mp.layer_activation_bytes(shape, 4)
+    assert abs(hf / predicted - 1) < 0.15, (hf, predicted)
+    prompts = [list(range(1, 11))] * 3 + [list(range(5, 15))] * 3
+    completions = [[(7 * r + j) % 290 + 1 for j in range(30)] for r in range(6)]
+    tokens = 2 * 10 + 6 * 29
+    shared = saved_bytes(lambda: shared_prompt_hidden(model, prompts, completions, 0), params)
+    masks = shape.layers * tokens * 40 * 4  # the fp32 mask SDPA keeps on CPU (bounded by tokens x row length)
+    predicted = shape.layers * tokens * mp.layer_activation_bytes(shape, 4)
+    assert predicted < shared <= predicted * 1.15 + masks, (shared, predicted, masks)
+
+
+def count_calls(module: torch.nn.Module) -> list[bool]:
+    """Grad mode of each call of `module` (its forward wrapped: a checkpoint's recompute runs it too)."""
+    calls, forward = [], module.forward
+
+    def counted(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls
+
+
+def test_checkpointed_shared_prompt_forward_gives_the_same_gradients_and_keeps_less():
+    model = small_models()["qwen3"].double()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    prompts = [list(range(1, 11))] * 3 + [list(range(5, 12))] * 3
+    completions = [[(7 * r + j) % 290 + 1 for j in range(12 + r)] for r in range(6)]
+    calls = count_calls(model.model.layers[0].mlp.act_fn)
+
+    def grads(checkpointing: bool):
+        model.zero_grad()
+        held = {}
+
+        def forward():
+            hidden, targets = shared_prompt_hidden(model, prompts, completions, 0, checkpointing=checkpointing)
+            held["loss"] = torch.nn.functional.cross_entropy(hidden @ model.lm_head.weight.T, targets)
+
+        kept = saved_bytes(forward, params)
+        held["loss"].backward()
+        return held["loss"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, kept
+
+    loss, plain, kept_plain = grads(False)
+    assert calls == [True]
+    loss_ckpt, checkpointed, kept_ckpt = grads(True)
+    assert calls == [True, True, True]  # the layer ran again in backward
+    assert torch.equal(loss, loss_ckpt)
+    assert_same_grads(plain, checkpointed, rtol=0, atol=1e-12)
+    assert kept_ckpt < kept_plain / 2
+
+
+@pytest.mark.parametrize("train_forward", ["shared_prompt", "hf"])
+def test_gradient_checkpointing_key_gives_the_same_update(tmp_path, train_forward):
+    def run(checkpointing: bool):
+        trainer = make_trainer(tmp_path / str(checkpointing), train_forward=train_forward,
+                               gradient_checkpointing=checkpointing)
+        rollout = rollout_for(trainer)
+        advantages = torch.linspace(-1, 1, len(rollout), dtype=torch.float64)
+        seen = count_calls(trainer.model.model.layers[0].mlp.act_fn)  # runs again in backward when checkpointed
+        return grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout))), seen
+
+    plain, plain_calls = run(False)
+    checkpointed, calls = run(True)
+    assert_same_grads(plain, checkpointed, rtol=0, atol=1e-12)
+    assert len(calls) == 2 * len(plain_calls) > 0
+
+
+# ------------------------------------------------------------------------------------- choices and refusal
+PAPER = dict(device="cuda", dtype="bfloat16", master_weights=True, rows=512, generation_rows=512, group_size=8,
+             prompt_tokens=512, completion_tokens=2048, micro_batch_tokens=8192)
+FREE = set(mp.FREE_KEYS)
+
+
+def test_bf16_plans_fp32_masters_grads_and_adam_state():
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    items = mp.plan(shape, mp.RunShape(**PAPER)).items
+    assert items["weights"] == 2 * shape.params
+    assert items["masters"] == items["grads"] == 4 * shape.params
+    assert items["optimizer"] == 8 * shape.params
+
+
+def test_the_plan_picks_the_cheapest_settings_that_fit():
+    shape, run = mp.model_shape("Qwen2.5-1.5B"), mp.RunShape(**{**PAPER, "micro_batch_tokens": 32768})
+    plain = mp.plan(shape, run)
+    released = mp.plan(shape, dataclasses.replace(run, kv_cache_release=True))
+    checkpointed = mp.plan(shape, dataclasses.replace(run, kv_cache_release=True, gradient_checkpointing=True))
+    assert plain.peak > released.peak > checkpointed.peak and plain.peak_phase == "update"
+    assert mp.fit(shape, run, plain.peak, free=FREE).choices == {}
+    assert mp.fit(shape, run, released.peak, free=FREE).choices == {"kv_cache_release": True}
+    assert mp.fit(shape, run, plain.peak - 1, free=FREE - {"kv_cache_release"}).choices == \
+        {"gradient_checkpointing": True}
+    smaller = mp.fit(shape, run, checkpointed.peak - 1, free=FREE)
+    assert smaller.choices["generation_batch_size"] < 512 and smaller.choices["generation_batch_size"] % 8 == 0
+    assert smaller.fits
+
+
+def test_nothing_fits_is_one_line_naming_the_largest_item():
+    shape, run = mp.model_shape("Qwen2.5-3B"), mp.RunShape(**PAPER)
+    with pytest.raises(mp.MemoryPlanError) as e:
+        mp.fit(shape, run, int(20e9), "test budget", free=FREE)
+    assert "\n" not in str(e.value) and "the largest item is optimizer" in str(e.value)
+    with pytest.raises(mp.MemoryPlanError, match="the largest item is kv_cache .*generation_batch_size"):
+        mp.fit(shape, run, mp.plan(shape, run).peak - 1, "test budget")  # nothing left to the plan
+
+
+def test_overlap_holds_sampling_and_update_at_once():
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    run = mp.RunShape(**PAPER)
+    apart, together = mp.plan(shape, run), mp.plan(shape, dataclasses.replace(run, overlap=True))
+    backward = apart.items["loss"] + apart.items["activations"] + apart.items["embedding_grad"]
+    assert together.peak == apart.peak + min(apart.items["sampling"], backward)
+
+
+# ------------------------------------------------------------------------------------- where it shows up
+def test_the_trainer_plans_before_loading_prints_and_stores_the_plan(tmp_path, capsys):
+    trainer = make_trainer(tmp_path, max_steps=1, eval_examples=4)
+    assert "memory plan: peak" in capsys.readouterr().out
+    assert trainer.config.gradient_checkpointing is False and trainer.config.kv_cache_release is False
+    summary = trainer.train()
+    plan = json.loads((tmp_path / "summary.json").read_text())["memory_plan"]
+    assert plan == json.loads(json.dumps(summary["memory_plan"]))
+    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+    assert plan["items_bytes"]["weights"] == params and plan["fits"]
+
+
+def test_the_trainer_refuses_before_the_weights_load(tmp_path, monkeypatch):
+    import dash_fast.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "load_model", lambda *a: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match="memory plan: needs .* the largest item is"):
+        make_trainer(tmp_path, memory_budget_gb=1e-4)
+
+
+def test_a_chosen_release_frees_the_cache_after_each_rollout(tmp_path, monkeypatch):
+    monkeypatch.setattr(mp, "process_rss", lambda: 0)  # the same runtime item in both plans
+    probe = make_trainer(tmp_path / "probe", kv_cache_release=False, gradient_checkpointing=False)
+    plan = probe.memory_plan
+    released = mp.plan(plan.model, dataclasses.replace(plan.run, kv_cache_release=True), runtime=plan.items["runtime"])
+    assert released.peak < plan.peak
+    trainer = make_trainer(tmp_path / "run", gradient_checkpointing=False, memory_budget_gb=released.peak / mp.GB)
+    assert trainer.memory_plan.choices == {"kv_cache_release": True} and trainer.config.kv_cache_release
+    trainer.collector.rollout_for(1, 0)
+    assert trainer.engine._static.capacity == 0
+
+
+def test_cli_plan_and_dry_run(tmp_path, capsys):
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "device=cuda", "dtype=bfloat16", "memory_budget_gb=80",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] and out["items_bytes"]["masters"] == 4 * mp.model_shape("Qwen2.5-0.5B").params
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(mp.KNOWN_MODELS["Qwen3-0.6B"]))
+    assert main(["train", "--dry-run", "--model", str(config), "memory_budget_gb=100", "device=cpu"]) == 0
+    assert "memory plan: peak" in capsys.readouterr().out
+    assert main(["plan", "--model", "Qwen2.5-3B", "memory_budget_gb=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dash-fast: error: memory plan: needs") and "\n" not in err
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "--gradient-checkpointing", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["run"]["gradient_checkpointing"] is True
+    assert main(["plan"]) == 0  # the embedded default
+    assert "fits" not in DashConfig().to_dict() and DashConfig().gradient_checkpointing is None
+
+
+@pytest.mark.slow
+def test_bench_memory_smoke(tmp_path):
+    """bench/memory.py builds a model, trains it through `dash-fast train` and writes plan vs measured rows."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench" / "memory.py"), "--smoke", "--layers", "1", "--steps", "1",
+                          "--threads", "1", "--results-dir", str(tmp_path)], cwd=root, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    with open(tmp_path / "memory.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["provider"] for r in rows] == ["plan", "measured"] and all(float(r["p50"]) > 0 for r in rows)
+
+
+def test_grpo_config_gradient_checkpointing_reaches_the_dash_config():
+    from dash_fast import GRPOConfig
+
+    assert GRPOConfig(max_steps=2, gradient_checkpointing=True).to_dash_config().gradient_checkpointing is True
+    assert GRPOConfig(max_steps=2).to_dash_config().gradient_checkpointing is None  # TRL's False: the plan decides
+
+
+def test_bf16_without_masters_keeps_grads_and_adam_state_in_bf16():
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    run = mp.RunShape.from_config(DashConfig(master_weights=False), "cuda", "bfloat16")
+    items = mp.plan(shape, run).items
+    assert not run.master_weights and items["masters"] == 0
+    assert items["grads"] == items["weights"] == 2 * shape.params and items["optimizer"] == 4 * shape.params
+    assert mp.RunShape.from_config(DashConfig(), "cuda", "bfloat16").master_weights
