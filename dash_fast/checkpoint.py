@@ -262,10 +262,11 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     shards under `fsdp_root`); returns its trainer state for the caller to restore the rest."""
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.peft_support import is_peft_model, load_adapter_weights
+    from dash_fast.peft_support import is_peft_model, load_adapter_weights, require_adapter_checkpoint
 
     state = load_trainer_state(path)
     if is_peft_model(model):  # the checkpoint holds the adapters (PEFT format); the base is the model's own
+        require_adapter_checkpoint(path)
         _require_safetensors(path, "adapter_model.safetensors", "adapter_model.bin")
         load_adapter_weights(path, model)
         optimizer.load_state_dict(state["optimizer"])  # built over the trainable (adapter) parameters only

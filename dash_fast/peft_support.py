@@ -85,6 +85,13 @@ def reference_policy(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def require_adapter_checkpoint(path: str) -> None:
+    """A PeftModel resumes from a checkpoint of adapters (adapter_config.json), never from a full model's."""
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        raise ValueError(f"checkpoint {path} holds no PEFT adapter (adapter_config.json), but the model is a "
+                         "PeftModel: resume a LoRA run from its own checkpoint")
+
+
 def load_adapter_weights(path: str, model: torch.nn.Module) -> None:
     """Load a checkpoint's trained adapter (PEFT format, as save_pretrained wrote it) into `model`, exactly;
     the "ref" adapter is not trained and stays as built."""
@@ -92,9 +99,7 @@ def load_adapter_weights(path: str, model: torch.nn.Module) -> None:
     from peft.utils import load_peft_weights
 
     name = model.active_adapter
-    if not os.path.exists(os.path.join(path, "adapter_config.json")):
-        raise ValueError(f"checkpoint {path} holds no PEFT adapter (adapter_config.json), but the model is a "
-                         "PeftModel: resume a LoRA run from its own checkpoint")
+    require_adapter_checkpoint(path)
     weights = load_peft_weights(path, device=str(next(model.parameters()).device))
     result = set_peft_model_state_dict(model, weights, adapter_name=name)
     missing = [k for k in result.missing_keys if f".{name}." in k]
