@@ -8,6 +8,11 @@ engine takes the static fast path or announces its dynamic fallback with the rea
 
 Soft-capped final logits (Gemma-2) are refused from the config, before any weights load."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -38,11 +43,11 @@ PROMPTS = [[1, 5, 9, 13, 7], [1, 4, 4], [1, 30, 31, 32, 33, 34, 35], [1, 4, 4]]
 NEW = 8
 
 
-def tiny(family: str) -> torch.nn.Module:
+def tiny(family: str, vocab_size: int = 64) -> torch.nn.Module:
     import transformers
 
     name, own, _ = FAMILIES[family]
-    config = getattr(transformers, name)(**{**COMMON, **own})
+    config = getattr(transformers, name)(**{**COMMON, **own, "vocab_size": vocab_size})
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
@@ -116,3 +121,63 @@ def test_soft_capped_logits_are_refused_before_the_weights_load(tmp_path):
     Gemma2Config(**COMMON, head_dim=8).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         check_text_only(str(tmp_path))
+
+
+def save_family(family: str, path: str) -> str:
+    """A tiny random `family` model with dash-fast's char-level tokenizer (its ids 0 / 1 / 2 are pad / bos /
+    eos, as in COMMON), saved as a checkpoint directory."""
+    from dash_fast.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tiny(family, vocab_size=len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def train_through_cli(family: str, out: str, steps: int = 2) -> dict:
+    """`dash-fast train --model DIR` (fp32, CPU) on the arithmetic task; returns the start-up line, the
+    summary and the step records."""
+    from dash_fast.tiny import TinyConfig, make_task, write_jsonl
+
+    model = save_family(family, os.path.join(out, "model"))
+    train, _ = make_task(TinyConfig(n_terms=2, max_operand=9, n_train=32, n_test=1), seed=0)
+    write_jsonl(os.path.join(out, "train.jsonl"), train)
+    run = subprocess.run(
+        [sys.executable, "-m", "dash_fast.cli", "train", "--model", model, "--dataset", os.path.join(out, "train.jsonl"),
+         "--output-dir", os.path.join(out, "run"), "--max-steps", str(steps), "--device", "cpu", "--tau", "none",
+         "--beta", "0.001",  # a forward every step, even when the random model's rewards carry no signal
+         "dtype=float32", "prompts_per_step=2", "group_size=4", "max_completion_tokens=8", "report_to=none",
+         "disable_tqdm=true", "temperature=0.8"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("dash-fast: rollout engine:"))
+    with open(os.path.join(out, "run", "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(out, "run", "metrics.jsonl")) as f:
+        records = [json.loads(r) for r in f if r.strip()]
+    return {"line": line, "summary": summary, "records": records}
+
+
+@pytest.mark.parametrize("family", ["gemma", "olmo2", "gemma3_text"])
+def test_a_family_trains_through_the_cli_and_reports_agreement(tmp_path, family):
+    """From outside: the CLI trains the saved model, names its engine path in the start-up line and
+    summary.json, and every step reports a sampler-vs-trainer log-prob difference <= 1e-3 (fp32)."""
+    res = train_through_cli(family, str(tmp_path))
+    path = res["summary"]["engine_path"]
+    assert res["line"].startswith(f"dash-fast: rollout engine: {path}; training forward: ")
+    assert (path == "torch static fast path") == (FAMILIES[family][2] is None)
+    assert len(res["records"]) == 2
+    for r in res["records"]:
+        assert r["sampling/sampling_logp_difference/max"] <= 1e-3, r
+
+
+if __name__ == "__main__":  # python tests/test_families.py OUT_DIR: every family through the CLI, a table
+    import tempfile
+
+    out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()
+    for family in FAMILIES:
+        res = train_through_cli(family, os.path.join(out, family))
+        diffs = [(r["sampling/sampling_logp_difference/mean"], r["sampling/sampling_logp_difference/max"])
+                 for r in res["records"]]
+        print(f"{family:12s} {res['summary']['engine_path']:70s} {res['summary']['train_forward_path']:14s} "
+              + " ".join(f"{m:.1e}/{x:.1e}" for m, x in diffs), flush=True)
