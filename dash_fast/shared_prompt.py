@@ -23,6 +23,7 @@ from dash_fast.rollout.torch_engine import (
     attention_residual,
     embed,
     family_of,
+    grouped_sdpa,
     mlp_block,
     prompt_attention_mask,
     qkv_projections,
@@ -118,7 +119,6 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     x = embed(decoder, torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]))
     cos, sin = decoder.rotary_emb(x, positions[None])
     cos, sin = cos[0, :, None], sin[0, :, None]
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     n_p = U * P
     for layer in decoder.layers[: cfg.num_hidden_layers]:
         attn = layer.self_attn
@@ -127,13 +127,12 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam)
         if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers skip it
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        gqa = nkv != nh
         q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
         q_c, k_c, v_c = (t[n_p:].view(R, C, -1, D).transpose(1, 2) for t in (q, k, v))
-        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask_p, scale=attn.scaling, enable_gqa=gqa)
+        o_p = grouped_sdpa(q_p, k_p, v_p, mask_p, attn.scaling)
         k_c = torch.cat([k_p.index_select(0, group), k_c], dim=2)  # [R, kv heads, P + C, D]
         v_c = torch.cat([v_p.index_select(0, group), v_c], dim=2)
-        o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask_c, scale=attn.scaling, enable_gqa=gqa)
+        o_c = grouped_sdpa(q_c, k_c, v_c, mask_c, attn.scaling)
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
         x = attention_residual(x, o, layer, fam, _norm, eps)
         x = mlp_block(x, layer, fam, _norm, eps)

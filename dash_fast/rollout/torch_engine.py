@@ -146,6 +146,25 @@ def prompt_attention_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((causal & valid[:, None, :]) | eye)[:, None]
 
 
+def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """SDPA of q [b, H, T, D] over k, v [b, H_kv, S, D] under a boolean `mask` [b or 1, 1, T or 1, S].
+
+    With GQA the query heads are regrouped onto their KV head ([b, H_kv, g * T, D], the mask repeated per
+    head of a group), so the attention runs at K/V's own head count: SDPA's enable_gqa with a mask falls
+    back on CUDA to the math kernel, which expands K/V per query head."""
+    b, H, T, D = q.shape
+    n_kv = k.shape[1]
+    if n_kv == H:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    g = H // n_kv
+    if mask.shape[-2] != 1:  # a mask per query position: the same for every head of a group
+        mb, mh, _, S = mask.shape
+        mask = mask[:, :, None].expand(mb, mh, g, T, S).reshape(mb, mh, g * T, S)
+    o = F.scaled_dot_product_attention(q.reshape(b, n_kv, g * T, D), k, v, attn_mask=mask, scale=scale)
+    return o.view(b, H, T, D)
+
+
 def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
     """x + scale * linear(a) with the residual add fused into the GEMM (x, a: [N, *])."""
     if scale == 1.0:
@@ -356,14 +375,12 @@ class StaticDecoder:
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [b, T, H, D] (pre-scaled), cache views k, v [b, H_kv, S, D] -> [b * T, H * D].
 
-        SDPA with a boolean mask, except for one-token decode on CPU: there `mask` is an additive float
-        bias [b * H_kv, g, S] and two batched GEMMs beat PyTorch's CPU flash kernel ~2x. Query heads are
-        grouped onto their KV head (GQA without repeating K/V)."""
+        SDPA with a boolean mask (`grouped_sdpa`), except for one-token decode on CPU: there `mask` is an
+        additive float bias [b * H_kv, g, S] and two batched GEMMs beat PyTorch's CPU flash kernel ~2x. Either
+        way query heads are grouped onto their KV head (GQA without repeating K/V)."""
         b, T, _, D = q.shape
         if mask.dtype == torch.bool:
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, scale=1.0,
-                                               enable_gqa=self.n_kv != self.n_heads)
-            return o.transpose(1, 2).reshape(b * T, -1)
+            return grouped_sdpa(q.transpose(1, 2), k, v, mask, 1.0).transpose(1, 2).reshape(b * T, -1)
         S = k.shape[2]
         g = self.n_heads // self.n_kv
         scores = torch.baddbmm(mask, q.reshape(b * self.n_kv, g, D), k.reshape(b * self.n_kv, S, D).transpose(1, 2))
