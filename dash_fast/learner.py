@@ -16,7 +16,7 @@ from functools import partial
 
 import torch
 
-from dash_fast import algo
+from dash_fast import algo, metrics
 from dash_fast import distributed as ddp
 from dash_fast.config import DashConfig
 from dash_fast.data import pad_right
@@ -54,6 +54,7 @@ class Learner:
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
         self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
         self.logit_multiplier = logit_multiplier(model)
+        self.logp_difference: metrics.LogpDifference | None = None  # measured by the loss forwards while set
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -75,10 +76,13 @@ class Learner:
 
         needs_old = a.epochs_per_rollout > 1 or a.minibatches > 1
         old = None
+        difference = metrics.LogpDifference()  # sampler vs trainer log-probs (metrics.LogpDifference)
         if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
             old = rollout.sampling_logps
         elif needs_old:
             old = self.logprob_pass(self.model, rollout, local(kept_rows), "train/logprob_old")
+            if local(kept_rows):
+                difference.add(*(self._per_token(x, rollout, local(kept_rows)) for x in (old, rollout.sampling_logps)))
         ref = None
         if self.ref_model is not None or self.ref_context is not None:
             ref = self.reference_logprobs(rollout, local(kept_rows))
@@ -99,13 +103,18 @@ class Learner:
                     norm = algo.loss_normaliser(a.loss_agg, lengths, a.max_completion_tokens)
                     norm *= len(rows) / len(kept_rows)
                 weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
+                # no old pass ran: the first optimizer step's loss forwards (still the sampled weights) measure it
+                self.logp_difference = difference if n_updates == 0 and not needs_old else None
                 step_stats = self.optimizer_step(rollout, local(rows), local_adv, weights, old, ref, step)
+                self.logp_difference = None
                 n_updates += 1
                 for k in stats:
                     stats[k] += step_stats.get(k, 0.0) or 0.0
         for k in ("loss", "clip_fraction", "kl", "entropy", "grad_norm"):
             stats[k] /= max(n_updates, 1)
         stats["optimizer_steps"] = n_updates
+        stats.update(difference.record(partial(ddp.all_reduce_sum, info=self.dist),
+                                       partial(ddp.all_reduce_max, info=self.dist)))
         return stats
 
     def optimizer_step(self, rollout, rows, advantages, weights, old, ref, step: int = 1) -> dict:
@@ -133,6 +142,8 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         micros: list = self.micro_batches(rollout, rows) if rows else []
         self.step_tokens = int(rollout.completion_lengths[rows].sum()) if rows else 0
+        if self.logp_difference is not None:  # a retry after out-of-memory measures again
+            self.logp_difference.reset()
         if self.fsdp_root is not None:  # same number of forwards on every rank
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
@@ -153,6 +164,10 @@ class Learner:
                 self.on_substep_end()
             if st is None:
                 continue
+            if self.logp_difference is not None and st.get("logp") is not None:
+                live = self._per_token(weights, rollout, micro_rows) != 0  # the tokens the loss computed
+                self.logp_difference.add(st["logp"][live], self._per_token(rollout.sampling_logps, rollout,
+                                                                           micro_rows)[live])
             total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
             clip_sum += float(st["clip_fraction"]) * n
             kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n

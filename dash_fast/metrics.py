@@ -6,6 +6,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class MetricsLogger:
@@ -136,6 +140,41 @@ def step_record(batch, kept, train_stats: dict, reward_names: list[str], accurac
     for k, name in enumerate(reward_names):
         record[f"rewards/{name}"] = torch.nanmean(per_func[:, k]).item()
     return record
+
+
+LOGP_DIFF_MEAN = "sampling/sampling_logp_difference/mean"
+LOGP_DIFF_MAX = "sampling/sampling_logp_difference/max"
+
+
+class LogpDifference:
+    """|trainer log-prob - sampler log-prob| over completion tokens, under TRL's names (LOGP_DIFF_*).
+
+    With one epoch and one minibatch the trainer skips the old-log-prob pass and takes the sampler's
+    log-probs as the old policy's; that holds only while the two agree, which this measures: from the old
+    pass when one runs, else from the loss forward of the step's first optimizer step (its per-token
+    `stats["logp"]`, before any weight moves), so it costs no extra forward."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count, self.largest = 0.0, 0, 0.0
+
+    def add(self, trainer: torch.Tensor, sampler: torch.Tensor) -> None:
+        """Flat per-token log-probs of the same tokens (trainer's, sampler's)."""
+        if trainer.numel() == 0:
+            return
+        d = (trainer.detach().double() - sampler.to(trainer.device).double()).abs()
+        self.total += float(d.sum())
+        self.count += d.numel()
+        self.largest = max(self.largest, float(d.max()))
+
+    def record(self, reduce_sum=lambda v: v, reduce_max=lambda v: v) -> dict:
+        """{mean, max} over every measured token (`reduce_*`: the sums over ranks); nan when none was."""
+        total, count, largest = reduce_sum(self.total), reduce_sum(float(self.count)), reduce_max(self.largest)
+        if count == 0:
+            return {LOGP_DIFF_MEAN: math.nan, LOGP_DIFF_MAX: math.nan}
+        return {LOGP_DIFF_MEAN: total / count, LOGP_DIFF_MAX: largest}
 
 
 def skipped_record(step: int, time_generate_s: float, time_step_s: float, lr: float) -> dict:

@@ -19,9 +19,13 @@ import torch.utils.checkpoint
 
 from dash_fast.data import pad_left
 from dash_fast.rollout.torch_engine import (
-    _linear_add,
     _rms_norm,
-    mlp_residual,
+    attention_input,
+    attention_residual,
+    embed,
+    family_of,
+    grouped_sdpa,
+    mlp_block,
     prompt_attention_mask,
     qkv_projections,
     static_unsupported,
@@ -114,30 +118,28 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     causal_c = torch.ones(C, C, dtype=torch.bool, device=device).tril()
     mask_c = torch.cat([valid_p[group][:, None, :].expand(R, C, P), causal_c.expand(R, C, C)], dim=-1)[:, None]
 
-    embed = decoder.embed_tokens  # its padding_idx: that row gets no gradient, as in the model's own forward
-    x = F.embedding(torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]), embed.weight, embed.padding_idx)
+    fam, eps = family_of(model), cfg.rms_norm_eps
+    x = embed(decoder, torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]))
     cos, sin = decoder.rotary_emb(x, positions[None])
     cos, sin = cos[0, :, None], sin[0, :, None]
-    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
     n_p = U * P
 
     def run_layer(x: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         attn = layer.self_attn
         D = attn.head_dim
-        h = _norm(x, layer.input_layernorm.weight, cfg.rms_norm_eps)
-        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, cfg.rms_norm_eps)
-        q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        gqa = nkv != nh
+        h = attention_input(x, layer, fam, _norm, eps)
+        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam)
+        if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers skip it
+            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
         q_c, k_c, v_c = (t[n_p:].view(R, C, -1, D).transpose(1, 2) for t in (q, k, v))
-        o_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask_p, scale=attn.scaling, enable_gqa=gqa)
+        o_p = grouped_sdpa(q_p, k_p, v_p, mask_p, attn.scaling)
         k_c = torch.cat([k_p.index_select(0, group), k_c], dim=2)  # [R, kv heads, P + C, D]
         v_c = torch.cat([v_p.index_select(0, group), v_c], dim=2)
-        o_c = F.scaled_dot_product_attention(q_c, k_c, v_c, attn_mask=mask_c, scale=attn.scaling, enable_gqa=gqa)
+        o_c = grouped_sdpa(q_c, k_c, v_c, mask_c, attn.scaling)
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
-        x = _linear_add(x, o, attn.o_proj)
-        h = _norm(x, layer.post_attention_layernorm.weight, cfg.rms_norm_eps)
-        return mlp_residual(x, h, layer.mlp)
+        x = attention_residual(x, o, layer, fam, _norm, eps)
+        return mlp_block(x, layer, fam, _norm, eps)
 
     checkpointing = checkpointing and torch.is_grad_enabled()
     for layer in decoder.layers[: cfg.num_hidden_layers]:
@@ -154,6 +156,6 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         index.append(u * P + P - 1)
         index.extend(range(n_p + r * C, n_p + r * C + len(c) - 1))
     index = torch.tensor(index, dtype=torch.long, device=device)
-    hidden = _norm(x.index_select(0, index), decoder.norm.weight, cfg.rms_norm_eps)
+    hidden = _norm(x.index_select(0, index), fam.weight(decoder.norm), eps)
     targets = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=device)
     return hidden, targets

@@ -84,11 +84,11 @@ def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device,
     return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
 
 
-def logit_transform(model: torch.nn.Module) -> str | None:
+def logit_transform(model) -> str | None:
     """Why the model's logits are not `hidden @ lm_head.T` up to a constant factor (the loss and log-prob ops
     compute that; the learner folds Cohere's / Granite's factor into the hidden states, learner.logit_multiplier),
-    naming the config field; None when they are. Gemma-2/3 soft-cap them."""
-    config = getattr(model, "config", None)
+    naming the config field; None when they are. Gemma-2/3 soft-cap them. `model`: a module or its config."""
+    config = getattr(model, "config", model)
     config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
     checks = (("final_logit_softcapping", None),)
     for name, neutral in checks:
@@ -100,9 +100,9 @@ def logit_transform(model: torch.nn.Module) -> str | None:
 
 
 def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = False) -> None:
-    """Refuse a vision-language model (its config has a vision tower, or is one of transformers'
-    image-text-to-text types) before any weights load: the engines and the training forward take token ids
-    only, so its image inputs could not reach it."""
+    """Refuse, before any weights load, a vision-language model (its config has a vision tower, or is one of
+    transformers' image-text-to-text types: the engines and the training forward take token ids only, so its
+    image inputs could not reach it) and one whose logits the ops cannot compute (`logit_transform`)."""
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
@@ -121,6 +121,9 @@ def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = Fals
         raise ValueError(f"dash-fast does not support model={name!r}: its config ({model_type}) is a vision-language "
                          "config, and dash-fast's engines and training forward take token ids only (no images); "
                          "pass a text-only causal LM")
+    reason = logit_transform(config)
+    if reason:
+        raise ValueError(f"dash-fast does not support {reason}")
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
@@ -195,9 +198,6 @@ class DashTrainer:
         self.model = load_model(model, dtype, self.device, masters=masters)
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        reason = logit_transform(self.model)
-        if reason:
-            raise ValueError(f"dash-fast does not support {reason}")
         if bf16 and not masters and self.dist.is_main:
             print("dash-fast: master_weights=False trains the bf16 weights in place: no fp32 master copy, AdamW "
                   "state in bf16, so updates smaller than bf16's precision (~0.4% of a weight) are lost")
@@ -239,6 +239,9 @@ class DashTrainer:
                                         sampler_copy=not is_peft_model(self.model) and self.fsdp_root is None)
         self.shared_prompt = self._use_shared_prompt()
         self.engine = make_engine(args, self.precision.sampler_model, self.tokenizer, self.pad_id)
+        if self.dist.is_main:
+            print("dash-fast: rollout engine: {engine_path}; training forward: {train_forward_path}".format(
+                **self.paths()), flush=True)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
         concurrent = getattr(self.engine, "can_sample_concurrently", False)
@@ -295,12 +298,19 @@ class DashTrainer:
         `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
         from dash_fast.shared_prompt import shared_prompt_unsupported
 
+        self.forward_path = "model's own forward"  # what the start-up line and summary.json name
         if self.config.train_forward == "hf" or (self.config.train_forward == "auto" and self.device.type != "cpu"):
             return False
         reason = "parameters sharded by FSDP2" if self.fsdp_root is not None else shared_prompt_unsupported(self.model)
         if reason and self.config.train_forward == "shared_prompt":
             raise ValueError(f"train_forward='shared_prompt' cannot run this model: {reason}")
+        self.forward_path = f"model's own forward (shared-prompt forward: {reason})" if reason else "shared-prompt"
         return reason is None
+
+    def paths(self) -> dict:
+        """Which rollout engine path and training forward run (the start-up line, summary.json)."""
+        describe = getattr(self.engine, "describe", lambda: type(self.engine).__name__)  # an injected engine
+        return {"engine_path": describe(), "train_forward_path": self.forward_path}
 
     # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
@@ -317,7 +327,8 @@ class DashTrainer:
             # no kept row carries signal (every row filtered and the fallback row has A = 0) and no KL or entropy
             # term: the loss and its gradient are exactly 0, so no forward/backward, no optimizer or LR step
             train_stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1}
+                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1,
+                           **metrics.LogpDifference().record()}  # no forward ran: nothing measured (nan)
         else:
             train_stats = {**self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows,
                                          lengths=batch.lengths), "no_signal": 0}
@@ -501,6 +512,7 @@ class DashTrainer:
         summary = metrics.run_summary(step, finished, self.state.log_history, self.eval_history,
                                       time.perf_counter() - t_begin, self.config.to_dict())
         summary["memory_plan"] = self.memory_plan.to_dict() if self.memory_plan is not None else None
+        summary.update(self.paths())
         if self.dist.is_main:
             metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary

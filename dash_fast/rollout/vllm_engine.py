@@ -157,6 +157,10 @@ class VLLMEngine:
 
     can_sample_concurrently = False  # overlap=True runs its schedule in order with this engine
 
+    def describe(self) -> str:
+        """The rollout path, for the start-up line and summary.json."""
+        return "vllm in-process"
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, args: Any, *, sleep_level: int | None = None,
                  llm: Any = None) -> None:
         vllm = import_vllm()

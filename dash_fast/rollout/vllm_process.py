@@ -162,6 +162,10 @@ class VLLMProcessEngine(VLLMEngine):
     can_sample_concurrently = True
     samples_in_own_process = True  # overlap.py drives it from a thread: no embedded-engine sampler process
 
+    def describe(self) -> str:
+        """The rollout path, for the start-up line and summary.json."""
+        return "vllm process"
+
     def __init__(self, model: torch.nn.Module, tokenizer: Any, args: Any, llm: Any = None) -> None:
         vllm = import_vllm()
         first = next(model.parameters())
