@@ -181,6 +181,8 @@ def prepare(command: Command, workdir: Path, index: int) -> Prepared:
             notes.append(f"its latest checkpoint, step-{steps[-1]}")
         return Prepared(command, [sys.executable, "-m", "dash_fast.cli", *words[1:], "--max-examples", "8"], "eval",
                         notes=notes)
+    if sub == "plan":  # prints the memory plan, trains nothing: run as written
+        return Prepared(command, [sys.executable, "-m", "dash_fast.cli", *words[1:]], "plan")
     if sub != "train":
         raise ValueError(f"no shrink rule for `{command.line}`")
     config = _flag(words, "--config")
@@ -218,12 +220,15 @@ def plain_numbers(record: dict) -> list[str]:
     return [k for k, v in record.items() if type(v) not in (int, float, bool)]
 
 
-def check_outputs(prep: Prepared, workdir: Path, started: set[str]) -> None:
+def check_outputs(prep: Prepared, workdir: Path, started: set[str], stdout: str = "") -> None:
     """The command's outputs: metrics.jsonl with one plain-number record per step, summary.json; eval.json;
     the bench CSV. Raises AssertionError naming what is wrong."""
     if prep.kind == "bench":
         csv = workdir / "bench" / "results" / f"{prep.argv[4]}.csv"
         assert csv.exists() and csv.stat().st_size > 0, f"{csv} missing"
+        return
+    if prep.kind == "plan":
+        assert "memory plan: peak" in stdout, f"no plan printed: {stdout[-1500:]}"
         return
     if prep.kind == "eval":
         ckpt = workdir / prep.argv[4]
@@ -275,7 +280,7 @@ def run_all(workdir: Path, readme: Path = ROOT / "README.md", log=print, timeout
         shown = " ".join(shlex.quote(a) for a in prep.argv[1:] if a not in ("-m",))
         try:
             assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
-            check_outputs(prep, workdir, started)
+            check_outputs(prep, workdir, started, proc.stdout)
         except AssertionError as e:
             failures.append(f"{command.line}: {e}")
             log(f"FAIL  {command.line}\n      ran: {shown}\n      {e}")
