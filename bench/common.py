@@ -238,3 +238,43 @@ def plot(name: str, rows: list[dict]) -> Path | None:
 def set_threads(n: int | None) -> None:
     n = n or os.cpu_count() or 1
     torch.set_num_threads(n)
+
+
+def measure_bandwidth(mib: int = 512, reps: int = 5) -> float:
+    """Read bandwidth in bytes/s: the best of `reps` sums over an fp32 buffer far larger than the caches, at
+    torch's current thread count (what decode's weight reads can reach, measured in the caller's run)."""
+    x = torch.ones(mib * 2**20 // 4)
+    best = float("inf")
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def measure_gemm(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, reps: int = 5,
+                 device: str = "cpu") -> float:
+    """FLOP/s of the best of `reps` torch.mm [m, k] @ [k, n] (with a warm-up call), at the run's thread count."""
+    a = torch.randn(m, k, dtype=dtype, device=device)
+    b = torch.randn(k, n, dtype=dtype, device=device)
+    _, _, _ = time_fn(lambda: a @ b, warmup=1, reps=1, device=device)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * m * k * n / best
+
+
+def decoder_dims(model) -> dict:
+    """The counts a roofline needs from a Llama/Qwen-style causal LM: decoder-layer parameters (everything but
+    the embedding and lm_head), lm_head parameters, layers, heads, KV heads, head dim."""
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    head = model.get_output_embeddings().weight
+    emb = model.get_input_embeddings().weight
+    body = sum(p.numel() for p in model.parameters()) - emb.numel() - (0 if head is emb else head.numel())
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return {"body": body, "head": head.numel(), "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads, "head_dim": hd, "vocab": head.shape[0], "hidden": head.shape[1]}

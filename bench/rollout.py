@@ -22,6 +22,13 @@ every row (as with num_return_sequences). Providers:
 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prompts are still the char
 tokenizer's ids): e.g. `--quick --shape qwen0.5b --batch 8 --new-tokens 32 --reps 3`.
 
+`--roofline` measures, in the same run and at the run's thread count, read bandwidth (a sum over 512 MiB)
+and fp32 GEMM throughput (torch.mm [1024, hidden] @ [hidden, intermediate]), then prints per provider and
+shape the bytes one decode step must read (every weight once, the lm_head included, plus the KV cache up
+to the row's context), its FLOPs (2 x params x batch + attention), the time of the whole generate at the
+binding bound (per step the larger of bytes / bandwidth and FLOPs / GEMM rate, prefill included) and the
+achieved fraction of it (bound time / measured p50). `--prompt-len N` repeats each prompt's ids to N tokens.
+
 The embedded engine also returns each token's sampling log-prob; HF generate is timed without them
 (asking it for scores would only slow it down). Throughput = batch x new_tokens / wall time; the
 providers' repetitions are interleaved so that other load on a shared machine hits them alike.
@@ -50,10 +57,40 @@ PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50
 
 
-def make_inputs(tokenizer, batch: int, group: int = 1, seed: int = 0) -> list[list[int]]:
-    """`batch` prompts: batch / group distinct ones, each repeated `group` times (GRPO's rollout shape)."""
+def make_inputs(tokenizer, batch: int, group: int = 1, seed: int = 0, prompt_len: int | None = None) -> list[list[int]]:
+    """`batch` prompts: batch / group distinct ones, each repeated `group` times (GRPO's rollout shape);
+    with `prompt_len` each prompt's ids are repeated and cut to exactly that many tokens."""
     rows, _ = make_task(TinyConfig(n_train=max(batch, 64), n_test=1), seed)
-    return [tokenizer(r["prompt"])["input_ids"] for r in rows[: batch // group] for _ in range(group)]
+    ids = [tokenizer(r["prompt"])["input_ids"] for r in rows[: batch // group]]
+    if prompt_len:
+        ids = [(p * (prompt_len // len(p) + 1))[-prompt_len:] for p in ids]
+    return [p for p in ids for _ in range(group)]
+
+
+def roofline(dims: dict, batch: int, prompt_len: int, new_tokens: int, elt: int, bandwidth: float,
+             gemm: float) -> dict:
+    """Seconds one generate takes at the binding bound, and one decode step's figures at the mean context.
+
+    Each step reads every weight once (decoder layers + lm_head; the embedding lookup reads `batch` rows) and
+    the KV cache up to its context; its FLOPs are 2 x params per row plus attention (4 x layers x heads x
+    head_dim per context token). The prefill computes the lm_head for the last position only."""
+    weights = (dims["body"] + dims["head"]) * elt
+    kv_per_token = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * elt
+    attn = 4 * dims["layers"] * dims["heads"] * dims["head_dim"]
+    p = prompt_len
+    flops = 2 * batch * p * dims["body"] + 2 * batch * dims["head"] + attn * batch * p * (p + 1) / 2
+    seconds = max((weights + kv_per_token * batch * p) / bandwidth, flops / gemm)
+    memory_steps = 0
+    for s in range(new_tokens - 1):
+        ctx = p + s + 1
+        step_bytes = weights + kv_per_token * batch * ctx
+        step_flops = 2 * batch * (dims["body"] + dims["head"]) + attn * batch * ctx
+        seconds += max(step_bytes / bandwidth, step_flops / gemm)
+        memory_steps += step_bytes / bandwidth >= step_flops / gemm
+    mid = p + new_tokens // 2
+    return {"seconds": seconds, "weight_bytes": weights, "kv_bytes": kv_per_token * batch * mid,
+            "flops": 2 * batch * (dims["body"] + dims["head"]) + attn * batch * mid,
+            "bound": "memory" if memory_steps * 2 >= new_tokens - 1 else "compute"}
 
 
 def qwen_05b_shape(tokenizer):
@@ -119,6 +156,8 @@ def main() -> None:
     ap.add_argument("--shape", default="tiny", choices=["tiny", "qwen0.5b"])
     ap.add_argument("--batch", type=int, default=64, help="--quick: rows per generate")
     ap.add_argument("--new-tokens", type=int, default=24, help="--quick: tokens per row")
+    ap.add_argument("--prompt-len", type=int, default=None, help="every prompt repeated to this many tokens")
+    ap.add_argument("--roofline", action="store_true", help="measure bandwidth + GEMM rate; print bound fractions")
     args = ap.parse_args()
     if "vllm" in args.providers:
         import os
@@ -136,13 +175,22 @@ def main() -> None:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
 
+    bounds = None
+    if args.roofline:
+        dims = common.decoder_dims(model)
+        bandwidth = common.measure_bandwidth()
+        gemm = common.measure_gemm(1024, dims["hidden"], model.config.intermediate_size, dtype, device=args.device)
+        print(f"roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.1f} GFLOP/s "
+              f"({device_label}, {dtype_name}); weights read per step "
+              f"{(dims['body'] + dims['head']) * dtype.itemsize / 2**20:.0f} MiB")
+        bounds = (dims, bandwidth, gemm)
     g = args.group
     shapes = [("batch", args.batch, args.new_tokens, g)] if args.quick else (
         [("batch", b, 24, g) for b in (16, 64, 256)] + [("new_tokens", 64, n, g) for n in (24, 48, 96)]
         + [("group", 64, 24, G) for G in (4, 8) if G != g])
     rows, skipped = [], {}
     for x_name, batch, new_tokens, group in shapes:
-        prompts = make_inputs(tokenizer, batch, group)
+        prompts = make_inputs(tokenizer, batch, group, prompt_len=args.prompt_len)
         steps = {}
         for provider in args.providers.split(","):
             if provider in skipped:
@@ -163,6 +211,15 @@ def main() -> None:
             rows.append(common.row("rollout", provider, "throughput", x_name, x_value,
                                    (tokens / t80 * 1e3, tokens / t50 * 1e3, tokens / t20 * 1e3), "tokens/s",
                                    device_label, dtype_name, 1.0, note))
+            if bounds:
+                r = roofline(bounds[0], batch, max(map(len, prompts)), new_tokens, dtype.itemsize, *bounds[1:])
+                frac = tuple(r["seconds"] * 1e3 / t for t in (t80, t50, t20))
+                rows.append(common.row("rollout", provider, "bound_fraction", x_name, x_value, frac, "fraction",
+                                       device_label, dtype_name, 1.0, note + f"; {r['bound']}-bound"))
+                print(f"roofline {provider:12s} {x_name}={x_value:<4} {tokens / t50 * 1e3:9.1f} tok/s  "
+                      f"weights {r['weight_bytes'] / 2**20:.0f} MiB + KV {r['kv_bytes'] / 2**20:.1f} MiB/step  "
+                      f"{r['flops'] / 1e9:.1f} GFLOP/step  {r['bound']}-bound {r['seconds'] * 1e3:.0f} ms "
+                      f"vs {t50:.0f} ms measured: {frac[1]:.0%} of the bound")
     common.print_table(rows)
     print_ratios(rows)
     path = common.write_csv("rollout", rows)

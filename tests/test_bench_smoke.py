@@ -87,3 +87,21 @@ def test_swap_smoke(tmp_path):
     rows = _rows(tmp_path / "res" / "swap_tiny.csv")
     assert sorted((r["provider"], r["metric"]) for r in rows) == [("dash", "peak_rss"), ("dash", "s_per_step"),
                                                                   ("trl", "peak_rss"), ("trl", "s_per_step")]
+
+
+def test_roofline_smoke():
+    """bench/train_roofline.py runs on the tiny shape; rollout.roofline's bound is the larger of the memory
+    and compute times per step, and common's bandwidth / GEMM probes return positive rates."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train_roofline.py"), "--shape", "tiny", "--reps", "1"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "of the measured GEMM throughput" in out.stdout and "AdamW fused" in out.stdout
+    from rollout import roofline
+
+    dims = {"body": 100, "head": 50, "layers": 1, "heads": 1, "kv_heads": 1, "head_dim": 1}
+    memory = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1.0, gemm=1e9)
+    assert memory["bound"] == "memory" and memory["weight_bytes"] == 600
+    assert memory["seconds"] == (600 + 8) + (600 + 16)  # prefill + one decode step, weights + KV at context
+    compute = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1e12, gemm=1.0)
+    assert compute["bound"] == "compute" and compute["flops"] == 2 * 150 + 4 * 2
+    assert common.measure_bandwidth(mib=8, reps=1) > 0 and common.measure_gemm(8, 8, 8, reps=1) > 0
