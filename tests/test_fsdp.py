@@ -139,9 +139,10 @@ def test_fsdp2_checkpoint_is_a_hugging_face_model_and_resumes(two_ranks, one_pro
 
 
 def cli_args(out: str) -> list[str]:
-    """A two-step fsdp2 run of the embedded default; one rank's rows per sampling call (16 = 4 prompts x 8 / 2
-    ranks), so one process samples its rows with the same seeds as the two ranks."""
-    return ["train", "--output-dir", out, "--max-steps", "2", "sft.steps=0", "prompts_per_step=4",
+    """A two-step fsdp2 run of the embedded default, SFT-warmed enough that both steps' groups carry signal;
+    one rank's rows per sampling call (16 = 4 prompts x 8 / 2 ranks), so one process samples its rows with
+    the same seeds as the two ranks."""
+    return ["train", "--output-dir", out, "--max-steps", "2", "sft.steps=40", "prompts_per_step=4",
             "generation_batch_size=16", "max_completion_tokens=8", "eval_examples=4", "tiny.n_train=40",
             "tiny.n_test=8", "parallel=fsdp2", "learning_rate=1e-3", "max_grad_norm=none", "cpu_threads=1"]
 
@@ -166,6 +167,7 @@ def test_two_torchrun_agents_nnodes_2_train_like_one_process(tmp_path):
         with open(tmp_path / run_ / "metrics.jsonl") as f:
             records[run_] = [json.loads(line) for line in f]
     assert [r["step"] for r in records["two"]] == [1, 2]
+    assert all(r["optimizer_steps"] == 1 and r["grad_norm"] > 0 for r in records["one"])  # both steps trained
     for mine, ref in zip(records["two"], records["one"]):
         for key in ("reward_mean", "kept_fraction", "completion_len_mean"):
             assert mine[key] == pytest.approx(ref[key], rel=1e-6), (mine["step"], key)
@@ -175,5 +177,7 @@ def test_two_torchrun_agents_nnodes_2_train_like_one_process(tmp_path):
 
     saved = {r: load_file(str(tmp_path / r / "checkpoints" / "step-2" / "model.safetensors")) for r in ("one", "two")}
     assert saved["one"].keys() == saved["two"].keys()
-    for key, t in saved["one"].items():  # two Adam steps of lr 1e-3 (WEIGHTS_TOL's reasoning)
-        torch.testing.assert_close(saved["two"][key], t, rtol=0, atol=2e-5, msg=key)
+    # two Adam steps of lr 1e-3 move every weight by up to 2e-3; float32 rounding of tiny gradients shows up
+    # to ~3e-5 of that (WEIGHTS_TOL's reasoning; seen: 2.9e-5): 5% of the move
+    for key, t in saved["one"].items():
+        torch.testing.assert_close(saved["two"][key], t, rtol=0, atol=1e-4, msg=key)
