@@ -100,7 +100,7 @@ class DashConfig:
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
     bind_cpus: bool = False  # overlap=True on CPU: bind the sampler and the learner to their own cores
     cpu_sampler: str = "process"  # overlap=True on CPU: the sampler runs in its own process | a thread (GIL-shared)
-    parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (GPU)
+    parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (sharded; GPU or CPU)
     # --- optimiser ---
     learning_rate: float = 3e-6
     adam_beta1: float = 0.9

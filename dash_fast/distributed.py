@@ -129,8 +129,8 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-# ----------------------------------------------------------------------------- FSDP2 (GPU)
-# NOT RUN in this repository's tests (no GPU here): written against torch.distributed.fsdp.fully_shard.
+# ----------------------------------------------------------------------------- FSDP2
+# torch.distributed.fsdp.fully_shard: NCCL on GPU, gloo on CPU (tests/test_fsdp.py runs it on CPU).
 
 
 class FSDPRoot(torch.nn.Module):
@@ -148,7 +148,9 @@ class FSDPRoot(torch.nn.Module):
 
 def fully_shard_model(model: torch.nn.Module) -> FSDPRoot:
     """Shard each decoder layer, then the root. Gradients are summed over ranks (divide factor 1),
-    because each rank's loss already carries its share of the global normaliser."""
+    because each rank's loss already carries its share of the global normaliser. For fp32/bf16 FSDP2
+    turns a divide factor into a PREMUL_SUM reduce-scatter, which only NCCL has: on other backends
+    (gloo) it is told to reduce with plain SUM (and skips the divide by 1)."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     layers = getattr(getattr(model, model.base_model_prefix), "layers", None)
@@ -158,9 +160,12 @@ def fully_shard_model(model: torch.nn.Module) -> FSDPRoot:
         fully_shard(layer)
     root = FSDPRoot(model)
     fully_shard(root)
+    sum_only = dist.get_backend() != "nccl"
     for m in root.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            if sum_only:
+                m.set_force_sum_reduction_for_comms(True)
     return root
 
 
@@ -186,11 +191,14 @@ def gathered_params(root: torch.nn.Module | None) -> Iterator[None]:
 
 
 def full_state_dict(root: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The HF model's full (unsharded) state dict on CPU, for save_pretrained on rank 0."""
+    """The HF model's full (unsharded) state dict on CPU, for save_pretrained on rank 0. A tied parameter
+    (lm_head.weight = embed_tokens.weight) appears once, under its first name, as save_pretrained writes it
+    from an unsharded model: gathered, the two names are separate copies it would both keep."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("model."): v for k, v in sd.items()}
+    tied = {n for n, _ in root.named_parameters(remove_duplicate=False)} - {n for n, _ in root.named_parameters()}
+    return {k.removeprefix("model."): v for k, v in sd.items() if k not in tied}
 
 
 def full_optimizer_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:

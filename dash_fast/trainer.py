@@ -228,7 +228,7 @@ class DashTrainer:
         self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
-        self.fsdp_root = None  # FSDP2 (GPU only, not run in this repository's tests)
+        self.fsdp_root = None  # FSDP2: NCCL on GPU, gloo on CPU
         if args.parallel == "fsdp2" and self.dist.enabled:
             if args.beta > 0 or args.engine != "torch":
                 raise ValueError("parallel=fsdp2 supports beta=0 and engine=torch only")

