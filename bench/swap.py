@@ -15,7 +15,7 @@ completion's place in its group (0, 1, 2, 3, ...), so every group has the same s
 gaps between `on_step_end` callbacks (what a user's clock sees), the first `--warmup` steps dropped; peak
 RSS is the child's VmHWM. Rounds alternate the trainers (dash, trl, dash, trl, ...) so that background load
 hits both alike. `trl_passive` is TRL with OMP_WAIT_POLICY=PASSIVE set before start (its OpenMP threads then
-sleep at once instead of spinning: what a busy machine needs). Writes bench/results/swap_<shape>.csv (DESIGN.md section 4 columns) and prints ratios.
+sleep at once instead of spinning: what a busy machine needs). Writes bench/results/swap_<shape>.csv (docs/design.md section 5 columns) and prints ratios.
 """
 
 from __future__ import annotations

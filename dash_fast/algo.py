@@ -1,6 +1,6 @@
 """DASH's algorithm as pure functions: advantages, the gradient filter, loss aggregation, micro-batches.
 
-Formulas are in shared DESIGN.md section 1. Everything here is unit-tested against hand-computed values.
+Formulas are in docs/design.md section 1. Everything here is unit-tested against hand-computed values.
 The per-token PG loss (clipped surrogate + k3 KL) is written once, in dash_kernels.utils.pg_token_loss;
 the naive loss on materialised logits (`loss_impl=naive`) is dash_kernels.pg_loss_ref.
 """

@@ -1,4 +1,4 @@
-"""Device-dependent defaults and settings the trainer applies at start-up (DESIGN.md section 2).
+"""Device-dependent defaults and settings the trainer applies at start-up.
 
 - `resolve_dtype`: dtype="auto" is bfloat16 on CUDA (tensor-core dots in the Triton kernels and the
   decoder) and float32 elsewhere (CPU has no fast bf16 GEMM here, and the CPU tests compare in fp32).

@@ -1,4 +1,4 @@
-"""Sampling rollout r+1 beside the backward of rollout r (`overlap=True`, DESIGN.md section 1).
+"""Sampling rollout r+1 beside the backward of rollout r (`overlap=True`, docs/design.md section 1).
 
 With one optimizer step per rollout the weights theta_r do not change between the start of step r and
 its optimizer step, so rollout r+1 can be drawn from those very tensors (zero-copy) while rollout r's

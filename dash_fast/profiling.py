@@ -1,4 +1,4 @@
-"""NVTX ranges (names as in DESIGN.md section 5), cudaProfilerStart/Stop windows, torch.profiler traces.
+"""NVTX ranges (names as in docs/design.md section 5), cudaProfilerStart/Stop windows, torch.profiler traces.
 
 On a machine without CUDA the ranges cost one attribute check: nothing is pushed. While a `--trace`
 window is recording, each range is also a torch.profiler `record_function`, so the Chrome trace shows

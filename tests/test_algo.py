@@ -1,5 +1,5 @@
 """dash_fast.algo and the per-token PG loss (dash_kernels.utils.pg_token_loss) against hand-computed values
-(DESIGN.md section 1)."""
+(docs/design.md section 1)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""dash_kernels on CPU: the chunked torch path against the naive reference (DESIGN.md section 3), and
+"""dash_kernels on CPU: the chunked torch path against the naive reference (docs/design.md section 3), and
 against Liger's LigerFusedLinearGRPOLoss. The Triton kernels are in test_kernels_triton.py."""
 
 from __future__ import annotations

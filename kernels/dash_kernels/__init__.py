@@ -1,4 +1,4 @@
-"""dash_kernels: fused lm_head + policy-gradient loss / log-prob ops (DESIGN.md section 3)."""
+"""dash_kernels: fused lm_head + policy-gradient loss / log-prob ops (docs/design.md section 3)."""
 
 from .fused_linear_pg import fused_linear_pg_loss
 from .fused_logprob import fused_logprobs

@@ -1,7 +1,7 @@
 """fused_linear_pg_loss: lm_head projection + log-prob + clipped PPO/GRPO surrogate (+ k3 KL, entropy).
 
 The N x V logits are never materialised, and tokens that DASH filters out (|A| <= tau) or that
-carry no weight are compacted away before any FLOP is spent on them. See DESIGN.md section 3.
+carry no weight are compacted away before any FLOP is spent on them. See docs/design.md section 3.
 
 Backends:
 - "torch": chunked over kept tokens (CPU default). If a gradient will be needed it is computed

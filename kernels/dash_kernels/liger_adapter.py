@@ -1,4 +1,4 @@
-"""`liger_pg_loss`: DESIGN.md section 3's contract on top of Liger's LigerFusedLinearGRPOLoss.
+"""`liger_pg_loss`: docs/design.md section 3's contract on top of Liger's LigerFusedLinearGRPOLoss.
 
 For the trainer's `loss_impl=liger` and for comparisons. Each kept token is a length-1 "sequence"
 (Liger takes one advantage per row) and `num_items_in_batch=1` makes Liger's "dapo" normaliser 1, so

@@ -158,7 +158,7 @@ def pg_loss_ref(
     tau: float | None = None,
     return_entropy: bool = False,
 ) -> tuple[torch.Tensor, dict]:
-    """DESIGN.md section 3 written the obvious way, with autograd on materialised logits. Also the
+    """docs/design.md section 3 written the obvious way, with autograd on materialised logits. Also the
     trainer's `loss_impl=naive` (the one naive loss)."""
     check_inputs("pg_loss_ref", hidden, weight, beta, targets=targets, advantages=advantages,
                  token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)

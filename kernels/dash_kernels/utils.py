@@ -12,7 +12,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 def check_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, beta: float = 0.0,
                  **per_token: torch.Tensor | None) -> None:
-    """The contract's argument checks (DESIGN.md section 3), shared by every op: beta > 0 needs ref_logp,
+    """The contract's argument checks (docs/design.md section 3), shared by every op: beta > 0 needs ref_logp,
     hidden is [N, H] and weight [V, H], and each per-token tensor given (None: not passed) is [N]."""
     if beta != 0.0 and per_token.get("ref_logp") is None:
         raise ValueError(f"{op}: beta > 0 needs ref_logp (the reference policy's log-probs)")
@@ -83,7 +83,7 @@ def pg_token_loss(
     eps_high: float,
     beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token clipped surrogate + beta * k3 KL (DESIGN.md section 3): the one definition, used by the
+    """Per-token clipped surrogate + beta * k3 KL (docs/design.md section 3): the one definition, used by the
     naive reference (autograd), the chunked and Triton paths (`pg_token_terms`) and the trainer's tests.
     Returns (loss_t, clip_active_t, kl_t or None).
 
