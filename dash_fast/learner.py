@@ -54,7 +54,6 @@ class Learner:
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
         self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
         self.logit_multiplier = logit_multiplier(model)
-        self.logp_difference: metrics.LogpDifference | None = None  # measured by the loss forwards while set
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -104,9 +103,8 @@ class Learner:
                     norm *= len(rows) / len(kept_rows)
                 weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
                 # no old pass ran: the first optimizer step's loss forwards (still the sampled weights) measure it
-                self.logp_difference = difference if n_updates == 0 and not needs_old else None
-                step_stats = self.optimizer_step(rollout, local(rows), local_adv, weights, old, ref, step)
-                self.logp_difference = None
+                measure = difference if n_updates == 0 and not needs_old else None
+                step_stats = self.optimizer_step(rollout, local(rows), local_adv, weights, old, ref, step, measure)
                 n_updates += 1
                 for k in stats:
                     stats[k] += step_stats.get(k, 0.0) or 0.0
@@ -117,13 +115,15 @@ class Learner:
                                        partial(ddp.all_reduce_max, info=self.dist)))
         return stats
 
-    def optimizer_step(self, rollout, rows, advantages, weights, old, ref, step: int = 1) -> dict:
+    def optimizer_step(self, rollout, rows, advantages, weights, old, ref, step: int = 1,
+                       measure: metrics.LogpDifference | None = None) -> dict:
         """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory
-        (on every rank when any rank ran out, so the ranks stay in step)."""
+        (on every rank when any rank ran out, so the ranks stay in step). `measure`: gets the sampler vs
+        trainer log-probs of the tokens the loss forwards computed."""
         while True:
             sums, oom = None, False
             try:
-                sums = self._accumulate(rollout, rows, advantages, weights, old, ref)
+                sums = self._accumulate(rollout, rows, advantages, weights, old, ref, measure)
             except torch.OutOfMemoryError:
                 oom = True
             if not ddp.any_rank(oom, self.dist):
@@ -136,14 +136,15 @@ class Learner:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _accumulate(self, rollout, rows, advantages, weights, old, ref) -> list[float]:
+    def _accumulate(self, rollout, rows, advantages, weights, old, ref,
+                    measure: metrics.LogpDifference | None = None) -> list[float]:
         """Forward/backward over token-budget micro-batches of this rank's `rows`; returns loss sums."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         micros: list = self.micro_batches(rollout, rows) if rows else []
         self.step_tokens = int(rollout.completion_lengths[rows].sum()) if rows else 0
-        if self.logp_difference is not None:  # a retry after out-of-memory measures again
-            self.logp_difference.reset()
+        if measure is not None:  # a retry after out-of-memory measures again
+            measure.reset()
         if self.fsdp_root is not None:  # same number of forwards on every rank
             micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
@@ -164,10 +165,9 @@ class Learner:
                 self.on_substep_end()
             if st is None:
                 continue
-            if self.logp_difference is not None and st.get("logp") is not None:
+            if measure is not None and st.get("logp") is not None:
                 live = self._per_token(weights, rollout, micro_rows) != 0  # the tokens the loss computed
-                self.logp_difference.add(st["logp"][live], self._per_token(rollout.sampling_logps, rollout,
-                                                                           micro_rows)[live])
+                measure.add(st["logp"][live], self._per_token(rollout.sampling_logps, rollout, micro_rows)[live])
             total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
             clip_sum += float(st["clip_fraction"]) * n
             kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
