@@ -240,16 +240,26 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
+def best_seconds(fn: Callable[[], object], reps: int = 5, warmup: int = 1, device: str = "cpu") -> float:
+    """The fastest of `reps` timed calls of fn() after `warmup` calls, in seconds (a rate's best case on a
+    noisy machine), synchronising CUDA around each call."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def measure_bandwidth(mib: int = 512, reps: int = 5) -> float:
     """Read bandwidth in bytes/s: the best of `reps` sums over an fp32 buffer far larger than the caches, at
     torch's current thread count (what decode's weight reads can reach, measured in the caller's run)."""
     x = torch.ones(mib * 2**20 // 4)
-    best = float("inf")
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best
+    return x.numel() * 4 / best_seconds(x.sum, reps)
 
 
 def measure_gemm(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, reps: int = 5,
@@ -257,15 +267,7 @@ def measure_gemm(m: int, k: int, n: int, dtype: torch.dtype = torch.float32, rep
     """FLOP/s of the best of `reps` torch.mm [m, k] @ [k, n] (with a warm-up call), at the run's thread count."""
     a = torch.randn(m, k, dtype=dtype, device=device)
     b = torch.randn(k, n, dtype=dtype, device=device)
-    _, _, _ = time_fn(lambda: a @ b, warmup=1, reps=1, device=device)
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * m * k * n / best
+    return 2 * m * k * n / best_seconds(lambda: a @ b, reps, device=device)
 
 
 def decoder_dims(model) -> dict:
