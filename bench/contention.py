@@ -127,7 +127,7 @@ def make_recorder(out: str | None = None):
 def write_result(path: str, clock, startup: float, finished: bool) -> None:
     import torch
 
-    from dash_fast import device_setup
+    from dash_fast.runtime import device as device_setup
 
     out = {"steps": clock.steps, "startup_s": startup, "threads": torch.get_num_threads(), "finished": finished,
            "openmp_wait": device_setup.openmp_wait,
@@ -166,7 +166,7 @@ def child(args: argparse.Namespace) -> None:
         from datasets import Dataset
 
         from dash_fast import GRPOConfig, GRPOTrainer
-        from dash_fast.data import load_rows
+        from dash_fast.data.prompts import load_rows
 
         cfg = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="contention-"), per_device_train_batch_size=32,
                          num_generations=4, max_completion_length=8 if args.smoke else 16, learning_rate=1e-4,

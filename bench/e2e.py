@@ -128,7 +128,8 @@ _active = threading.local()  # .split: the Split recording on this thread, if an
 
 def _install_dash_timer() -> None:
     """Time dash-fast's NVTX ranges (the stages' nvtx_range) into the active Split; the ranges still run."""
-    from dash_fast import collect, learner, profiling
+    from dash_fast import collect, learner
+    from dash_fast.runtime import profiling
 
     if getattr(collect.nvtx_range, "_e2e", False):
         return
@@ -314,8 +315,8 @@ class TRLRunner:
         from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
         from trl import GRPOConfig, GRPOTrainer
 
-        from dash_fast.data import load_rows
-        from dash_fast.rewards import exact_answer_reward
+        from dash_fast.data.prompts import load_rows
+        from dash_fast.rewards.builtin import exact_answer_reward
         from dash_fast.trainer import DashTrainer
 
         self.name, self.s, self.max_steps = "trl+vllm" if use_vllm else "trl", s, s["steps"]

@@ -55,7 +55,7 @@ def sampler_process(path: str, pad_id: int, prompts, params, cpus, ready, stop, 
         os.sched_setaffinity(0, cpus)
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.rollout.torch_engine import TorchEngine
+    from dash_fast.engines.torch_engine import TorchEngine
 
     engine = TorchEngine(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), pad_id)
     engine.generate(prompts, params)  # warm-up

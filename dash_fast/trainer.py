@@ -23,7 +23,6 @@ import torch
 
 from dash_fast import algo, metrics
 from dash_fast import callbacks as callbacks_lib
-from dash_fast import distributed as ddp
 from dash_fast.checkpoint import (
     latest_checkpoint,
     load_weights,
@@ -35,19 +34,20 @@ from dash_fast.checkpoint import (
 )
 from dash_fast.collect import Collector, RewardFunc, RewardScorer
 from dash_fast.config import DashConfig
-from dash_fast.cpu_memory import keep_freed_memory
-from dash_fast.data import PromptDataset, PromptSampler
-from dash_fast.device_setup import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
+from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
+from dash_fast.data.prompts import PromptDataset, PromptSampler
+from dash_fast.engines.base import Rollout
 from dash_fast.evaluation import greedy_accuracy
-from dash_fast.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
 from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
+from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler, usable_cpus
-from dash_fast.peft_support import is_peft_model, reference_policy
-from dash_fast.profiling import ProfileWindow
-from dash_fast.rollout.base import Rollout
+from dash_fast.runtime import distributed as ddp
+from dash_fast.runtime.cpu_memory import keep_freed_memory
+from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
+from dash_fast.runtime.profiling import ProfileWindow
 
 __all__ = ["DashTrainer", "TrainingAborted", "attn_implementation", "load_model", "resolve_device"]
 
@@ -129,12 +129,12 @@ def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = Fals
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":
-        from dash_fast.rollout.vllm_engine import VLLMEngine
-        from dash_fast.rollout.vllm_process import VLLMProcessEngine, use_process
+        from dash_fast.engines.vllm_engine import VLLMEngine
+        from dash_fast.engines.vllm_process import VLLMProcessEngine, use_process
 
         device = next(model.parameters()).device
         return VLLMProcessEngine(model, tokenizer, args) if use_process(args, device) else VLLMEngine(model, tokenizer, args)
-    from dash_fast.rollout.torch_engine import TorchEngine
+    from dash_fast.engines.torch_engine import TorchEngine
 
     return TorchEngine(model, pad_id)
 
@@ -214,7 +214,7 @@ class DashTrainer:
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format],
                                     args.reward_weights, args.accuracy_reward, self.tokenizer)
         if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
-            from dash_fast.sandbox import set_default_sandbox
+            from dash_fast.rewards.sandbox import set_default_sandbox
 
             set_default_sandbox(args.sandbox)  # refuses to start (SandboxUnavailable) without containment
 
@@ -299,7 +299,7 @@ class DashTrainer:
     def _use_shared_prompt(self) -> bool:
         """Train with each prompt computed once per group (shared_prompt.py) where the model allows it.
         `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
-        from dash_fast.shared_prompt import shared_prompt_unsupported
+        from dash_fast.models.shared_prompt import shared_prompt_unsupported
 
         self.forward_path = "model's own forward"  # what the start-up line and summary.json name
         if self.config.train_forward == "hf" or (self.config.train_forward == "auto" and self.device.type != "cpu"):

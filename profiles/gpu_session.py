@@ -135,7 +135,7 @@ def _fake_capture(step):  # dry run: a stand-in "graph" (replay = run the captur
 
 
 def _graph_engine(model, dry: bool):
-    from dash_fast.rollout.torch_engine import TorchEngine
+    from dash_fast.engines.torch_engine import TorchEngine
 
     eng = TorchEngine(model, 0, kv_cache="static", cuda_graphs=True)
     if dry:
@@ -146,9 +146,9 @@ def _graph_engine(model, dry: bool):
 def check_decode(dry: bool, device: str) -> None:
     from test_engine import TINY, prompts
 
-    from dash_fast.rollout.base import SamplingParams
-    from dash_fast.rollout.torch_engine import TorchEngine
-    from dash_fast.tiny import build_model, build_tokenizer
+    from dash_fast.embedded.tiny import build_model, build_tokenizer
+    from dash_fast.engines.base import SamplingParams
+    from dash_fast.engines.torch_engine import TorchEngine
 
     # equality in float64 (no rounding differences between the full-length graph step and the eager one)
     model = build_model(build_tokenizer(), TINY, seed=0).double().to(device)
@@ -213,7 +213,7 @@ def make_trainer(out: str, device: str, **overrides):
     from test_overlap import length_reward
 
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
     small = overrides.pop("small", False)
     tiny = TinyConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, n_terms=2, max_operand=19,

@@ -32,7 +32,7 @@ def run(mode: str, layers: int, steps: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.tiny import build_tokenizer
+    from dash_fast.embedded.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=layers,

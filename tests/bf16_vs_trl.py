@@ -25,7 +25,7 @@ def length_reward(completions, **kwargs):
 def build(out: str, hidden: int, layers: int) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from dash_fast.tiny import build_tokenizer
+    from dash_fast.embedded.tiny import build_tokenizer
 
     tok = build_tokenizer()
     config = Qwen2Config(vocab_size=len(tok), hidden_size=hidden, intermediate_size=4 * hidden,

@@ -1,4 +1,4 @@
-"""Hostile programs for dash_fast.sandbox: each must score 0 and stay contained. Stdlib only.
+"""Hostile programs for dash_fast.rewards.sandbox: each must score 0 and stay contained. Stdlib only.
 
 Used by tests/test_sandbox_hostile.py in-process (as whoever runs pytest) and, run as a script, by a
 throwaway unprivileged user: ``python3 sandbox_hostile_cases.py /path/to/sandbox.py`` prints one JSON
@@ -307,7 +307,7 @@ def run_all(sandbox, names: list[str] | None = None) -> dict[str, str | None]:
 
 
 def load_sandbox(path: str):
-    """dash_fast/sandbox.py as a module of its own (stdlib only: no torch needed)."""
+    """dash_fast/rewards/sandbox.py as a module of its own (stdlib only: no torch needed)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("dash_sandbox_under_test", path)

@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 import dash_fast
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
 EVENTS = ("on_init_end", "on_train_begin", "on_epoch_begin", "on_step_begin", "on_substep_end",
           "on_pre_optimizer_step", "on_optimizer_step", "on_step_end", "on_log", "on_evaluate", "on_save",

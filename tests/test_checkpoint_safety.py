@@ -32,7 +32,7 @@ from dash_fast.checkpoint import (
     save_state,
     set_rng_state,
 )
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
                   n_train=24, n_test=4)

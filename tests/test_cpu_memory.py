@@ -8,7 +8,7 @@ import pytest
 
 PROBE = """
 import resource, sys, torch
-from dash_fast.cpu_memory import keep_freed_memory
+from dash_fast.runtime.cpu_memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
 def step():  # a training step's pattern: activations of several MB, alive together, then all freed
     live = [torch.ones(mb << 18) for mb in (6, 12, 24, 12, 6, 12)]

@@ -13,16 +13,16 @@ import pytest
 import torch
 from test_overlap import make_trainer
 
-from dash_fast import device_setup
 from dash_fast.config import ConfigError, DashConfig, make_config
-from dash_fast.device_setup import (
+from dash_fast.overlap import bind_process
+from dash_fast.runtime import device as device_setup
+from dash_fast.runtime.device import (
     SPINNING_NOTICE,
     apply_cpu_threads,
     cpu_thread_count,
     loaded_libgomp,
     set_openmp_wait_policy,
 )
-from dash_fast.overlap import bind_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +81,7 @@ def test_torch_first_gets_every_cpu_and_libgomps_short_spin():
     code = """
 import os, time, torch
 import dash_fast
-from dash_fast import device_setup
+from dash_fast.runtime import device as device_setup
 def cpu_over_idle_gaps():
     a = torch.randn(384, 384)
     c0 = time.process_time()
@@ -113,8 +113,8 @@ def test_the_sampler_process_does_not_spin_even_when_torch_came_first():
     the training script imported first (the parent's libgomp, loaded first, prints its settings first)."""
     code = """
 import torch
-from dash_fast.sampler_process import SamplerProcess
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.engines.sampler_process import SamplerProcess
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 tok = build_tokenizer()
 model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64), seed=0)
 proc = SamplerProcess(model, tok.pad_token_id, threads=1)

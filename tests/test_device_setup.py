@@ -10,7 +10,7 @@ from test_graph_schedule import fake_capture
 from test_overlap import make_trainer
 
 from dash_fast.config import ConfigError, DashConfig
-from dash_fast.device_setup import make_deterministic, resolve_dtype
+from dash_fast.runtime.device import make_deterministic, resolve_dtype
 
 
 def test_dtype_auto_is_bf16_on_cuda_and_fp32_elsewhere():

@@ -4,15 +4,15 @@ stop tokens / max_new_tokens / top-k / top-p hold, and it samples from the live 
 import pytest
 import torch
 
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import (
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import (
     StaticDecoder,
     TorchEngine,
     draw_uniforms,
     sample_next,
     static_unsupported,
 )
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 PAD = 0
@@ -94,7 +94,7 @@ def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed(monkeypatch
 def test_when_finished_rows_are_dropped_does_not_change_seeded_samples(monkeypatch):
     """Eager decode drops finished rows in batches (DROP_FRACTION); uniforms are drawn per output row, so
     dropping after every finish, in batches, or never gives the same tokens and log-probs."""
-    import dash_fast.rollout.torch_engine as torch_engine
+    import dash_fast.engines.torch_engine as torch_engine
 
     model = tiny_model()
     params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=16, stop_token_ids=(2, 7), seed=4)
@@ -271,7 +271,7 @@ def test_the_kv_cache_goes_by_the_keyword_the_decoder_takes():
     (decode then attends only the current token), so it is read off the decoder's own forward."""
     import inspect
 
-    from dash_fast.rollout.torch_engine import cache_keyword
+    from dash_fast.engines.torch_engine import cache_keyword
 
     class Old(torch.nn.Module):
         def forward(self, input_ids, past_key_values=None, **kwargs):

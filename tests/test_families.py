@@ -16,10 +16,10 @@ import sys
 import pytest
 import torch
 
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import TorchEngine
 from dash_fast.learner import logit_multiplier
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.shared_prompt import shared_prompt_hidden, shared_prompt_unsupported
+from dash_fast.models.shared_prompt import shared_prompt_hidden, shared_prompt_unsupported
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -87,7 +87,7 @@ def test_family_fast_path_or_announced_fallback_matches_the_models_own_forward(f
     params = SamplingParams(temperature=0.0, max_new_tokens=NEW)
     greedy = engine.generate(PROMPTS, params)
     assert greedy.completion_mask.sum() == len(PROMPTS) * NEW
-    from dash_fast.data import pad_left
+    from dash_fast.data.prompts import pad_left
 
     ids, attn = pad_left(PROMPTS, 0)
     with torch.no_grad():
@@ -126,7 +126,7 @@ def test_soft_capped_logits_are_refused_before_the_weights_load(tmp_path):
 def save_family(family: str, path: str) -> str:
     """A tiny random `family` model with dash-fast's char-level tokenizer (its ids 0 / 1 / 2 are pad / bos /
     eos, as in COMMON), saved as a checkpoint directory."""
-    from dash_fast.tiny import build_tokenizer
+    from dash_fast.embedded.tiny import build_tokenizer
 
     tok = build_tokenizer()
     tiny(family, vocab_size=len(tok)).save_pretrained(path)
@@ -137,7 +137,7 @@ def save_family(family: str, path: str) -> str:
 def train_through_cli(family: str, out: str, steps: int = 2) -> dict:
     """`dash-fast train --model DIR` (fp32, CPU) on the arithmetic task; returns the start-up line, the
     summary and the step records."""
-    from dash_fast.tiny import TinyConfig, make_task, write_jsonl
+    from dash_fast.embedded.tiny import TinyConfig, make_task, write_jsonl
 
     model = save_family(family, os.path.join(out, "model"))
     train, _ = make_task(TinyConfig(n_terms=2, max_operand=9, n_train=32, n_test=1), seed=0)

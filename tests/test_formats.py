@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dash_fast.formats import (
+from dash_fast.data.formats import (
     adapt_dataset,
     adapt_gsm8k,
     adapt_math,
@@ -16,7 +16,7 @@ from dash_fast.formats import (
     load_formatted,
     to_chat,
 )
-from dash_fast.rewards import code_reward, math_reward
+from dash_fast.rewards.builtin import code_reward, math_reward
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when datasets is first imported (lazily, below)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,7 +170,7 @@ def test_load_formatted_rejects_unknown_extension():
 
 
 def test_resolve_format_from_columns_and_unknown_layout_is_one_line():
-    from dash_fast.formats import resolve_format
+    from dash_fast.data.formats import resolve_format
 
     for name, fmt in (("gsm8k_sample.jsonl", "gsm8k"), ("math_sample.jsonl", "math"), ("mbpp_sample.jsonl", "mbpp")):
         assert resolve_format(read_jsonl(name)) == fmt
@@ -188,7 +188,7 @@ def test_resolve_format_from_columns_and_unknown_layout_is_one_line():
 
 def tiny_trainer(tmp_path, train, reward_funcs=None, trainer_cls=None, **overrides):
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
@@ -219,7 +219,7 @@ def test_gsm8k_sample_trains_with_the_math_reward(tmp_path):
 
 def test_grpo_trainer_takes_dataset_format(tmp_path):
     from dash_fast import GRPOConfig, GRPOTrainer
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
     tok = build_tokenizer()
     model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from test_distributed import TINY, free_port, length_reward
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.tiny import build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 
 # (name, overrides): every case runs in one process and in the same two ranks (one process group, one spawn)
 CASES = [

@@ -15,10 +15,10 @@ from test_engine import prompts  # prompts of different lengths
 from test_overlap import length_reward  # varies within every group: every step moves the weights
 
 from dash_fast import DashConfig, DashTrainer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import TorchEngine
 from dash_fast.overlap import OverlapScheduler
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

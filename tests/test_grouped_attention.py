@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dash_fast.rollout.torch_engine import grouped_sdpa
+from dash_fast.engines.torch_engine import grouped_sdpa
 
 
 def reference(q, k, v, mask, scale):

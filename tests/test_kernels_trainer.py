@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 # the trainer's scheduler keeps stepping the AdamW it was built with, which the tests replace by SGD
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 from dash_fast.metrics import LOGP_DIFF_MAX, LOGP_DIFF_MEAN
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
                   max_operand=19, n_train=16, n_test=4)

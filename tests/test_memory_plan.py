@@ -21,8 +21,8 @@ from transformers import (
 from dash_fast import memory_plan as mp
 from dash_fast.cli import main
 from dash_fast.config import ConfigError, DashConfig
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.shared_prompt import shared_prompt_hidden
+from dash_fast.engines.torch_engine import TorchEngine
+from dash_fast.models.shared_prompt import shared_prompt_hidden
 
 SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 from dash_fast.mixed_precision import compute_copy
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
                   max_operand=19, n_train=40, n_test=8)

@@ -5,7 +5,7 @@ import pytest
 from datasets import Dataset
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from dash_fast.trainer import check_text_only
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.data import DataError, PromptDataset
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.data.prompts import DataError, PromptDataset
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from dash_fast.trainer import logit_transform
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
@@ -75,7 +75,7 @@ def test_scaled_logits_train_with_the_models_log_probs(tmp_path, name, fields):
     factor into the hidden states, so its log-probs are the model's own forward's."""
     import transformers
 
-    from dash_fast.rollout.base import Rollout
+    from dash_fast.engines.base import Rollout
 
     model = tiny(getattr(transformers, name), **fields).double()
     trainer = DashTrainer(model, "exact_answer", args=DashConfig(output_dir=str(tmp_path), report_to=[],

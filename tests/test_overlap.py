@@ -12,9 +12,9 @@ import torch
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import load_trainer_state
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.engines.torch_engine import TorchEngine
 from dash_fast.overlap import INITIAL_CPUS, OverlapScheduler, Prefetched, bind_process, parse_cpus, split_cpus
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
                   max_operand=19, n_train=40, n_test=8)

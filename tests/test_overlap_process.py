@@ -15,10 +15,10 @@ import pytest
 import torch
 from test_overlap import TINY, Recorder, make_trainer, params, same
 
+from dash_fast.embedded.tiny import build_model, build_tokenizer
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import TorchEngine
 from dash_fast.overlap import INITIAL_CPUS, OverlapScheduler, Prefetched, bind_process
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.tiny import build_model, build_tokenizer
 
 pytestmark = pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="the sampler process needs two CPUs")
 TWO = set(sorted(INITIAL_CPUS)[:2])
@@ -96,7 +96,7 @@ def test_eval_while_a_rollout_is_pending_keeps_it_for_the_next_step(tmp_path):
     from test_overlap import length_reward
 
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.tiny import make_task
+    from dash_fast.embedded.tiny import make_task
 
     tok = build_tokenizer()
     train, test = make_task(TINY, seed=0)
@@ -167,7 +167,7 @@ def test_the_sampler_process_reads_weights_reloaded_in_place_and_reraises_its_er
 
 
 def test_no_sampler_process_outlives_a_failed_run(tmp_path):
-    from dash_fast.rewards import RewardError
+    from dash_fast.rewards.builtin import RewardError
 
     calls = []
 
@@ -197,9 +197,9 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
     script = textwrap.dedent("""
         import os, signal, torch
         from dash_fast.overlap import OverlapScheduler, Prefetched
-        from dash_fast.rollout.base import SamplingParams
-        from dash_fast.rollout.torch_engine import TorchEngine
-        from dash_fast.tiny import build_model, build_tokenizer
+        from dash_fast.engines.base import SamplingParams
+        from dash_fast.engines.torch_engine import TorchEngine
+        from dash_fast.embedded.tiny import build_model, build_tokenizer
         from tests.test_overlap import TINY
 
         tok = build_tokenizer()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_trl_features import make_trainer  # every call here passes its model
 
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
 peft = pytest.importorskip("peft")
 

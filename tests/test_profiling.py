@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from dash_fast import profiling
 from dash_fast.cli import main
-from dash_fast.profiling import ProfileWindow, parse_steps
+from dash_fast.runtime import profiling
+from dash_fast.runtime.profiling import ProfileWindow, parse_steps
 
 TINY_RUN = ["--seed", "1", "sft.steps=0", "tiny.hidden_size=32", "tiny.num_layers=1", "tiny.num_heads=2",
             "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8", "eval_examples=8", "prompts_per_step=4",

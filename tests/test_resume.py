@@ -132,7 +132,7 @@ def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path):
     from transformers import TrainerCallback
 
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
     class Interrupt(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):

@@ -6,8 +6,8 @@ from datasets import Dataset
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from dash_fast import GRPOConfig, GRPOTrainer
-from dash_fast.reward_models import RewardModelFunc, is_reward_model_id, resolve_reward_models
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.rewards.reward_models import RewardModelFunc, is_reward_model_id, resolve_reward_models
 
 
 def tiny_reward_model(tok, seed=0):

@@ -5,8 +5,8 @@ import threading
 import pytest
 import torch
 
-from dash_fast import rewards as R
-from dash_fast.rewards import (
+from dash_fast.rewards import builtin as R
+from dash_fast.rewards.builtin import (
     REWARD_FUNCS,
     RewardError,
     call_reward_func,
@@ -181,7 +181,7 @@ def test_registry_and_unknown_name():
     assert get_reward_func("math") is math_reward
     assert get_reward_func("math_reward") is math_reward
     assert get_reward_func(len) is len
-    assert get_reward_func("dash_fast.rewards:format_reward") is format_reward
+    assert get_reward_func("dash_fast.rewards.builtin:format_reward") is format_reward
     assert set(REWARD_FUNCS) == {"exact_answer", "math", "format", "code"}
     with pytest.raises(
         ValueError, match=r"unknown reward function 'mtah'; did you mean 'math'\?.*code, exact_answer"

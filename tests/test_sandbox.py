@@ -14,8 +14,8 @@ import time
 import pytest
 from sandbox_hostile_cases import survivors as hostile_survivors
 
-from dash_fast import sandbox
-from dash_fast.sandbox import UID_BASE, UID_RANGE, run_many, run_python
+from dash_fast.rewards import sandbox
+from dash_fast.rewards.sandbox import UID_BASE, UID_RANGE, run_many, run_python
 
 ADD = "def add(a, b):\n    return a + b\n"
 
@@ -250,7 +250,7 @@ def test_fails_closed_where_namespaces_are_unavailable():
 def test_trainer_with_the_code_reward_refuses_to_start_without_containment(tmp_path, monkeypatch):
     from dash_fast import DashConfig, DashTrainer
     from dash_fast.config import ConfigError
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
     tiny = TinyConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, n_train=8, n_test=4)
     tok = build_tokenizer()

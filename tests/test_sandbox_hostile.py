@@ -15,7 +15,7 @@ import tempfile
 import pytest
 import sandbox_hostile_cases as hostile  # tests/ is on sys.path (rootdir-relative, like test_gpu)
 
-import dash_fast.sandbox as sandbox
+import dash_fast.rewards.sandbox as sandbox
 
 
 def _case_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""The shared-prompt training forward (dash_fast/shared_prompt.py): the same hidden states, loss and
+"""The shared-prompt training forward (dash_fast/models/shared_prompt.py): the same hidden states, loss and
 gradients as the model's own forward, with each prompt computed once per micro-batch."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 from test_engine import other_architectures
 from test_trainer import grads_of_update, make_trainer, rollout_for
 
-from dash_fast.data import pad_right
-from dash_fast.shared_prompt import pack_shared, shared_prompt_hidden, shared_prompt_unsupported
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.data.prompts import pad_right
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.models.shared_prompt import pack_shared, shared_prompt_hidden, shared_prompt_unsupported
 
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like")
 PAD = 0

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer, algo
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 # grads_of_update disables optimizer.step, which the LR scheduler warns about
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like")

@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 tiny = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
                   n_train=40, n_test=8)
@@ -115,7 +115,7 @@ def test_should_training_stop_and_resume_from_checkpoint(tmp_path):
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
     evaluated = []
 

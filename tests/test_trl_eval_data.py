@@ -9,7 +9,7 @@ from datasets import Dataset, DatasetDict
 
 from dash_fast import GRPOConfig, GRPOTrainer
 from dash_fast.config import ConfigError
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 PROMPTS = [{"prompt": f"{i}+{i}="} for i in range(6)]
@@ -242,7 +242,7 @@ def test_per_token_logps_helper_matches_the_learners_logprobs(tmp_path):
     logps, ent, aux = trainer._get_per_token_logps_and_entropies(model, ids, mask, logits_to_keep=3,
                                                                  compute_entropy=True)
     assert aux is None and logps.shape == (2, 3) and ent.requires_grad  # the bonus is on: entropies carry grad
-    from dash_fast.rollout.base import Rollout
+    from dash_fast.engines.base import Rollout
 
     ro = Rollout(prompt_ids=[r[:3] for r in ids.tolist()], completion_ids=ids[:, 3:],
                  completion_mask=torch.ones(2, 3), sampling_logps=torch.zeros(2, 3))

@@ -10,10 +10,10 @@ import torch
 from datasets import Dataset
 
 from dash_fast import GRPOConfig, GRPOTrainer
-from dash_fast.rollout.base import Rollout
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
-from dash_fast.trl_compat import normalize_then_sum
-from dash_fast.trl_logs import log_entries, rollout_metrics
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.engines.base import Rollout
+from dash_fast.trl.logs import log_entries, rollout_metrics
+from dash_fast.trl.trainer import normalize_then_sum
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
@@ -139,7 +139,7 @@ def test_named_eval_sets_are_prefixed(tmp_path):
 
 
 def test_truncated_rows():
-    from dash_fast.trl_compat import truncated_rows
+    from dash_fast.trl.trainer import truncated_rows
 
     ids = torch.tensor([[1, 9, 0], [1, 2, 3], [1, 2, 9], [4, 0, 0]])
     mask = (torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 0, 0]])).float()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dash_fast.trl_losses import TrlLoss, trl_token_loss, variant_micro_loss
+from dash_fast.losses import TrlLoss, trl_token_loss, variant_micro_loss
 
 LENGTHS = [5, 3, 1, 4]
 
@@ -212,7 +212,7 @@ def _train(tmp_path, reward=_varied_reward, **extra):
     from datasets import Dataset
 
     from dash_fast import GRPOConfig, GRPOTrainer
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
     callbacks, resume = extra.pop("callbacks", None), extra.pop("resume_from_checkpoint", None)
     torch.manual_seed(0)
@@ -262,7 +262,7 @@ def test_trainer_trains_with_trl_variants(tmp_path, args):
 
 
 def test_loss_warnings_name_the_length_weighting():
-    from dash_fast.trl_compat import loss_warnings
+    from dash_fast.trl.trainer import loss_warnings
 
     assert loss_warnings("grpo", "sequence") == [] and loss_warnings("dapo", "token") == []
     for lt in ("bnpo", "dr_grpo", "dapo", "cispo"):
@@ -272,7 +272,7 @@ def test_loss_warnings_name_the_length_weighting():
 
 
 def test_entropy_bonus_term_and_adaptive_controller():
-    from dash_fast.trl_losses import EntropyBonus
+    from dash_fast.losses import EntropyBonus
 
     ent = torch.tensor([[1.0, 2.0, 0.0], [3.0, 0.0, 0.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
@@ -329,7 +329,7 @@ def test_adaptive_entropy_coefficient_is_checkpointed_and_resumed_exactly(tmp_pa
 def test_variant_loss_subtracts_the_bonus_with_gradient():
     from dash_kernels import logprobs_ref
 
-    from dash_fast.trl_losses import EntropyBonus
+    from dash_fast.losses import EntropyBonus
 
     g = torch.Generator().manual_seed(7)
     lengths = [3, 2]
@@ -352,7 +352,7 @@ def test_variant_loss_subtracts_the_bonus_with_gradient():
 def test_cross_check_with_installed_trl_static_helpers():
     """TRL's own static helpers (cheap to call) give the same VESPO weights and off-policy mask."""
     trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
-    from dash_fast.trl_losses import vespo_gamma_weights
+    from dash_fast.losses import vespo_gamma_weights
 
     logp, old, _, adv, mask, _ = _inputs(2)
     a = adv[:, None]

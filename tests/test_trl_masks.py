@@ -2,7 +2,7 @@
 
 import torch
 
-from dash_fast.trl_masks import high_entropy_mask, off_policy_mask
+from dash_fast.trl.masks import high_entropy_mask, off_policy_mask
 
 
 def test_high_entropy_mask_keeps_the_top_quantile_of_real_tokens():

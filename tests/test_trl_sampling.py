@@ -8,9 +8,9 @@ from datasets import Dataset
 
 from dash_fast import GRPOConfig, GRPOTrainer
 from dash_fast.config import ConfigError, DashConfig
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine, sample_next
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import TorchEngine, sample_next
 
 TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 

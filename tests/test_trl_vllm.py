@@ -34,7 +34,7 @@ def setup(workdir: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task, write_jsonl
+    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task, write_jsonl
 
     tiny = TinyConfig(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128, n_terms=2, max_operand=19,
                       n_train=64, n_test=8)
@@ -151,7 +151,7 @@ def child_dash(workdir: str) -> dict:
     import e2e
     import torch
 
-    from dash_fast.rollout.base import SamplingParams
+    from dash_fast.engines.base import SamplingParams
 
     warm, prompt_ids, initial = setup(workdir)
     s = {"prompts": 4, "group": 4, "max_tokens": MAX_NEW, "lr": 1e-2, "seed": 0, "threads": 2, "steps": 2,

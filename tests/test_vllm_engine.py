@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.rollout import vllm_engine
-from dash_fast.rollout.base import SamplingParams
-from dash_fast.rollout.torch_engine import TorchEngine
-from dash_fast.rollout.vllm_engine import (
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.engines import vllm_engine
+from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.torch_engine import TorchEngine
+from dash_fast.engines.vllm_engine import (
     CPU_KV_CACHE_BYTES,
     llm_kwargs,
     refresh_tied_heads,
     rollout_from_outputs,
 )
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task
 
 Logprob = namedtuple("Logprob", "logprob rank decoded_token")
 CompletionOutput = namedtuple("CompletionOutput", "index text token_ids cumulative_logprob logprobs finish_reason")

@@ -11,9 +11,9 @@ import torch
 pytest.importorskip("vllm")
 
 from dash_fast import DashConfig, DashTrainer  # noqa: E402
-from dash_fast.rollout.base import SamplingParams  # noqa: E402
-from dash_fast.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from dash_fast.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task  # noqa: E402
+from dash_fast.engines.base import SamplingParams  # noqa: E402
+from dash_fast.engines.vllm_engine import VLLMEngine  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -166,7 +166,7 @@ def test_vllm_training_moves_the_reward_like_the_embedded_engine(tmp_path):
 def engine_processes(tag: str, tracker: bool = False) -> list[int]:
     """Live processes (ours or orphaned) whose environment carries `tag` (the engine processes inherit it),
     other than this one; Python's multiprocessing resource tracker (it exits with its parent) only if asked."""
-    from dash_fast.rollout.engine_reaper import is_resource_tracker, processes_with
+    from dash_fast.engines.reaper import is_resource_tracker, processes_with
 
     return [p for p in processes_with(f"DASH_FAST_TEST_TAG={tag}".encode()) if tracker or not is_resource_tracker(p)]
 
@@ -193,7 +193,7 @@ def test_overlap_with_the_vllm_process_trains_on_the_previous_weights(tmp_path, 
     import os
     import uuid
 
-    from dash_fast.rollout.vllm_process import VLLMProcessEngine
+    from dash_fast.engines.vllm_process import VLLMProcessEngine
 
     tag = uuid.uuid4().hex
     monkeypatch.setenv("DASH_FAST_TEST_TAG", tag)
@@ -273,7 +273,7 @@ def test_resume_with_a_pending_vllm_rollout_continues_the_run_exactly(tmp_path):
     import shutil
 
     from dash_fast.checkpoint import load_trainer_state
-    from dash_fast.rollout.vllm_process import VLLMProcessEngine
+    from dash_fast.engines.vllm_process import VLLMProcessEngine
 
     overrides = dict(overlap=True, cpu_threads=None, max_steps=4, save_steps=2)
     trainer = make_trainer(tmp_path, tied=True, **overrides)  # the uninterrupted run, checkpointing
@@ -330,7 +330,7 @@ def run_and_signal(tmp_path, sig: int, options: list[str], group: bool = False) 
     import time
     import uuid
 
-    from dash_fast.rollout.vllm_process import MARKER, shm_dir
+    from dash_fast.engines.vllm_process import MARKER, shm_dir
 
     tag = uuid.uuid4().hex
     cmd = [sys.executable, "-X", "faulthandler", "-m", "dash_fast.cli", "train", "engine=vllm", *options, "max_steps=500",

@@ -37,7 +37,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 def nvtx_range(name: str, enabled: bool, label: bool = True):
     """NVTX range when `enabled` (CUDA: nsys timelines), and a torch.profiler label when `label`, so the
     range also shows in CPU traces (`--trace`). Both cost microseconds, against ops of milliseconds. The
-    one NVTX helper: dash_fast.profiling's ranges are this with enabled = CUDA present, label = tracing."""
+    one NVTX helper: dash_fast.runtime.profiling's ranges are this with enabled = CUDA present, label = tracing."""
     with torch.profiler.record_function(name) if label else nullcontext():
         if enabled:
             torch.cuda.nvtx.range_push(name)

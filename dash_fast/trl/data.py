@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dash_fast.data import DataError, PromptDataset
+from dash_fast.data.prompts import DataError, PromptDataset
 
 
 def is_iterable_dataset(obj: Any) -> bool:

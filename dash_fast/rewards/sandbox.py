@@ -30,7 +30,7 @@ evaluated eagerly, left to right (one that ``and``/``or`` would skip still runs;
 unless read).
 
 Containment (Linux namespaces; works without root where the kernel allows unprivileged user
-namespaces; see :func:`check_sandbox`). A fork server (:mod:`dash_fast.sandbox_runner`, run by
+namespaces; see :func:`check_sandbox`). A fork server (:mod:`dash_fast.rewards.sandbox_runner`, run by
 ``python -I -S`` with only PATH and LANG in its environment, started once) forks a *keeper* per program, which enters fresh user (not as root),
 mount, PID, network, IPC and UTS namespaces and forks the *runner*, PID 1 of the new PID namespace:
 
@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 if __package__:
-    from dash_fast import sandbox_runner as _runner
+    from dash_fast.rewards import sandbox_runner as _runner
 else:  # loaded by file path (tests/sandbox_hostile_cases.py, as an unprivileged user): the file next to it
     import importlib.util
 

@@ -295,11 +295,11 @@ def make_code_reward(
 
     def code_reward(prompts, completions, completion_ids=None, **columns) -> list[float | None]:
         """1.0 if the completion's code (:func:`extract_code`) passes every assert in ``test_list``
-        (all-pass, as MBPP pass@1), else 0.0. Runs in :mod:`dash_fast.sandbox`, which judges the asserts
+        (all-pass, as MBPP pass@1), else 0.0. Runs in :mod:`dash_fast.rewards.sandbox`, which judges the asserts
         outside the program and refuses to run (SandboxUnavailable) without containment. Optional MBPP columns:
         ``test_imports`` (run before the code) and ``test_setup_code`` (after it). Rows without tests: None.
         """
-        from dash_fast.sandbox import run_many
+        from dash_fast.rewards.sandbox import run_many
 
         n = len(completions)
         tests = _column(columns, "test_list", "code_reward", n)

@@ -18,14 +18,14 @@ import time
 import torch
 
 from dash_fast import algo
-from dash_fast.data import PromptDataset
-from dash_fast.trl_logs import rollout_metrics
+from dash_fast.data.prompts import PromptDataset
+from dash_fast.trl.logs import rollout_metrics
 
 
 def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:
     """`{prefix}_loss`, `{prefix}_reward`, `{prefix}_rewards/<name>/mean`, ... on `dataset` (TRL's keys),
     plus `{prefix}_runtime` / `_samples_per_second` / `_steps_per_second` as the HF Trainer adds them."""
-    from dash_fast.trl_compat import normalize_then_sum
+    from dash_fast.trl.trainer import normalize_then_sum
 
     a, learner = trainer.config, trainer.learner
     if trainer.dist.enabled:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dash_fast.data import pad_left
-from dash_fast.rollout.base import Rollout, SamplingParams
+from dash_fast.data.prompts import pad_left
+from dash_fast.engines.base import Rollout, SamplingParams
 
 STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "granite", "phi3", "olmo2")
 # why families users pick are not on the fast path (their own forward runs instead)

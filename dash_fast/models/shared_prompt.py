@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dash_fast.data import pad_left
-from dash_fast.rollout.torch_engine import (
+from dash_fast.data.prompts import pad_left
+from dash_fast.engines.torch_engine import (
     _rms_norm,
     attention_input,
     attention_residual,

@@ -46,9 +46,9 @@ from typing import Any
 
 import torch
 
+from dash_fast.engines.reaper import is_resource_tracker, processes_with
+from dash_fast.engines.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
 from dash_fast.overlap import split_cpus, usable_cpus
-from dash_fast.rollout.engine_reaper import is_resource_tracker, processes_with
-from dash_fast.rollout.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
 
 
 class WorkerExtension:

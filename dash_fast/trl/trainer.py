@@ -106,16 +106,16 @@ from typing import Any
 import torch
 
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
-from dash_fast.data import PromptSampler
+from dash_fast.data.prompts import PromptSampler
+from dash_fast.losses import EntropyBonus, TrlLoss
 from dash_fast.trainer import DashTrainer, check_text_only
-from dash_fast.trl_data import (
+from dash_fast.trl.data import (
     StreamedPrompts,
     is_iterable_dataset,
     peek_rows,
     rows_dataloader,
     stream_dataloader,
 )
-from dash_fast.trl_losses import EntropyBonus, TrlLoss
 
 logger = logging.getLogger(__name__)
 
@@ -708,9 +708,9 @@ class GRPOTrainer(DashTrainer):
         optimizers: tuple = (None, None),
         peft_config: Any = None,
     ) -> None:
-        from dash_fast.data import load_rows
-        from dash_fast.peft_support import apply_peft, is_peft_model
-        from dash_fast.reward_models import RewardModelFunc, resolve_reward_models
+        from dash_fast.data.prompts import load_rows
+        from dash_fast.models.peft import apply_peft, is_peft_model
+        from dash_fast.rewards.reward_models import RewardModelFunc, resolve_reward_models
 
         if optimizers != (None, None):
             raise NotImplementedError("dash-fast does not support optimizers=(...): the trainer builds AdamW "
@@ -818,8 +818,8 @@ class GRPOTrainer(DashTrainer):
     def _stream_train_set(self, stream: Any, shuffle: bool) -> None:
         """Train from a streamed dataset (trl_data.StreamedPrompts): the trainer's prompt dataset and sampler
         become the stream's reader; shuffled with the seed's buffered shuffle, as TRL does."""
-        from dash_fast.data import PromptDataset
-        from dash_fast.formats import FORMATS
+        from dash_fast.data.formats import FORMATS
+        from dash_fast.data.prompts import PromptDataset
 
         a = self.config
         if shuffle and hasattr(stream, "shuffle"):
@@ -855,7 +855,7 @@ class GRPOTrainer(DashTrainer):
     def get_eval_dataloader(self, eval_dataset: Any = None):
         """TRL's eval DataLoader: each prompt repeated num_generations_eval times, per_device_eval_batch_size
         rows per batch; a streamed eval set is read by one worker (the setting itself is left as it is)."""
-        from dash_fast.data import load_rows
+        from dash_fast.data.prompts import load_rows
 
         source = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else \
             eval_dataset if eval_dataset is not None else self.eval_dataset
@@ -927,7 +927,7 @@ class GRPOTrainer(DashTrainer):
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 
     def _prompt_dataset(self, dataset: Any, name: str):
-        from dash_fast.data import PromptDataset, load_rows
+        from dash_fast.data.prompts import PromptDataset, load_rows
 
         a = self.config
         return PromptDataset(load_rows(dataset), self.tokenizer, name=name, prompt_column=a.prompt_column,
@@ -940,8 +940,8 @@ class GRPOTrainer(DashTrainer):
         an IterableDataset, a DatasetDict or dict of them: each set prefixed by its name, `eval_<name>_loss`),
         default the trainer's eval set(s). Like the HF Trainer it logs the metrics (state.log_history,
         on_log) and fires on_evaluate. DashTrainer.evaluate is the greedy-accuracy evaluation."""
-        from dash_fast.data import PromptDataset
-        from dash_fast.trl_eval import trl_evaluate
+        from dash_fast.data.prompts import PromptDataset
+        from dash_fast.trl.eval import trl_evaluate
 
         del ignore_keys  # no logits are returned to filter
         source = eval_dataset if eval_dataset is not None else \
@@ -980,14 +980,14 @@ class GRPOTrainer(DashTrainer):
 
     def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
         """TRL's helper (trl_masks.high_entropy_mask); training applies trl_losses' own (per micro-batch)."""
-        from dash_fast.trl_masks import high_entropy_mask
+        from dash_fast.trl.masks import high_entropy_mask
 
         return high_entropy_mask(entropies, mask, threshold)
 
     @staticmethod
     def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold):
         """TRL's helper (trl_masks.off_policy_mask); training applies trl_losses' own (same formula)."""
-        from dash_fast.trl_masks import off_policy_mask
+        from dash_fast.trl.masks import off_policy_mask
 
         return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
 
@@ -1038,8 +1038,8 @@ class GRPOTrainer(DashTrainer):
 
     def train_step(self, step: int) -> dict:
         """DashTrainer's step record, plus TRL's names for the same numbers (trl_logs.py)."""
-        from dash_fast.rollout.base import Rollout
-        from dash_fast.trl_logs import rollout_metrics
+        from dash_fast.engines.base import Rollout
+        from dash_fast.trl.logs import rollout_metrics
 
         self._step_rollouts = []
         self._logs = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}
@@ -1166,7 +1166,7 @@ class GRPOTrainer(DashTrainer):
         dash-fast's per-step records stay in `step_records`."""
         from transformers.trainer_utils import TrainOutput
 
-        from dash_fast.trl_logs import log_entries
+        from dash_fast.trl.logs import log_entries
 
         if kwargs:
             raise NotImplementedError(f"GRPOTrainer.train: {sorted(kwargs)} not supported by dash-fast")

@@ -13,7 +13,7 @@ import time
 import torch
 
 from dash_fast.config import SFTConfig
-from dash_fast.data import pad_right
+from dash_fast.data.prompts import pad_right
 
 
 def sft_batches(prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int, steps: int,

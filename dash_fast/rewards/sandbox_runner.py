@@ -1,4 +1,4 @@
-"""The sandbox's side of dash_fast.sandbox: the fork server, the keeper and the runner (see that
+"""The sandbox's side of dash_fast.rewards.sandbox: the fork server, the keeper and the runner (see that
 module's docstring for the design and the threat model).
 
 Run as ``python -I -S sandbox_runner.py --serve FD``. Kept apart and lean on imports on purpose: every

@@ -30,7 +30,7 @@ from multiprocessing.connection import Connection
 import torch
 import torch.multiprocessing as mp
 
-from dash_fast.rollout.base import Rollout, SamplingParams
+from dash_fast.engines.base import Rollout, SamplingParams
 
 GenerationPlan = list[tuple[list[list[int]], SamplingParams]]  # one engine.generate call per entry
 
@@ -67,7 +67,7 @@ def _sampler_main(conn: Connection, model: torch.nn.Module, pad_id: int, threads
     if cpus:
         os.sched_setaffinity(0, cpus)  # before torch starts its OpenMP workers: they inherit it
     torch.set_num_threads(threads)
-    from dash_fast.rollout.torch_engine import TorchEngine
+    from dash_fast.engines.torch_engine import TorchEngine
 
     engine = TorchEngine(model, pad_id)
     conn.send(("ready", None, os.getpid()))
