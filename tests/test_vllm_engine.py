@@ -236,3 +236,25 @@ def test_trainer_syncs_the_engine_after_each_optimizer_step(tmp_path, fake_vllm)
     trainer.train()
     # the first generate pushes the loaded weights; then 3 rollouts x K = 2 optimizer steps, a push after each
     assert events == ["sync"] + ["step", "sync"] * 6
+
+
+def test_the_vllm_engine_takes_a_directory_or_a_cached_hub_id(tmp_path):
+    """vLLM reads config and tokenizer from disk: a model loaded from a directory gives that directory, a
+    hub id gives its snapshot in the Hugging Face cache (no download), anything else is refused in one line."""
+    from dash_fast.engines.vllm_engine import model_source
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-model"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab" * 20)
+    local = tmp_path / "local"
+    local.mkdir()
+
+    assert model_source(SimpleNamespace(name_or_path=str(local)), cache_dir=str(cache)) == str(local)
+    assert model_source(SimpleNamespace(name_or_path="org/tiny-model"), cache_dir=str(cache)) == str(snapshot)
+    for missing in ("org/not-cached", str(tmp_path / "gone"), None):
+        with pytest.raises(ValueError, match="needs the model's files on disk"):
+            model_source(SimpleNamespace(name_or_path=missing), cache_dir=str(cache))

@@ -47,7 +47,13 @@ from typing import Any
 import torch
 
 from dash_fast.engines.reaper import is_resource_tracker, processes_with
-from dash_fast.engines.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
+from dash_fast.engines.vllm_engine import (
+    VLLMEngine,
+    import_vllm,
+    llm_kwargs,
+    model_source,
+    refresh_tied_heads,
+)
 from dash_fast.overlap import split_cpus, usable_cpus
 
 
@@ -169,10 +175,7 @@ class VLLMProcessEngine(VLLMEngine):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, args: Any, llm: Any = None) -> None:
         vllm = import_vllm()
         first = next(model.parameters())
-        source = getattr(model, "name_or_path", None)
-        if llm is None and (not source or not os.path.isdir(source)):
-            raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
-                             f"(model.name_or_path={source!r})")
+        source = model_source(model) if llm is None else None
         self.cpus = engine_cpus(args, first.device)
         run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         marker = f"{MARKER}={run_id}"  # what the reaper and Watched look for in a process's environment
