@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from dash_fast.rewards.builtin import RewardError
+        from dash_fast.rewards import RewardError
 
         if isinstance(e, RewardError):
             print(f"dash-fast: error: {e}", file=sys.stderr)
