@@ -144,7 +144,8 @@ def _graph_engine(model, dry: bool):
 
 
 def check_decode(dry: bool, device: str) -> None:
-    from test_engine import TINY, prompts
+    from helpers import TINY_ENGINE as TINY
+    from helpers import prompts
 
     from dash_fast.embedded.tiny import build_model, build_tokenizer
     from dash_fast.engines.base import SamplingParams
@@ -210,7 +211,7 @@ def check_decode(dry: bool, device: str) -> None:
 
 # ----------------------------------------------------------------------------- 4-6. trainer
 def make_trainer(out: str, device: str, **overrides):
-    from test_overlap import length_reward
+    from helpers import length_reward
 
     from dash_fast import DashConfig, DashTrainer
     from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
