@@ -1,4 +1,4 @@
-"""cpu_threads=auto and the OpenMP wait policy (device_setup.py): every usable CPU whatever the import order,
+"""cpu_threads=auto and the OpenMP wait policy (runtime/device.py): every usable CPU whatever the import order,
 the spin turned off (PASSIVE) or shortened (torch imported first), and a user's own setting wins. The speed
 side is bench/contention.py (no timed tests; the spin test compares CPU time, not speed)."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_overlap import make_trainer
+from helpers import make_trainer
 
 from dash_fast.config import ConfigError, DashConfig, make_config
-from dash_fast.overlap import bind_process
 from dash_fast.runtime import device as device_setup
+from dash_fast.runtime.cpus import bind_process
 from dash_fast.runtime.device import (
     SPINNING_NOTICE,
     apply_cpu_threads,

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_graph_schedule import fake_capture
-from test_overlap import make_trainer
+from helpers import fake_capture, make_trainer
 
 from dash_fast.config import ConfigError, DashConfig
 from dash_fast.runtime.device import make_deterministic, resolve_dtype
