@@ -15,21 +15,12 @@ import yaml
 
 from dash_fast.algo import LOSS_AGGS, SCALE_REWARDS
 from dash_fast.data.formats import DATASET_FORMATS
+from dash_fast.embedded.sft import SFTConfig
 from dash_fast.embedded.tiny import TinyConfig
 
 
 class ConfigError(ValueError):
     """A bad config key or value; the message is one line naming it."""
-
-
-@dataclass
-class SFTConfig:
-    """Supervised warm start (used by the embedded default before RL; `steps: 0` skips it)."""
-
-    steps: int = 0
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
 
 
 @dataclass
