@@ -4,6 +4,9 @@ on sys.path, so `from helpers import ...` works from any test folder)."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from dash_fast import DashConfig, DashTrainer
@@ -19,6 +22,14 @@ TINY_TASK = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_s
 TINY_ENGINE = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 PAD = 0
 TWO = set(sorted(INITIAL_CPUS)[:2])  # the CPUs the sampler-process tests split
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+
+
+def checkout_env(base: dict[str, str] | None = None, **env: str) -> dict[str, str]:
+    """The environment of a child Python that imports this checkout: dash_fast, dash_kernels and tests/ (helpers)
+    from here, ahead of any installed copy; `base` (default: this process's environment) with `env` on top."""
+    paths = os.pathsep.join(str(p) for p in (ROOT, ROOT / "kernels", ROOT / "tests"))
+    return {**(os.environ if base is None else base), "PYTHONPATH": paths, **env}
 
 
 def tiny_model(dtype=torch.float64, seed=0):

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from helpers import TINY_TASK as TINY
-from helpers import TWO, Recorder, make_trainer, params, records, same
+from helpers import TWO, Recorder, checkout_env, make_trainer, params, records, same
 
 from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.engines.base import SamplingParams
@@ -190,7 +190,7 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
         from dash_fast.engines.base import SamplingParams
         from dash_fast.engines.torch_engine import TorchEngine
         from dash_fast.embedded.tiny import build_model, build_tokenizer
-        from tests.helpers import TINY_TASK as TINY
+        from helpers import TINY_TASK as TINY
 
         tok = build_tokenizer()
         engine = TorchEngine(build_model(tok, TINY, seed=0), tok.pad_token_id)
@@ -202,7 +202,7 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
     """)  # no __main__ guard, as in a user's script: the child must not re-run it
     path = tmp_path / "train_script.py"
     path.write_text(script)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     # output to files, not pipes: the sampler inherits them, and reading a pipe to its end would wait for it
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         code = subprocess.run([sys.executable, str(path)], stdout=out, stderr=err, env=env, timeout=300).returncode
