@@ -1,7 +1,8 @@
 """Rewards: the built-in reward functions, the registry that names them, and the errors a run reports.
 
 Modules by job: ``answers`` (exact / math / format rewards and answer extraction), ``code`` (the code reward,
-run in ``sandbox``), ``registry`` (names -> functions), ``calling`` (TRL's calling convention and output
+run in ``sandbox``: containment, with ``sandbox_runner`` inside it and the verdict in ``sandbox_verdict``),
+``registry`` (names -> functions), ``calling`` (TRL's calling convention and output
 checks), ``reward_models`` (sequence-classification models as reward functions).
 """
 
