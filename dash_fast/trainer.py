@@ -43,9 +43,10 @@ from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
 from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
 from dash_fast.models.peft import is_peft_model, reference_policy
-from dash_fast.overlap import OverlapScheduler, usable_cpus
+from dash_fast.overlap import OverlapScheduler
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.cpu_memory import keep_freed_memory
+from dash_fast.runtime.cpus import usable_cpus
 from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.runtime.profiling import ProfileWindow
 

@@ -150,7 +150,8 @@ def _graph_engine(model, dry: bool):
 
 
 def check_decode(dry: bool, device: str) -> None:
-    from test_engine import TINY, prompts
+    from helpers import TINY_ENGINE as TINY
+    from helpers import prompts
 
     from dash_fast.embedded.tiny import build_model, build_tokenizer
     from dash_fast.engines.base import SamplingParams
@@ -216,7 +217,7 @@ def check_decode(dry: bool, device: str) -> None:
 
 # ----------------------------------------------------------------------------- 4-6. trainer
 def make_trainer(out: str, device: str, **overrides):
-    from test_overlap import length_reward
+    from helpers import length_reward
 
     from dash_fast import DashConfig, DashTrainer
     from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
@@ -307,7 +308,7 @@ def check_attention(dry: bool, device: str) -> None:
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from dash_fast.engines.torch_engine import grouped_sdpa
+    from dash_fast.models.decoder import grouped_sdpa
 
     b, H, n_kv, T, D = (2, 4, 2, 8, 16) if dry else (16, 14, 2, 1024, 64)  # Qwen2.5-0.5B heads, a 1k-token prefill
     dtype = torch.float32 if dry else torch.bfloat16

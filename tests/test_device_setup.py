@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_graph_schedule import fake_capture
-from test_overlap import make_trainer
+from helpers import checkout_env, fake_capture, make_trainer
 
 from dash_fast.config import ConfigError, DashConfig
 from dash_fast.runtime.device import make_deterministic, resolve_dtype
@@ -98,14 +97,12 @@ def test_gpu_session_dry_run_plumbing(tmp_path):
     the session's plumbing stays runnable without a GPU. The full dry run is `DRY_RUN=1 bash
     profiles/gpu_session.sh` (about two minutes here)."""
     import json
-    import os
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(root)}
+    env = checkout_env(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(root / "profiles" / "gpu_session.py"), "--dry-run", "--out",
                            str(tmp_path), "--only", "kernels,decode"], env=env, capture_output=True, text=True,
                           timeout=600)

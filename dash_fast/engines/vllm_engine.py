@@ -15,7 +15,7 @@ Per optimizer step the trainer calls `sync_weights(model)`:
 
 The iterator streams the trainer's own parameter tensors (no copy on our side); vLLM's in-place reload
 buffers at most one layer at a time before processing it into its kernel format, so the extra memory of a
-push is bounded by a layer (measured on CPU: 0.02 s for the embedded default's model). The worker-side
+push is bounded by a layer (its time is `time/sync_weights` in every step record). The worker-side
 `load_weights` of TRL's colocate sync is not used: on vLLM's CPU backend fp32 linears are repacked for
 oneDNN and their Parameters lose `weight_loader`, so a direct call fails; `reload_weights` handles that.
 
