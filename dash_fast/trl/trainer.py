@@ -255,6 +255,11 @@ class GRPOConfig:
     log_unique_prompts: bool = False
     log_completions_hub_repo: str | None = None
     use_bias_correction_kl: bool = True
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_cap: float | None = None  # TRL's deprecated name of clip_max
     cast_lm_head_to_fp32: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
@@ -334,6 +339,7 @@ class GRPOConfig:
         if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
             raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
                                       "(the loss kernels compute log-probs in fp32)"))
+        _check_importance_sampling(self)
         if self.sync_ref_model and self.ref_model_sync_steps < 1:
             raise ConfigError(_refuse("ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1"))
         if self.lr_scheduler_type not in _SCHEDULERS:
@@ -468,6 +474,14 @@ class GRPOConfig:
             bind_cpus=self.bind_cpus, cpu_sampler=self.cpu_sampler,
             # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
             gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
+            kl_bias_correction=self.use_bias_correction_kl,
+            # TRL's vLLM correction: on with use_vllm; without vLLM DashConfig's rule (on for bf16 / overlap),
+            # except VESPO with a sequence mode (TRL refuses that pair with vLLM)
+            sampler_is_correction=(True if self.use_vllm else None if not (
+                self.loss_type == "vespo" and self.vllm_importance_sampling_mode.startswith("sequence")) else False)
+            if self.vllm_importance_sampling_correction else False,
+            sampler_is_mode=self.vllm_importance_sampling_mode, sampler_is_clip_min=self.vllm_importance_sampling_clip_min,
+            sampler_is_clip_max=self.vllm_importance_sampling_clip_max,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:
@@ -480,6 +494,34 @@ class GRPOConfig:
         if reward_names:
             values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
+
+
+def _check_importance_sampling(args: GRPOConfig) -> None:
+    """TRL's GRPOConfig / GRPOTrainer checks of the vllm_importance_sampling_* arguments (the deprecated cap
+    becomes clip_max, as in TRL)."""
+    from dash_kernels.utils import IS_MODES
+
+    if args.vllm_importance_sampling_cap is not None:
+        import warnings
+
+        warnings.warn("The `vllm_importance_sampling_cap` argument is deprecated and will be removed in v2.0.0. Use "
+                      "`vllm_importance_sampling_clip_max` instead.", FutureWarning, stacklevel=3)
+        args.vllm_importance_sampling_clip_max = args.vllm_importance_sampling_cap
+    lo, hi, mode = (args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
+                    args.vllm_importance_sampling_mode)
+    if mode not in IS_MODES:
+        raise ConfigError(_refuse("vllm_importance_sampling_mode", mode, f"must be one of {', '.join(IS_MODES)}"))
+    if lo is not None and hi is not None and lo >= hi:
+        raise ConfigError(f"GRPOConfig: vllm_importance_sampling_clip_min ({lo}) must be less than "
+                          f"vllm_importance_sampling_clip_max ({hi}).")
+    if args.vllm_importance_sampling_correction and mode.endswith("truncate") and lo is None and hi is None:
+        raise ConfigError("GRPOConfig: at least one of vllm_importance_sampling_clip_min or "
+                          "vllm_importance_sampling_clip_max must be set when vllm_importance_sampling_mode is a "
+                          "*_truncate mode.")
+    if (args.loss_type == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction
+            and mode not in ("token_truncate", "token_mask")):
+        raise ConfigError(f"GRPOConfig: VESPO loss requires vllm_importance_sampling_mode to be either "
+                          f"'token_truncate' or 'token_mask'. Got: {mode}.")
 
 
 def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:
