@@ -321,9 +321,11 @@ class Learner:
         return out.to(self.device)
 
     def _row_ids(self, rollout: Rollout, rows: list[int]) -> torch.Tensor:
-        """The position in `rows` of each flat completion token of `rows` (a sequence IS ratio's row)."""
+        """The row (numbered over the rows with tokens, so ids < tokens) of each flat completion token of `rows`:
+        a sequence IS ratio's row."""
         lengths = rollout.completion_lengths[rows]
-        return torch.repeat_interleave(torch.arange(len(rows)), lengths).to(self.device)
+        lengths = lengths[lengths > 0]
+        return torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(self.device)
 
     def _sampler_is_ratio(self, trainer: torch.Tensor, sampler: torch.Tensor, rollout: Rollout,
                           rows: list[int]) -> torch.Tensor:

@@ -72,7 +72,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
 
         def is_ratio(trainer_logp: torch.Tensor, sl: slice = slice(None)) -> torch.Tensor:
             return sampler_is_ratio(trainer_logp, samp_k[sl], is_mode, is_clip_min, is_clip_max,
-                                    None if rows_k is None else rows_k[sl])
+                                    None if rows_k is None else rows_k[sl], n_rows=n)  # row ids < N
 
         if old_k is not None and samp_k is not None:
             is_k, is_ready = is_ratio(old_k), True
@@ -201,7 +201,7 @@ def fused_linear_pg_loss(
     """loss = sum_t token_weights_t * (r_t * surr_t + beta * kl_t) over tokens with |A_t| > tau.
 
     hidden [N, H], weight [V, H] (may be a tied embedding), bias [V] | None, targets [N] int,
-    advantages / token_weights / old_logp / ref_logp / sampler_logp [N], row_ids [N] int. Returns (loss,
+    advantages / token_weights / old_logp / ref_logp / sampler_logp [N], row_ids [N] int (< N). Returns (loss,
     stats) with stats `logp` [N] (valid on kept tokens), `clip_fraction`, `kl_mean` (None when beta = 0),
     `entropy` [N] (None unless return_entropy) and `is_ratio` [N] (r_t; None without sampler_logp). Loss is
     fp32 (fp64 for fp64 inputs). `bwd` ("dense" | "atomic") selects the Triton backward (module docstring);

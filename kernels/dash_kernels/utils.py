@@ -92,6 +92,7 @@ def sampler_is_ratio(
     clip_min: float | None = None,
     clip_max: float | None = 3.0,
     row_ids: torch.Tensor | None = None,
+    n_rows: int | None = None,
 ) -> torch.Tensor:
     """TRL's vLLM importance-sampling correction (GRPOTrainer._generate_and_score_completions), per token:
     the detached ratio of the trainer's log-prob of a sampled token to the sampler's, which multiplies that
@@ -99,7 +100,7 @@ def sampler_is_ratio(
 
     d_t = trainer_t - sampler_t (NaN, a token the sampler could not score: 0, ratio 1). token_* modes:
     r_t = exp(d_t); sequence_* modes: r_t = exp(sum of d over the token's row) (`row_ids` [N]: the row of
-    each token, 0-based). *_truncate: clamp(r, clip_min, clip_max); *_mask: r where clip_min <= r <= clip_max,
+    each token, 0-based, < `n_rows`; None: < N, as when each row has a token here). *_truncate: clamp(r, clip_min, clip_max); *_mask: r where clip_min <= r <= clip_max,
     else 0 (a bound that is None is open). Flat [N] tensors; returns [N] in trainer_logp's dtype, no grad."""
     if mode not in IS_MODES:
         raise ValueError(f"importance-sampling mode must be one of {IS_MODES}, got {mode!r}")
@@ -107,8 +108,9 @@ def sampler_is_ratio(
     if mode.startswith("sequence"):
         if row_ids is None:
             raise ValueError(f"importance-sampling mode {mode!r} needs row_ids (the row of each token)")
-        # rows <= tokens: an [N] buffer holds every row's sum without reading row_ids.max() (no device sync)
-        sums = torch.zeros(diff.numel(), dtype=diff.dtype, device=diff.device).index_add_(0, row_ids, diff)
+        # a bound on the rows (not row_ids.max(), which would sync the device)
+        size = diff.numel() if n_rows is None else n_rows
+        sums = torch.zeros(size, dtype=diff.dtype, device=diff.device).index_add_(0, row_ids, diff)
         diff = sums[row_ids]
     ratio = torch.exp(diff)
     if mode.endswith("truncate"):
