@@ -16,7 +16,6 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from test_kernels import dk, fused_torch, make_inputs, run, to_fp64
 
 MODES = ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]

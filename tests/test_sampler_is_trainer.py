@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from test_logp_difference import make_trainer, shift_sampler_logps
+from test_sampler_is import trl_compute_loss, trl_ratio_rows
 
 from dash_fast import DashConfig, GRPOConfig
 from dash_fast.config import ConfigError
 from dash_fast.metrics import IS_RATIO_MAX, IS_RATIO_MEAN, IS_RATIO_MIN, LOGP_DIFF_MEAN
-from test_logp_difference import make_trainer, shift_sampler_logps
-from test_sampler_is import trl_compute_loss, trl_ratio_rows
 
 # ----------------------------------------------------------------------------- defaults
 
