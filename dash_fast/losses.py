@@ -4,7 +4,8 @@ The fused / chunked loss kernels implement one per-token objective (clipped surr
 other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
 plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
 two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask, the
-off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path
+off-policy sequence mask, and the entropy bonus (EntropyBonus). (The token-level bias-corrected KL and the
+sampler importance-sampling ratio are in the fused kernels too; this path applies them when it runs.) The learner uses this path
 (`variant_micro_loss`) only when such a variant is configured (GRPOTrainer sets `Learner.trl_loss`); it
 runs on the materialised logits of one micro-batch (dash_kernels.logprobs_ref), so memory is bounded by
 the micro-batch token budget, not the rollout; the fused kernels are not used for the loss there.
@@ -50,11 +51,14 @@ class TrlLoss:
     vespo_lambda_neg: float = 2.0
     entropy_bonus: bool = False  # entropy_coef != 0 or use_adaptive_entropy (the coefficient: EntropyBonus)
     luspo_scale: float = 1.0  # max_completion_tokens: turns dr_grpo's token weights into luspo's per-row sums
+    kernel_kl_correction: bool = True  # the loss kernels have the bias-corrected KL (fused, naive; not Liger)
 
     def is_variant(self) -> bool:
-        """True when the default clipped-surrogate + k3 kernels would compute something else."""
+        """True when the default clipped-surrogate + k3 kernels would compute something else (the token-level
+        bias-corrected KL is theirs: DashConfig.kl_bias_correction, unless `kernel_kl_correction` is False)."""
         return (self.loss_type in ("cispo", "sapo", "luspo", "vespo") or self.importance_sampling_level != "token"
-                or self.delta is not None or (self.beta != 0.0 and self.use_bias_correction_kl)
+                or self.delta is not None
+                or (self.beta != 0.0 and self.use_bias_correction_kl and not self.kernel_kl_correction)
                 or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
                 or self.entropy_bonus)
 

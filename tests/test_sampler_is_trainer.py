@@ -112,10 +112,10 @@ def _reward(completions, **kw):
     return [float(len(c) + sum(map(ord, c)) % 5) for c in completions]
 
 
-def _dash_one_batch(tmp_path, noise, **extra):
+def _dash_one_batch(tmp_path, noise, ref_noise=0.0, **extra):
     """One GRPOTrainer step at learning rate 0 (the gradient stays in .grad, unclipped) on a rollout whose
-    sampler log-probs are the trainer's plus per-token noise; returns (trainer, initial model, rollout,
-    rewards)."""
+    sampler log-probs are the trainer's plus per-token noise (`ref_noise`: the reference model's weights
+    perturbed, so that the KL and its gradient are not 0); returns (trainer, initial model, rollout, rewards)."""
     from datasets import Dataset
 
     from dash_fast import GRPOTrainer
@@ -138,6 +138,11 @@ def _dash_one_batch(tmp_path, noise, **extra):
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args),
                           train_dataset=Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)]),
                           processing_class=tok)
+    if ref_noise:
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in trainer.learner.ref_model.parameters():
+                p.add_(ref_noise * torch.randn(p.shape, generator=gen))
     captured = []
     generate = trainer.engine.generate
     g = torch.Generator().manual_seed(1)
@@ -155,30 +160,40 @@ def _dash_one_batch(tmp_path, noise, **extra):
     return trainer, initial, rollout, torch.tensor(rewards)
 
 
-def _trl_side(initial, rollout, rewards, group, mode, lo, hi, beta, loss_type, level, bias_correction):
-    """TRL's tensors for the same batch: per-token log-probs of the initial policy (TRL's forward: the
-    model's logits at the completion positions, temperature 1), old = the same values detached (TRL computes
-    them with vLLM on), TRL's advantages and ratio, then TRL's _compute_loss and its gradient."""
+def _logp_rows(model, rollout):
+    """[B, T] log-probs of the completions under `model` (TRL's forward: the logits at the completion
+    positions, temperature 1), right padded with 0."""
     lengths = rollout.completion_lengths.tolist()
     width = max(lengths)
-    logp_rows = []
+    rows = []
     for p, comp, n in zip(rollout.prompt_ids, rollout.completion_ids, lengths):
         ids = torch.tensor([list(p) + comp[:n].tolist()])
-        logits = initial(input_ids=ids).logits[0, len(p) - 1: len(p) - 1 + n]
+        logits = model(input_ids=ids).logits[0, len(p) - 1: len(p) - 1 + n]
         lp = torch.log_softmax(logits.float(), -1).gather(1, comp[:n, None]).squeeze(1)
-        logp_rows.append(torch.cat([lp, lp.new_zeros(width - n)]))
-    logp = torch.stack(logp_rows)
-    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).float()
+        rows.append(torch.cat([lp, lp.new_zeros(width - n)]))
+    return torch.stack(rows)
+
+
+def _trl_side(initial, rollout, rewards, group, mode, lo, hi, beta, loss_type, level, bias_correction,
+              ref_model=None, use_vllm=True):
+    """TRL's tensors for the same batch: per-token log-probs of the initial policy, old = the same values
+    detached (TRL computes them with vLLM on), TRL's advantages and ratio, then TRL's _compute_loss and its
+    gradient. `use_vllm=False`: TRL without the correction."""
+    logp = _logp_rows(initial, rollout)
+    width = logp.shape[1]
+    mask = (torch.arange(width)[None] < rollout.completion_lengths[:, None]).float()
     old = logp.detach() * mask
+    with torch.no_grad():
+        ref = old if ref_model is None else _logp_rows(ref_model, rollout) * mask
     sampling = rollout.sampling_logps[:, :width].float()
     is_ratio = trl_ratio_rows(old, sampling, mask, mode, lo, hi)
     grouped = rewards.view(-1, group)
     adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
-    loss, metrics = trl_compute_loss(logp, mask, adv, old, old, is_ratio, beta=beta, loss_type=loss_type,
-                                     bias_correction=bias_correction, level=level)
+    loss, metrics = trl_compute_loss(logp, mask, adv, old, ref, is_ratio, beta=beta, loss_type=loss_type,
+                                     bias_correction=bias_correction, level=level, use_vllm=use_vllm)
     loss.backward()
     flat = is_ratio.flatten() if is_ratio.shape[1] == 1 else is_ratio[mask.bool()]
-    return float(loss), {n: p.grad for n, p in initial.named_parameters()}, flat
+    return float(loss.detach()), {n: p.grad for n, p in initial.named_parameters()}, flat
 
 
 CASES = {  # name: GRPOConfig extras, the vLLM IS mode and bounds
@@ -218,3 +233,33 @@ def test_grpo_trainer_matches_trls_compute_loss_on_one_batch(tmp_path, name):
     assert float((ratios - 1).abs().max()) > 0.05
     hit = (ratios == 0) if mode.endswith("mask") else ((ratios == hi) | (ratios == (lo or -1)))
     assert bool(hit.any())
+
+
+KL_CASES = {  # name: GRPOConfig extras, sampler correction on
+    "bias_corrected_kl_with_is": (dict(loss_type="dapo", beta=0.1), True),  # TRL's default KL
+    "bias_corrected_kl_grpo_no_is": (dict(loss_type="grpo", beta=0.2), False),
+    "plain_k3": (dict(loss_type="dapo", beta=0.1, use_bias_correction_kl=False), True),
+}
+
+
+@pytest.mark.parametrize("name", list(KL_CASES))
+def test_trls_default_kl_trains_on_the_fused_kernels_and_matches_trl(tmp_path, name):
+    """beta > 0 with TRL's use_bias_correction_kl=True no longer takes losses.py's materialised-logits path:
+    the fused kernels compute it (trl_loss is None), and the loss and gradient are TRL's _compute_loss's on
+    one batch whose reference model differs from the policy (so the KL and its gradient are not 0)."""
+    extra, on = KL_CASES[name]
+    mode, lo, hi = "token_truncate", None, 1.1
+    trainer, initial, rollout, rewards = _dash_one_batch(
+        tmp_path, 0.3, ref_noise=0.05, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=hi,
+        extra={"sampler_is_correction": on}, **extra)
+    assert trainer.learner.trl_loss is None and trainer.config.loss_impl == "fused"
+    assert trainer.config.kl_bias_correction == extra.get("use_bias_correction_kl", True)
+    (record,) = trainer.step_records
+    loss, grads, _ = _trl_side(initial, rollout, rewards, 4, mode, lo, hi, extra["beta"], extra["loss_type"],
+                               "token", extra.get("use_bias_correction_kl", True),
+                               ref_model=trainer.learner.ref_model, use_vllm=on)
+    assert record["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6)
+    assert record["kl"] > 1e-3  # the reference differs: the KL term is in play
+    norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
+    for n, p in trainer.model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], atol=2e-5 * norm, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")

@@ -31,11 +31,18 @@ Differences from TRL worth knowing:
   refused.
 - `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
   count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
-  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1`,
-  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) are TRL's
-  formulas in trl_losses.py: such a run trains on that path, which materialises the logits of one
-  micro-batch (memory bounded by the micro-batch token budget; `loss_impl` is then not used for the
-  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
+  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1` and
+  `off_policy_mask_threshold` are TRL's formulas in losses.py: such a run trains on that path, which
+  materialises the logits of one micro-batch (memory bounded by the micro-batch token budget; `loss_impl`
+  is then not used for the loss). TRL's default `use_bias_correction_kl=True` with `beta > 0` stays on the
+  fused kernels (a per-token factor; with use_liger_kernel it takes the losses.py path).
+- `vllm_importance_sampling_correction` / `_mode` / `_clip_min` / `_clip_max` (and the deprecated `_cap`):
+  TRL's defaults (on, sequence_mask, clip_max 3) with `use_vllm=True`; the ratio multiplies each token's
+  policy term inside the fused loss (DashConfig.sampler_is_*). Without vLLM it follows DashConfig's rule (on
+  for bf16 runs and overlap, where dash-fast's sampler differs from the trainer; TRL applies none there), in
+  the mode and bounds given; `False` turns it off everywhere. Logged as TRL's
+  `sampling/importance_sampling_ratio/{min,mean,max}` (over the kept rows, from the old pass or the first
+  optimizer step's loss forward). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
   (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
   coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
   logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
@@ -391,6 +398,9 @@ class GRPOConfig:
         out["accelerator_config"] = dataclasses.asdict(self.accelerator_config)
         return out
 
+    def _liger_loss(self) -> bool:
+        return self.use_liger_kernel or self.loss_impl == "liger" or self.extra.get("loss_impl") == "liger"
+
     def trl_loss(self) -> TrlLoss:
         """The TRL loss options (trl_losses.py); `.is_variant()` says whether the learner needs that path."""
         return TrlLoss(
@@ -401,6 +411,7 @@ class GRPOConfig:
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length),
+            kernel_kl_correction=not self._liger_loss(),
             entropy_bonus=self.entropy_coef != 0 or self.use_adaptive_entropy)
 
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
@@ -474,7 +485,8 @@ class GRPOConfig:
             bind_cpus=self.bind_cpus, cpu_sampler=self.cpu_sampler,
             # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
             gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
-            kl_bias_correction=self.use_bias_correction_kl,
+            # token level: in the fused kernels (Liger's loss has none: trl_losses' path then computes it)
+            kl_bias_correction=self.use_bias_correction_kl and not self._liger_loss(),
             # TRL's vLLM correction: on with use_vllm; without vLLM DashConfig's rule (on for bf16 / overlap),
             # except VESPO with a sequence mode (TRL refuses that pair with vLLM)
             sampler_is_correction=(True if self.use_vllm else None if not (
