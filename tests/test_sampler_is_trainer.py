@@ -74,13 +74,15 @@ def test_grpo_config_maps_trls_keys_and_defaults():
 # ----------------------------------------------------------------------------- the learner
 
 
-def test_fp32_embedded_run_has_no_correction_and_bf16_run_has_it(tmp_path):
+def test_fp32_embedded_run_has_no_correction_and_bf16_run_has_it(tmp_path, capsys):
     fp32 = make_trainer(tmp_path / "fp32")
     assert not fp32.learner.sampler_is
+    assert "sampler importance sampling" not in capsys.readouterr().out
     record = fp32.train_step(1)
     assert IS_RATIO_MEAN not in record
     bf16 = make_trainer(tmp_path / "bf16", dtype=torch.bfloat16)
     assert bf16.learner.sampler_is
+    assert "dash-fast: sampler importance sampling: token_truncate, ratio bounds [None, 3.0]" in capsys.readouterr().out
     record = bf16.train_step(1)
     assert record["no_signal"] == 0
     lo, mean, hi = record[IS_RATIO_MIN], record[IS_RATIO_MEAN], record[IS_RATIO_MAX]
