@@ -71,6 +71,17 @@ class DashConfig:
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: same as epsilon
     beta: float = 0.0
+    kl_bias_correction: bool = False  # beta > 0: TRL's use_bias_correction_kl, k3 x exp(logp - old) (token level)
+    # Sampler importance sampling (TRL's vllm_importance_sampling_*, docs/design.md section 3): the PG term of
+    # each token times r = exp(trainer log-prob - sampler log-prob) (detached), truncated or masked to
+    # [clip_min, clip_max]; per token or per row (the row's summed log-ratio). None: on where the sampler's
+    # numerics or weights differ from the trainer's (engine=vllm, a bf16 run, overlap), off otherwise (fp32
+    # embedded engine: they agree to ~1e-6). The trainer's log-probs are the old pass's when one runs, else
+    # the loss forward's (the same weights); with overlap the old policy is then the trainer's, not the sampler's.
+    sampler_is_correction: bool | None = None
+    sampler_is_mode: str = "token_truncate"  # token_truncate | token_mask | sequence_truncate | sequence_mask
+    sampler_is_clip_min: float | None = None
+    sampler_is_clip_max: float | None = 3.0
     epochs_per_rollout: int = 1  # K passes over each rollout (TRL's num_iterations; PPO "Multi" when > 1)
     minibatches: int = 1  # M (PPO "Mini" when > 1)
     micro_batch_tokens: int = 8192
@@ -199,6 +210,19 @@ class DashConfig:
         need(self.micro_batch_tokens >= 1, "micro_batch_tokens", "must be >= 1")
         need(self.max_completion_tokens >= 1, "max_completion_tokens", "must be >= 1")
         need(self.beta >= 0, "beta", "must be >= 0")
+        from dash_kernels.utils import IS_MODES
+
+        need(self.sampler_is_mode in IS_MODES, "sampler_is_mode", f"must be one of {', '.join(IS_MODES)}")
+        need(self.sampler_is_clip_min is None or self.sampler_is_clip_max is None
+             or self.sampler_is_clip_min < self.sampler_is_clip_max, "sampler_is_clip_min",
+             f"must be < sampler_is_clip_max={self.sampler_is_clip_max!r}")
+        need(not (self.sampler_is_correction and self.sampler_is_mode.endswith("truncate")
+                  and self.sampler_is_clip_min is None and self.sampler_is_clip_max is None),
+             "sampler_is_clip_max", f"sampler_is_mode={self.sampler_is_mode!r} needs a bound (clip_min or clip_max)")
+        need(not (self.loss_impl == "liger" and self.sampler_is_correction), "sampler_is_correction",
+             "loss_impl=liger has no sampler importance sampling (fused or naive have)")
+        need(not (self.loss_impl == "liger" and self.kl_bias_correction and self.beta > 0), "kl_bias_correction",
+             "loss_impl=liger has no bias-corrected KL (fused or naive have)")
         need(self.generation_batch_size is None or self.generation_batch_size >= 1,
              "generation_batch_size", "must be >= 1 or None")
         need(self.reward_funcs is None or len(self.reward_funcs) >= 1, "reward_funcs",
@@ -208,6 +232,16 @@ class DashConfig:
         if self.profile_steps is not None:
             a, _, b = str(self.profile_steps).partition(":")
             need(a.isdigit() and b.isdigit() and int(a) <= int(b), "profile_steps", "must look like A:B")
+
+    def sampler_is_on(self, bf16: bool) -> bool:
+        """Whether the loss applies sampler importance sampling (`sampler_is_correction`; None: engine=vllm, a
+        bf16 run (`bf16`: the resolved dtype) or overlap, and a loss_impl that has it)."""
+        if self.sampler_is_correction is not None:
+            return self.sampler_is_correction
+        if self.loss_impl == "liger" or (self.sampler_is_mode.endswith("truncate") and self.sampler_is_clip_min
+                                         is None and self.sampler_is_clip_max is None):
+            return False
+        return self.engine == "vllm" or bf16 or self.overlap
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -55,6 +55,9 @@ class Learner:
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
         self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
         self.logit_multiplier = logit_multiplier(model)
+        # sampler importance sampling in the loss (DashConfig.sampler_is_*): on where sampler and trainer differ
+        bf16 = self.precision.enabled or any(p.dtype == torch.bfloat16 for p in model.parameters())
+        self.sampler_is = args.sampler_is_on(bf16=bf16)
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
@@ -76,13 +79,18 @@ class Learner:
 
         needs_old = a.epochs_per_rollout > 1 or a.minibatches > 1
         old = None
-        difference = metrics.LogpDifference()  # sampler vs trainer log-probs (metrics.LogpDifference)
-        if a.overlap:  # samples come from the previous step's weights: their log-probs are the old ones
+        # sampler vs trainer log-probs (and the importance-sampling ratios): metrics.LogpDifference
+        difference = metrics.LogpDifference(importance_sampling=self.sampler_is)
+        if a.overlap and not self.sampler_is:  # samples come from the previous step's weights: old = sampler's
             old = rollout.sampling_logps
-        elif needs_old:
+        elif needs_old:  # (with overlap and importance sampling: old = the trainer's, the sampler corrected by IS)
             old = self.logprob_pass(self.model, rollout, local(kept_rows), "train/logprob_old")
             if local(kept_rows):
-                difference.add(*(self._per_token(x, rollout, local(kept_rows)) for x in (old, rollout.sampling_logps)))
+                flat = [self._per_token(x, rollout, local(kept_rows)) for x in (old, rollout.sampling_logps)]
+                difference.add(*flat)
+                if self.sampler_is:
+                    difference.add_ratio(self._is_ratio_values(self._sampler_is_ratio(*flat, rollout, local(kept_rows)),
+                                                               rollout, local(kept_rows)))
         ref = None
         if self.ref_model is not None or self.ref_context is not None:
             ref = self.reference_logprobs(rollout, local(kept_rows))
@@ -169,6 +177,8 @@ class Learner:
             if measure is not None and st.get("logp") is not None:
                 live = self._per_token(weights, rollout, micro_rows) != 0  # the tokens the loss computed
                 measure.add(st["logp"][live], self._per_token(rollout.sampling_logps, rollout, micro_rows)[live])
+                if st.get("is_ratio") is not None:
+                    measure.add_ratio(self._is_ratio_values(st["is_ratio"], rollout, micro_rows, live))
             total_loss += loss.item()  # the loss ops return 0-d tensors (no sync inside them): floats here
             clip_sum += float(st["clip_fraction"]) * n
             kl_sum += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
@@ -224,6 +234,11 @@ class Learner:
         a = self.args
         hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
         weight, bias = _lm_head(self.model)
+        sampler = {}  # sampler importance sampling (DashConfig.sampler_is_*), computed inside the loss
+        if self.sampler_is:
+            sampler = dict(sampler_logp=self._per_token(rollout.sampling_logps, rollout, micro_rows),
+                           row_ids=self._row_ids(rollout, micro_rows), is_mode=a.sampler_is_mode,
+                           is_clip_min=a.sampler_is_clip_min, is_clip_max=a.sampler_is_clip_max)
         if self.trl_loss is not None:
             from dash_fast.losses import variant_micro_loss
 
@@ -232,8 +247,10 @@ class Learner:
                 self._per_token(advantages, rollout, micro_rows), self._per_token(weights, rollout, micro_rows),
                 None if old is None else self._per_token(old, rollout, micro_rows),
                 None if ref is None else self._per_token(ref, rollout, micro_rows), temperature=a.temperature,
-                bonus=self.entropy_bonus, step_tokens=self.step_tokens)
+                bonus=self.entropy_bonus, step_tokens=self.step_tokens, **sampler)
             return loss, st, targets.numel()
+        if a.kl_bias_correction and a.beta > 0:
+            sampler["kl_correction"] = True
         loss, st = self.loss_fn(
             hidden, weight, bias, targets,
             self._per_token(advantages, rollout, micro_rows),
@@ -242,7 +259,7 @@ class Learner:
             None if ref is None else self._per_token(ref, rollout, micro_rows),
             temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
             tau=None,  # rows were filtered before this forward; the kept fallback row must stay
-            return_entropy=True,
+            return_entropy=True, **sampler,
         )
         return loss, st, targets.numel()
 
@@ -303,6 +320,30 @@ class Learner:
         else:
             out = torch.cat([values[r, : lengths[r]] for r in rows])
         return out.to(self.device)
+
+    def _row_ids(self, rollout: Rollout, rows: list[int]) -> torch.Tensor:
+        """The row (numbered over the rows with tokens, so ids < tokens) of each flat completion token of `rows`:
+        a sequence IS ratio's row."""
+        lengths = rollout.completion_lengths[rows]
+        lengths = lengths[lengths > 0]
+        return torch.repeat_interleave(torch.arange(len(lengths)), lengths).to(self.device)
+
+    def _sampler_is_ratio(self, trainer: torch.Tensor, sampler: torch.Tensor, rollout: Rollout,
+                          rows: list[int]) -> torch.Tensor:
+        from dash_kernels import sampler_is_ratio
+
+        a = self.args
+        return sampler_is_ratio(trainer, sampler, a.sampler_is_mode, a.sampler_is_clip_min, a.sampler_is_clip_max,
+                                self._row_ids(rollout, rows))
+
+    def _is_ratio_values(self, ratio: torch.Tensor, rollout: Rollout, rows: list[int],
+                         live: torch.Tensor | None = None) -> torch.Tensor:
+        """The ratios TRL logs: the live tokens' (token modes), or one per row (sequence modes)."""
+        if self.args.sampler_is_mode.startswith("sequence"):
+            lengths = rollout.completion_lengths[rows].to(ratio.device)
+            starts = (torch.cumsum(lengths, 0) - lengths)[lengths > 0]
+            return ratio[starts if live is None else starts[live[starts]]]
+        return ratio if live is None else ratio[live]
 
     def reference_logprobs(self, rollout: Rollout, rows: list[int]) -> torch.Tensor:
         """The reference policy's token log-probs of `rows` ([B, L]): the frozen copy, or with PEFT the

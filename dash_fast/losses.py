@@ -4,7 +4,8 @@ The fused / chunked loss kernels implement one per-token objective (clipped surr
 other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
 plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
 two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask, the
-off-policy sequence mask, and the entropy bonus (EntropyBonus). The learner uses this path
+off-policy sequence mask, and the entropy bonus (EntropyBonus). (The token-level bias-corrected KL and the
+sampler importance-sampling ratio are in the fused kernels too; this path applies them when it runs.) The learner uses this path
 (`variant_micro_loss`) only when such a variant is configured (GRPOTrainer sets `Learner.trl_loss`); it
 runs on the materialised logits of one micro-batch (dash_kernels.logprobs_ref), so memory is bounded by
 the micro-batch token budget, not the rollout; the fused kernels are not used for the loss there.
@@ -50,11 +51,14 @@ class TrlLoss:
     vespo_lambda_neg: float = 2.0
     entropy_bonus: bool = False  # entropy_coef != 0 or use_adaptive_entropy (the coefficient: EntropyBonus)
     luspo_scale: float = 1.0  # max_completion_tokens: turns dr_grpo's token weights into luspo's per-row sums
+    kernel_kl_correction: bool = True  # the loss kernels have the bias-corrected KL (fused, naive; not Liger)
 
     def is_variant(self) -> bool:
-        """True when the default clipped-surrogate + k3 kernels would compute something else."""
+        """True when the default clipped-surrogate + k3 kernels would compute something else (the token-level
+        bias-corrected KL is theirs: DashConfig.kl_bias_correction, unless `kernel_kl_correction` is False)."""
         return (self.loss_type in ("cispo", "sapo", "luspo", "vespo") or self.importance_sampling_level != "token"
-                or self.delta is not None or (self.beta != 0.0 and self.use_bias_correction_kl)
+                or self.delta is not None
+                or (self.beta != 0.0 and self.use_bias_correction_kl and not self.kernel_kl_correction)
                 or self.top_entropy_quantile < 1.0 or self.off_policy_mask_threshold is not None
                 or self.entropy_bonus)
 
@@ -109,12 +113,15 @@ class EntropyBonus:
 
 
 def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask: torch.Tensor,
-                        k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float) -> torch.Tensor:
+                        k_pos: float, lambda_pos: float, k_neg: float, lambda_neg: float,
+                        is_ratio: torch.Tensor | None = None) -> torch.Tensor:
     """VESPO's detached per-row weight phi(w) = exp(lambda + k log w - lambda w), w the sequence ratio
-    exp(sum_t log_ratio_t) (TRL's get_gamma_weights, without the vLLM sampler correction). [R, 1]."""
+    exp(sum_t log_ratio_t) times the sampler IS ratios' product when given (TRL's get_gamma_weights). [R, 1]."""
     with torch.no_grad():
         lower = math.log(1e-8)
         seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+        if is_ratio is not None:  # log w = log(pi / pi_old) + log(pi_old / pi_sampler), every position as TRL
+            seq_log_ratio = seq_log_ratio + torch.clamp(torch.log(is_ratio), lower, 20.0).sum(-1, keepdim=True)
         log_w = torch.clamp(seq_log_ratio, lower, 20.0)
         nonneg = advantages >= 0
         k = torch.where(nonneg, torch.full_like(advantages, k_pos), torch.full_like(advantages, k_neg))
@@ -126,11 +133,15 @@ def vespo_gamma_weights(advantages: torch.Tensor, log_ratio: torch.Tensor, mask:
 
 def trl_token_loss(spec: TrlLoss, logp: torch.Tensor, old_logp: torch.Tensor | None,
                    ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor,
-                   entropies: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   entropies: torch.Tensor | None = None, is_ratio: torch.Tensor | None = None,
+                   sampler_logp: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """TRL's per-token loss [R, T] before aggregation (mask not yet applied), and its statistics.
 
     `advantages` is [R] or [R, T]; `old_logp` None means on-policy (logp.detach()); `mask` is 1 on real
-    completion tokens. The order of operations is TRL's, so sequence-level tensors broadcast as there."""
+    completion tokens. The order of operations is TRL's, so sequence-level tensors broadcast as there.
+    `is_ratio` [R, T]: the sampler IS ratios (dash_kernels.sampler_is_ratio; TRL's vLLM correction), which
+    multiply the policy term (VESPO: enter its weights); `sampler_logp` [R, T]: the sampler's log-probs, which
+    the off-policy mask reads when given (TRL with vLLM), else the old ones."""
     mask = mask.to(logp.dtype)
     adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     adv = adv.to(logp.dtype)
@@ -146,8 +157,8 @@ def trl_token_loss(spec: TrlLoss, logp: torch.Tensor, old_logp: torch.Tensor | N
             entropy_mask = (entropies.detach() * mask >= threshold) & mask.bool()
     else:
         entropy_mask = None
-    if spec.off_policy_mask_threshold is not None:  # the sampler's log-probs are the old ones here
-        kl_seq = torch.nan_to_num(old - logp.detach(), nan=0.0)
+    if spec.off_policy_mask_threshold is not None:  # the sampler's log-probs (the old ones without an IS ratio)
+        kl_seq = torch.nan_to_num((old if sampler_logp is None else sampler_logp) - logp.detach(), nan=0.0)
         mean_kl = (kl_seq * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1.0)
         off_policy = ((adv >= 0) | (mean_kl <= spec.off_policy_mask_threshold)).to(logp.dtype)
     log_ratio = logp - old
@@ -180,7 +191,7 @@ def trl_token_loss(spec: TrlLoss, logp: torch.Tensor, old_logp: torch.Tensor | N
         per_token = -(torch.sigmoid(temps * (coef_1 - 1)) * 4 / temps) * adv
     elif lt == "vespo":
         phi = vespo_gamma_weights(adv, log_ratio, mask, spec.vespo_k_pos, spec.vespo_lambda_pos,
-                                  spec.vespo_k_neg, spec.vespo_lambda_neg)
+                                  spec.vespo_k_neg, spec.vespo_lambda_neg, is_ratio)
         per_token = -phi * adv * logp
     else:
         raise ValueError(f"unknown loss_type {lt!r}")
@@ -188,6 +199,8 @@ def trl_token_loss(spec: TrlLoss, logp: torch.Tensor, old_logp: torch.Tensor | N
         per_token = per_token * off_policy
     if entropy_mask is not None:
         per_token = per_token * entropy_mask
+    if is_ratio is not None and lt != "vespo":
+        per_token = per_token * is_ratio
     if kl is not None:
         per_token = per_token + spec.beta * kl
     per_token = per_token.expand_as(logp)
@@ -210,23 +223,37 @@ def variant_micro_loss(spec: TrlLoss, hidden: torch.Tensor, weight: torch.Tensor
                        targets: torch.Tensor, lengths: list[int], advantages: torch.Tensor,
                        token_weights: torch.Tensor, old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
                        temperature: float = 1.0, bonus: EntropyBonus | None = None,
-                       step_tokens: int = 0) -> tuple[torch.Tensor, dict]:
+                       step_tokens: int = 0, sampler_logp: torch.Tensor | None = None,
+                       row_ids: torch.Tensor | None = None, is_mode: str = "token_truncate",
+                       is_clip_min: float | None = None, is_clip_max: float | None = 3.0) -> tuple[torch.Tensor, dict]:
     """One micro-batch's loss on this path: flat tokens of rows with `lengths` -> rows, TRL's per-token
-    loss, then sum of loss x DASH token weights (which carry the mask and the global normaliser)."""
-    from dash_kernels import logprobs_ref
+    loss, then sum of loss x DASH token weights (which carry the mask and the global normaliser).
+    `sampler_logp` given: TRL's vLLM importance sampling (dash_kernels.sampler_is_ratio of the old log-probs,
+    or this forward's detached ones, against the sampler's; `row_ids`: each token's row)."""
+    from dash_kernels import logprobs_ref, sampler_is_ratio
 
     logp, ent = logprobs_ref(hidden, weight, bias, targets, temperature=temperature, return_entropy=True)
     mask = to_rows(torch.ones_like(logp), lengths)
+    ratio = None
+    if sampler_logp is not None:
+        trainer = logp.detach() if old_logp is None else old_logp.to(logp.dtype)
+        ratio = sampler_is_ratio(trainer, sampler_logp, is_mode, is_clip_min, is_clip_max, row_ids)
+        one = torch.zeros(1, dtype=logp.dtype, device=logp.device)  # padding: TRL's ratio of a zero difference
+        pad = sampler_is_ratio(one, one, is_mode, is_clip_min, is_clip_max, one.long())
     rows = [to_rows(x, lengths) if x is not None else None for x in (logp, advantages, token_weights, old_logp,
-                                                                      ref_logp, ent)]
-    logp_r, adv_r, w_r, old_r, ref_r, ent_r = rows
+                                                                      ref_logp, ent, ratio, sampler_logp)]
+    logp_r, adv_r, w_r, old_r, ref_r, ent_r, ratio_r, samp_r = rows
     ref_r = None if ref_r is None else ref_r.to(logp_r.dtype)
     old_r = None if old_r is None else torch.where(mask.bool(), old_r.to(logp_r.dtype), logp_r.detach())
-    per_token, stats = trl_token_loss(spec, logp_r, old_r, ref_r, adv_r, mask, ent_r)
+    if ratio_r is not None:
+        ratio_r = torch.where(mask.bool(), ratio_r, pad)
+        samp_r = torch.where(mask.bool(), samp_r.to(logp_r.dtype), logp_r.detach())
+    per_token, stats = trl_token_loss(spec, logp_r, old_r, ref_r, adv_r, mask, ent_r, ratio_r, samp_r)
     w = w_r.to(per_token.dtype) * (spec.luspo_scale if spec.loss_type == "luspo" else 1.0)
     loss = (per_token * w * mask).sum()
     if bonus is not None:
         loss = loss - bonus.term(ent_r, mask, step_tokens)
     stats["entropy"] = ent.detach()
     stats["logp"] = logp.detach()
+    stats["is_ratio"] = ratio
     return loss, stats

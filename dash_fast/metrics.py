@@ -144,6 +144,9 @@ def step_record(batch, kept, train_stats: dict, reward_names: list[str], accurac
 
 LOGP_DIFF_MEAN = "sampling/sampling_logp_difference/mean"
 LOGP_DIFF_MAX = "sampling/sampling_logp_difference/max"
+IS_RATIO_MIN = "sampling/importance_sampling_ratio/min"
+IS_RATIO_MEAN = "sampling/importance_sampling_ratio/mean"
+IS_RATIO_MAX = "sampling/importance_sampling_ratio/max"
 
 
 class LogpDifference:
@@ -152,13 +155,19 @@ class LogpDifference:
     With one epoch and one minibatch the trainer skips the old-log-prob pass and takes the sampler's
     log-probs as the old policy's; that holds only while the two agree, which this measures: from the old
     pass when one runs, else from the loss forward of the step's first optimizer step (its per-token
-    `stats["logp"]`, before any weight moves), so it costs no extra forward."""
+    `stats["logp"]`, before any weight moves), so it costs no extra forward.
 
-    def __init__(self) -> None:
+    `importance_sampling=True` (the loss applies sampler importance sampling) also records TRL's
+    `sampling/importance_sampling_ratio/{min,mean,max}` (IS_RATIO_*) of the ratios given to `add_ratio`: one
+    per token (token modes) or per row (sequence modes), as TRL."""
+
+    def __init__(self, importance_sampling: bool = False) -> None:
+        self.importance_sampling = importance_sampling
         self.reset()
 
     def reset(self) -> None:
         self.total, self.count, self.largest = 0.0, 0, 0.0
+        self.r_total, self.r_count, self.r_min, self.r_max = 0.0, 0, math.inf, -math.inf
 
     def add(self, trainer: torch.Tensor, sampler: torch.Tensor) -> None:
         """Flat per-token log-probs of the same tokens (trainer's, sampler's)."""
@@ -169,12 +178,26 @@ class LogpDifference:
         self.count += d.numel()
         self.largest = max(self.largest, float(d.max()))
 
+    def add_ratio(self, ratios: torch.Tensor) -> None:
+        """Importance-sampling ratios the loss applied (flat)."""
+        if ratios.numel() == 0:
+            return
+        r = ratios.detach().double()
+        self.r_total += float(r.sum())
+        self.r_count += r.numel()
+        self.r_min, self.r_max = min(self.r_min, float(r.min())), max(self.r_max, float(r.max()))
+
     def record(self, reduce_sum=lambda v: v, reduce_max=lambda v: v) -> dict:
         """{mean, max} over every measured token (`reduce_*`: the sums over ranks); nan when none was."""
         total, count, largest = reduce_sum(self.total), reduce_sum(float(self.count)), reduce_max(self.largest)
-        if count == 0:
-            return {LOGP_DIFF_MEAN: math.nan, LOGP_DIFF_MAX: math.nan}
-        return {LOGP_DIFF_MEAN: total / count, LOGP_DIFF_MAX: largest}
+        out = {LOGP_DIFF_MEAN: total / count if count else math.nan, LOGP_DIFF_MAX: largest if count else math.nan}
+        if self.importance_sampling:
+            r_total, r_count = reduce_sum(self.r_total), reduce_sum(float(self.r_count))
+            r_min, r_max = -reduce_max(-self.r_min), reduce_max(self.r_max)
+            out.update({IS_RATIO_MIN: r_min if r_count else math.nan,
+                        IS_RATIO_MEAN: r_total / r_count if r_count else math.nan,
+                        IS_RATIO_MAX: r_max if r_count else math.nan})
+        return out
 
 
 def skipped_record(step: int, time_generate_s: float, time_step_s: float, lr: float) -> dict:

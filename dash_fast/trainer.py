@@ -273,6 +273,9 @@ class DashTrainer:
                                ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
                                ref_context=ref_context, precision=self.precision)
         self.learner.on_substep_end = functools.partial(self._callback, "on_substep_end")
+        if self.dist.is_main and self.learner.sampler_is:  # DashConfig.sampler_is_*: where sampler and trainer differ
+            print(f"dash-fast: sampler importance sampling: {args.sampler_is_mode}, ratio bounds "
+                  f"[{args.sampler_is_clip_min}, {args.sampler_is_clip_max}]", flush=True)
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)

@@ -42,10 +42,14 @@ def run(tmp_path, steps: int = 2, **overrides) -> DashTrainer:
     (dict(updates_per_rollout=2), True),
     (dict(minibatches=2), True),
     (dict(minibatches=3), True),  # 3 does not divide the kept rows
-    (dict(overlap=True), True),  # step 2 trains on rows sampled before step 1's update: off-policy
+    # step 2 trains on rows sampled before step 1's update: off-policy. Without sampler importance sampling the
+    # stale sampler is the old policy (the clip acts); with it (the default) the trainer's weights are, and the
+    # truncated ratio corrects the staleness (K = 1: ratio 1, no clip)
+    (dict(overlap=True, sampler_is_correction=False), True),
+    (dict(overlap=True), False),
     (dict(refill=True), False),
     (dict(beta=0.04, updates_per_rollout=2, minibatches=2, overlap=True, refill=True), True),
-], ids=["beta", "K2", "M2", "M3", "overlap", "refill", "all"])
+], ids=["beta", "K2", "M2", "M3", "overlap", "overlap_is", "refill", "all"])
 def test_fused_default_trains_and_records_plain_numbers(tmp_path, overrides, clips):
     trainer = run(tmp_path, **overrides)
     last = trainer.state.log_history[-1]
@@ -59,6 +63,8 @@ def test_fused_default_trains_and_records_plain_numbers(tmp_path, overrides, cli
     assert trainer.scheduler.last_epoch == 2 * K * M  # the LR schedule counts max_steps * K * M updates
     if overrides.get("overlap"):
         assert last["rollout_lag"] == trainer.state.log_history[0]["optimizer_steps"]  # sampled before step 1's
+        if overrides.get("sampler_is_correction") is None:
+            assert last["sampling/importance_sampling_ratio/mean"] != 1.0  # the stale sampler differs
 
 
 def constant_reward(prompts, completions, **columns):

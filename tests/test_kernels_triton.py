@@ -176,6 +176,9 @@ def _main() -> None:
             results[name] = "ok"
         except Exception as e:
             results[name] = f"{type(e).__name__}: {e}"
+    import test_sampler_is  # sampler importance sampling + bias-corrected KL vs its float64 direct reference
+
+    results.update(test_sampler_is.check_triton_cases(triton_op))
     print(json.dumps(results))
 
 
@@ -189,7 +192,11 @@ def interpreter_results() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("case", list(CASES) + EXTRA)
+SAMPLER_IS = [f"sampler_is_{m}_{o}" for m in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+              for o in ("onpolicy", "old")]  # test_sampler_is.TRITON_CASES
+
+
+@pytest.mark.parametrize("case", list(CASES) + EXTRA + SAMPLER_IS)
 def test_triton_interpreter_matches_reference(interpreter_results, case):
     assert interpreter_results[case] == "ok", interpreter_results[case]
 

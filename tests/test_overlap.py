@@ -39,12 +39,28 @@ def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r
 
 
 def test_with_overlap_old_logprobs_are_the_sampling_logprobs(tmp_path):
-    trainer = make_trainer(tmp_path, overlap=True, max_steps=3)
+    """Without sampler importance sampling the stale sampler is the old policy (PPO's clip corrects it)."""
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=3, sampler_is_correction=False)
     rec = Recorder(trainer)
     trainer.train()
     for step, (rollout, old) in rec.used.items():
         assert old is rollout.sampling_logps, step
     assert trainer.learner.forward_passes == len(rec.used)  # one micro-batch per step and no old-logprob pass
+
+
+def test_with_overlap_by_default_importance_sampling_corrects_the_stale_sampler(tmp_path):
+    """The default with overlap: the trainer's current weights are the old policy (K = 1: no old pass, ratio 1)
+    and the truncated importance ratio trainer / sampler, formed inside the loss, corrects the staleness."""
+    trainer = make_trainer(tmp_path, overlap=True, max_steps=3)
+    assert trainer.learner.sampler_is
+    rec = Recorder(trainer)
+    trainer.train()
+    for step, (_, old) in rec.used.items():
+        assert old is None, step
+    assert trainer.learner.forward_passes == len(rec.used)  # still no old-logprob pass
+    lagged = [r for r in trainer.state.log_history if r["rollout_lag"] > 0]
+    assert lagged and all(r["sampling/importance_sampling_ratio/max"] <= 3.0 for r in lagged)
+    assert any(r["sampling/importance_sampling_ratio/mean"] != 1.0 for r in lagged)  # stale weights differ
 
 
 def test_without_overlap_sampling_is_strictly_on_policy(tmp_path):

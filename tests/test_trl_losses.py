@@ -175,7 +175,9 @@ def test_variant_path_equals_kernels_when_nothing_changes():
 def test_plain_grpo_is_not_a_variant():
     assert not TrlLoss().is_variant()
     assert not TrlLoss(beta=0.1, use_bias_correction_kl=False).is_variant()
-    assert TrlLoss(beta=0.1, use_bias_correction_kl=True).is_variant()
+    assert not TrlLoss(beta=0.1, use_bias_correction_kl=True).is_variant()  # TRL's default: the fused kernels'
+    assert TrlLoss(beta=0.1, use_bias_correction_kl=True, kernel_kl_correction=False).is_variant()  # Liger
+    assert TrlLoss(beta=0.1, use_bias_correction_kl=True, importance_sampling_level="sequence").is_variant()
 
 
 def test_luspo_through_dr_grpo_weights_is_per_row_sum_mean():
@@ -249,8 +251,8 @@ def test_trainer_variant_path_matches_default_path_where_they_agree(tmp_path, ar
 
 
 @pytest.mark.parametrize("args", [dict(importance_sampling_level="sequence", loss_type="grpo"),
-                                  dict(beta=0.1), dict(loss_type="vespo", top_entropy_quantile=0.5,
-                                                       off_policy_mask_threshold=0.1)])
+                                  dict(beta=0.1, delta=10.0), dict(loss_type="vespo", top_entropy_quantile=0.5,
+                                                                   off_policy_mask_threshold=0.1)])
 def test_trainer_trains_with_trl_variants(tmp_path, args):
     init = _train(tmp_path / "init", max_steps=1, learning_rate=0.0)
     trainer = _train(tmp_path / "run", **args)

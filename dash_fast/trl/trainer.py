@@ -31,11 +31,18 @@ Differences from TRL worth knowing:
   refused.
 - `loss_type`: dapo and bnpo are DashConfig's token-mean over the whole rollout (bnpo's local-batch
   count is the rollout's here), grpo is seq-mean-token-mean, dr_grpo is dr_grpo. cispo / sapo / luspo /
-  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1`,
-  `off_policy_mask_threshold` and `use_bias_correction_kl=True` with `beta > 0` (TRL's default) are TRL's
-  formulas in trl_losses.py: such a run trains on that path, which materialises the logits of one
-  micro-batch (memory bounded by the micro-batch token budget; `loss_impl` is then not used for the
-  loss). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
+  vespo, `importance_sampling_level="sequence"` (GSPO), `delta`, `top_entropy_quantile < 1` and
+  `off_policy_mask_threshold` are TRL's formulas in losses.py: such a run trains on that path, which
+  materialises the logits of one micro-batch (memory bounded by the micro-batch token budget; `loss_impl`
+  is then not used for the loss). TRL's default `use_bias_correction_kl=True` with `beta > 0` stays on the
+  fused kernels (a per-token factor; with use_liger_kernel it takes the losses.py path).
+- `vllm_importance_sampling_correction` / `_mode` / `_clip_min` / `_clip_max` (and the deprecated `_cap`):
+  TRL's defaults (on, sequence_mask, clip_max 3) with `use_vllm=True`; the ratio multiplies each token's
+  policy term inside the fused loss (DashConfig.sampler_is_*). Without vLLM it follows DashConfig's rule (on
+  for bf16 runs and overlap, where dash-fast's sampler differs from the trainer; TRL applies none there), in
+  the mode and bounds given; `False` turns it off everywhere. Logged as TRL's
+  `sampling/importance_sampling_ratio/{min,mean,max}` (over the kept rows, from the old pass or the first
+  optimizer step's loss forward). Its entropy quantile is over the micro-batch's tokens (see trl_losses). The entropy bonus
   (`entropy_coef`, `use_adaptive_entropy`, `entropy_target`, `entropy_coef_*`) is trl_losses.EntropyBonus:
   coef x the mean entropy of the optimizer step's tokens, the controller stepping once per optimizer step;
   logged as TRL's `policy_loss` / `entropy_coef`; refused under torchrun and with top_entropy_quantile < 1.
@@ -255,6 +262,11 @@ class GRPOConfig:
     log_unique_prompts: bool = False
     log_completions_hub_repo: str | None = None
     use_bias_correction_kl: bool = True
+    vllm_importance_sampling_correction: bool = True
+    vllm_importance_sampling_mode: str = "sequence_mask"
+    vllm_importance_sampling_clip_max: float | None = 3.0
+    vllm_importance_sampling_clip_min: float | None = None
+    vllm_importance_sampling_cap: float | None = None  # TRL's deprecated name of clip_max
     cast_lm_head_to_fp32: bool = False
     ref_model_mixup_alpha: float = 0.6
     ref_model_sync_steps: int = 512
@@ -334,6 +346,7 @@ class GRPOConfig:
         if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
             raise ConfigError(_refuse("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
                                       "(the loss kernels compute log-probs in fp32)"))
+        _check_importance_sampling(self)
         if self.sync_ref_model and self.ref_model_sync_steps < 1:
             raise ConfigError(_refuse("ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1"))
         if self.lr_scheduler_type not in _SCHEDULERS:
@@ -385,6 +398,9 @@ class GRPOConfig:
         out["accelerator_config"] = dataclasses.asdict(self.accelerator_config)
         return out
 
+    def _liger_loss(self) -> bool:
+        return self.use_liger_kernel or self.loss_impl == "liger" or self.extra.get("loss_impl") == "liger"
+
     def trl_loss(self) -> TrlLoss:
         """The TRL loss options (trl_losses.py); `.is_variant()` says whether the learner needs that path."""
         return TrlLoss(
@@ -395,6 +411,7 @@ class GRPOConfig:
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
             vespo_k_pos=self.vespo_k_pos, vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
             vespo_lambda_neg=self.vespo_lambda_neg, luspo_scale=float(self.max_completion_length),
+            kernel_kl_correction=not self._liger_loss(),
             entropy_bonus=self.entropy_coef != 0 or self.use_adaptive_entropy)
 
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
@@ -468,6 +485,15 @@ class GRPOConfig:
             bind_cpus=self.bind_cpus, cpu_sampler=self.cpu_sampler,
             # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
             gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
+            # token level: in the fused kernels (Liger's loss has none: trl_losses' path then computes it)
+            kl_bias_correction=self.use_bias_correction_kl and not self._liger_loss(),
+            # TRL's vLLM correction: on with use_vllm; without vLLM DashConfig's rule (on for bf16 / overlap),
+            # except VESPO with a sequence mode (TRL refuses that pair with vLLM)
+            sampler_is_correction=(True if self.use_vllm else None if not (
+                self.loss_type == "vespo" and self.vllm_importance_sampling_mode.startswith("sequence")) else False)
+            if self.vllm_importance_sampling_correction else False,
+            sampler_is_mode=self.vllm_importance_sampling_mode, sampler_is_clip_min=self.vllm_importance_sampling_clip_min,
+            sampler_is_clip_max=self.vllm_importance_sampling_clip_max,
         )
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:
@@ -480,6 +506,34 @@ class GRPOConfig:
         if reward_names:
             values["reward_funcs"] = list(reward_names)
         return DashConfig(**values)
+
+
+def _check_importance_sampling(args: GRPOConfig) -> None:
+    """TRL's GRPOConfig / GRPOTrainer checks of the vllm_importance_sampling_* arguments (the deprecated cap
+    becomes clip_max, as in TRL)."""
+    from dash_kernels.utils import IS_MODES
+
+    if args.vllm_importance_sampling_cap is not None:
+        import warnings
+
+        warnings.warn("The `vllm_importance_sampling_cap` argument is deprecated and will be removed in v2.0.0. Use "
+                      "`vllm_importance_sampling_clip_max` instead.", FutureWarning, stacklevel=3)
+        args.vllm_importance_sampling_clip_max = args.vllm_importance_sampling_cap
+    lo, hi, mode = (args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
+                    args.vllm_importance_sampling_mode)
+    if mode not in IS_MODES:
+        raise ConfigError(_refuse("vllm_importance_sampling_mode", mode, f"must be one of {', '.join(IS_MODES)}"))
+    if lo is not None and hi is not None and lo >= hi:
+        raise ConfigError(f"GRPOConfig: vllm_importance_sampling_clip_min ({lo}) must be less than "
+                          f"vllm_importance_sampling_clip_max ({hi}).")
+    if args.vllm_importance_sampling_correction and mode.endswith("truncate") and lo is None and hi is None:
+        raise ConfigError("GRPOConfig: at least one of vllm_importance_sampling_clip_min or "
+                          "vllm_importance_sampling_clip_max must be set when vllm_importance_sampling_mode is a "
+                          "*_truncate mode.")
+    if (args.loss_type == "vespo" and args.use_vllm and args.vllm_importance_sampling_correction
+            and mode not in ("token_truncate", "token_mask")):
+        raise ConfigError(f"GRPOConfig: VESPO loss requires vllm_importance_sampling_mode to be either "
+                          f"'token_truncate' or 'token_mask'. Got: {mode}.")
 
 
 def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from .utils import check_inputs, compute_dtype, pg_token_loss, pg_token_terms
+from .utils import check_inputs, check_is_mode, compute_dtype, pg_token_loss, pg_token_terms, sampler_is_ratio
 
 CHUNK_BYTES = 32 * 2**20  # logits chunk budget; 256 rows at V = 32k fp32 (tuned in bench/loss.py on 2 cores)
 
@@ -150,6 +150,8 @@ def pg_loss_ref(
     token_weights: torch.Tensor,
     old_logp: torch.Tensor | None = None,
     ref_logp: torch.Tensor | None = None,
+    sampler_logp: torch.Tensor | None = None,
+    row_ids: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
     eps_low: float = 0.2,
@@ -157,11 +159,17 @@ def pg_loss_ref(
     beta: float = 0.0,
     tau: float | None = None,
     return_entropy: bool = False,
+    is_mode: str = "token_truncate",
+    is_clip_min: float | None = None,
+    is_clip_max: float | None = 3.0,
+    kl_correction: bool = False,
 ) -> tuple[torch.Tensor, dict]:
     """docs/design.md section 3 written the obvious way, with autograd on materialised logits. Also the
-    trainer's `loss_impl=naive` (the one naive loss)."""
+    trainer's `loss_impl=naive` (the one naive loss). Arguments and result as `fused_linear_pg_loss`."""
     check_inputs("pg_loss_ref", hidden, weight, beta, targets=targets, advantages=advantages,
-                 token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp)
+                 token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp,
+                 row_ids=row_ids)
+    check_is_mode(is_mode, sampler_logp, row_ids)
     out = logprobs_ref(hidden, weight, bias, targets, temperature=temperature, return_entropy=return_entropy)
     logp, ent = out if return_entropy else (out, None)
     cdt = logp.dtype
@@ -174,7 +182,12 @@ def pg_loss_ref(
     # Dropped tokens get harmless stand-ins so a NaN there can never reach the loss or a gradient.
     old = lp0 if old_logp is None else torch.where(keep, old_logp.to(cdt), lp0)
     ref = torch.where(keep, ref_logp.to(cdt), lp0) if beta != 0.0 else None
-    per_tok, clipped, kl = pg_token_loss(logp, adv, old, ref, eps_low, eps_high, beta)
+    ratio = None
+    if sampler_logp is not None:  # over kept tokens only (a sequence sum skips dropped ones, as the fused op)
+        samp = torch.where(keep, sampler_logp.to(cdt), old)
+        ratio = torch.where(keep, sampler_is_ratio(old, samp, is_mode, is_clip_min, is_clip_max, row_ids), 0)
+    per_tok, clipped, kl = pg_token_loss(logp, adv, None if old_logp is None else old, ref, eps_low, eps_high,
+                                         beta, ratio, kl_correction)
     loss = torch.where(keep, w * per_tok, 0).sum()
     n_keep = keep.sum().clamp(min=1)
     stats = {
@@ -182,9 +195,10 @@ def pg_loss_ref(
         "clip_fraction": (clipped & keep).sum().to(cdt) / n_keep,
         "kl_mean": None if kl is None else torch.where(keep, kl.detach(), 0).sum() / n_keep,
         "entropy": None if ent is None else ent.detach(),
+        "is_ratio": ratio,
         "kept_tokens": int(keep.sum()),
     }
     return loss, stats
 
 
-__all__ = ["chunked_pg", "default_chunk_size", "logprobs_ref", "pg_loss_ref", "pg_token_terms"]
+__all__ = ["chunked_pg", "default_chunk_size", "logprobs_ref", "pg_loss_ref", "pg_token_terms", "sampler_is_ratio"]

@@ -1,13 +1,16 @@
 """Shared pieces of the policy-gradient ops: argument checks, backend choice, token filter, the per-token PG
-formula (`pg_token_loss`, written once) and its closed-form gradient, NVTX."""
+formula (`pg_token_loss`, written once) and its closed-form gradient, the sampler importance-sampling ratio
+(`sampler_is_ratio`, TRL's vLLM correction, written once), NVTX."""
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager, nullcontext
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")  # TRL's vllm_importance_sampling_mode
 
 
 def check_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, beta: float = 0.0,
@@ -22,6 +25,14 @@ def check_inputs(op: str, hidden: torch.Tensor, weight: torch.Tensor, beta: floa
     for name, t in per_token.items():
         if t is not None and t.shape != (n,):
             raise ValueError(f"{name} must have shape [{n}], got {tuple(t.shape)}")
+
+
+def check_is_mode(mode: str, sampler_logp: torch.Tensor | None, row_ids: torch.Tensor | None) -> None:
+    """The importance-sampling arguments: a known mode, and row_ids for the sequence modes."""
+    if mode not in IS_MODES:
+        raise ValueError(f"is_mode must be one of {IS_MODES}, got {mode!r}")
+    if sampler_logp is not None and mode.startswith("sequence") and row_ids is None:
+        raise ValueError(f"is_mode={mode!r} needs row_ids (the row of each token)")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -77,6 +88,41 @@ def kept_index(advantages: torch.Tensor, token_weights: torch.Tensor, tau: float
     return keep.nonzero().squeeze(1)
 
 
+def sampler_is_ratio(
+    trainer_logp: torch.Tensor,
+    sampler_logp: torch.Tensor,
+    mode: str = "token_truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+    row_ids: torch.Tensor | None = None,
+    n_rows: int | None = None,
+) -> torch.Tensor:
+    """TRL's vLLM importance-sampling correction (GRPOTrainer._generate_and_score_completions), per token:
+    the detached ratio of the trainer's log-prob of a sampled token to the sampler's, which multiplies that
+    token's policy-gradient term (not the KL term).
+
+    d_t = trainer_t - sampler_t (NaN, a token the sampler could not score: 0, ratio 1). token_* modes:
+    r_t = exp(d_t); sequence_* modes: r_t = exp(sum of d over the token's row) (`row_ids` [N]: the row of
+    each token, 0-based, < `n_rows`; None: < N, as when each row has a token here). *_truncate: clamp(r, clip_min, clip_max); *_mask: r where clip_min <= r <= clip_max,
+    else 0 (a bound that is None is open). Flat [N] tensors; returns [N] in trainer_logp's dtype, no grad."""
+    if mode not in IS_MODES:
+        raise ValueError(f"importance-sampling mode must be one of {IS_MODES}, got {mode!r}")
+    diff = torch.nan_to_num(trainer_logp.detach() - sampler_logp.to(trainer_logp.dtype), nan=0.0)
+    if mode.startswith("sequence"):
+        if row_ids is None:
+            raise ValueError(f"importance-sampling mode {mode!r} needs row_ids (the row of each token)")
+        # a bound on the rows (not row_ids.max(), which would sync the device)
+        size = diff.numel() if n_rows is None else n_rows
+        sums = torch.zeros(size, dtype=diff.dtype, device=diff.device).index_add_(0, row_ids, diff)
+        diff = sums[row_ids]
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = -math.inf if clip_min is None else clip_min
+    hi = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
 def pg_token_loss(
     logp: torch.Tensor,
     advantages: torch.Tensor,
@@ -85,17 +131,24 @@ def pg_token_loss(
     eps_low: float,
     eps_high: float,
     beta: float,
+    is_ratio: torch.Tensor | None = None,
+    kl_correction: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-token clipped surrogate + beta * k3 KL (docs/design.md section 3): the one definition, used by the
-    naive reference (autograd), the chunked and Triton paths (`pg_token_terms`) and the trainer's tests.
-    Returns (loss_t, clip_active_t, kl_t or None).
+    """Per-token clipped surrogate x sampler IS ratio + beta * k3 KL (x the PPO ratio when `kl_correction`)
+    (docs/design.md section 3): the one definition, used by the naive reference (autograd), the chunked and
+    Triton paths (`pg_token_terms`) and the trainer's tests. Returns (loss_t, clip_active_t, kl_t or None);
+    kl_t is the term beta multiplies (bias-corrected when asked, as TRL logs it).
 
     old_logp None means on-policy: the ratio is exp(logp - logp.detach()) = 1 in value, grad log p.
+    `is_ratio` (`sampler_is_ratio`, detached) multiplies the surrogate only, as in TRL. `kl_correction` is
+    TRL's use_bias_correction_kl at token level: kl_t x exp(logp - old), the ratio differentiable.
     """
     old = logp.detach() if old_logp is None else old_logp
     ratio = torch.exp(logp - old)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     loss = -torch.minimum(ratio * advantages, clipped * advantages)
+    if is_ratio is not None:
+        loss = loss * is_ratio
     clip_active = ((ratio < 1 - eps_low) & (advantages < 0)) | ((ratio > 1 + eps_high) & (advantages > 0))
     kl = None
     if beta != 0.0:
@@ -103,6 +156,8 @@ def pg_token_loss(
             raise ValueError("beta > 0 needs ref_logp")
         delta = ref_logp - logp
         kl = torch.exp(delta) - delta - 1
+        if kl_correction:
+            kl = kl * ratio
         loss = loss + beta * kl
     return loss, clip_active, kl
 
@@ -116,18 +171,29 @@ def pg_token_terms(
     eps_low: float,
     eps_high: float,
     beta: float,
+    is_ratio: torch.Tensor | None = None,
+    kl_correction: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Weighted per-token loss (`pg_token_loss`), g = dloss/dlogp, clip flags and k3 KL, on kept tokens.
 
     The gradient is written in closed form (rather than autograd) so that the fused ops can fold
-    it into the softmax tile: d surr / d logp = -A * rho unless the clip is active, then 0; the KL adds
-    beta * (1 - exp(ref - logp)). On-policy (old_logp None) rho is 1 and never clipped.
+    it into the softmax tile: d surr / d logp = -A * rho unless the clip is active, then 0, times the
+    (constant) sampler IS ratio; the KL adds beta * (1 - exp(ref - logp)), or with `kl_correction`
+    beta * rho * (kl + 1 - exp(ref - logp)) (d(rho kl) = rho kl + rho dkl). On-policy (old_logp None)
+    rho is 1 and never clipped.
     """
-    loss, clipped, kl = pg_token_loss(logp, adv, old_logp, ref_logp, eps_low, eps_high, beta)
-    if old_logp is None:
+    loss, clipped, kl = pg_token_loss(logp, adv, old_logp, ref_logp, eps_low, eps_high, beta, is_ratio,
+                                      kl_correction)
+    rho = None if old_logp is None else torch.exp(logp - old_logp)
+    if rho is None:
         g = -adv
     else:
-        g = torch.where(clipped, torch.zeros_like(logp), -adv * torch.exp(logp - old_logp))
+        g = torch.where(clipped, torch.zeros_like(logp), -adv * rho)
+    if is_ratio is not None:
+        g = g * is_ratio
     if beta != 0.0:
-        g = g + beta * (1 - torch.exp(ref_logp - logp))
+        dkl = 1 - torch.exp(ref_logp - logp)
+        if kl_correction:  # kl here is already rho x k3
+            dkl = kl + dkl if rho is None else kl + rho * dkl
+        g = g + beta * dkl
     return weight * loss, weight * g, clipped, kl
