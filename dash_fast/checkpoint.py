@@ -273,12 +273,38 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
         return state
     _require_safetensors(path, "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
     saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
+    names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]  # FSDPRoot's names
+    optim = optimizer_state_for(state["optimizer"], names, optimizer, by_name=fsdp_root is not None, where=path)
     if fsdp_root is None:
         model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optim)
     else:
-        ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), state["optimizer"])
+        ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), optim)
     return state
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")  # how a step runs, not what it computes
+
+
+def optimizer_state_for(saved: dict, names: list[str], optimizer: torch.optim.Optimizer, by_name: bool,
+                        where: str = "checkpoint") -> dict:
+    """A saved optimizer state in the form the loader takes: one process keys it by parameter index
+    (Optimizer.state_dict), FSDP2 by parameter name (its full state dict: `names`, the trainable parameters
+    in the optimizer's order, under the FSDP root). Either resumes the other's checkpoint; a converted state
+    keeps the loading optimizer's implementation flags (fused AdamW in one process, FSDP2's DTensor loop)."""
+    groups = saved["param_groups"]
+    keys = [k for g in groups for k in g["params"]]
+    if all(isinstance(k, str) for k in keys) == by_name:
+        return saved
+    same = sorted(keys) == list(range(len(names))) if by_name else sorted(keys) == sorted(names)
+    if not same or len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{where}: the optimizer state's parameters ({len(keys)} in {len(groups)} groups) are "
+                              f"not this model's ({len(names)} trainable in {len(optimizer.param_groups)})")
+    index = {n: i for i, n in enumerate(names)}
+    to = {i: names[i] for i in keys} if by_name else {n: index[n] for n in keys}
+    flags = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    return {"state": {to[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, **f, "params": [to[k] for k in g["params"]]} for g, f in zip(groups, flags)]}
 
 
 def _require_safetensors(path: str, name: str, pickled: str, index: str | None = None) -> None:

@@ -91,13 +91,27 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from dash_fast.runtime import distributed as ddp
-    from dash_fast.trainer import DashTrainer, resolve_device
+    from dash_fast.trainer import resolve_device
 
     if ns.dry_run:
         return cmd_plan(ns)
     t0 = time.perf_counter()
     cfg = build_config(ns)
-    dist = ddp.init_distributed(resolve_device(cfg.device).type)  # under torchrun; a no-op otherwise
+    dist = ddp.init_distributed(resolve_device(cfg.device).type, cfg.dist_timeout_s)  # under torchrun; else no-op
+    from dash_fast.checkpoint import CheckpointError
+    from dash_fast.config import ConfigError
+    from dash_fast.data.prompts import DataError
+    from dash_fast.rewards.builtin import RewardError
+
+    # a rank that fails takes the others down, every rank saying which and why; main() prints these errors' line
+    with ddp.fail_fast(dist, quiet=(ConfigError, DataError, CheckpointError, RewardError)):
+        return _train(cfg, dist, t0)
+
+
+def _train(cfg, dist, t0: float) -> int:
+    from dash_fast.runtime import distributed as ddp
+    from dash_fast.trainer import DashTrainer
+
     if cfg.output_dir is None:
         if dist.enabled:
             raise SystemExit("dash-fast: under torchrun pass --output-dir (every rank must use the same one)")
