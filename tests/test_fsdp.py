@@ -348,3 +348,22 @@ def test_fsdp2_checkpoint_resumes_in_one_process_and_back(resumed_runs):
     # the continued steps start from the other run's step-2 records (restored), not from scratch
     assert final(out["fsdp_to_one"])[2][:2] == final(out["straight"], 2)[2]
     assert final(out["one_to_fsdp"])[2][:2] == final(out["one"], 2)[2]
+
+
+def test_a_rank_that_raises_takes_the_others_down_saying_which_and_why(tmp_path):
+    """Rank 0 cannot write its first checkpoint (a file stands where checkpoints/ goes) while rank 1 waits
+    at the barrier after it: rank 0 says why and exits, rank 1's collective fails and it names rank 0 and
+    the reason (published in the store), and torchrun exits non-zero without waiting for a timeout."""
+    import time
+
+    write_fault_rewards(str(tmp_path))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    t0 = time.time()
+    proc = dash_run(str(tmp_path), str(out), timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dash-fast: rank")]
+    why = f"FileExistsError: [Errno 17] File exists: '{out / 'checkpoints'}'"
+    assert lines == [f"dash-fast: rank 0 failed: {why}", f"dash-fast: rank 1 stops: rank 0 failed: {why}"], \
+        proc.stderr[-3000:]

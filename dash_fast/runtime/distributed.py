@@ -274,7 +274,9 @@ def fail_fast(info: DistInfo, quiet: tuple[type[BaseException], ...] = ()) -> It
             _own_failure(info, e, show=not isinstance(e, quiet))
             raise
         _hold_sigterm()  # torchrun's agent is stopping this rank too: say why first
-        why = _published_failure(info, wait_s=1.0) or _gone_ranks(info) or f"a collective failed ({_first_line(e)})"
+        why = _published_failure(info, wait_s=1.0) or _gone_ranks(info) or (
+            f"a collective timed out (dist_timeout_s): another rank stopped taking part ({_first_line(e)})"
+            if "imed out" in str(e) else f"a collective failed ({_first_line(e)})")
         print(f"dash-fast: rank {info.rank} stops: {why}", file=sys.stderr, flush=True)
         raise RankFailed() from None
 
