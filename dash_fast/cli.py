@@ -166,7 +166,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     cfg = build_config(ns)
     device = resolve_device(cfg.device)
     model = cfg.model if cfg.model is not None else ModelShape.from_config(embedded_model_config(cfg))
-    p = plan_run(model, cfg, str(device), resolve_dtype(cfg.dtype, device))
+    p = plan_run(model, cfg, str(device), resolve_dtype(cfg.dtype, device), world=ns.world_size)
     print(json.dumps(p.to_dict(), indent=2) if ns.json else "dash-fast: " + p.format())
     return 0
 
@@ -257,11 +257,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan and exit (= dash-fast plan)")
     p.add_argument("--json", action="store_true", help="--dry-run: the plan as JSON")
+    p.add_argument("--world-size", type=int, help="--dry-run: plan per rank of N ranks (as dash-fast plan)")
     p = sub.add_parser("plan", help="the memory plan of a train command, without loading weights "
                        "(the same flags and key=value; --model: a directory, config.json or "
                        "a known name such as Qwen2.5-0.5B)", **keys_help)
     _common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--world-size", type=int, help="plan per rank of N torchrun ranks (parallel=ddp replicates, "
+                   "fsdp2 shards; default: WORLD_SIZE under torchrun, else 1)")
     p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset", **keys_help)
     p.add_argument("checkpoint")
     p.add_argument("--max-examples", type=int)
