@@ -304,7 +304,14 @@ def test_per_rank_plan_shards_under_fsdp2_and_replicates_under_ddp():
     layer = mp.layer_params(shape)
     root = shape.params - shape.layers * layer
     assert root == shape.vocab * shape.hidden + shape.hidden  # tied embeddings + final norm
-    assert fsdp.items["gathered_update"] == (root + 2 * layer) * 4
+    assert fsdp.items["gathered_update"] == (root + mp.GATHERED_LAYERS * layer) * 4
+    assert fsdp.items["checkpoint_gather"] == one.items["weights"] + one.items["optimizer"]  # rank 0, to save
+    assert fsdp.peak_phase == "update" and fsdp.other_ranks_peak is None  # 25 GB of activations: the step peaks
+    small = mp.plan(shape, dataclasses.replace(fsdp.run, micro_batch_tokens=256, completion_tokens=32))
+    resident = sum(small.items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
+    assert small.peak_phase == "checkpoint" and small.other_ranks_peak < small.peak
+    assert small.peak == resident + small.items["checkpoint_gather"] + small.items["kv_cache"]
+    assert ddp.items["checkpoint_gather"] == 0 and ddp.other_ranks_peak is None
     env_plan = mp.RunShape.from_config(DashConfig(prompts_per_step=8, parallel="fsdp2"), "cpu", "float32", world=4)
     assert env_plan.rows == 8 * 4 // 4 and env_plan.sharded
 
