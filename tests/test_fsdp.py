@@ -367,3 +367,27 @@ def test_a_rank_that_raises_takes_the_others_down_saying_which_and_why(tmp_path)
     why = f"FileExistsError: [Errno 17] File exists: '{out / 'checkpoints'}'"
     assert lines == [f"dash-fast: rank 0 failed: {why}", f"dash-fast: rank 1 stops: rank 0 failed: {why}"], \
         proc.stderr[-3000:]
+
+
+def test_optimizer_state_converts_between_indices_and_names():
+    """One process's AdamW state (keyed by index) as FSDP2's (by FSDPRoot name) and back, exactly; the
+    loading optimizer keeps its own implementation flags; another model's state is refused in one line."""
+    from dash_fast.checkpoint import CheckpointError, optimizer_state_for
+
+    model = build_model(build_tokenizer(), TINY, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    names = [f"model.{n}" for n, p in model.named_parameters()]
+    sharded = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as FSDP2's: not fused
+    by_name = optimizer_state_for(saved, names, sharded, by_name=True)
+    assert list(by_name["state"]) == names and by_name["param_groups"][0]["params"] == names
+    assert by_name["param_groups"][0]["fused"] is None  # the loader's flag, not the saver's
+    assert by_name["state"][names[3]]["exp_avg"] is saved["state"][3]["exp_avg"]
+    back = optimizer_state_for(by_name, names, optimizer, by_name=False)
+    assert back["state"].keys() == saved["state"].keys() and back["param_groups"] == saved["param_groups"]
+    assert all(back["state"][i][k] is saved["state"][i][k] for i in saved["state"] for k in saved["state"][i])
+    assert optimizer_state_for(saved, names, optimizer, by_name=False) is saved  # already in the loader's form
+    with pytest.raises(CheckpointError, match="the optimizer state's parameters .* are not this model's"):
+        optimizer_state_for(saved, names[:-1], sharded, by_name=True)
