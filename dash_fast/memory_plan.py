@@ -40,7 +40,9 @@ mapped anew while the freed activations stay in the allocator, as `embedding_gra
 shards `weights`, `masters`, `grads` and `optimizer` (1/N each) and adds what it gathers: while sampling
 every unit at once (`gathered_sampling`: the full weights; distributed.gathered_params), while updating
 the root unit (embeddings, final norm, head: held for the whole forward and backward, FSDPRoot) and
-GATHERED_LAYERS decoder layers' worth (`gathered_update`), and, on rank 0 only, the full weights and
+GATHERED_LAYERS decoder layers' worth (`gathered_update`), plus `optimizer_step`: its AdamW runs torch's foreach loop over
+the DTensor shards (one process uses the fused kernel), whose temporaries hold a shard's worth (an estimate
+that matches the measured peak of the ranks that do not save), and, on rank 0 only, the full weights and
 optimizer state it gathers to write a checkpoint (`checkpoint_gather`; distributed.full_state_dict /
 full_optimizer_state), a phase of its own: `peak` is then rank 0's and `other_ranks_peak` the others'.
 On CPU the ranks of one host share its memory: the budget is the available memory / the local ranks, plus
@@ -109,6 +111,7 @@ ADVICE = {  # what to change when an item is the largest and nothing fits
     "grad_allreduce": "parallel=fsdp2 (sharded gradients), or a smaller model",
     "gathered_sampling": "more ranks (parallel=fsdp2 gathers the full weights to sample), or a smaller model",
     "gathered_update": "more ranks, or a smaller model (the embeddings and head are gathered for the update)",
+    "optimizer_step": "more ranks, or a smaller model",
     "checkpoint_gather": "more host memory on rank 0 (it gathers the full weights and optimizer state to write "
                          "each checkpoint)",
 }
@@ -401,12 +404,13 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     layer = layer_params(m)
     items["gathered_update"] = (p - m.layers * layer + min(GATHERED_LAYERS, m.layers) * layer) * wb if r.sharded else 0
     items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
+    items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"] + items["gathered_sampling"]
     backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
-        items["gathered_update"]
+        items["gathered_update"] + items["optimizer_step"]
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
         phase, top = "overlap", sample + backward
