@@ -17,16 +17,19 @@ plus the numpy array types its RNG state needs), which refuses any other callabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dash_fast.overlap import OverlapScheduler, Prefetched
@@ -227,7 +230,8 @@ def load_trainer_state(path: str) -> dict:
         for name in doc["files"]:
             if not isinstance(name, str) or not STATE_SHARD.match(name):
                 raise CheckpointError(f"{os.path.join(path, STATE_JSON)}: {name!r} is not a resume_state shard name")
-            tensors.update(load_file(os.path.join(path, name), device="cpu"))
+            with _safetensors_only(os.path.join(path, name)):
+                tensors.update(load_file(os.path.join(path, name), device="cpu"))
         return _decode(doc["state"], tensors)
     legacy = os.path.join(path, LEGACY_STATE)
     if not os.path.exists(legacy):
@@ -268,17 +272,56 @@ def load_weights(path: str, model: torch.nn.Module, optimizer: torch.optim.Optim
     if is_peft_model(model):  # the checkpoint holds the adapters (PEFT format); the base is the model's own
         require_adapter_checkpoint(path)
         _require_safetensors(path, "adapter_model.safetensors", "adapter_model.bin")
-        load_adapter_weights(path, model)
+        with _safetensors_only(path):
+            load_adapter_weights(path, model)
         optimizer.load_state_dict(state["optimizer"])  # built over the trainable (adapter) parameters only
         return state
     _require_safetensors(path, "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
-    saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
+    with _safetensors_only(path):
+        saved = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype, use_safetensors=True)
+    names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]  # FSDPRoot's names
+    optim = optimizer_state_for(state["optimizer"], names, optimizer, by_name=fsdp_root is not None, where=path)
     if fsdp_root is None:
         model.load_state_dict(saved.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(optim)
     else:
-        ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), state["optimizer"])
+        ddp.load_full_state(fsdp_root, optimizer, saved.state_dict(), optim)
     return state
+
+
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")  # how a step runs, not what it computes
+
+
+def optimizer_state_for(saved: dict, names: list[str], optimizer: torch.optim.Optimizer, by_name: bool,
+                        where: str = "checkpoint") -> dict:
+    """A saved optimizer state in the form the loader takes: one process keys it by parameter index
+    (Optimizer.state_dict), FSDP2 by parameter name (its full state dict: `names`, the trainable parameters
+    in the optimizer's order, under the FSDP root). Either resumes the other's checkpoint; a converted state
+    keeps the loading optimizer's implementation flags (fused AdamW in one process, FSDP2's DTensor loop)."""
+    groups = saved["param_groups"]
+    keys = [k for g in groups for k in g["params"]]
+    if all(isinstance(k, str) for k in keys) == by_name:
+        return saved
+    same = sorted(keys) == list(range(len(names))) if by_name else sorted(keys) == sorted(names)
+    if not same or len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{where}: the optimizer state's parameters ({len(keys)} in {len(groups)} groups) are "
+                              f"not this model's ({len(names)} trainable in {len(optimizer.param_groups)})")
+    index = {n: i for i, n in enumerate(names)}
+    to = {i: names[i] for i in keys} if by_name else {n: index[n] for n in keys}
+    flags = [{k: g[k] for k in IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    return {"state": {to[k]: v for k, v in saved["state"].items()},
+            "param_groups": [{**g, **f, "params": [to[k] for k in g["params"]]} for g, f in zip(groups, flags)]}
+
+
+@contextlib.contextmanager
+def _safetensors_only(where: str) -> Iterator[None]:
+    """A file named .safetensors that is not one (e.g. a pickle under that name) is refused in one line;
+    safetensors' parser reads a JSON header and raw bytes, so nothing in the file is run."""
+    try:
+        yield
+    except SafetensorError as e:
+        raise CheckpointError(f"refusing {where}: a file that is not safetensors ({e}); dash-fast checkpoints hold "
+                              "their tensors as safetensors only") from None
 
 
 def _require_safetensors(path: str, name: str, pickled: str, index: str | None = None) -> None:

@@ -91,13 +91,27 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from dash_fast.runtime import distributed as ddp
-    from dash_fast.trainer import DashTrainer, resolve_device
+    from dash_fast.trainer import resolve_device
 
     if ns.dry_run:
         return cmd_plan(ns)
     t0 = time.perf_counter()
     cfg = build_config(ns)
-    dist = ddp.init_distributed(resolve_device(cfg.device).type)  # under torchrun; a no-op otherwise
+    dist = ddp.init_distributed(resolve_device(cfg.device).type, cfg.dist_timeout_s)  # under torchrun; else no-op
+    from dash_fast.checkpoint import CheckpointError
+    from dash_fast.config import ConfigError
+    from dash_fast.data.prompts import DataError
+    from dash_fast.rewards.builtin import RewardError
+
+    # a rank that fails takes the others down, every rank saying which and why; main() prints these errors' line
+    with ddp.fail_fast(dist, quiet=(ConfigError, DataError, CheckpointError, RewardError)):
+        return _train(cfg, dist, t0)
+
+
+def _train(cfg, dist, t0: float) -> int:
+    from dash_fast.runtime import distributed as ddp
+    from dash_fast.trainer import DashTrainer
+
     if cfg.output_dir is None:
         if dist.enabled:
             raise SystemExit("dash-fast: under torchrun pass --output-dir (every rank must use the same one)")
@@ -152,7 +166,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     cfg = build_config(ns)
     device = resolve_device(cfg.device)
     model = cfg.model if cfg.model is not None else ModelShape.from_config(embedded_model_config(cfg))
-    p = plan_run(model, cfg, str(device), resolve_dtype(cfg.dtype, device))
+    p = plan_run(model, cfg, str(device), resolve_dtype(cfg.dtype, device), world=ns.world_size)
     print(json.dumps(p.to_dict(), indent=2) if ns.json else "dash-fast: " + p.format())
     return 0
 
@@ -242,11 +256,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     _common(p)
     p.add_argument("--dry-run", action="store_true", help="print the memory plan and exit (= dash-fast plan)")
     p.add_argument("--json", action="store_true", help="--dry-run: the plan as JSON")
+    p.add_argument("--world-size", type=int, help="--dry-run: plan per rank of N ranks (as dash-fast plan)")
     p = sub.add_parser("plan", help="the memory plan of a train command, without loading weights "
                        "(the same flags and key=value; --model: a directory, config.json or "
                        "a known name such as Qwen2.5-0.5B)", **keys_help)
     _common(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--world-size", type=int, help="plan per rank of N torchrun ranks (parallel=ddp replicates, "
+                   "fsdp2 shards; default: WORLD_SIZE under torchrun, else 1)")
     p = sub.add_parser("eval", help="greedy accuracy of a checkpoint on a dataset", **keys_help)
     p.add_argument("checkpoint")
     p.add_argument("--max-examples", type=int)

@@ -103,6 +103,9 @@ class DashConfig:
     bind_cpus: bool = False  # overlap=True on CPU: bind the sampler and the learner to their own cores
     cpu_sampler: str = "process"  # overlap=True on CPU: the sampler runs in its own process | a thread (GIL-shared)
     parallel: str = "ddp"  # under torchrun: ddp (gradient all-reduce) | fsdp2 (sharded; GPU or CPU)
+    # under torchrun: seconds a rank waits in a collective for the others (rank 0's SFT warm start and checkpoint
+    # writes happen while the others wait) before it fails the run instead of hanging
+    dist_timeout_s: float = 1800.0
     # --- optimiser ---
     learning_rate: float = 3e-6
     adam_beta1: float = 0.9
@@ -180,6 +183,7 @@ class DashConfig:
             except ValueError as e:
                 need(False, "cpu_affinity", str(e))
         need(self.parallel in ("ddp", "fsdp2"), "parallel", "must be ddp or fsdp2")
+        need(self.dist_timeout_s > 0, "dist_timeout_s", "must be > 0 seconds")
         need(self.max_refill_rounds >= 1, "max_refill_rounds", "must be >= 1")
         need(self.on_reward_error in ("raise", "skip"), "on_reward_error", "must be raise or skip")
         need(self.lr_scheduler_type in ("constant", "linear", "cosine"), "lr_scheduler_type",

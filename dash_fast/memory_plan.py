@@ -13,8 +13,8 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 - resident the whole run: `weights` (the compute copy), `masters` (bf16 runs: fp32 master weights; the
   optimizer then keeps fp32 grads and fp32 AdamW state), `grads` (kept between steps: zero_grad runs at the
   start of the next update), `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
-  `runtime` (the process before any weight loads: on CPU its resident set now, measured; on CUDA the
-  context, CUDA_CONTEXT_BYTES).
+  `runtime` (the process before any weight loads: on CPU its resident set now, measured once the weights'
+  loader, transformers.modeling_utils, is imported; on CUDA the context, CUDA_CONTEXT_BYTES).
 - while sampling: `kv_cache` (the embedded engine's static cache: 2 x layers x rows x kv heads x
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
@@ -31,6 +31,22 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   engine keeps them for the next rollout); with `overlap` the next rollout samples during the update.
 
 peak = resident + max(sampling phase, update phase). Sizes are in bytes; GB in messages are 1e9 bytes.
+
+Under torchrun (WORLD_SIZE > 1, or `dash-fast plan --world-size N`) the plan is per rank: each rank samples
+and trains its share of the rows (rows / N; generation_batch_size and micro_batch_tokens are per rank
+already). `parallel=ddp` replicates weights, grads and optimizer state on every rank and adds
+`grad_allreduce`, the flat gradient buffer all_reduce_grads sums over the ranks (made after backward,
+mapped anew while the freed activations stay in the allocator, as `embedding_grad`). `parallel=fsdp2`
+shards `weights`, `masters`, `grads` and `optimizer` (1/N each) and adds what it gathers: while sampling
+every unit at once (`gathered_sampling`: the full weights; distributed.gathered_params), while updating
+the root unit (embeddings, final norm, head: held for the whole forward and backward, FSDPRoot) and
+GATHERED_LAYERS decoder layers' worth (`gathered_update`), plus `optimizer_step`: its AdamW runs torch's foreach loop over
+the DTensor shards (one process uses the fused kernel), whose temporaries hold a shard's worth (an estimate
+that matches the measured peak of the ranks that do not save), and, on rank 0 only, the full weights and
+optimizer state it gathers to write a checkpoint (`checkpoint_gather`; distributed.full_state_dict /
+full_optimizer_state), a phase of its own: `peak` is then rank 0's and `other_ranks_peak` the others'.
+On CPU the ranks of one host share its memory: the budget is the available memory / the local ranks, plus
+the rank's own resident set.
 """
 
 from __future__ import annotations
@@ -48,6 +64,10 @@ CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside to
 CHUNK_BYTES = 32 * 2**20  # = dash_kernels.torch_ref.CHUNK_BYTES (the torch loss path's logits chunk budget)
 DENSE_BWD_BYTES = 512 * 2**20  # = dash_kernels.triton_kernels.DENSE_BWD_BYTES (the Triton dZ chunk budget)
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")  # the parameter formula; others are counted on "meta"
+# FSDP2's update holds about five decoder layers' worth beyond the shards (measured on CPU, docs/memory.md):
+# the running layer's unsharded parameters, the prefetched layer's all-gather buffer and parameters, and
+# in backward the layer's unsharded gradients and their reduce-scatter copy
+GATHERED_LAYERS = 5
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 
 # Configs of the models in docs/memory.md's table (the fields the plan reads from each config.json)
@@ -88,6 +108,12 @@ ADVICE = {  # what to change when an item is the largest and nothing fits
     "activations": "gradient_checkpointing=true or a smaller micro_batch_tokens",
     "loss": "a smaller micro_batch_tokens",
     "embedding_grad": "a smaller model (the vocabulary x hidden gradient)",
+    "grad_allreduce": "parallel=fsdp2 (sharded gradients), or a smaller model",
+    "gathered_sampling": "more ranks (parallel=fsdp2 gathers the full weights to sample), or a smaller model",
+    "gathered_update": "more ranks, or a smaller model (the embeddings and head are gathered for the update)",
+    "optimizer_step": "more ranks, or a smaller model",
+    "checkpoint_gather": "more host memory on rank 0 (it gathers the full weights and optimizer state to write "
+                         "each checkpoint)",
 }
 
 
@@ -182,12 +208,17 @@ class RunShape:
     engine: str = "torch"
     loss_impl: str = "fused"
     vllm_bytes: int = 0  # engine=vllm: what vLLM takes (its share of the GPU, or its CPU KV cache + weights)
+    world: int = 1  # ranks under torchrun; the plan is per rank
+    parallel: str = "ddp"  # with world > 1: ddp (replicated) | fsdp2 (sharded)
 
     @classmethod
-    def from_config(cls, cfg: Any, device: str, dtype: str, budget: int | None = None) -> RunShape:
+    def from_config(cls, cfg: Any, device: str, dtype: str, budget: int | None = None,
+                    world: int | None = None) -> RunShape:
         """From a DashConfig whose `dtype` resolved to `dtype` on `device` ("cpu" / "cuda"); settings the
-        config leaves to the plan (None) start at their fastest choice (fit may change them)."""
-        rows = cfg.prompts_per_step * cfg.group_size
+        config leaves to the plan (None) start at their fastest choice (fit may change them). `world`: the
+        ranks (None: torchrun's WORLD_SIZE, else 1); each rank's rows are its share of the step's."""
+        world = world_size() if world is None else world
+        rows = max(1, cfg.prompts_per_step * cfg.group_size // world)
         vllm_bytes = 0
         if cfg.engine == "vllm":
             if device == "cuda":
@@ -203,7 +234,18 @@ class RunShape:
                    completion_tokens=cfg.max_completion_tokens, micro_batch_tokens=cfg.micro_batch_tokens,
                    gradient_checkpointing=bool(cfg.gradient_checkpointing),
                    kv_cache_release=bool(cfg.kv_cache_release), overlap=cfg.overlap,
-                   reference=cfg.beta > 0, engine=cfg.engine, loss_impl=cfg.loss_impl, vllm_bytes=vllm_bytes)
+                   reference=cfg.beta > 0, engine=cfg.engine, loss_impl=cfg.loss_impl, vllm_bytes=vllm_bytes,
+                   world=world, parallel=getattr(cfg, "parallel", "ddp"))
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2 shards the weights and their state over the ranks (as the trainer: fsdp2 under torchrun)."""
+        return self.parallel == "fsdp2" and self.world > 1
+
+
+def world_size() -> int:
+    """The ranks of this torchrun job (WORLD_SIZE), 1 outside torchrun."""
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -214,10 +256,11 @@ class MemoryPlan:
     run: RunShape
     items: dict[str, int]
     peak: int
-    peak_phase: str  # "sampling" | "update" | "overlap"
+    peak_phase: str  # "sampling" | "update" | "overlap" | "checkpoint" (FSDP2's rank 0)
     budget: int | None
     budget_source: str
     choices: dict[str, Any] = field(default_factory=dict)  # config keys the plan set
+    other_ranks_peak: int | None = None  # FSDP2: the peak of ranks other than 0 (which gathers to save)
 
     @property
     def fits(self) -> bool:
@@ -229,7 +272,7 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return {"items_bytes": dict(self.items), "peak_bytes": self.peak, "peak_phase": self.peak_phase,
-                "budget_bytes": self.budget, "budget_source": self.budget_source, "fits": self.fits,
+                "other_ranks_peak_bytes": self.other_ranks_peak, "budget_bytes": self.budget, "budget_source": self.budget_source, "fits": self.fits,
                 "choices": dict(self.choices), "model": dataclasses.asdict(self.model),
                 "run": dataclasses.asdict(self.run)}
 
@@ -242,7 +285,12 @@ class MemoryPlan:
                     f"generation rows={r.generation_rows}/{r.rows}")
         chosen = f"; chosen by the plan: {', '.join(f'{k}={v}' for k, v in self.choices.items())}" if self.choices \
             else ""
-        return (f"memory plan: peak {self.peak / GB:.2f} GB in {self.peak_phase}, {budget}; {m.model_type} "
+        ranks = "" if r.world == 1 else (f" per rank ({r.world} ranks, {r.parallel}: weights, grads and optimizer "
+                                         f"state {'sharded' if r.sharded else 'replicated'}; {r.rows} rows each)")
+        others = "" if self.other_ranks_peak is None else \
+            f" on rank 0 (other ranks {self.other_ranks_peak / GB:.2f} GB)"
+        return (f"memory plan{ranks}: peak {self.peak / GB:.2f} GB in {self.peak_phase}{others}, {budget}; "
+                f"{m.model_type} "
                 f"{m.params / 1e6:.1f}M params, {r.dtype}{' + fp32 masters' if r.master_weights else ''} on {r.device}\n"
                 f"  items (GB): {items}\n  {settings}{chosen}")
 
@@ -329,12 +377,13 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     wb = DTYPE_BYTES[r.dtype]
     p = m.params
     state_bytes = 4 if r.master_weights else wb
+    shard = -(-p // r.world) if r.sharded else p  # a rank's parameters: FSDP2 pads each to a multiple of world
     items = {
         "runtime": runtime,
-        "weights": p * wb,
-        "masters": p * 4 if r.master_weights else 0,
-        "grads": p * state_bytes,
-        "optimizer": 2 * p * state_bytes,
+        "weights": shard * wb,
+        "masters": shard * 4 if r.master_weights else 0,
+        "grads": shard * state_bytes,
+        "optimizer": 2 * shard * state_bytes,
         "reference": p * wb if r.reference else 0,
     }
     length = r.prompt_tokens + r.completion_tokens
@@ -350,17 +399,34 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
     items["embedding_grad"] = m.vocab * m.hidden * wb if m.tied else 0
+    items["grad_allreduce"] = p * state_bytes if r.world > 1 and not r.sharded else 0
+    items["gathered_sampling"] = p * wb if r.sharded else 0
+    layer = layer_params(m)
+    items["gathered_update"] = (p - m.layers * layer + min(GATHERED_LAYERS, m.layers) * layer) * wb if r.sharded else 0
+    items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
+    items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
     engine = items["kv_cache"] + items["graph_pool"]
-    sample = engine + items["sampling"]
-    backward = items["loss"] + items["activations"] + items["embedding_grad"]
+    sample = engine + items["sampling"] + items["gathered_sampling"]
+    backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
+        items["gathered_update"] + items["optimizer_step"]
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
         phase, top = "overlap", sample + backward
     else:
         phase, top = ("sampling", sample) if sample >= update else ("update", update)
+    save = items["checkpoint_gather"] + (0 if r.kv_cache_release else engine)
+    if items["checkpoint_gather"] and save > top:  # rank 0's peak; the others' stays the step's
+        return MemoryPlan(m, r, items, resident + save, "checkpoint", budget, budget_source,
+                          other_ranks_peak=resident + top)
     return MemoryPlan(m, r, items, resident + top, phase, budget, budget_source)
+
+
+def layer_params(m: ModelShape) -> int:
+    """Parameters of one decoder layer: all but the embeddings, the untied head and the final norm, split
+    evenly over the layers (exact for the Llama family, whose layers are alike)."""
+    return max(0, m.params - m.vocab * m.hidden * (1 if m.tied else 2) - m.hidden) // max(1, m.layers)
 
 
 def candidates(r: RunShape, free: set[str]) -> list[RunShape]:
@@ -411,9 +477,10 @@ def _settings(r: RunShape) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- budget
-def device_budget(device: str, override_gb: float | None = None) -> tuple[int | None, str]:
+def device_budget(device: str, override_gb: float | None = None, local_ranks: int = 1) -> tuple[int | None, str]:
     """(bytes, where they come from): `memory_budget_gb` when set; CUDA: the device's total memory; CPU:
-    the memory available now (MemAvailable, within a cgroup limit) plus this process's resident set."""
+    the memory available now (MemAvailable, within a cgroup limit) shared by the `local_ranks` processes of
+    this host, plus this process's resident set."""
     if override_gb is not None:
         return int(override_gb * GB), "memory_budget_gb"
     if device.startswith("cuda"):
@@ -430,6 +497,8 @@ def device_budget(device: str, override_gb: float | None = None) -> tuple[int | 
     cgroup = _cgroup_free()
     if cgroup is not None and cgroup < free:
         free, source = cgroup, "cgroup memory.max"
+    if local_ranks > 1:
+        free, source = free // local_ranks, f"{source} / {local_ranks} ranks"
     return free + process_rss(), source
 
 
@@ -489,15 +558,21 @@ def model_shape(model: Any) -> ModelShape:
 FREE_KEYS = ("kv_cache_release", "gradient_checkpointing", "generation_batch_size")
 
 
-def plan_run(model: Any, cfg: Any, device: str, dtype: str, runtime: int | None = None) -> MemoryPlan:
-    """The fitted plan of DashConfig `cfg` on `model` (see model_shape) on `device`: budget from
+def plan_run(model: Any, cfg: Any, device: str, dtype: str, runtime: int | None = None,
+             world: int | None = None) -> MemoryPlan:
+    """The fitted plan of DashConfig `cfg` on `model` (see model_shape) on `device`, per rank of `world`
+    (None: torchrun's WORLD_SIZE; outside torchrun the ranks are taken to share this host): budget from
     device_budget, the settings cfg leaves as None chosen by `fit`. Raises MemoryPlanError."""
     kind = "cuda" if device.startswith("cuda") else "cpu"
-    budget, source = device_budget(device, cfg.memory_budget_gb)
+    world = world_size() if world is None else world
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or world
+    budget, source = device_budget(device, cfg.memory_budget_gb, local_ranks=local)
+    if runtime is None and kind == "cpu":
+        import transformers.modeling_utils  # noqa: F401 - every run loads its weights through it: ~0.17 GB of RSS
     if runtime is None:
         runtime = CUDA_CONTEXT_BYTES if kind == "cuda" else process_rss()
     shape = model_shape(model)
-    run = RunShape.from_config(cfg, kind, dtype, budget)
+    run = RunShape.from_config(cfg, kind, dtype, budget, world)
     free = {k for k in FREE_KEYS if getattr(cfg, k) is None}
     return fit(shape, run, budget, source, runtime, free)
 

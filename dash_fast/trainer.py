@@ -189,7 +189,7 @@ class DashTrainer:
             keep_freed_memory()
         if args.deterministic:
             make_deterministic(self.device)
-        self.dist = ddp.init_distributed(self.device.type)
+        self.dist = ddp.init_distributed(self.device.type, args.dist_timeout_s)
         check_text_only(model)
         dtype = resolve_dtype(args.dtype, self.device)
         bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)

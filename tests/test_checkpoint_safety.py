@@ -264,3 +264,82 @@ def test_trl_resume_from_a_planted_checkpoint_is_refused(run, tmp_path):
     with pytest.raises(CheckpointError, match="refusing .*calls posix.system"):
         trainer.train(resume_from_checkpoint=path)
     assert not os.path.exists(marker)
+
+
+# ----------------------------------------------------------------------------- a checkpoint written by FSDP2
+
+
+@pytest.fixture(scope="module")
+def fsdp2_run(tmp_path_factory):
+    """The step-1 checkpoint of a 2-rank FSDP2 run under torchrun (gloo): its full state gathered on rank 0."""
+    from test_fsdp import dash_run, write_fault_rewards
+
+    folder = str(tmp_path_factory.mktemp("fsdp2-ckpt"))
+    write_fault_rewards(folder)
+    proc = dash_run(folder, os.path.join(folder, "run"), "--max-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, os.path.join(folder, "run", "checkpoints", "step-1")
+
+
+def resume_fsdp2(folder: str, path: str, out: str) -> subprocess.CompletedProcess:
+    from test_fsdp import dash_run
+
+    return dash_run(folder, out, "--resume", path, "--max-steps", "2", timeout=180)
+
+
+def plant_trainer_state(path: str, marker: str) -> None:
+    drop_resume_state(path)
+    plant(os.path.join(path, LEGACY_STATE), marker)
+
+
+def plant_weights(path: str, marker: str) -> None:
+    os.remove(os.path.join(path, "model.safetensors"))
+    plant(os.path.join(path, "pytorch_model.bin"), marker)
+
+
+def plant_state_shard(path: str, marker: str) -> None:
+    """The sharded resume state: a pickle under a resume_state shard's name."""
+    shards = sorted(n for n in os.listdir(path) if STATE_SHARD.match(n))
+    assert shards
+    plant(os.path.join(path, shards[0]), marker)
+
+
+def plant_weights_shard(path: str, marker: str) -> None:
+    plant(os.path.join(path, "model.safetensors"), marker)
+
+
+@pytest.mark.parametrize("planter, refusal", [
+    (plant_trainer_state, r"refusing .*trainer_state\.pt: a pickle that calls posix\.system"),
+    (plant_weights, r"refusing .*: no model\.safetensors \(it holds pytorch_model\.bin, a pickle"),
+    (plant_state_shard, r"refusing .*resume_state-00000\.safetensors: a file that is not safetensors"),
+    (plant_weights_shard, r"refusing .*step-1: a file that is not safetensors"),
+], ids=["trainer_state", "weights", "state_shard", "weights_file"])
+def test_fsdp2_checkpoint_with_a_planted_pickle_is_refused_on_every_rank(fsdp2_run, tmp_path, planter, refusal):
+    """Each file resume reads in a 2-rank FSDP2 checkpoint, replaced by a pickle that would run os.system:
+    both ranks refuse it in one line (main's `dash-fast: error:`), nothing runs, no traceback, torchrun fails."""
+    import re
+
+    folder, ckpt = fsdp2_run
+    path, marker = copy_of(ckpt, tmp_path), str(tmp_path / "PWNED")
+    planter(path, marker)
+    proc = resume_fsdp2(folder, path, str(tmp_path / "resumed"))
+    assert proc.returncode != 0
+    refusals = [line for line in proc.stderr.splitlines() if line.startswith("dash-fast: error: refusing ")]
+    assert len(refusals) == 2 and all(re.search(refusal, line) for line in refusals), proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("dash-fast: rank")]  # not a crash
+    assert not os.path.exists(marker), "the planted pickle ran"
+
+
+def test_fsdp2_checkpoint_resumes_past_pickles_it_never_opens(fsdp2_run, tmp_path):
+    """Pickles beside a valid FSDP2 checkpoint (the names torch.distributed.checkpoint and HF Trainer use
+    included) are never opened: both ranks resume and train the next step."""
+    folder, ckpt = fsdp2_run
+    path, marker = copy_of(ckpt, tmp_path), str(tmp_path / "PWNED")
+    for name in (LEGACY_STATE, "pytorch_model.bin", "optimizer.pt", "rng_state.pth", "__0_0.distcp", "__1_0.distcp"):
+        plant(os.path.join(path, name), marker)
+    plant(os.path.join(path, ".metadata"), marker, how="pickle")  # torch.save refuses the name
+    proc = resume_fsdp2(folder, path, str(tmp_path / "resumed"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and os.path.isdir(tmp_path / "resumed" / "checkpoints" / "step-2")
+    assert not os.path.exists(marker)

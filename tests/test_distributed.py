@@ -144,3 +144,39 @@ def test_two_ranks_on_the_default_fused_loss_with_kl_and_minibatches(tmp_path):
     for rank in two:
         assert_plain_numbers(rank["record"])
     assert [r["step"] for r in read_jsonl(os.path.join(two[0]["out"], "metrics.jsonl"))] == [1]
+
+
+# ----------------------------------------------------------------------------- a failing rank
+
+
+def hang_worker(rank: int, world: int, out: str, port: int) -> None:
+    """Rank 1 stops taking part (sleeps); rank 0's collective times out after dist_timeout_s and says so."""
+    import contextlib
+    import io
+    import time
+
+    from dash_fast.runtime import distributed as ddp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    info = ddp.init_distributed("cpu", timeout_s=2.0)
+    ddp.barrier(info)
+    err, t0, code = io.StringIO(), time.time(), None
+    with contextlib.redirect_stderr(err):
+        try:
+            with ddp.fail_fast(info):
+                if rank == 1:
+                    time.sleep(8)
+                ddp.all_reduce_sum(1.0, info)
+        except SystemExit as e:
+            code = e.code
+    with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+        f.write(f"{time.time() - t0}\n{code}\n{err.getvalue()}")
+
+
+def test_a_rank_that_stops_taking_part_times_the_others_out(tmp_path):
+    mp.spawn(hang_worker, args=(2, str(tmp_path), free_port()), nprocs=2, join=True)
+    seconds, code, message = (tmp_path / "rank0.txt").read_text().split("\n", 2)
+    assert float(seconds) < 6  # dist_timeout_s=2 (+ 1 s waiting for a published reason), not torch's 30 min
+    assert code == "1" and message.startswith("dash-fast: rank 0 stops: a collective timed out (dist_timeout_s)")
+    assert message.count("\n") == 1

@@ -181,3 +181,213 @@ def test_two_torchrun_agents_nnodes_2_train_like_one_process(tmp_path):
     # to ~3e-5 of that (WEIGHTS_TOL's reasoning; seen: 2.9e-5): 5% of the move
     for key, t in saved["one"].items():
         torch.testing.assert_close(saved["two"][key], t, rtol=0, atol=1e-4, msg=key)
+
+
+# ----------------------------------------------------------------------------- exact resume under FSDP2
+# test_resume's run (tiny model, 4 prompts x 8 samples, a checkpoint every step) on two FSDP2 ranks; one rank's
+# rows per sampling call, so one process samples the same rows with the same seeds as the two ranks
+RESUME_STEPS = 4
+RESUME_ARGS = ["--seed", "1", "--max-steps", str(RESUME_STEPS), "sft.steps=0", "tiny.hidden_size=32",
+               "tiny.num_layers=1", "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8",
+               "eval_examples=8", "prompts_per_step=4", "generation_batch_size=16", "max_completion_tokens=8",
+               "save_steps=1", "keep_last_checkpoints=0", "report_to=[]", "disable_tqdm=true", "learning_rate=0.01",
+               "deterministic=true",
+               "reward_funcs=fault_rewards:length_reward", "parallel=fsdp2", "cpu_threads=1"]
+# DASH_TEST_FAULT=RANK:STEP:kill|raise: that rank SIGKILLs itself (or raises) while scoring that step's rollout
+FAULT_REWARDS = '''
+import os, signal, time
+
+def length_reward(prompts, completions, trainer_state=None, **columns):
+    fault = os.environ.get("DASH_TEST_FAULT")
+    if fault:
+        rank, step, how = fault.split(":")
+        if os.environ.get("RANK", "0") == rank and trainer_state.global_step + 1 == int(step):
+            with open(os.environ["DASH_TEST_FAULT_FILE"], "w") as f:
+                f.write(str(time.time()))
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"planted failure at step {step}")
+    return [float(len(c) % 5) for c in completions]
+'''
+
+
+def write_fault_rewards(folder: str) -> None:
+    with open(os.path.join(folder, "fault_rewards.py"), "w") as f:
+        f.write(FAULT_REWARDS)
+
+
+def dash_run(folder: str, out: str, *extra: str, ranks: int = 2, fault: str | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dash-fast train` on RESUME_ARGS: under torchrun with `ranks` ranks (gloo), or one process (ranks=1)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root, os.path.join(root, "kernels")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DASH_TEST_FAULT_FILE": os.path.join(folder, "fault-time")}
+    env.pop("DASH_TEST_FAULT", None)
+    if fault:
+        env["DASH_TEST_FAULT"] = fault
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+              str(free_port())] if ranks > 1 else [sys.executable]
+    cmd = [*launch, "-m", "dash_fast.cli", "train", "--output-dir", out, *RESUME_ARGS, *extra]
+    if ranks == 1:
+        cmd.remove("parallel=fsdp2")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def untimed(record: dict) -> dict:
+    """A step record without its wall-clock fields (time_*, tokens_per_s), which no two runs share."""
+    return {k: v for k, v in record.items() if not k.startswith("time") and k != "tokens_per_s"}
+
+
+def final(out: str, step: int = RESUME_STEPS) -> tuple[dict, dict, list[dict]]:
+    """A run's checkpoint `step`: weights, optimizer state (by parameter index or name) and step records
+    (untimed)."""
+    from safetensors.torch import load_file
+
+    from dash_fast.checkpoint import load_trainer_state
+
+    ckpt = os.path.join(out, "checkpoints", f"step-{step}")
+    state = load_trainer_state(ckpt)
+    records = [untimed(r) for r in state["log_history"] if "loss" in r]
+    return load_file(os.path.join(ckpt, "model.safetensors")), state["optimizer"], records
+
+
+def continue_from(src: str, step: int, out: str) -> None:
+    """`out` holds a copy of run `src`'s checkpoint `step` only: `--resume auto` picks it."""
+    import shutil
+
+    shutil.copytree(os.path.join(src, "checkpoints", f"step-{step}"), os.path.join(out, "checkpoints", f"step-{step}"))
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(tmp_path_factory) -> dict:
+    """Two FSDP2 ranks straight; the same killed (rank 1 SIGKILLs itself scoring step 3, after the step-2
+    checkpoint) then resumed; one process straight; an FSDP2 step-2 checkpoint continued in one process, and a
+    one-process step-2 checkpoint continued on two FSDP2 ranks."""
+    import time
+
+    folder = str(tmp_path_factory.mktemp("fsdp-resume"))
+    write_fault_rewards(folder)
+    out = {name: os.path.join(folder, name) for name in ("straight", "killed", "one", "fsdp_to_one", "one_to_fsdp")}
+    procs = {"straight": dash_run(folder, out["straight"])}
+    t0 = time.time()
+    procs["killed"] = dash_run(folder, out["killed"], fault="1:3:kill")
+    with open(os.path.join(folder, "fault-time")) as f:
+        kill_time = float(f.read())
+    procs["exit_after_kill_s"] = time.time() - kill_time
+    procs["killed_wall_s"] = time.time() - t0
+    procs["resumed"] = dash_run(folder, out["killed"], "--resume", "auto")
+    procs["one"] = dash_run(folder, out["one"], ranks=1)
+    continue_from(out["straight"], 2, out["fsdp_to_one"])
+    procs["fsdp_to_one"] = dash_run(folder, out["fsdp_to_one"], "--resume", "auto", ranks=1)
+    continue_from(out["one"], 2, out["one_to_fsdp"])
+    procs["one_to_fsdp"] = dash_run(folder, out["one_to_fsdp"], "--resume", "auto")
+    for name in ("straight", "resumed", "one", "fsdp_to_one", "one_to_fsdp"):
+        assert procs[name].returncode == 0, (name, procs[name].stderr[-3000:])
+    return {"out": out, "procs": procs}
+
+
+def test_fsdp2_kill_and_resume_is_bit_identical(resumed_runs):
+    """Rank 1 SIGKILLed at step 3 of 4; `--resume auto` from step 2 ends with the weights, the AdamW state and
+    the step records of the uninterrupted FSDP2 run, bit for bit (the same as one process's exact resume)."""
+    out, procs = resumed_runs["out"], resumed_runs["procs"]
+    assert procs["killed"].returncode != 0
+    assert sorted(os.listdir(os.path.join(out["killed"], "checkpoints"))) == ["step-1", "step-2", "step-3", "step-4"]
+    assert "resumed from" in procs["resumed"].stdout and "(step 2)" in procs["resumed"].stdout
+    (wa, oa, ra), (wb, ob, rb) = final(out["straight"]), final(out["killed"])
+    assert [r["step"] for r in ra] == list(range(1, RESUME_STEPS + 1))
+    assert all(r["grad_norm"] > 0 for r in ra)  # every step moved the weights
+    assert ra == rb  # every record, every float exactly (loss, grad_norm, rewards, lengths, ...)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"weight {k}"
+    assert all(isinstance(k, str) for k in oa["state"])  # FSDP2's full state: keyed by parameter name
+    # the same hyperparameters; torch's set_optimizer_state_dict hands AdamW's betas back as a list
+    assert [{**g, "betas": list(g["betas"])} for g in oa["param_groups"]] == \
+        [{**g, "betas": list(g["betas"])} for g in ob["param_groups"]]
+    assert oa["state"].keys() == ob["state"].keys()
+    for name, moments in oa["state"].items():
+        for k, t in moments.items():
+            assert torch.equal(t, ob["state"][name][k]), f"optimizer {name}.{k}"
+
+
+def test_a_killed_rank_takes_the_others_down_with_one_line(resumed_runs):
+    """The SIGKILLed rank cannot speak: rank 0, whose next collective fails, names it and exits (no hang,
+    no traceback of its own), and torchrun exits non-zero within seconds of the kill."""
+    procs = resumed_runs["procs"]
+    killed = procs["killed"]
+    assert procs["exit_after_kill_s"] < 60, procs["exit_after_kill_s"]
+    lines = [line for line in killed.stderr.splitlines() if line.startswith("dash-fast: rank")]
+    assert len(lines) == 1 and lines[0].startswith("dash-fast: rank 0 stops: rank 1 (pid "), killed.stderr[-3000:]
+    assert "without a Python error" in lines[0]
+    assert "[rank0]: Traceback" not in killed.stderr
+
+
+def assert_close_continuation(mine: str, ref: str) -> None:
+    """Run `mine` continued another world size's checkpoint of step 2: its first two records are that run's,
+    the next two and the final weights are `ref`'s to float32 rounding (a sum over ranks in another order)."""
+    (wa, _, ra), (wb, _, rb) = final(ref), final(mine)
+    assert [r["step"] for r in rb] == list(range(1, RESUME_STEPS + 1))
+    for mine_r, ref_r in zip(rb[2:], ra[2:]):
+        for key in ("reward_mean", "kept_fraction", "completion_len_mean"):
+            assert mine_r[key] == pytest.approx(ref_r[key], rel=1e-6), (mine_r["step"], key)
+        for key in ("loss", "grad_norm"):
+            assert mine_r[key] == pytest.approx(ref_r[key], rel=1e-4, abs=1e-6), (mine_r["step"], key)
+    for k, t in wa.items():  # 4 Adam steps of lr 1e-2 move a weight by up to 4e-2; rounding shows up to ~1e-4
+        torch.testing.assert_close(wb[k], t, rtol=0, atol=1e-3, msg=k)
+
+
+def test_fsdp2_checkpoint_resumes_in_one_process_and_back(resumed_runs):
+    """The checkpoint holds the full (gathered) state, so either world size resumes the other's: the optimizer
+    state is converted between FSDP2's keys (parameter names) and one process's (indices)."""
+    out = resumed_runs["out"]
+    assert_close_continuation(out["fsdp_to_one"], out["one"])
+    assert_close_continuation(out["one_to_fsdp"], out["straight"])
+    assert all(isinstance(k, int) for k in final(out["fsdp_to_one"])[1]["state"])  # saved as one process does
+    assert all(isinstance(k, str) for k in final(out["one_to_fsdp"])[1]["state"])
+    # the continued steps start from the other run's step-2 records (restored), not from scratch
+    assert final(out["fsdp_to_one"])[2][:2] == final(out["straight"], 2)[2]
+    assert final(out["one_to_fsdp"])[2][:2] == final(out["one"], 2)[2]
+
+
+def test_a_rank_that_raises_takes_the_others_down_saying_which_and_why(tmp_path):
+    """Rank 0 cannot write its first checkpoint (a file stands where checkpoints/ goes) while rank 1 waits
+    at the barrier after it: rank 0 says why and exits, rank 1's collective fails and it names rank 0 and
+    the reason (published in the store), and torchrun exits non-zero without waiting for a timeout."""
+    import time
+
+    write_fault_rewards(str(tmp_path))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoints").write_text("not a directory")
+    t0 = time.time()
+    proc = dash_run(str(tmp_path), str(out), timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 90
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dash-fast: rank")]
+    why = f"FileExistsError: [Errno 17] File exists: '{out / 'checkpoints'}'"
+    assert lines == [f"dash-fast: rank 0 failed: {why}", f"dash-fast: rank 1 stops: rank 0 failed: {why}"], \
+        proc.stderr[-3000:]
+
+
+def test_optimizer_state_converts_between_indices_and_names():
+    """One process's AdamW state (keyed by index) as FSDP2's (by FSDPRoot name) and back, exactly; the
+    loading optimizer keeps its own implementation flags; another model's state is refused in one line."""
+    from dash_fast.checkpoint import CheckpointError, optimizer_state_for
+
+    model = build_model(build_tokenizer(), TINY, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    sum(p.sum() for p in model.parameters()).backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    names = [f"model.{n}" for n, p in model.named_parameters()]
+    sharded = torch.optim.AdamW(model.parameters(), lr=1e-3)  # as FSDP2's: not fused
+    by_name = optimizer_state_for(saved, names, sharded, by_name=True)
+    assert list(by_name["state"]) == names and by_name["param_groups"][0]["params"] == names
+    assert by_name["param_groups"][0]["fused"] is None  # the loader's flag, not the saver's
+    assert by_name["state"][names[3]]["exp_avg"] is saved["state"][3]["exp_avg"]
+    back = optimizer_state_for(by_name, names, optimizer, by_name=False)
+    assert back["state"].keys() == saved["state"].keys() and back["param_groups"] == saved["param_groups"]
+    assert all(back["state"][i][k] is saved["state"][i][k] for i in saved["state"] for k in saved["state"][i])
+    assert optimizer_state_for(saved, names, optimizer, by_name=False) is saved  # already in the loader's form
+    with pytest.raises(CheckpointError, match="the optimizer state's parameters .* are not this model's"):
+        optimizer_state_for(saved, names[:-1], sharded, by_name=True)

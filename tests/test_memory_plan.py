@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -288,3 +289,111 @@ def test_bf16_without_masters_keeps_grads_and_adam_state_in_bf16():
     assert not run.master_weights and items["masters"] == 0
     assert items["grads"] == items["weights"] == 2 * shape.params and items["optimizer"] == 4 * shape.params
     assert mp.RunShape.from_config(DashConfig(), "cuda", "bfloat16").master_weights
+
+
+# ------------------------------------------------------------------------------------- per rank under torchrun
+def test_per_rank_plan_shards_under_fsdp2_and_replicates_under_ddp():
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    one = mp.plan(shape, mp.RunShape(rows=32, generation_rows=32))
+    ddp = mp.plan(shape, mp.RunShape(rows=16, generation_rows=16, world=2, parallel="ddp"))
+    fsdp = mp.plan(shape, mp.RunShape(rows=16, generation_rows=16, world=2, parallel="fsdp2"))
+    for key in ("weights", "grads", "optimizer"):
+        assert ddp.items[key] == one.items[key] == 2 * fsdp.items[key]
+    assert ddp.items["kv_cache"] < one.items["kv_cache"]  # a rank samples its half of the rows
+    assert ddp.items["grad_allreduce"] == one.items["grads"] and fsdp.items["grad_allreduce"] == 0
+    assert fsdp.items["gathered_sampling"] == one.items["weights"]  # every unit gathered to sample
+    layer = mp.layer_params(shape)
+    root = shape.params - shape.layers * layer
+    assert root == shape.vocab * shape.hidden + shape.hidden  # tied embeddings + final norm
+    assert fsdp.items["gathered_update"] == (root + mp.GATHERED_LAYERS * layer) * 4
+    assert fsdp.items["optimizer_step"] == fsdp.items["grads"] and ddp.items["optimizer_step"] == 0
+    assert fsdp.items["checkpoint_gather"] == one.items["weights"] + one.items["optimizer"]  # rank 0, to save
+    assert fsdp.peak_phase == "update" and fsdp.other_ranks_peak is None  # 25 GB of activations: the step peaks
+    small = mp.plan(shape, dataclasses.replace(fsdp.run, micro_batch_tokens=256, completion_tokens=32))
+    resident = sum(small.items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
+    assert small.peak_phase == "checkpoint" and small.other_ranks_peak < small.peak
+    assert small.peak == resident + small.items["checkpoint_gather"] + small.items["kv_cache"]
+    assert ddp.items["checkpoint_gather"] == 0 and ddp.other_ranks_peak is None
+    env_plan = mp.RunShape.from_config(DashConfig(prompts_per_step=8, parallel="fsdp2"), "cpu", "float32", world=4)
+    assert env_plan.rows == 8 * 4 // 4 and env_plan.sharded
+
+
+def test_cli_plan_world_size(capsys):
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "memory_budget_gb=100", "--world-size", "2", "parallel=fsdp2",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["run"]["world"] == 2 and out["run"]["parallel"] == "fsdp2"
+    assert out["items_bytes"]["weights"] == 4 * mp.model_shape("Qwen2.5-0.5B").params // 2
+    assert main(["plan", "--model", "Qwen2.5-0.5B", "memory_budget_gb=100", "--world-size", "2"]) == 0
+    assert "memory plan per rank (2 ranks, ddp: weights, grads and optimizer state replicated" in capsys.readouterr().out
+
+
+# a decoder whose weights, not the process's runtime, make most of a rank's peak: 8 layers at hidden 768 (~70M
+# parameters, 0.28 GB in float32), a small vocabulary so sampling and the loss stay small
+RANKS_MODEL = dict(vocab_size=512, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                   num_key_value_heads=4, tie_word_embeddings=True)
+# bench/memory.py's measured / planned runs from 0.97 to 1.08 (docs/memory.md); FSDP2's rank 0 measured 1.086 to 1.117
+# in five runs here (~0.2 GB more than its planned checkpoint phase, not yet explained), so 15%
+RANKS_TOL = 0.15
+
+
+@pytest.fixture(scope="module")
+def ranks_model(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from memory import build
+
+    folder = tmp_path_factory.mktemp("ranks-model")
+    build(folder, RANKS_MODEL, layers=8)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_per_rank_plan_against_the_peak_rss_of_each_of_two_ranks(ranks_model, tmp_path, parallel):
+    """Two ranks under torchrun (gloo), `dash-fast train --model DIR` for two steps (as bench/memory.py: the
+    second holds the optimizer state through its backward): each rank's peak RSS (/usr/bin/time's maxrss
+    around each worker, in that rank's log) is the per-rank plan's within RANKS_TOL: rank 0's `peak`, the
+    others' `other_ranks_peak` under FSDP2 (rank 0 gathers the full state to save); and the plan of the
+    other layout (sharded for ddp, replicated for fsdp2) is not."""
+    import glob
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    out, logs = tmp_path / "run", tmp_path / "logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels"), str(root / "bench")])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "--log-dir", str(logs), "--redirects", "3", "--no-python", "/usr/bin/time", "-f", "maxrss_kb=%M",
+           sys.executable, "-m", "dash_fast.cli", "train", "--model", str(ranks_model / "model"), "--dataset",
+           str(ranks_model / "train.jsonl"), "--output-dir", str(out), "--max-steps", "2", "report_to=none",
+           "disable_tqdm=true", "prompts_per_step=4", "group_size=4", "max_prompt_tokens=16",
+           "max_completion_tokens=32", "micro_batch_tokens=256", "filter_tau=none", "eval_examples=0",
+           "cpu_threads=1", "reward_funcs=[memory:parity_reward]", f"parallel={parallel}"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    measured = []
+    for rank in range(2):
+        (log,) = glob.glob(str(logs / "**" / "attempt_0" / str(rank) / "stderr.log"), recursive=True)
+        measured.append(int(re.findall(r"maxrss_kb=(\d+)", Path(log).read_text())[-1]) * 1024)
+    plan = json.loads((out / "summary.json").read_text())["memory_plan"]
+    assert plan["run"]["world"] == 2 and plan["run"]["parallel"] == parallel
+    planned = [plan["peak_bytes"], plan["other_ranks_peak_bytes"] or plan["peak_bytes"]]
+    assert (plan["peak_phase"] == "checkpoint") == (parallel == "fsdp2")
+    model_bytes = sum(v for k, v in plan["items_bytes"].items() if k != "runtime")
+    assert model_bytes > 0.4 * planned[0]  # the weights and their state, not the runtime, make the peak
+    ratios = [m / p for m, p in zip(measured, planned)]
+    print(f"{parallel}: planned {[p / 1e9 for p in planned]} GB (rank 0, rank 1), measured peak RSS "
+          f"{[m / 1e9 for m in measured]} GB, measured / planned {[round(r, 3) for r in ratios]}")
+    assert all(abs(r - 1) < RANKS_TOL for r in ratios), (parallel, ratios, measured, planned, plan["items_bytes"])
+    shape = mp.ModelShape(**plan["model"])
+    other = mp.plan(shape, mp.RunShape(**{**plan["run"], "parallel": "ddp" if parallel == "fsdp2" else "fsdp2"}),
+                    runtime=plan["items_bytes"]["runtime"])
+    assert abs(measured[1] / (other.other_ranks_peak or other.peak) - 1) > RANKS_TOL, (other.peak, measured)

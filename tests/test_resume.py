@@ -42,7 +42,9 @@ def train_cmd(out: str, *extra: str) -> list[str]:
 
 def env_with(folder: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root]), "OMP_NUM_THREADS": "1"}
+    # this checkout's kernels too: an installed dash_kernels of another checkout may not match this dash_fast
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root, os.path.join(root, "kernels")]),
+            "OMP_NUM_THREADS": "1"}
 
 
 def final_state(out: str) -> tuple[dict, dict]:

@@ -5,13 +5,23 @@ all-gathered (a few floats per row), so every rank computes the same advantages,
 the same global loss normaliser; each rank's loss is then its share of one global sum, and gradients
 are summed (not averaged) across ranks. The result equals one process on the whole rollout.
 
+A rank that fails takes the others down with one line saying which and why (`fail_fast`): collectives time
+out after `dist_timeout_s` instead of hanging on a rank that stopped taking part, a rank that raises
+publishes why in the process group's store before it exits, and the others, whose next collective then
+fails, print that reason (or, for a rank killed without a Python error, its pid and signal) and exit 1
+without a traceback of their own. torchrun's agent then stops every remaining worker.
+
 Without torchrun (no WORLD_SIZE > 1 in the environment) everything here is a no-op.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
+import socket
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,8 +44,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device_type: str = "cpu") -> DistInfo:
-    """Join the torchrun process group (gloo for CPU, NCCL for CUDA) if there is one."""
+def init_distributed(device_type: str = "cpu", timeout_s: float | None = None) -> DistInfo:
+    """Join the torchrun process group (gloo for CPU, NCCL for CUDA) if there is one; a collective that
+    waits longer than `timeout_s` for another rank fails (None: torch's default, 30 min on gloo)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -43,7 +54,9 @@ def init_distributed(device_type: str = "cpu") -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        _store_set(f"{_KEY}/pid/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
@@ -221,3 +234,143 @@ def load_full_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, mod
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(root, {f"model.{k}": v for k, v in model_sd.items()}, options=options)
     set_optimizer_state_dict(root, optimizer, optim_state_dict=optim_sd, options=options)
+
+
+# ----------------------------------------------------------------------------- failing fast
+_KEY = "dash_fast"  # keys in the process group's store: {_KEY}/failed (the first failure), {_KEY}/pid/<rank>
+# what a collective raises when a peer is gone (gloo: its socket closed; NCCL: the watchdog) or timed out
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
+              "DistBackendError", "NCCL communicator was aborted", "ProcessGroupNCCL")
+
+
+class RankFailed(SystemExit):
+    """Raised on a rank whose collective failed because another rank failed; the one-line reason has
+    been printed, so it exits with status 1 and no traceback."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+
+
+@contextlib.contextmanager
+def fail_fast(info: DistInfo, quiet: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Run the body; if it raises on one rank, name that rank and why on every rank.
+
+    The rank that raised publishes `rank R failed: Type: message` in the store and prints it (its traceback
+    follows as usual; for the `quiet` types, errors whose one line the caller prints, it only publishes).
+    A rank whose collective fails because a peer is gone prints `rank R stops: <the published reason>` (or,
+    when nothing was published: the local rank killed by a signal, read from /proc, else the collective's
+    error) and raises RankFailed: exit status 1, no traceback."""
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, RankFailed) or not info.enabled or (isinstance(e, SystemExit) and e.code in (0, None)):
+            raise
+        _own_failure(info, e, show=True)
+        raise
+    except Exception as e:
+        if not info.enabled:
+            raise
+        if not _is_lost_peer(e):
+            _own_failure(info, e, show=not isinstance(e, quiet))
+            raise
+        _hold_sigterm()  # torchrun's agent is stopping this rank too: say why first
+        why = _published_failure(info, wait_s=1.0) or _gone_ranks(info) or (
+            f"a collective timed out (dist_timeout_s): another rank stopped taking part ({_first_line(e)})"
+            if "imed out" in str(e) else f"a collective failed ({_first_line(e)})")
+        print(f"dash-fast: rank {info.rank} stops: {why}", file=sys.stderr, flush=True)
+        raise RankFailed() from None
+
+
+def _hold_sigterm() -> None:
+    """Ignore SIGTERM from here on (the process is on its way out; the agent's SIGKILL still ends it)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _own_failure(info: DistInfo, e: BaseException, show: bool) -> None:
+    _hold_sigterm()
+    line = f"rank {info.rank} failed: {type(e).__name__}: {_first_line(e)}"
+    _store_set(f"{_KEY}/failed", line, first=True)
+    if show:
+        print(f"dash-fast: {line}", file=sys.stderr, flush=True)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _is_lost_peer(e: BaseException) -> bool:
+    return isinstance(e, getattr(dist, "DistError", ())) or any(s in str(e) for s in _LOST_PEER)
+
+
+def _store():
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store() if dist.is_initialized() else None
+
+
+def _store_set(key: str, value: str, first: bool = False) -> None:
+    """Best effort: the store may be gone with the rank that hosted it (torchrun's agent hosts it)."""
+    try:
+        store = _store()
+        if store is None:
+            return
+        if first:
+            store.compare_set(key, "", value)  # the first failure wins
+        else:
+            store.set(key, value)
+    except Exception:  # noqa: BLE001 - reporting a failure must not raise another
+        pass
+
+
+def _published_failure(info: DistInfo, wait_s: float) -> str | None:
+    """Another rank's published failure, waiting up to `wait_s` for one to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            store = _store()
+            if store is not None and store.check([f"{_KEY}/failed"]):
+                line = store.get(f"{_KEY}/failed").decode()
+                if line and not line.startswith(f"rank {info.rank} "):
+                    return line
+        except Exception:  # noqa: BLE001
+            return None
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
+
+
+def _gone_ranks(info: DistInfo) -> str | None:
+    """Ranks on this host whose process is gone or a zombie, with the signal that ended it when /proc
+    still shows it (a zombie's exit code, until torchrun's agent reaps it)."""
+    found = []
+    for rank in range(info.world_size):
+        if rank == info.rank:
+            continue
+        try:
+            host, pid = _store().get(f"{_KEY}/pid/{rank}").decode().split()
+        except Exception:  # noqa: BLE001
+            continue
+        if host != socket.gethostname():
+            continue
+        state = _proc_state(int(pid))
+        if state is None:
+            found.append(f"rank {rank} (pid {pid}) is gone without a Python error (killed: a signal or the OOM killer)")
+        elif state[0] == "Z":
+            how = f"killed by signal {state[1] & 0x7F}" if state[1] & 0x7F else f"exited with status {state[1] >> 8}"
+            found.append(f"rank {rank} (pid {pid}) {how}, without a Python error")
+    return "; ".join(found) or None
+
+
+def _proc_state(pid: int) -> tuple[str, int] | None:
+    """(state letter, wait status) of a process from /proc/PID/stat; None when it no longer exists."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[49]) if len(fields) > 49 else 0
