@@ -32,7 +32,7 @@ from dash_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dash_fast.collect import Collector, RewardFunc, RewardScorer
+from dash_fast.collect import Collector
 from dash_fast.config import DashConfig
 from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.data.prompts import PromptDataset, PromptSampler
@@ -41,89 +41,17 @@ from dash_fast.evaluation import greedy_accuracy
 from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
-from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
+from dash_fast.mixed_precision import MixedPrecision, is_bf16_run
+from dash_fast.models.loading import check_text_only, load_model, resolve_device
 from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler, usable_cpus
+from dash_fast.rewards.scorer import RewardFunc, RewardScorer
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.cpu_memory import keep_freed_memory
 from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.runtime.profiling import ProfileWindow
 
-__all__ = ["DashTrainer", "TrainingAborted", "attn_implementation", "load_model", "resolve_device"]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per local rank
-        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return torch.device(name)
-
-
-def attn_implementation(device: torch.device, dtype: str) -> str:
-    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed (`pip install dash-fast[flash]`),
-    else PyTorch SDPA (which itself picks a flash / memory-efficient kernel on CUDA)."""
-    import importlib.util
-
-    if device.type == "cuda" and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device,
-               masters: bool = False) -> torch.nn.Module:
-    """The model on `device`: loaded in `dtype`, or with `masters` (a bf16 run's fp32 master weights,
-    mixed_precision.py) loaded in fp32 / its trainable parameters cast to fp32."""
-    if isinstance(model, torch.nn.Module):
-        model = model.to(device)
-        return to_masters(model) if masters else model
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if masters else getattr(torch, dtype),
-                              "attn_implementation": attn_implementation(device, dtype)}
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
-
-
-def logit_transform(model) -> str | None:
-    """Why the model's logits are not `hidden @ lm_head.T` up to a constant factor (the loss and log-prob ops
-    compute that; the learner folds Cohere's / Granite's factor into the hidden states, learner.logit_multiplier),
-    naming the config field; None when they are. Gemma-2/3 soft-cap them. `model`: a module or its config."""
-    config = getattr(model, "config", model)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    checks = (("final_logit_softcapping", None),)
-    for name, neutral in checks:
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            return (f"config.{name}={value}: it transforms the logits after the lm_head, which dash-fast's loss, "
-                    "log-prob and sampling ops do not apply")
-    return None
-
-
-def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = False) -> None:
-    """Refuse, before any weights load, a vision-language model (its config has a vision tower, or is one of
-    transformers' image-text-to-text types: the engines and the training forward take token ids only, so its
-    image inputs could not reach it) and one whose logits the ops cannot compute (`logit_transform`)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    if isinstance(model, str):
-        try:
-            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):  # not a readable config: loading the model reports it
-            return
-        name = model
-    else:
-        config = getattr(model, "config", None)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        name = type(inner).__name__
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "vision_config", None) is not None or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ValueError(f"dash-fast does not support model={name!r}: its config ({model_type}) is a vision-language "
-                         "config, and dash-fast's engines and training forward take token ids only (no images); "
-                         "pass a text-only causal LM")
-    reason = logit_transform(config)
-    if reason:
-        raise ValueError(f"dash-fast does not support {reason}")
+__all__ = ["DashTrainer", "TrainingAborted"]
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):

@@ -108,7 +108,8 @@ import torch
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
 from dash_fast.data.prompts import PromptSampler
 from dash_fast.losses import EntropyBonus, TrlLoss
-from dash_fast.trainer import DashTrainer, check_text_only
+from dash_fast.models.loading import check_text_only
+from dash_fast.trainer import DashTrainer
 from dash_fast.trl.data import (
     StreamedPrompts,
     is_iterable_dataset,
@@ -532,7 +533,7 @@ def _load_causal_lm(name: str, args: Any, init_kwargs: dict, peft: bool = False)
     checkpoint; with PEFT the frozen base loads in bf16 (only the adapters train, in fp32)."""
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.trainer import attn_implementation, resolve_device
+    from dash_fast.models.loading import attn_implementation, resolve_device
 
     dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
     device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
@@ -609,7 +610,7 @@ _TRL_INTERNALS = {
     "_generate_and_score_completions": "sampling and scoring are collect.Collector.collect",
     "_generate": "generation runs in dash-fast's engines (rollout/), from collect.Collector.generate",
     "_generate_single_turn": "generation runs in dash-fast's engines (rollout/), from collect.Collector.generate",
-    "_calculate_rewards": "rewards are scored by collect.RewardScorer.score",
+    "_calculate_rewards": "rewards are scored by rewards.scorer.RewardScorer.score",
     "prediction_step": "evaluation is trl_eval.trl_evaluate",
     "log": "training logs are built by trl_logs.log_entries, not through log() (a callback's on_log sees them)",
     "_get_per_token_logps_and_entropies": "training computes log-probs in the learner's own forward",
