@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,9 +77,12 @@ class Collector:
 
     def __init__(self, args: DashConfig, engine, data: PromptDataset, sampler: PromptSampler,
                  rewards: RewardScorer, dist: ddp.DistInfo, overlap: OverlapScheduler | None,
-                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None) -> None:
+                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None,
+                 reward_post: Callable[..., torch.Tensor] | None = None) -> None:
         self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
         self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
+        # (data, indices, rollout, repeat, rewards, per_func) -> rewards, on every training scoring (Extensions)
+        self.reward_post = reward_post
         self.engine_prepared = False  # prepare_engine_once
 
     def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,
@@ -162,6 +166,15 @@ class Collector:
                            a.max_prompt_tokens, a.max_completion_tokens)
             self.engine_prepared = True
 
+    def set_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
+        """The token ids sampling stops at (default: the tokenizer's and generation_config's eos)."""
+        self.stop_ids = tuple(stop_ids)
+
+    def engine_changed(self) -> None:
+        """Someone else used the engine (an evaluation may have grown its cache, dropping the CUDA graphs):
+        prepare it again before the next overlapped rollout."""
+        self.engine_prepared = False
+
     def _draw_prompts(self, step: int, weights_version: int) -> Prefetched:
         """The next `prompts_per_step` prompts (the same on every rank) and this rank's share of them."""
         before = self.sampler.state_dict()
@@ -195,6 +208,8 @@ class Collector:
         error: RewardError | None = None
         try:
             rewards, per_func = self.rewards.score(self.data, indices, rollout, self.args.group_size)
+            if self.reward_post is not None:
+                rewards = self.reward_post(self.data, indices, rollout, self.args.group_size, rewards, per_func)
         except RewardError as e:
             error, rewards, per_func = e, None, None
         if ddp.any_rank(error is not None, self.dist):

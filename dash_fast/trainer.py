@@ -17,6 +17,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,7 +40,8 @@ from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.engines.base import Rollout
 from dash_fast.evaluation import greedy_accuracy
-from dash_fast.learner import Learner, TrainingAborted
+from dash_fast.learner import Learner, LearnerHooks, LearnerParts, TrainingAborted
+from dash_fast.losses import EntropyBonus
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
 from dash_fast.mixed_precision import MixedPrecision, is_bf16_run
@@ -51,7 +54,30 @@ from dash_fast.runtime.cpu_memory import keep_freed_memory
 from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.runtime.profiling import ProfileWindow
 
-__all__ = ["DashTrainer", "TrainingAborted"]
+__all__ = ["DashTrainer", "Extensions", "TrainingAborted"]
+
+
+@dataclass
+class Extensions:
+    """What a layer over the core may vary, declared in one place; each default is the core's own behaviour.
+    The TRL adapter (trl/trainer.py) builds its DashTrainer through these and through DashTrainer's methods
+    marked "extension point"; nothing else of the core is replaced or rewired.
+
+    - `prompts(train_data) -> (prompt source, sampler)`: where training draws prompts from and in which
+      order (default: the PromptDataset and a seeded shuffled PromptSampler over it).
+    - `reward_post(data, indices, rollout, repeat, rewards, per_func) -> rewards`: post-processing of the
+      rewards of every training rollout the collector scores (refill rounds included), before the all-gather.
+    - `row_mask(rollout, kept) -> kept`: rows the loss leaves out, after the gradient filter.
+    - `loss` / `loss_options`: the loss by name from losses.py's registry (default: `config.loss_impl`);
+      `entropy_bonus`: its stateful entropy term (saved in checkpoints, stepped after each optimizer step).
+    """
+
+    prompts: Callable[[PromptDataset], tuple[Any, Any]] | None = None
+    reward_post: Callable[..., torch.Tensor] | None = None
+    row_mask: Callable[[Rollout, torch.Tensor], torch.Tensor] | None = None
+    loss: str | None = None
+    loss_options: dict = field(default_factory=dict)
+    entropy_bonus: EntropyBonus | None = None
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
@@ -81,7 +107,10 @@ def stop_token_ids(tokenizer, model: torch.nn.Module) -> tuple[int, ...]:
 class DashTrainer:
     """TRL-shaped trainer: `DashTrainer(model, reward_funcs, args, train_dataset, eval_dataset,
     processing_class).train()`. `model` is a path or a loaded causal LM; reward functions use TRL's
-    signature `f(prompts, completions, completion_ids=..., **columns) -> list[float | None]`."""
+    signature `f(prompts, completions, completion_ids=..., **columns) -> list[float | None]`.
+
+    A layer over it varies the run through `extensions` (Extensions) and by overriding the methods marked
+    "extension point" (emit, begin_step, finish_step, eval_during_training, saved, end_training)."""
 
     def __init__(
         self,
@@ -92,9 +121,11 @@ class DashTrainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         callbacks: list | None = None,
+        extensions: Extensions | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
+        ext = self.extensions = extensions or Extensions()
         # `config` is what the loop reads; `args` is the same object here (GRPOTrainer's `args` is its GRPOConfig)
         self.config = self.args = args = args or DashConfig()
         # first: in-process vLLM on CPU makes set_num_threads a no-op; device_setup.py says what auto picks
@@ -117,6 +148,8 @@ class DashTrainer:
         if args.deterministic:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type)
+        self.state, self.control = callbacks_lib.trainer_state(args.max_steps, args.logging_steps,
+                                                                args.save_steps, self.dist.is_main)
         check_text_only(model)
         dtype = resolve_dtype(args.dtype, self.device)
         bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)
@@ -140,7 +173,7 @@ class DashTrainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format],
-                                    args.reward_weights, args.accuracy_reward, self.tokenizer)
+                                    args.reward_weights, args.accuracy_reward, self.tokenizer, trainer_state=self.state)
         if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
             from dash_fast.rewards.sandbox import set_default_sandbox
 
@@ -153,7 +186,10 @@ class DashTrainer:
         self.eval_data = None
         if eval_rows is not None:
             self.eval_data = PromptDataset(eval_rows, self.tokenizer, name="eval_dataset", **data_kwargs)
-        self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
+        if ext.prompts is not None:
+            self.train_data, self.sampler = ext.prompts(self.train_data)
+        else:
+            self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
         self.fsdp_root = None  # FSDP2: NCCL on GPU, gloo on CPU
@@ -180,7 +216,8 @@ class DashTrainer:
                                         else args.cpu_sampler,
                                         engine=self.engine) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
-                                   self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
+                                   self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root,
+                                   reward_post=ext.reward_post)
 
         # fused: one pass over each parameter's param/grad/moments (2x faster than the default per-tensor loop
         # at the 0.5B shape on CPU, bench/results/roofline.md); FSDP2's sharded DTensors keep the default
@@ -196,16 +233,14 @@ class DashTrainer:
             ref_context = functools.partial(reference_policy, self.model)
         elif args.beta > 0:
             ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
-                               ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
-                               ref_context=ref_context, precision=self.precision)
-        self.learner.on_substep_end = functools.partial(self._callback, "on_substep_end")
+        parts = LearnerParts(self.model, optimizer, scheduler, self.engine, self.dist, loss=ext.loss or args.loss_impl,
+                             loss_options=ext.loss_options, entropy_bonus=ext.entropy_bonus, precision=self.precision,
+                             ref_model=ref_model, ref_context=ref_context, fsdp_root=self.fsdp_root,
+                             shared_prompt=self.shared_prompt, pad_id=self.pad_id, device=self.device)
+        self.learner = Learner(args, parts, self._learner_hooks())
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)
-        self.state, self.control = callbacks_lib.trainer_state(args.max_steps, args.logging_steps,
-                                                                args.save_steps, self.dist.is_main)
-        self.rewards.trainer_state = self.state
         self.callbacks = list(callbacks or [])
         self.callback_args: Any = args  # what callbacks receive as `args` (GRPOTrainer passes its GRPOConfig)
         self.stop_requested = False
@@ -224,6 +259,22 @@ class DashTrainer:
         return self.rewards.names
 
     # ------------------------------------------------------------------ setup helpers
+    def _learner_hooks(self) -> LearnerHooks:
+        """The overlap scheduler's and the callbacks' places in the learner's loop: the learner widens onto
+        the sampler's cores between micro-batches and waits for it before an optimizer step (which changes
+        the weights it reads); transformers' events around each micro-step and optimizer step."""
+        overlap = self.overlap
+        return LearnerHooks(
+            before_micro_batch=[overlap.between_micro_batches] if overlap is not None else [],
+            after_micro_batch=[self._substep_end],
+            before_optimizer_step=[*([overlap.wait] if overlap is not None else []),
+                                   functools.partial(self.emit, "on_pre_optimizer_step")],
+            after_optimizer_step=[functools.partial(self.emit, "on_optimizer_step")])
+
+    def _substep_end(self, index: int, count: int) -> None:
+        if index < count - 1:  # transformers' on_substep_end: every micro-step but an optimizer step's last
+            self.emit("on_substep_end")
+
     def _use_shared_prompt(self) -> bool:
         """Train with each prompt computed once per group (shared_prompt.py) where the model allows it.
         `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
@@ -246,6 +297,10 @@ class DashTrainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
         """One optimizer step's algorithm: collect a batch -> advantages -> filter -> update -> record."""
+        self.begin_step(step)
+        return self.finish_step(step, self._step(step))
+
+    def _step(self, step: int) -> dict:
         a, t_start = self.config, time.perf_counter()
         batch = self.collector.collect(step, self.learner.weights_version)
         if batch.skipped:  # a reward function failed and on_reward_error="skip": no update
@@ -270,7 +325,12 @@ class DashTrainer:
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None) -> dict:
-        """The learner's optimizer steps on the kept rows of this step's batch (learner.Learner.update)."""
+        """The learner's optimizer steps on the kept rows of this step's batch (learner.Learner.update), less
+        the rows `extensions.row_mask` leaves out."""
+        if self.extensions.row_mask is not None:
+            kept = self.extensions.row_mask(rollout, kept)
+            if kept.numel() == 0:
+                return self.learner.no_rows()
         return self.learner.update(rollout, advantages, kept, global_rows, lengths, step=self.state.global_step + 1)
 
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
@@ -292,19 +352,36 @@ class DashTrainer:
         n = min(len(dataset), max_examples or self.config.eval_examples)
         params = self.collector.sampling_params(0, greedy=True, max_new=self.config.eval_max_completion_tokens)
         result = greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
-        self.collector.engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
+        self.collector.engine_changed()  # eval may have grown the cache (dropping graphs): re-capture first
         return result
 
-    def _evaluate(self, step: int) -> dict:
+    # ------------------------------------------------------------------ extension points
+    def begin_step(self, step: int) -> None:
+        """Extension point: called before step `step` collects its batch."""
+
+    def finish_step(self, step: int, record: dict) -> dict:
+        """Extension point: step `step`'s record, as it goes to the log (and state.log_history)."""
+        return record
+
+    def eval_during_training(self, step: int) -> dict:
+        """Extension point: the evaluation the loop runs at step 0 and every `eval_every` steps (and at the
+        last); returns the metrics merged into the step's record as `eval_*`."""
         result = self.evaluate()
         self.eval_history.append({"step": step, **result})
         if self.dist.is_main:
             print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
-        self._callback("on_evaluate", metrics={f"eval_{k}": v for k, v in result.items()})
+        self.emit("on_evaluate", metrics={f"eval_{k}": v for k, v in result.items()})
         return result
 
-    # ------------------------------------------------------------------ checkpoints and callbacks
-    def _callback(self, event: str, **kwargs) -> None:
+    def saved(self, step: int, path: str) -> None:
+        """Extension point: after rank 0 wrote step `step`'s checkpoint at `path` (and on_save fired)."""
+
+    def end_training(self, summary: dict) -> None:
+        """Extension point: the end of train(), after summary.json is written."""
+        self.emit("on_train_end")
+
+    def emit(self, event: str, **kwargs) -> None:
+        """Extension point: fire callback `event` (callbacks.py) with the trainer's objects."""
         callbacks_lib.fire(self.callbacks, event, self.callback_args, self.state, self.control, model=self.model,
                            processing_class=self.tokenizer, optimizer=self.optimizer, lr_scheduler=self.scheduler,
                            **kwargs)
@@ -340,7 +417,9 @@ class DashTrainer:
             path = save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
                                    state, keep_last=self.config.keep_last_checkpoints, state_dict=model_sd)
         ddp.barrier(self.dist)
-        self._callback("on_save")
+        self.emit("on_save")
+        if path is not None:
+            self.saved(step, path)
         return path
 
     def _resume(self) -> int:
@@ -390,8 +469,8 @@ class DashTrainer:
         profile = ProfileWindow(a.profile_steps, trace_path=trace if a.trace else None)
         try:
             if start == 0 and self.eval_data is not None:
-                self._evaluate(0)
-            self._callback("on_train_begin")
+                self.eval_during_training(0)
+            self.emit("on_train_begin")
             bar = None
             if not a.disable_tqdm and self.dist.is_main:
                 from tqdm.auto import tqdm
@@ -399,18 +478,18 @@ class DashTrainer:
                 bar = tqdm(total=a.max_steps, initial=start, desc="dash-fast RL", dynamic_ncols=True)
             for step in range(start + 1, a.max_steps + 1):
                 profile.before_step(step)
-                self._callback("on_step_begin")
+                self.emit("on_step_begin")
                 record = self.train_step(step)
                 profile.after_step(step)
                 self.state.global_step = step
                 self.state.log_history.append(record)
                 if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0) or step == a.max_steps):
-                    record.update({f"eval_{k}": v for k, v in self._evaluate(step).items()})
+                    record.update({f"eval_{k}": v for k, v in self.eval_during_training(step).items()})
                 if logger is not None:
                     logger.log(record)
-                self._callback("on_step_end")
+                self.emit("on_step_end")
                 if a.logging_steps and step % a.logging_steps == 0:
-                    self._callback("on_log", logs=record)
+                    self.emit("on_log", logs=record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=f"{record['kept_fraction']:.2f}",
@@ -426,7 +505,7 @@ class DashTrainer:
             if bar is not None:
                 bar.close()
             summary = self._finish(t_begin)
-            self._callback("on_train_end")
+            self.end_training(summary)
             return summary
         finally:
             profile.close()

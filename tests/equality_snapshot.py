@@ -16,8 +16,10 @@ Runs (each in its own process, one CPU thread):
 
 Each snapshot holds the step records (metrics.jsonl / TRL's log_history), a sha256 of every weight tensor after
 training, and of every tensor in every checkpoint's safetensors files plus its resume_state.json tree.
-Wall-clock fields (any key with `time`, `runtime`, `per_s` (tokens_per_s, *_per_second) or `wall` in its name) are dropped: they
-legitimately differ run to run; everything else must be equal bit for bit.
+Dropped, since they legitimately differ run to run (on unchanged code too): wall-clock fields (any key with
+`time`, `runtime`, `per_s` (tokens_per_s, *_per_second) or `wall` in its name), the temporary `output_dir`, and
+the Python / NumPy global RNG states in resume_state.json (unseeded by the trainer). Everything else must be
+equal bit for bit.
 """
 
 from __future__ import annotations
@@ -37,9 +39,13 @@ CLI = ["sft.steps=60", "tiny.n_terms=2", "micro_batch_tokens=48", "prompts_per_s
 
 
 def scrub(obj):
-    """`obj` without wall-clock fields (recursively), floats as their exact repr."""
+    """`obj` without what legitimately differs run to run (recursively): wall-clock fields, the run's
+    temporary output_dir, and the saved Python / NumPy global RNG states (the trainer seeds torch only, so
+    those two are whatever the process drew at start-up); floats as their exact repr."""
     if isinstance(obj, dict):
-        return {k: scrub(v) for k, v in obj.items() if not TIME_KEY.search(str(k))}
+        if "torch" in obj and set(obj) <= {"torch", "python", "numpy"}:  # a checkpoint's `rng` entry
+            return {"torch": scrub(obj["torch"])}
+        return {k: scrub(v) for k, v in obj.items() if not TIME_KEY.search(str(k)) and k != "output_dir"}
     if isinstance(obj, (list, tuple)):
         return [scrub(v) for v in obj]
     if isinstance(obj, float):
@@ -181,9 +187,12 @@ RUNS = {
 
 
 def compare(a: str, b: str) -> int:
+    """Every snapshot of `a` against `b`'s, key by key (wall-clock fields dropped); 1 on any difference."""
     bad = 0
-    for name in sorted(os.listdir(a)):
-        if not name.endswith(".json"):
+    for name in sorted(n for n in os.listdir(a) if n.endswith(".json")):
+        if not os.path.exists(os.path.join(b, name)):
+            print(f"{name[:-5]:12s} MISSING in {b}")
+            bad += 1
             continue
         with open(os.path.join(a, name)) as f:
             left = scrub(json.load(f))

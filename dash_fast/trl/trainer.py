@@ -106,10 +106,10 @@ from typing import Any
 import torch
 
 from dash_fast.config import ALIASES, ConfigError, DashConfig, did_you_mean
-from dash_fast.data.prompts import PromptSampler
+from dash_fast.data.prompts import PromptDataset
 from dash_fast.losses import EntropyBonus, TrlLoss
-from dash_fast.models.loading import check_text_only
-from dash_fast.trainer import DashTrainer
+from dash_fast.models.loading import attn_implementation, check_text_only
+from dash_fast.trainer import DashTrainer, Extensions
 from dash_fast.trl.data import (
     StreamedPrompts,
     is_iterable_dataset,
@@ -117,6 +117,8 @@ from dash_fast.trl.data import (
     rows_dataloader,
     stream_dataloader,
 )
+from dash_fast.trl.eval import trl_evaluate
+from dash_fast.trl.extensions import InOrderSampler, normalize_then_sum, truncated_rows
 
 logger = logging.getLogger(__name__)
 
@@ -470,6 +472,9 @@ class GRPOConfig:
             # asked for: on; TRL's default False: left to the memory plan (memory_plan.py)
             gradient_checkpointing=True if self.gradient_checkpointing or self.activation_checkpointing else None,
         )
+        if self.gradient_checkpointing or self.activation_checkpointing:
+            # the shared-prompt forward runs the layers' math itself: train on the model's own, checkpointed one
+            values["train_forward"] = "hf"
         dash_names = {f.name for f in dataclasses.fields(DashConfig)} | set(ALIASES)
         for key in self.extra:
             if key not in dash_names:
@@ -499,41 +504,13 @@ def loss_warnings(loss_type: str, importance_sampling_level: str) -> list[str]:
     return out
 
 
-class InOrderSampler(PromptSampler):
-    """`shuffle_dataset=False`: every pass over the prompts in dataset order (resumable like PromptSampler)."""
-
-    def _permutation(self) -> list[int]:
-        return list(range(self.n))
-
-
-def truncated_rows(rollout, stop_ids: tuple[int, ...], max_new: int) -> torch.Tensor:
-    """[B] bool: completions that reached `max_new` tokens without a stop token."""
-    lengths = rollout.completion_lengths
-    last = rollout.completion_ids.gather(1, (lengths - 1).clamp(min=0).view(-1, 1)).view(-1)
-    stopped = torch.tensor([t in stop_ids for t in last.tolist()], dtype=torch.bool)
-    return (lengths >= max_new) & ~stopped
-
-
-def normalize_then_sum(per_func: torch.Tensor, weights: torch.Tensor, group_size: int) -> torch.Tensor:
-    """TRL's multi_objective_aggregation="normalize_then_sum": each reward normalised within its group
-    ((f - mean_g) / (std_g + 1e-4), None rows skipped), then the weighted sum; rows where every reward is
-    None give 0 (TRL: no learning signal)."""
-    grouped = per_func.view(-1, group_size, per_func.shape[1])
-    mean = torch.nanmean(grouped, dim=1, keepdim=True)
-    valid = (~grouped.isnan()).sum(dim=1, keepdim=True)
-    var = torch.nansum((grouped - mean) ** 2, dim=1, keepdim=True) / (valid - 1).clamp(min=1)
-    std = var.sqrt() if group_size > 1 else torch.zeros_like(mean)
-    normed = ((grouped - mean) / (std + 1e-4)).view(-1, per_func.shape[1])
-    return torch.nansum(normed * weights.to(normed.dtype), dim=1)
-
-
 def _load_causal_lm(name: str, args: Any, init_kwargs: dict, peft: bool = False) -> torch.nn.Module:
     """TRL's model loading: `model_init_kwargs` (dtype, attn_implementation, ...) and `trust_remote_code`.
     `bf16=True` loads the fp32 master weights (mixed_precision.py), as TRL's autocast trains an fp32
     checkpoint; with PEFT the frozen base loads in bf16 (only the adapters train, in fp32)."""
     from transformers import AutoModelForCausalLM
 
-    from dash_fast.models.loading import attn_implementation, resolve_device
+    from dash_fast.models.loading import resolve_device
 
     dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
     device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
@@ -727,7 +704,8 @@ class GRPOTrainer(DashTrainer):
         check_text_only(model, getattr(args, "trust_remote_code", False))  # a VLM: refused before anything loads
         init_kwargs = getattr(args, "model_init_kwargs", None) or {}
         reward_funcs, self.reward_processing_classes = resolve_reward_models(
-            reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"})
+            reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"},
+            chat_template_kwargs=getattr(args, "chat_template_kwargs", None))
         streamed = is_iterable_dataset(train_dataset)
         if isinstance(args, GRPOConfig):
             _iterable_dataset_settings(args, streamed, eval_dataset)
@@ -747,53 +725,38 @@ class GRPOTrainer(DashTrainer):
         names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
         dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), None if streamed else len(rows), names) \
             if isinstance(args, GRPOConfig) else args
+        if getattr(args, "mask_truncated_completions", False) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
+                             "each rank sees only its own completions' stop tokens")
+        if isinstance(args, GRPOConfig):
+            self._prepare_model(model, args)
         callbacks = [cb() if isinstance(cb, type) else cb for cb in (callbacks or [])]
         named_eval = dict(eval_dataset) if isinstance(eval_dataset, dict) else None  # DatasetDict is a dict
         first_eval = next(iter(named_eval.values())) if named_eval else eval_dataset
+        self._n_train = None if streamed else len(rows)
+        self._step_rollouts: list = []
+        self._logs: dict = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}  # the last step's (TRL's)
+        self._stream = train_dataset if streamed else None
         super().__init__(model, reward_funcs, args=dash_args, train_dataset=rows,
                          eval_dataset=None if first_eval is None else load_rows(first_eval),
-                         processing_class=processing_class, callbacks=callbacks)
+                         processing_class=processing_class, callbacks=callbacks,
+                         extensions=self._extensions(args, streamed))
         self.callback_args = self.args = args  # TRL's trainer.args; the loop reads self.config (the DashConfig)
         self._eval_sets = None
         if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name
             self._eval_sets = {name: self._prompt_dataset(ds, f"eval_dataset[{name!r}]")
                                for name, ds in named_eval.items()}
-        self._score_rewards = self.rewards.score
-        self.rewards.score = self.compute_rewards  # the collector scores through it (TRL metrics, normalize_then_sum)
         for func in self.rewards.funcs:
             if isinstance(func, RewardModelFunc):
                 func.to(self.device)
-                func.chat_template_kwargs = dict(getattr(args, "chat_template_kwargs", None) or {})
         self.processing_class = self.tokenizer
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
-        self._n_train = None if streamed else len(rows)
-        if streamed:
-            self._stream_train_set(train_dataset, shuffle=getattr(args, "shuffle_dataset", True))
-        self._step_rollouts: list = []
         self._ref_syncs = 0
         self._training = False  # inside train(): evaluate() leaves state.log_history (the step records) alone
         self._extra_logs: list[dict] = []  # what log() was given
-        self._logs: dict = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}  # the last step's (TRL's)
         self.use_adaptive_entropy = bool(getattr(args, "use_adaptive_entropy", False))
         self.step_records: list[dict] | None = None
-        if getattr(args, "mask_truncated_completions", False) and self.dist.enabled:
-            raise ValueError("dash-fast does not support mask_truncated_completions=True under torchrun: "
-                             "each rank sees only its own completions' stop tokens")
-        if isinstance(args, GRPOConfig) and not args.shuffle_dataset and not streamed:  # TRL: in dataset order
-            self.sampler.__class__ = InOrderSampler  # the collector holds this same sampler object
-            self.sampler.load_state_dict(self.sampler.state_dict())
-        self._wrap_optimizer_events()
         self._epoch_fired = -1
-        self._in_train = False
-        if isinstance(args, GRPOConfig) and args.trl_loss().is_variant():  # TRL objectives beyond the kernels'
-            self.learner.trl_loss = args.trl_loss()
-        if isinstance(args, GRPOConfig) and args.trl_loss().entropy_bonus:
-            if self.dist.enabled:
-                raise ValueError(_refuse("entropy_coef", args.entropy_coef, "the entropy bonus is per rank's "
-                                         "tokens; under torchrun it is not implemented"))
-            self.learner.entropy_bonus = EntropyBonus(
-                args.entropy_coef, adaptive=args.use_adaptive_entropy, target=args.entropy_target,
-                delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min, coef_max=args.entropy_coef_max)
         if isinstance(args, GRPOConfig):
             for warning in loss_warnings(args.loss_type, args.importance_sampling_level):
                 logger.warning(warning)
@@ -801,29 +764,74 @@ class GRPOTrainer(DashTrainer):
         if self.aux_loss_enabled:
             raise ValueError("dash-fast does not support output_router_logits=True: the MoE load-balancing loss "
                              "is not added (set model.config.output_router_logits=False)")
-        if isinstance(args, GRPOConfig):
-            if args.disable_dropout:
-                for m in self.model.modules():
-                    if isinstance(m, torch.nn.Dropout):
-                        m.p = 0.0
-            if args.gradient_checkpointing or args.activation_checkpointing:
-                kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}  # frozen inputs (LoRA)
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-                # the shared-prompt forward runs the layers' math itself, unchecked: train on the model's own forward
-                self.shared_prompt = self.learner.shared_prompt = False
-            if args.cast_lm_head_to_fp32:  # float32 runs only (checked by GRPOConfig): the head already is
-                self.model.get_output_embeddings().float()
+        if isinstance(args, GRPOConfig) and (args.gradient_checkpointing or args.activation_checkpointing):
+            kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}  # frozen inputs (LoRA)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self._entropy_bonus_enabled = self.learner.entropy_bonus is not None  # TRL's flag (entropies with grad)
-        self._callback("on_init_end")
+        self.emit("on_init_end")
 
-    def _stream_train_set(self, stream: Any, shuffle: bool) -> None:
-        """Train from a streamed dataset (trl_data.StreamedPrompts): the trainer's prompt dataset and sampler
-        become the stream's reader; shuffled with the seed's buffered shuffle, as TRL does."""
+    # ------------------------------------------------------------------ the core's extension points
+    def _extensions(self, args: Any, streamed: bool) -> Extensions:
+        """How this run differs from the core's (trainer.Extensions): TRL's prompt order or a streamed train
+        set, its reward post-processing (TRL's metrics, normalize_then_sum), mask_truncated_completions, and
+        TRL's loss variants with the entropy bonus by name from the loss registry."""
+        prompts = self._stream_prompts if streamed else None
+        if not isinstance(args, GRPOConfig):
+            return Extensions(prompts=prompts, reward_post=self._reward_post)
+        spec = args.trl_loss()
+        bonus = None
+        if spec.entropy_bonus:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ValueError(_refuse("entropy_coef", args.entropy_coef, "the entropy bonus is per rank's "
+                                         "tokens; under torchrun it is not implemented"))
+            bonus = EntropyBonus(args.entropy_coef, adaptive=args.use_adaptive_entropy, target=args.entropy_target,
+                                 delta=args.entropy_coef_delta, coef_min=args.entropy_coef_min,
+                                 coef_max=args.entropy_coef_max)
+        variant = spec.is_variant()  # TRL objectives beyond the kernels'
+        return Extensions(
+            prompts=prompts or (None if args.shuffle_dataset else self._in_order),
+            reward_post=self._reward_post,
+            row_mask=self._mask_truncated if args.mask_truncated_completions else None,
+            loss="variant" if variant else None, loss_options={"spec": spec} if variant else {}, entropy_bonus=bonus)
+
+    @staticmethod
+    def _prepare_model(model: torch.nn.Module, args: GRPOConfig) -> None:
+        """TRL's model options, on the model before the trainer is built: disable_dropout, and
+        cast_lm_head_to_fp32 (float32 runs only, checked by GRPOConfig: the head already is)."""
+        if args.disable_dropout:
+            for m in model.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+        if args.cast_lm_head_to_fp32:
+            model.get_output_embeddings().float()
+
+    def _in_order(self, data: PromptDataset):
+        """shuffle_dataset=False: TRL draws the prompts in dataset order."""
+        return data, InOrderSampler(len(data), self.config.seed if self.config.data_seed is None else
+                                    self.config.data_seed)
+
+    def _reward_post(self, dataset, indices, rollout, repeat, rewards, per_func) -> torch.Tensor:
+        """Every training scoring: kept for the step's TRL metrics (refill rounds too) and TRL's `_logs`, and
+        with multi_objective_aggregation="normalize_then_sum" the rewards TRL trains on."""
+        self._step_rollouts.append((rollout, rewards, per_func))
+        self._record_logs(dataset, indices, rollout, repeat, per_func)
+        if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
+            rewards = normalize_then_sum(per_func, self.rewards.weights, repeat)
+        return rewards
+
+    def _mask_truncated(self, rollout, kept: torch.Tensor) -> torch.Tensor:
+        """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
+        left out of the loss and of its token count."""
+        truncated = truncated_rows(rollout, self.stop_ids, self.config.max_completion_tokens)
+        return kept[~truncated[kept]]
+
+    def _stream_prompts(self, data: PromptDataset):
+        """A streamed train set (trl.data.StreamedPrompts): the prompt source and sampler are the stream's
+        reader (`data`, its first rows, only checked them); shuffled with the seed's buffered shuffle, as TRL."""
         from dash_fast.data.formats import FORMATS
-        from dash_fast.data.prompts import PromptDataset
 
-        a = self.config
-        if shuffle and hasattr(stream, "shuffle"):
+        a, stream = self.config, self._stream
+        if getattr(self.grpo_args, "shuffle_dataset", True) and hasattr(stream, "shuffle"):
             stream = stream.shuffle(seed=a.seed if a.data_seed is None else a.data_seed)
         column = a.prompt_column if self.dataset_format == "prompt" else "prompt"
 
@@ -837,7 +845,7 @@ class GRPOTrainer(DashTrainer):
         # rows stay in memory for a few steps: the one being trained, one sampled ahead, refill rounds
         keep = a.prompts_per_step * (a.max_refill_rounds + 4)
         reader = StreamedPrompts(stream, encode, keep, prompt_column=column, adapt=adapt)
-        self.train_data = self.sampler = self.collector.data = self.collector.sampler = reader
+        return reader, reader
 
     def get_train_dataloader(self):
         """TRL's train DataLoader: one generation batch per item (each prompt repeated num_generations times),
@@ -862,60 +870,49 @@ class GRPOTrainer(DashTrainer):
             eval_dataset if eval_dataset is not None else self.eval_dataset
         if source is None:
             raise ValueError("Trainer: evaluation requires an eval_dataset.")
-        g, batch = self._eval_generations(), getattr(self.args, "per_device_eval_batch_size", 8)
+        g, batch = self.num_generations_eval, getattr(self.args, "per_device_eval_batch_size", 8)
         if is_iterable_dataset(source):
             return stream_dataloader(source, g, batch)
         rows = load_rows(source)
         order = [i for i in range(len(rows)) for _ in range(g)]
         return rows_dataloader(rows, order, batch, getattr(self.args, "dataloader_num_workers", 0))
 
-    def _eval_generations(self) -> int:
+    @property
+    def num_generations_eval(self) -> int:
         """TRL's num_generations_eval (default: num_generations)."""
         return getattr(self.args, "num_generations_eval", None) or self.config.group_size
 
-    def _wrap_optimizer_events(self) -> None:
-        """on_pre_optimizer_step / on_optimizer_step around every optimizer step the learner takes."""
-        optimizer, step = self.optimizer, self.optimizer.step
-
-        def step_with_events(*args, **kwargs):
-            self._callback("on_pre_optimizer_step")
-            out = step(*args, **kwargs)
-            if self.learner.entropy_bonus is not None:  # the adaptive coefficient moves once per optimizer step
-                self.learner.entropy_bonus.end_step()
-            self._callback("on_optimizer_step")
-            return out
-
-        optimizer.step = step_with_events
-
-    def _callback(self, event: str, **kwargs) -> None:
+    def emit(self, event: str, **kwargs) -> None:
         """DashTrainer's dispatch, plus TRL's epoch events and the control flags a callback may set in
         on_step_end: should_evaluate, should_save and should_log are acted on at that step, then reset."""
         if event == "on_step_begin":
             epoch = int(self._epoch(self.state.global_step))
             if epoch > self._epoch_fired:
                 if self._epoch_fired >= 0:
-                    super()._callback("on_epoch_end")
+                    super().emit("on_epoch_end")
                 self._epoch_fired = epoch
-                super()._callback("on_epoch_begin")
-        if event == "on_train_end" and self._epoch_fired >= 0:
-            super()._callback("on_epoch_end")
-        if event == "on_train_end" and self._in_train:
-            return  # train() fires it after on_log of the final entry (train_loss, ...), as transformers does
-        super()._callback(event, **kwargs)
+                super().emit("on_epoch_begin")
+        super().emit(event, **kwargs)
         if event != "on_step_end":
             return
         c, step = self.control, self.state.global_step
         if c.should_evaluate:
             c.should_evaluate = False
             if self.eval_data is not None:
-                self.evaluate() if isinstance(self.args, GRPOConfig) else self._evaluate(step)
+                self.evaluate() if isinstance(self.args, GRPOConfig) else self.eval_during_training(step)
         if c.should_save:
             c.should_save = False
             self.save(step)
         if c.should_log:
             c.should_log = False
             if not (self.config.logging_steps and step % self.config.logging_steps == 0):  # not logged anyway
-                super()._callback("on_log", logs=self.state.log_history[-1])
+                super().emit("on_log", logs=self.state.log_history[-1])
+
+    def end_training(self, summary: dict) -> None:
+        """The epoch ends with the run; on_train_end waits: train() fires it after on_log of the final entry
+        (train_loss, ...), as transformers does."""
+        if self._epoch_fired >= 0:
+            super().emit("on_epoch_end")
 
     def _epoch(self, step: int) -> float:
         """TrainerState.epoch after `step` steps: passes over the train set (a streamed one: the passes begun
@@ -928,7 +925,7 @@ class GRPOTrainer(DashTrainer):
         self.callbacks.append(callback() if isinstance(callback, type) else callback)
 
     def _prompt_dataset(self, dataset: Any, name: str):
-        from dash_fast.data.prompts import PromptDataset, load_rows
+        from dash_fast.data.prompts import load_rows
 
         a = self.config
         return PromptDataset(load_rows(dataset), self.tokenizer, name=name, prompt_column=a.prompt_column,
@@ -941,9 +938,6 @@ class GRPOTrainer(DashTrainer):
         an IterableDataset, a DatasetDict or dict of them: each set prefixed by its name, `eval_<name>_loss`),
         default the trainer's eval set(s). Like the HF Trainer it logs the metrics (state.log_history,
         on_log) and fires on_evaluate. DashTrainer.evaluate is the greedy-accuracy evaluation."""
-        from dash_fast.data.prompts import PromptDataset
-        from dash_fast.trl.eval import trl_evaluate
-
         del ignore_keys  # no logits are returned to filter
         source = eval_dataset if eval_dataset is not None else \
             (self._eval_sets or self.eval_data if self._eval_sets or self.eval_data is not None else None)
@@ -963,16 +957,16 @@ class GRPOTrainer(DashTrainer):
         self.eval_history.append(entry)  # merged into log_history by train() (and saved in checkpoints)
         if not self._training:
             self.state.log_history.append(entry)
-        self._callback("on_log", logs=metrics)
-        self._callback("on_evaluate", metrics=metrics)
+        self.emit("on_log", logs=metrics)
+        self.emit("on_evaluate", metrics=metrics)
         return metrics
 
-    def _evaluate(self, step: int) -> dict:
+    def eval_during_training(self, step: int) -> dict:
         """The in-training evaluation, when TRL's schedule has one: every `eval_steps` steps with
         eval_strategy="steps", and before the first step with `eval_on_start` (DashTrainer's loop asks at
         step 0 and at the last step too). The metrics go to the log, not into the step's record."""
         if not isinstance(self.args, GRPOConfig):
-            return super()._evaluate(step)
+            return super().eval_during_training(step)
         every = self.config.eval_every
         if (step == 0 and not self.args.eval_on_start) or (step > 0 and not (every and step % every == 0)):
             return {}
@@ -1006,18 +1000,7 @@ class GRPOTrainer(DashTrainer):
 
     @stop_ids.setter
     def stop_ids(self, value: tuple[int, ...]) -> None:
-        self.collector.stop_ids = tuple(value)
-
-    def compute_rewards(self, dataset, indices, rollout, repeat):
-        """The collector's reward scoring, plus what TRL's metrics need (and normalize_then_sum)."""
-        rewards, per_func = self._score_rewards(dataset, indices, rollout, repeat)
-        if dataset is not self.train_data:
-            return rewards, per_func
-        self._step_rollouts.append((rollout, rewards, per_func))  # for the step's TRL metrics (and refill rounds)
-        self._record_logs(dataset, indices, rollout, repeat, per_func)
-        if getattr(self.grpo_args, "multi_objective_aggregation", None) == "normalize_then_sum":
-            rewards = normalize_then_sum(per_func, self.rewards.weights, repeat)
-        return rewards, per_func
+        self.collector.set_stop_ids(value)
 
     def _record_logs(self, dataset, indices, rollout, repeat, per_func) -> None:
         """TRL's `trainer._logs` for the current step: each reward's values, the columns reward functions
@@ -1037,14 +1020,16 @@ class GRPOTrainer(DashTrainer):
         raise NotImplementedError("dash-fast does not support GRPOTrainer.liger_loss=accessed: use_liger_kernel=True "
                                   "runs the loss through dash_kernels.liger_adapter inside the learner")
 
-    def train_step(self, step: int) -> dict:
-        """DashTrainer's step record, plus TRL's names for the same numbers (trl_logs.py)."""
+    def begin_step(self, step: int) -> None:
+        """A new step's TRL `_logs` and rollouts (filled by `_reward_post` as the collector scores)."""
+        self._step_rollouts = []
+        self._logs = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}
+
+    def finish_step(self, step: int, record: dict) -> dict:
+        """DashTrainer's step record, plus TRL's names for the same numbers (trl/logs.py); then sync_ref_model."""
         from dash_fast.engines.base import Rollout
         from dash_fast.trl.logs import rollout_metrics
 
-        self._step_rollouts = []
-        self._logs = {"prompt": [], "completion": [], "rewards": {}, "extra": {}}
-        record = super().train_step(step)
         self.state.epoch = self._epoch(step)
         record.update({"learning_rate": record["lr"], "step_time": record["time_step_s"],
                        "clip_ratio/region_mean": record.get("clip_fraction", 0.0), "epoch": self.state.epoch})
@@ -1056,11 +1041,11 @@ class GRPOTrainer(DashTrainer):
                                           self.reward_names, self.config.group_size, self.stop_ids,
                                           self.config.max_completion_tokens))
         bonus = self.learner.entropy_bonus
-        if bonus is not None and "loss" in record:  # TRL's policy_loss: the loss before the bonus is subtracted
-            record["policy_loss"] = record["loss"] + bonus.contribution / max(record.get("optimizer_steps", 1), 1)
-            record["entropy_coef"] = bonus.coef
         if bonus is not None:
-            bonus.contribution = 0.0
+            contribution = bonus.take_contribution()
+            if "loss" in record:  # TRL's policy_loss: the loss before the bonus is subtracted
+                record["policy_loss"] = record["loss"] + contribution / max(record.get("optimizer_steps", 1), 1)
+                record["entropy_coef"] = bonus.coef
         self._sync_ref_model()
         return record
 
@@ -1074,7 +1059,7 @@ class GRPOTrainer(DashTrainer):
     def entropy_coef(self, value: float) -> None:
         bonus = self.learner.entropy_bonus
         if bonus is not None:
-            bonus.coef = float(value)
+            bonus.set_coef(value)
         elif value != 0:
             raise ValueError(_refuse("entropy_coef", value, "set after construction without an entropy bonus "
                                      "configured (pass entropy_coef in GRPOConfig)"))
@@ -1087,7 +1072,7 @@ class GRPOTrainer(DashTrainer):
         self._extra_logs.append(entry)  # merged into log_history by train()
         if not self._training:
             self.state.log_history.append(entry)
-        self._callback("on_log", logs=logs)
+        self.emit("on_log", logs=logs)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -1115,13 +1100,9 @@ class GRPOTrainer(DashTrainer):
                 entropies.append(ent if self._entropy_bonus_enabled else ent.detach())
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
-    def save(self, step: int) -> str | None:
-        """DashTrainer's checkpoint (checkpoints/step-N: model, tokenizer, exact-resume state), plus TRL's
-        layout beside it: `output_dir/checkpoint-N` (a link to it) with `trainer_state.json`. Links whose
-        checkpoint `save_total_limit` removed are dropped."""
-        path = super().save(step)
-        if path is None:
-            return None
+    def saved(self, step: int, path: str) -> None:
+        """TRL's checkpoint layout beside DashTrainer's checkpoints/step-N: `output_dir/checkpoint-N` (a link to
+        it) with `trainer_state.json`. Links whose checkpoint `save_total_limit` removed are dropped."""
         self.state.save_to_json(os.path.join(path, "trainer_state.json"))
         link = os.path.join(self.output_dir, f"checkpoint-{step}")
         if os.path.lexists(link):
@@ -1131,20 +1112,6 @@ class GRPOTrainer(DashTrainer):
             entry = os.path.join(self.output_dir, name)
             if name.startswith("checkpoint-") and os.path.islink(entry) and not os.path.exists(entry):
                 os.remove(entry)
-        return path
-
-    def update(self, rollout, advantages, kept, global_rows=None, lengths=None) -> dict:
-        """TRL's mask_truncated_completions: completions cut at max_completion_length (no stop token) are
-        left out of the loss and of its token count; when none is left the step trains on nothing."""
-        if getattr(self.grpo_args, "mask_truncated_completions", False):
-            truncated = truncated_rows(rollout, self.stop_ids, self.config.max_completion_tokens)
-            kept = kept[~truncated[kept]]
-            if kept.numel() == 0:
-                for _ in range(self.config.updates_per_rollout * self.config.minibatches):
-                    self.scheduler.step()  # TRL's step still happens, with a zero loss and no gradient
-                return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-                        "skipped_steps": 0}
-        return super().update(rollout, advantages, kept, global_rows=global_rows, lengths=lengths)
 
     def _sync_ref_model(self) -> None:
         """TRL's sync_ref_model: every `ref_model_sync_steps` optimizer steps,
@@ -1180,11 +1147,11 @@ class GRPOTrainer(DashTrainer):
         # the loop appends per-step records (a second train() call continues from them); evaluations made
         # outside train() are in eval_history, merged back below
         self.state.log_history = list(self.step_records or [])
-        self._training = self._in_train = True
+        self._training = True
         try:
             summary = super().train()
         finally:
-            self._training = self._in_train = False
+            self._training = False
         self.step_records = list(self.state.log_history)
         losses = [r["loss"] for r in self.step_records if isinstance(r.get("loss"), float)]
         runtime = summary["rl_wall_time_s"]
@@ -1196,9 +1163,20 @@ class GRPOTrainer(DashTrainer):
         ordered = [(e["step"], 0, e) for e in entries] + [(e["step"], 1, e) for e in self.eval_history] + \
             [(e["step"], 1, e) for e in self._extra_logs]
         self.state.log_history = [e for _, _, e in sorted(ordered, key=lambda t: t[:2])] + [final]
-        super()._callback("on_log", logs=final)
-        super()._callback("on_train_end")  # the epoch's end already fired, before the final on_log
+        super().emit("on_log", logs=final)
+        super().emit("on_train_end")  # the epoch's end already fired, before the final on_log
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
+
+    # TRL internals the loop does not go through: refused when called (and when overridden, at train())
+    training_step = _trl_internal("training_step")
+    compute_loss = _trl_internal("compute_loss")
+    _compute_loss = _trl_internal("_compute_loss")
+    _prepare_inputs = _trl_internal("_prepare_inputs")
+    _generate_and_score_completions = _trl_internal("_generate_and_score_completions")
+    _generate = _trl_internal("_generate")
+    _generate_single_turn = _trl_internal("_generate_single_turn")
+    _calculate_rewards = _trl_internal("_calculate_rewards")
+    prediction_step = _trl_internal("prediction_step")
 
     def save_model(self, output_dir: str | None = None) -> None:
         """Save the model and tokenizer in HF format (rank 0)."""
@@ -1209,7 +1187,4 @@ class GRPOTrainer(DashTrainer):
         self.tokenizer.save_pretrained(output_dir)
 
 
-for _name in _TRL_INTERNALS:
-    if _name not in GRPOTrainer.__dict__:  # (log and _get_per_token_logps_and_entropies are implemented)
-        setattr(GRPOTrainer, _name, _trl_internal(_name))
 _OWN_INTERNALS = {name: GRPOTrainer.__dict__[name] for name in _TRL_INTERNALS}
