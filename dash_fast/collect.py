@@ -62,9 +62,9 @@ def _splitmix64(x: int) -> int:
 
 def stream_seed(seed: int, step: int, row: int) -> int:
     """The 63-bit seed of the random stream that samples rows from global row `row` on at step `step`:
-    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (the
-    linear seed * 1_000_003 + step + row it replaces gave step 2 / row 0 the stream of step 1 / row 1, so
-    rank 1 of one step replayed rank 0's uniforms of a later one). Engines draw one stream per call from it
+    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (a
+    linear mix such as seed * 1_000_003 + step + row would give step 2 / row 0 the stream of step 1 / row 1,
+    so one rank would replay another's uniforms of a later step). Engines draw one stream per call from it
     (torch: one generator; vLLM: seed + i per row, 2^63 apart from other calls' seeds but for chance)."""
     x = 0
     for v in (seed, step, row):

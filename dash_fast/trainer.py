@@ -5,8 +5,12 @@
 `DashTrainer` wires the stages and runs the loop; `train_step` is the algorithm in one screen. Each
 stage is a module with one job: collect.py (prompts, sampling incl. overlap and refill, rewards ->
 a `Batch`), algo.py (advantages, filter, losses: pure functions), learner.py (epochs x minibatches of
-optimizer steps, micro-batches, OOM retry, weight sync), evaluation.py, checkpoint.py, callbacks.py
-and metrics.py (the step record).
+optimizer steps, micro-batches, OOM retry, weight sync), losses.py (the loss registry), evaluation.py,
+checkpoint.py, callbacks.py and metrics.py (the step record); models/loading.py loads the model and
+rewards/scorer.py scores completions.
+
+What a layer over the core may vary is declared here: `Extensions` (given to the constructor) and the
+methods marked "extension point"; the TRL drop-in (trl/trainer.py) is built through them alone.
 """
 
 from __future__ import annotations
@@ -208,31 +212,13 @@ class DashTrainer:
                 **self.paths()), flush=True)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
-        concurrent = getattr(self.engine, "can_sample_concurrently", False)
-        self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
-                                        cpus=usable_cpus(args.cpu_affinity),
-                                        bind_cpus=args.bind_cpus,
-                                        cpu_sampler="thread" if getattr(self.engine, "samples_in_own_process", False)
-                                        else args.cpu_sampler,
-                                        engine=self.engine) if args.overlap else None
+        self.overlap = make_overlap(args, self.device, self.engine) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
                                    self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root,
                                    reward_post=ext.reward_post)
 
-        # fused: one pass over each parameter's param/grad/moments (2x faster than the default per-tensor loop
-        # at the 0.5B shape on CPU, bench/results/roofline.md); FSDP2's sharded DTensors keep the default
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
-            fused=self.fsdp_root is None or None,
-        )
-        total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
-        ref_model, ref_context = None, None
-        if args.beta > 0 and is_peft_model(self.model):  # the reference is in the policy's weights (peft_support)
-            ref_context = functools.partial(reference_policy, self.model)
-        elif args.beta > 0:
-            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        optimizer, scheduler = make_optimizer(args, self.model, sharded=self.fsdp_root is not None)
+        ref_model, ref_context = make_reference(args, self.model)
         parts = LearnerParts(self.model, optimizer, scheduler, self.engine, self.dist, loss=ext.loss or args.loss_impl,
                              loss_options=ext.loss_options, entropy_bonus=ext.entropy_bonus, precision=self.precision,
                              ref_model=ref_model, ref_context=ref_context, fsdp_root=self.fsdp_root,
@@ -526,6 +512,37 @@ class DashTrainer:
         if self.dist.is_main:
             metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary
+
+
+def make_overlap(args: DashConfig, device: torch.device, engine) -> OverlapScheduler:
+    """overlap=True: the scheduler that samples rollout r+1 beside step r's update (overlap.py)."""
+    return OverlapScheduler(device, concurrent=getattr(engine, "can_sample_concurrently", False),
+                            sampler_cores=args.sampler_cores, cpus=usable_cpus(args.cpu_affinity),
+                            bind_cpus=args.bind_cpus,
+                            cpu_sampler="thread" if getattr(engine, "samples_in_own_process", False) else args.cpu_sampler,
+                            engine=engine)
+
+
+def make_optimizer(args: DashConfig, model: torch.nn.Module, sharded: bool = False):
+    """AdamW over the trainable parameters and its LR schedule (one scheduler step per optimizer step).
+    Fused: one pass over each parameter's param/grad/moments (2x faster than the default per-tensor loop at
+    the 0.5B shape on CPU, bench/results/roofline.md); FSDP2's sharded DTensors (`sharded`) keep the default."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay, fused=not sharded or None,
+    )
+    total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
+
+
+def make_reference(args: DashConfig, model: torch.nn.Module):
+    """The KL reference when beta > 0: (a frozen copy, None), or with PEFT (None, a context under which the
+    policy is the reference: its adapters disabled, models/peft.py); (None, None) when beta = 0."""
+    if args.beta > 0 and is_peft_model(model):
+        return None, functools.partial(reference_policy, model)
+    if args.beta > 0:
+        return copy.deepcopy(model).eval().requires_grad_(False), None
+    return None, None
 
 
 def _main_thread() -> bool:

@@ -14,7 +14,7 @@ import torch
 
 from dash_fast.mixed_precision import to_masters
 
-__all__ = ["attn_implementation", "check_text_only", "load_model", "logit_transform", "resolve_device"]
+__all__ = ["attn_implementation", "check_text_only", "load_causal_lm", "load_model", "logit_transform", "resolve_device"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -89,3 +89,28 @@ def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = Fals
     reason = logit_transform(config)
     if reason:
         raise ValueError(f"dash-fast does not support {reason}")
+
+
+def load_causal_lm(name: str, args: Any, init_kwargs: dict, peft: bool = False) -> torch.nn.Module:
+    """A causal LM loaded as TRL's GRPOTrainer loads one from `args` (a GRPOConfig): `model_init_kwargs` (dtype,
+    attn_implementation, ...) and `trust_remote_code`.
+    `bf16=True` loads the fp32 master weights (mixed_precision.py), as TRL's autocast trains an fp32
+    checkpoint; with PEFT the frozen base loads in bf16 (only the adapters train, in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = "bfloat16" if getattr(args, "bf16", False) else "float16" if getattr(args, "fp16", False) else "float32"
+    device = resolve_device("cpu" if getattr(args, "use_cpu", False) else "auto")
+    masters = dtype == "bfloat16" and not peft and (getattr(args, "extra", None) or {}).get("master_weights", True)
+    kwargs = {"dtype": torch.float32 if masters else getattr(torch, dtype), **init_kwargs}
+    if isinstance(kwargs["dtype"], str) and kwargs["dtype"] != "auto":
+        kwargs["dtype"] = getattr(torch, kwargs["dtype"])
+    kwargs.pop("device_map", None)
+    remote = getattr(args, "trust_remote_code", False)
+    if "attn_implementation" not in kwargs:
+        try:
+            return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs,
+                                                        attn_implementation=attn_implementation(device, dtype))
+        except ValueError as e:  # an architecture without SDPA / flash-attn (e.g. Gemma2): its default
+            if "attention implementation" not in str(e) and "does not support" not in str(e):
+                raise
+    return AutoModelForCausalLM.from_pretrained(name, trust_remote_code=remote, **kwargs)
