@@ -340,7 +340,7 @@ class GRPOConfig:
                "repetition_penalty": self.repetition_penalty, **self._sampling},  # generation_kwargs override
             chat_template_kwargs=self.chat_template_kwargs,
             max_prompt_tokens=prompt_len, max_completion_tokens=self.max_completion_length,
-            # normalize_then_sum: the trainer sums group-normalised rewards (GRPOTrainer.compute_rewards), then
+            # normalize_then_sum: the trainer sums group-normalised rewards (GRPOTrainer._reward_post), then
             # TRL normalises by the batch: (r - group mean, which is 0) / batch std, i.e. scale_rewards="batch"
             scale_rewards="batch" if self.multi_objective_aggregation == "normalize_then_sum" else self.scale_rewards,
             filter_tau=self.filter_tau, refill=self.refill,
