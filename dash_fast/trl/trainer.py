@@ -80,6 +80,44 @@ def _iterable_dataset_settings(args: GRPOConfig, streamed_train: bool, eval_data
         args.dataloader_num_workers = 0
 
 
+def trl_inputs(model: Any, reward_funcs: Any, args: Any, train_dataset: Any, eval_dataset: Any,
+               reward_processing_classes: Any, peft_config: Any):
+    """GRPOTrainer's inputs checked and loaded as TRL takes them, before any trainer is built: refusals (no
+    reward, no train set, a vision-language model or dataset, sync_ref_model with PEFT), reward models, the
+    train rows (a streamed set: its first rows), the model (loaded by TRL's rules, PEFT applied). Returns
+    (model, reward functions, their processing classes, rows, whether the train set is streamed)."""
+    from dash_fast.data.prompts import load_rows
+    from dash_fast.models.peft import apply_peft, is_peft_model
+    from dash_fast.rewards.reward_models import resolve_reward_models
+
+    if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
+        raise ValueError("GRPOTrainer: No reward source provided: pass reward_funcs (functions, built-in reward "
+                         "names, or reward model ids / models)")
+    if train_dataset is None:
+        raise ValueError("GRPOTrainer: `train_dataset` is required")
+    check_text_only(model, getattr(args, "trust_remote_code", False))  # a VLM: refused before anything loads
+    init_kwargs = getattr(args, "model_init_kwargs", None) or {}
+    reward_funcs, processing_classes = resolve_reward_models(
+        reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"},
+        chat_template_kwargs=getattr(args, "chat_template_kwargs", None))
+    streamed = is_iterable_dataset(train_dataset)
+    if isinstance(args, GRPOConfig):
+        _iterable_dataset_settings(args, streamed, eval_dataset)
+    # a streamed train set: its first rows are checked (and build the trainer); training reads the stream
+    rows = peek_rows(train_dataset, 8) if streamed else load_rows(train_dataset)
+    for column in ("image", "images"):
+        if rows and column in rows[0]:
+            raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
+                             "inputs (the engines and the training forward take token ids only)")
+    if isinstance(model, str):
+        model = load_causal_lm(model, args, init_kwargs, peft=peft_config is not None)
+    model = apply_peft(model, peft_config, beta=args.beta)
+    if getattr(args, "sync_ref_model", False) and is_peft_model(model):
+        raise ValueError(refusal("sync_ref_model", True, "with PEFT the reference is the policy's own base weights "
+                                 "(adapters disabled), there is no reference copy to sync (TRL refuses it too)"))
+    return model, reward_funcs, processing_classes, rows, streamed
+
+
 class GRPOTrainer(DashTrainer):
     """TRL's GRPOTrainer signature on dash-fast's trainer. `args` is a GRPOConfig (or a DashConfig);
     callbacks are transformers.TrainerCallback instances (or classes) and receive the GRPOConfig."""
@@ -98,40 +136,16 @@ class GRPOTrainer(DashTrainer):
         peft_config: Any = None,
     ) -> None:
         from dash_fast.data.prompts import load_rows
-        from dash_fast.models.peft import apply_peft, is_peft_model
-        from dash_fast.rewards.reward_models import RewardModelFunc, resolve_reward_models
+        from dash_fast.rewards.reward_models import RewardModelFunc
 
         if optimizers != (None, None):
             raise NotImplementedError("dash-fast does not support optimizers=(...): the trainer builds AdamW "
                                       "and its schedule from the config")
-        if reward_funcs is None or (isinstance(reward_funcs, (list, tuple)) and not reward_funcs):
-            raise ValueError("GRPOTrainer: No reward source provided: pass reward_funcs (functions, built-in reward "
-                             "names, or reward model ids / models)")
         if args is None:
             name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", "")
             args = GRPOConfig(output_dir=f"{os.path.basename(str(name).rstrip('/')) or 'model'}-GRPO")
-        if train_dataset is None:
-            raise ValueError("GRPOTrainer: `train_dataset` is required")
-        check_text_only(model, getattr(args, "trust_remote_code", False))  # a VLM: refused before anything loads
-        init_kwargs = getattr(args, "model_init_kwargs", None) or {}
-        reward_funcs, self.reward_processing_classes = resolve_reward_models(
-            reward_funcs, reward_processing_classes, {k: v for k, v in init_kwargs.items() if k != "device_map"},
-            chat_template_kwargs=getattr(args, "chat_template_kwargs", None))
-        streamed = is_iterable_dataset(train_dataset)
-        if isinstance(args, GRPOConfig):
-            _iterable_dataset_settings(args, streamed, eval_dataset)
-        # a streamed train set: its first rows are checked (and build the trainer); training reads the stream
-        rows = peek_rows(train_dataset, 8) if streamed else load_rows(train_dataset)
-        for column in ("image", "images"):
-            if rows and column in rows[0]:
-                raise ValueError(f"dash-fast does not support train_dataset column {column!r}: vision-language "
-                                 "inputs (the engines and the training forward take token ids only)")
-        if isinstance(model, str):
-            model = load_causal_lm(model, args, init_kwargs, peft=peft_config is not None)
-        model = apply_peft(model, peft_config, beta=args.beta)
-        if getattr(args, "sync_ref_model", False) and is_peft_model(model):
-            raise ValueError(refusal("sync_ref_model", True, "with PEFT the reference is the policy's own base weights "
-                                     "(adapters disabled), there is no reference copy to sync (TRL refuses it too)"))
+        model, reward_funcs, self.reward_processing_classes, rows, streamed = trl_inputs(
+            model, reward_funcs, args, train_dataset, eval_dataset, reward_processing_classes, peft_config)
         self.grpo_args = args
         names = [getattr(f, "__name__", type(f).__name__) if not isinstance(f, str) else f for f in reward_funcs]
         dash_args = args.to_dash_config(int(os.environ.get("WORLD_SIZE", "1")), None if streamed else len(rows), names) \
