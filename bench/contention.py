@@ -12,7 +12,7 @@ so that the other jobs on a shared machine hit all policies alike.
 Tasks (both start from e2e.py's SFT warm start of the embedded default):
   embedded  DashTrainer on the embedded default's settings (64 prompts x 8, 24 tokens; ~0.4 s steps)
   trl       dash_fast.GRPOTrainer from a TRL-style script (8 prompts x 4, 16 tokens; ~0.1 s steps, the
-            shape of issue 15's outside measurement)
+            shape of a TRL script's step)
 Competitors (started before the trainer, killed after it):
   py        one Python busy loop (`while True: pass`: one core, no syscalls)
   torch     a second torch process multiplying 256x256 matrices with 2 OpenMP threads (another trainer)
@@ -20,8 +20,8 @@ Competitors (started before the trainer, killed after it):
             desktops, on here) each session gets an equal share of the CPUs whatever its processes' nice
 Policies: default (what dash-fast does with no thread settings: cpu_threads=auto, dash_fast imported before
 torch: PASSIVE), torch_first (the same in a script that imports torch before dash_fast: libgomp's short spin,
-device_setup.shorten_openmp_spin), torch (torch's own: one thread per core, libgomp's default spin of 300000,
-as dash-fast ran before cpu_threads=auto, and TRL runs), t1 (cpu_threads=1),
+runtime.device.shorten_openmp_spin), torch (torch's own: one thread per core, libgomp's default spin of 300000,
+as TRL runs), t1 (cpu_threads=1),
 t2_passive (OMP_WAIT_POLICY=PASSIVE), t2_spin (GOMP_SPINCOUNT=0), t2_spin10k (GOMP_SPINCOUNT=10000), t2_bound
 (OMP_PROC_BIND=true, OMP_PLACES=cores: each thread bound to one core, libgomp's default spin); embedded task
 only: overlap (overlap=true: the sampler process on one core, the learner on the other), vllm (engine=vllm in

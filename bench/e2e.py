@@ -316,7 +316,7 @@ class TRLRunner:
         from trl import GRPOConfig, GRPOTrainer
 
         from dash_fast.data.prompts import load_rows
-        from dash_fast.rewards.builtin import exact_answer_reward
+        from dash_fast.rewards import exact_answer_reward
         from dash_fast.trainer import DashTrainer
 
         self.name, self.s, self.max_steps = "trl+vllm" if use_vllm else "trl", s, s["steps"]

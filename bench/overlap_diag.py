@@ -1,4 +1,4 @@
-"""Why the learner slows beside the CPU sampler (issue 15): the learner's update timed alone, beside a
+"""Why the learner slows beside the CPU sampler: the learner's update timed alone, beside a
 sampler *thread* and beside a sampler *process* (1 torch thread each), unbound and bound to one core each.
 
     python bench/overlap_diag.py [--updates 6] [--cases cores,alone,thread,process,thread_bound,process_bound]

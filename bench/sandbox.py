@@ -40,7 +40,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    from dash_fast.rewards.builtin import make_code_reward
+    from dash_fast.rewards import make_code_reward
     from dash_fast.rewards.sandbox import run_python
 
     reward = make_code_reward(max_workers=args.workers)

@@ -2,9 +2,10 @@
 
 from dash_fast.runtime.device import set_openmp_wait_policy
 
-set_openmp_wait_policy()  # first: libgomp reads it when torch loads it (device_setup.py says why)
+set_openmp_wait_policy()  # first: libgomp reads it when torch loads it (runtime/device.py says why)
 
-from dash_fast.config import DashConfig, SFTConfig  # noqa: E402
+from dash_fast.config import DashConfig  # noqa: E402
+from dash_fast.embedded.sft import SFTConfig  # noqa: E402
 from dash_fast.trainer import DashTrainer  # noqa: E402
 from dash_fast.trl.trainer import GRPOConfig, GRPOTrainer  # noqa: E402
 

@@ -185,9 +185,8 @@ def cmd_sft(ns: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dash_fast.config import SFTConfig
     from dash_fast.data.prompts import check_columns, load_rows
-    from dash_fast.embedded.sft import run_sft
+    from dash_fast.embedded.sft import SFTConfig, run_sft
 
     rows = load_rows(ns.dataset)
     check_columns(rows, [ns.prompt_column, ns.completion_column], ns.dataset)
@@ -298,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dash-fast: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from dash_fast.rewards.builtin import RewardError
+        from dash_fast.rewards import RewardError
 
         if isinstance(e, RewardError):
             print(f"dash-fast: error: {e}", file=sys.stderr)

@@ -203,7 +203,7 @@ class Collector:
     def _score(self, indices: list[int], rollout: Rollout, step: int):
         """Rewards of this rank's rows; (None, None) when a reward function failed on any rank and
         on_reward_error="skip". With "raise" the RewardError propagates and the last checkpoint stays."""
-        from dash_fast.rewards.builtin import RewardError
+        from dash_fast.rewards import RewardError
 
         error: RewardError | None = None
         try:

@@ -15,21 +15,12 @@ import yaml
 
 from dash_fast.algo import LOSS_AGGS, SCALE_REWARDS
 from dash_fast.data.formats import DATASET_FORMATS
+from dash_fast.embedded.sft import SFTConfig
 from dash_fast.embedded.tiny import TinyConfig
 
 
 class ConfigError(ValueError):
     """A bad config key or value; the message is one line naming it."""
-
-
-@dataclass
-class SFTConfig:
-    """Supervised warm start (used by the embedded default before RL; `steps: 0` skips it)."""
-
-    steps: int = 0
-    batch_size: int = 64
-    learning_rate: float = 3e-3
-    warmup_steps: int = 20
 
 
 @dataclass
@@ -95,7 +86,7 @@ class DashConfig:
     vllm_kv_cache_bytes: int | None = None  # engine=vllm: KV cache size; None: 1 GiB on CPU, the share above on CUDA
     vllm_enforce_eager: bool | None = None  # engine=vllm: no torch.compile / CUDA graphs; None: eager on CPU only
     vllm_process: bool | None = None  # engine=vllm in its own pinned process; None: with overlap on >= 2 CPUs only
-    cpu_threads: int | str | None = "auto"  # torch threads, set at start-up (before vLLM): N | auto | None (torch's); device_setup.py
+    cpu_threads: int | str | None = "auto"  # torch threads, set at start-up (before vLLM): N | auto | None (torch's); runtime/device.py
     cpu_affinity: str | None = None  # CPU ids to bind the trainer's threads to at start-up ("0-1", "0,2"); None: as started
     sampler_cores: int | None = None  # overlap=True on CPU: cores of the sampler thread (the rest: learner); None: half
     bind_cpus: bool = False  # overlap=True on CPU: bind the sampler and the learner to their own cores
@@ -171,7 +162,7 @@ class DashConfig:
         need(self.sampler_cores is None or self.sampler_cores >= 1, "sampler_cores", "must be >= 1 or None")
         need(self.cpu_sampler in ("process", "thread"), "cpu_sampler", "must be process or thread")
         if self.cpu_affinity is not None:
-            from dash_fast.overlap import parse_cpus
+            from dash_fast.runtime.cpus import parse_cpus
 
             try:
                 parse_cpus(self.cpu_affinity)

@@ -31,6 +31,7 @@ from dash_fast.data.prompts import pad_right
 from dash_fast.engines.base import Rollout
 from dash_fast.losses import EntropyBonus, LossInputs, get_loss
 from dash_fast.mixed_precision import MixedPrecision
+from dash_fast.models.decoder import logit_multiplier
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.profiling import nvtx_range
 
@@ -415,15 +416,6 @@ class Learner:
             from dash_kernels import logprobs_ref
 
             return logprobs_ref(hidden, weight, bias, targets, temperature=self.args.temperature)
-
-
-def logit_multiplier(model) -> float:
-    """The factor a model applies to `hidden @ lm_head.T` (Cohere's logit_scale, Granite's 1 / logits_scaling),
-    folded into the hidden states so that the kernels' logits are the model's (1.0 for most models)."""
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale, scaling = getattr(config, "logit_scale", None), getattr(config, "logits_scaling", None)
-    return (1.0 if scale is None else float(scale)) / (1.0 if scaling is None else float(scaling))
 
 
 def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -17,12 +17,12 @@ the child's rollout, so rollout r+1 is read from theta_r exactly), with its own 
 sampler's cores, `sampler_cores`, default half) and its own KV cache; the trainer runs torch with the
 learner's share. It is spawned once per run, when the scheduler is built (its start-up overlaps the
 trainer's), and stopped when training ends or fails (and dies with a killed trainer). `cpu_sampler=
-"thread"` keeps the former worker thread (one interpreter: the GIL, and a process-wide thread count).
+"thread"` samples in a worker thread instead (one interpreter: the GIL, and a process-wide thread count).
 With `bind_cpus=True` the learner's threads and the sampler's are bound to their own cores.
 
 Widening (sampler process): the sampler on its share of the cores usually finishes before the learner on
-the rest (bench/e2e.py on 2 cores, one thread a side: ~0.2 s vs ~0.4 s), and torch scales ~1.7x from 1 to
-2 threads here, so a fixed split leaves the sampler's cores idle for the rest of the step. Between
+the rest (bench/e2e.py shows the split), and torch scales with threads, so a fixed split leaves the
+sampler's cores idle for the rest of the step. Between
 micro-batches (never inside one) the learner asks, without blocking, whether the rollout is back; once it
 is, it takes every core of the split (torch's thread count and, with bind_cpus, every thread's affinity:
 OpenMP workers inherit the binding of the thread that starts them, and bind_process rebinds those already
@@ -30,21 +30,9 @@ there) until the next launch, which gives the cores back before the sampler is s
 is idle in between (blocked on its pipe), and the optimizer step still waits for the rollout, so weights
 it reads are never written. Only the learner's thread count changes, so results change at most in the last
 bits, and which micro-batches run widened depends on when the sampler finishes. The micro-batch is the
-grain: with 2-3 per update (the embedded default's 4096 tokens) the gain is well under an idle core.
-
-Diagnosis (issue 15: training slowed 0.76 -> 1.13 s beside the sampler thread; GIL or cores?), on this
-project's shared 2-core machine (bench/overlap_diag.py, the e2e dash step's update, 1 torch thread a side).
-At load ~2.2 (this run's own two processes included): the update took 0.444 s alone (its
-own CPU 0.443 s: 0.99 cores used), 0.747 s beside a sampler process and 0.699 s beside a sampler thread,
-and the run as a whole still used 1.01 / 1.05 cores: the second core's time never came. Two independent
-CPU-bound processes at once got 1.12x (fp32 matmul) and 1.68x (a pure-Python loop) the throughput of one,
-not 2x. At load 10-14: 0.85-0.91 s alone, 2.41 s beside a thread, 2.73 s beside a process, learner CPU
-0.42-0.51 s in every case. The process, which shares no GIL, was no faster than the thread: the limit was
-CPU time taken by other jobs (the vCPUs then gave the run about one core), not the GIL. In
-bench/e2e.py the sampler process hides generation (0.000 s left in the step) and the update slows about
-as much as beside the thread (load ~2.3: forward + backward 0.20 + 0.28 s vs 0.13 + 0.19 s in order). At load ~1.3 the update
-did not slow beside the sampler process (0.154 + 0.222 s vs 0.152 + 0.220 s) and the overlapped step was
-1.04x max(generate, train). Process vs thread on such a quiet machine was not compared.
+grain: with 2-3 per update (the embedded default's 4096 tokens) the gain is well under an idle core. Why the
+update slows beside the sampler on a shared machine (CPU time taken by other jobs, not the GIL):
+docs/cpu.md and bench/overlap_diag.py.
 
 Everywhere else (one core, the dynamic or vLLM engines) the same schedule runs in order: `launch()`
 samples at once, before the optimizer step, so the bookkeeping and the results are exactly those of the
@@ -68,6 +56,7 @@ import torch
 
 from dash_fast.engines.base import Rollout
 from dash_fast.engines.sampler_process import GenerationPlan, SamplerProcess
+from dash_fast.runtime.cpus import INITIAL_CPUS, bind_process, split_cpus
 
 
 @dataclass
@@ -93,46 +82,6 @@ class Prefetched:
     @staticmethod
     def from_state_dict(state: dict) -> Prefetched:
         return Prefetched(**{**state, "rollout": Rollout(**state["rollout"])})
-
-
-INITIAL_CPUS = frozenset(os.sched_getaffinity(0))  # before any binding: what a scheduler may split
-
-
-def parse_cpus(spec: str) -> set[int]:
-    """'0,2-3' -> {0, 2, 3} (the Linux cpulist format)."""
-    cpus: set[int] = set()
-    for part in str(spec).split(","):
-        lo, _, hi = part.strip().partition("-")
-        if not lo.isdigit() or (hi and not hi.isdigit()):
-            raise ValueError(f"cpu list {spec!r}: expected numbers and ranges like '0,2-3'")
-        cpus.update(range(int(lo), int(hi or lo) + 1))
-    return cpus
-
-
-def usable_cpus(cpu_affinity: str | None) -> set[int]:
-    """The CPUs a run may split: `cpu_affinity` when given, else the process's affinity at import."""
-    return parse_cpus(cpu_affinity) if cpu_affinity else set(INITIAL_CPUS)
-
-
-def bind_process(cpus: set[int]) -> None:
-    """Bind every thread of this process (OpenMP workers included) to `cpus`: sched_setaffinity on a
-    thread id binds that thread only, and threads started later inherit their creator's binding."""
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except (ProcessLookupError, PermissionError):  # a thread that just exited
-            pass
-
-
-def split_cpus(cpus: set[int], sampler_cores: int | None) -> tuple[set[int], set[int]] | None:
-    """(learner cpus, sampler cpus) from the usable ones, or None when there are fewer than two."""
-    ordered = sorted(cpus)
-    if len(ordered) < 2:
-        return None
-    n = sampler_cores or len(ordered) // 2
-    if not 1 <= n < len(ordered):
-        raise ValueError(f"sampler_cores={sampler_cores}: must leave the learner at least one of {len(ordered)} cpus")
-    return set(ordered[:-n]), set(ordered[-n:])
 
 
 class OverlapScheduler:

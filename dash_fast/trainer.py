@@ -51,10 +51,11 @@ from dash_fast.metrics import MetricsLogger
 from dash_fast.mixed_precision import MixedPrecision, is_bf16_run
 from dash_fast.models.loading import check_text_only, load_model, resolve_device
 from dash_fast.models.peft import is_peft_model, reference_policy
-from dash_fast.overlap import OverlapScheduler, usable_cpus
+from dash_fast.overlap import OverlapScheduler
 from dash_fast.rewards.scorer import RewardFunc, RewardScorer
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.cpu_memory import keep_freed_memory
+from dash_fast.runtime.cpus import usable_cpus
 from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.runtime.profiling import ProfileWindow
 

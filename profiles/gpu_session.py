@@ -15,6 +15,12 @@ the plumbing is exercised, the figures mean nothing.
 4. overlap   step time with the sampler on a side stream vs max(generate, train) of the in-order run
 5. trainer   bf16 trainer steps with the Triton loss vs the torch loss (same rollout at step 1)
 6. determinism  two deterministic=True bf16 runs give bit-identical weights (in a fresh process)
+7. attention grouped-query SDPA with a mask runs on a fused kernel (not the math fallback) and equals the
+             K/V-expanded reference; its time vs SDPA's own enable_gqa
+8. masters   bf16 trainer steps with fp32 master weights vs bf16 weights trained in place: step time and
+             CUDA peak memory (what the masters cost)
+9. plan      the memory plan's peak vs torch.cuda.max_memory_allocated of `dash-fast train` on a
+             Qwen2.5-0.5B-shaped model (random init, bf16, 2 steps)
 """
 
 from __future__ import annotations
@@ -144,7 +150,8 @@ def _graph_engine(model, dry: bool):
 
 
 def check_decode(dry: bool, device: str) -> None:
-    from test_engine import TINY, prompts
+    from helpers import TINY_ENGINE as TINY
+    from helpers import prompts
 
     from dash_fast.embedded.tiny import build_model, build_tokenizer
     from dash_fast.engines.base import SamplingParams
@@ -210,7 +217,7 @@ def check_decode(dry: bool, device: str) -> None:
 
 # ----------------------------------------------------------------------------- 4-6. trainer
 def make_trainer(out: str, device: str, **overrides):
-    from test_overlap import length_reward
+    from helpers import length_reward
 
     from dash_fast import DashConfig, DashTrainer
     from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
@@ -296,9 +303,99 @@ def determinism_child(dry: bool) -> None:
     print("identical" if not diff else f"DIFFERENT in {len(diff)} tensors, e.g. {diff[:3]}")
 
 
+# ----------------------------------------------------------------------------- 7-9. real scale
+def check_attention(dry: bool, device: str) -> None:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dash_fast.models.decoder import grouped_sdpa
+
+    b, H, n_kv, T, D = (2, 4, 2, 8, 16) if dry else (16, 14, 2, 1024, 64)  # Qwen2.5-0.5B heads, a 1k-token prefill
+    dtype = torch.float32 if dry else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(b, H, T, D, device=device, dtype=dtype, generator=g)
+    k, v = (torch.randn(b, n_kv, T, D, device=device, dtype=dtype, generator=g) for _ in range(2))
+    mask = torch.ones(T, T, device=device, dtype=torch.bool).tril()[None, None].repeat(b, 1, 1, 1)
+    mask[0, :, :, : T // 4] = False  # left padding on row 0: a real mask, not just causal
+    mask[0, :, :, T // 4] = True
+    scale = D ** -0.5
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(H // n_kv, 1),
+                                         v.double().repeat_interleave(H // n_kv, 1), attn_mask=mask, scale=scale)
+    fused = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    backends = fused + [SDPBackend.MATH] if dry else fused  # the CPU dry run has no fused masked kernel to insist on
+    try:
+        with sdpa_kernel(backends):
+            out = grouped_sdpa(q, k, v, mask, scale)
+        err, raised = float((out.double() - ref).abs().max()), ""
+    except RuntimeError as e:
+        err, raised = float("inf"), f"; raised {str(e)[:120]}"
+    tol = 1e-5 if dry else 2e-2
+    row(f"attention grouped_sdpa with a mask on fused SDPA kernels only ({H}/{n_kv} heads, T {T}, {str(dtype)[6:]})",
+        f"max abs err vs K/V-expanded float64 {err:.1e}{raised}", f"runs without MATH, <= {tol:g}", err <= tol)
+    steps = {"grouped_sdpa": lambda: grouped_sdpa(q, k, v, mask, scale),
+             "sdpa enable_gqa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                       enable_gqa=True)}
+    times = common.time_interleaved(steps, 1, 1 if dry else 10, device)
+    ratio = times["sdpa enable_gqa"][1] / times["grouped_sdpa"][1]
+    row("attention grouped_sdpa speed vs SDPA enable_gqa (same mask)",
+        f"{times['grouped_sdpa'][1]:.2f} vs {times['sdpa enable_gqa'][1]:.2f} ms = {ratio:.2f}x", ">= 1x",
+        speed(ratio >= 1.0, dry))
+
+
+def check_masters(dry: bool, device: str) -> None:
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for masters in (True, False):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t = make_trainer(f"{tmp}/{masters}", device, small=dry, dtype="bfloat16", master_weights=masters)
+            t.train()
+            steps = [r["time_step_s"] for r in _records(t)][1:]  # past the first step (warm-up)
+            peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+            figures[masters] = (sum(steps) / max(len(steps), 1), peak)
+            del t
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    (t_on, m_on), (t_off, m_off) = figures[True], figures[False]
+    ratio = t_on / max(t_off, 1e-9)
+    row("masters bf16 + fp32 masters vs bf16 in place: step time",
+        f"{t_on * 1e3:.0f} vs {t_off * 1e3:.0f} ms = {ratio:.2f}x", "<= 1.25x", speed(ratio <= 1.25, dry))
+    row("masters: CUDA peak memory", f"{m_on / 2**20:.0f} vs {m_off / 2**20:.0f} MiB", "-", None)
+
+
+def check_plan(dry: bool, device: str) -> None:
+    import memory as bench_memory  # bench/memory.py
+
+    from dash_fast.cli import main as cli_main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        bench_memory.build(work, bench_memory.SMOKE if dry else bench_memory.QWEN05, 2 if dry else 24)
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        rc = cli_main(["train", "--model", str(work / "model"), "--dataset", str(work / "train.jsonl"),
+                       "--output-dir", str(work / "run"), "--max-steps", "2", f"device={device}",
+                       f"dtype={'float32' if dry else 'bfloat16'}", "report_to=none", "disable_tqdm=true",
+                       "prompts_per_step=8", "group_size=8", "max_prompt_tokens=16", "max_completion_tokens=256",
+                       "filter_tau=none", "eval_examples=0", "reward_funcs=[memory:parity_reward]"])
+        measured = (torch.cuda.max_memory_allocated() - base) if device == "cuda" else 0
+        plan = json.loads((work / "run" / "summary.json").read_text())["memory_plan"] if rc == 0 else None
+    if plan is None:
+        row("plan vs CUDA peak", f"dash-fast train exited {rc}", "runs", False)
+        return
+    ratio = measured / plan["peak_bytes"]
+    row(f"plan vs CUDA peak ({plan['model']['params'] / 1e6:.0f}M params, 64 rows x 256 new tokens, "
+        f"{'fp32' if dry else 'bf16'})",
+        f"measured {measured / 1e9:.2f} GB / planned {plan['peak_bytes'] / 1e9:.2f} GB = {ratio:.2f}",
+        "0.7 .. 1.1", speed(0.7 <= ratio <= 1.1, dry))
+
+
 # ----------------------------------------------------------------------------- main
 CHECKS = {"kernels": check_kernels, "loss": check_loss, "decode": check_decode, "overlap": check_overlap,
-          "trainer": check_trainer, "determinism": check_determinism}
+          "trainer": check_trainer, "determinism": check_determinism, "attention": check_attention,
+          "masters": check_masters, "plan": check_plan}
 
 
 def write(out: Path, dry: bool, wall: float, echo: bool = True) -> None:

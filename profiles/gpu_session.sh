@@ -7,7 +7,8 @@
 #
 # Steps (profiles/gpu_session.py has the details): Triton fwd/bwd vs the float64 reference (fp32, bf16),
 # both backwards vs Liger and torch at the Qwen2.5-0.5B head, CUDA-graph decode vs eager, overlap vs in
-# order, bf16 trainer Triton loss vs torch loss, deterministic reruns; then tests/test_gpu.py.
+# order, bf16 trainer Triton loss vs torch loss, deterministic reruns, grouped-query attention on a fused
+# SDPA kernel, what fp32 masters cost, the memory plan vs the CUDA peak; then tests/test_gpu.py.
 #
 # $OUT (the device tool's output folder; default gpu-results/) gets at most 7 flat files: summary.md,
 # summary.json, session.log, test_gpu.log, nvidia-smi.txt, versions.txt, exit_codes.txt. Liger is not in

@@ -1,4 +1,4 @@
-"""Issue 25's outside check (not part of the suite): a TRL script with `bf16=True` at lr 3e-6 moves the
+"""An outside check (not part of the suite): a TRL script with `bf16=True` at lr 3e-6 moves the
 weights as TRL's own GRPOTrainer does.
 
 Builds a small random Qwen2 model (fp32) saved to a directory, passes it by path to `trl.GRPOTrainer` and

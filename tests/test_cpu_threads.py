@@ -1,4 +1,4 @@
-"""cpu_threads=auto and the OpenMP wait policy (device_setup.py): every usable CPU whatever the import order,
+"""cpu_threads=auto and the OpenMP wait policy (runtime/device.py): every usable CPU whatever the import order,
 the spin turned off (PASSIVE) or shortened (torch imported first), and a user's own setting wins. The speed
 side is bench/contention.py (no timed tests; the spin test compares CPU time, not speed)."""
 
@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from test_overlap import make_trainer
+from helpers import checkout_env, make_trainer
 
 from dash_fast.config import ConfigError, DashConfig, make_config
-from dash_fast.overlap import bind_process
 from dash_fast.runtime import device as device_setup
+from dash_fast.runtime.cpus import bind_process
 from dash_fast.runtime.device import (
     SPINNING_NOTICE,
     apply_cpu_threads,
@@ -23,8 +22,6 @@ from dash_fast.runtime.device import (
     loaded_libgomp,
     set_openmp_wait_policy,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -50,8 +47,8 @@ def test_wait_policy_is_set_only_before_torch_is_loaded_and_never_over_the_users
 def openmp_settings(code: str, **env: str) -> str:
     """What libgomp itself read (OMP_DISPLAY_ENV=VERBOSE prints its settings when torch loads it)."""
     clean = {k: v for k, v in os.environ.items() if k not in device_setup.WAIT_VARS + device_setup.THREAD_VARS}
-    proc = subprocess.run([sys.executable, "-c", code], env={**clean, "OMP_DISPLAY_ENV": "VERBOSE",
-                          "PYTHONPATH": str(ROOT), **env}, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=checkout_env(clean, OMP_DISPLAY_ENV="VERBOSE", **env),
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stderr
 
@@ -95,8 +92,8 @@ threads, why = device_setup.apply_cpu_threads("auto", None)
 print(device_setup.openmp_wait, threads, torch.get_num_threads(), before, cpu_over_idle_gaps(), why, sep="|")
 """
     clean = {k: v for k, v in os.environ.items() if k not in device_setup.WAIT_VARS + device_setup.THREAD_VARS}
-    proc = subprocess.run([sys.executable, "-c", code], env={**clean, "PYTHONPATH": str(ROOT)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", code], env=checkout_env(clean), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wait, threads, now, before, after, why = proc.stdout.strip().splitlines()[-1].split("|")
     cpus = len(os.sched_getaffinity(0))

@@ -3,6 +3,7 @@ stop tokens / max_new_tokens / top-k / top-p hold, and it samples from the live 
 
 import pytest
 import torch
+from helpers import PAD, other_architectures, prompts, tiny_model
 
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from dash_fast.engines.base import SamplingParams
@@ -11,22 +12,8 @@ from dash_fast.engines.torch_engine import (
     TorchEngine,
     draw_uniforms,
     sample_next,
-    static_unsupported,
 )
-
-TINY = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
-PAD = 0
-
-
-def tiny_model(dtype=torch.float64, seed=0):
-    return build_model(build_tokenizer(), TINY, seed=seed).to(dtype)
-
-
-def prompts(n=12, seed=0, vocab=23):
-    """Prompts of different lengths, so left padding and per-row RoPE positions matter."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, vocab, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+from dash_fast.models.decoder import static_unsupported
 
 
 def engines(model):
@@ -209,16 +196,6 @@ def test_engine_reads_the_live_parameters_zero_copy():
     held = [*dec.k, *dec.v, dec.rope_q, dec.rope_k, dec.rot, dec.key_valid]
     assert not param_ptrs & {t.untyped_storage().data_ptr() for t in held}
     assert sum(t.numel() for t in held) < sum(p.numel() for p in model.parameters()) * 4  # cache-sized, no copy
-
-
-def other_architectures():
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    common = dict(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD)
-    torch.manual_seed(0)
-    return {"llama_gqa": LlamaForCausalLM(LlamaConfig(**common, attention_bias=True)),
-            "qwen3_qk_norm": Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))}
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen3_qk_norm"])

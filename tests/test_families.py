@@ -1,4 +1,4 @@
-"""The model families users pick (issue 25): for each, on a tiny random fp32 config with GQA, the rollout
+"""The model families users pick: for each, on a tiny random fp32 config with GQA, the rollout
 engine takes the static fast path or announces its dynamic fallback with the reason, and either way
 
 - its greedy tokens equal Hugging Face's `generate` (left-padded prompts of different lengths),
@@ -18,7 +18,7 @@ import torch
 
 from dash_fast.engines.base import SamplingParams
 from dash_fast.engines.torch_engine import TorchEngine
-from dash_fast.learner import logit_multiplier
+from dash_fast.models.decoder import logit_multiplier
 from dash_fast.models.shared_prompt import shared_prompt_hidden, shared_prompt_unsupported
 
 COMMON = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

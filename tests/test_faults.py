@@ -13,7 +13,7 @@ from dash_fast.config import ConfigError, make_config
 from dash_fast.data.prompts import DataError
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 from dash_fast.losses import LOSSES, get_loss
-from dash_fast.rewards.builtin import RewardError
+from dash_fast.rewards import RewardError
 from dash_fast.trainer import Extensions, TrainingAborted
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,

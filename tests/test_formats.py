@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from helpers import TINY_MODEL
 
 from dash_fast.data.formats import (
     adapt_dataset,
@@ -16,7 +17,7 @@ from dash_fast.data.formats import (
     load_formatted,
     to_chat,
 )
-from dash_fast.rewards.builtin import code_reward, math_reward
+from dash_fast.rewards import code_reward, math_reward
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when datasets is first imported (lazily, below)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -188,10 +189,10 @@ def test_resolve_format_from_columns_and_unknown_layout_is_one_line():
 
 def tiny_trainer(tmp_path, train, reward_funcs=None, trainer_cls=None, **overrides):
     from dash_fast import DashConfig, DashTrainer
-    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+    from dash_fast.embedded.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer()
-    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    model = build_model(tok, TINY_MODEL)
     args = dict(output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, group_size=2, max_completion_tokens=4,
                 report_to=[], disable_tqdm=True, eval_examples=2)
     args.update(overrides)
@@ -219,10 +220,10 @@ def test_gsm8k_sample_trains_with_the_math_reward(tmp_path):
 
 def test_grpo_trainer_takes_dataset_format(tmp_path):
     from dash_fast import GRPOConfig, GRPOTrainer
-    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+    from dash_fast.embedded.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer()
-    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    model = build_model(tok, TINY_MODEL)
     rows = read_jsonl("math_sample.jsonl")
     args = GRPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, num_generations=2,
                       max_completion_length=4, max_prompt_length=1024, report_to="none")

@@ -1,7 +1,6 @@
 """GPU checks: skipped on machines without CUDA.
 
-No GPU was lent while these were written, so they have not run yet (README, Status). They cover what the
-CPU suite cannot: the Triton kernels compiled and run for real (fp32 and bf16), CUDA-graph decode against
+Whether they have run is in docs/status.md. They cover what the CPU suite cannot: the Triton kernels compiled and run for real (fp32 and bf16), CUDA-graph decode against
 the eager step (also after in-place weight updates, which graphs must see), the overlap schedule with the
 sampler on a side stream and thread against the same schedule run in order, and the trainer end to end in
 bf16. `profiles/gpu_session.sh` runs them with the GPU benchmarks.
@@ -11,8 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_engine import prompts  # prompts of different lengths
-from test_overlap import length_reward  # varies within every group: every step moves the weights
+from helpers import length_reward, prompts
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task

@@ -14,17 +14,12 @@ import threading
 
 import pytest
 import torch
-from test_engine import prompts, tiny_model
+from helpers import fake_capture, prompts, tiny_model
 
 from dash_fast.engines.base import SamplingParams
 from dash_fast.engines.torch_engine import TorchEngine, graph_buckets
 
 PARAMS = SamplingParams(temperature=0.8, top_k=10, max_new_tokens=10, stop_token_ids=(3, 4, 9), seed=3)
-
-
-def fake_capture(step):
-    out = step()
-    return (lambda: out.copy_(step())), out
 
 
 def graph_engine(model) -> TorchEngine:

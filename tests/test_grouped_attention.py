@@ -1,4 +1,4 @@
-"""GQA attention under a mask runs at the K/V head count (issue 25): `grouped_sdpa` regroups the query heads
+"""GQA attention under a mask runs at the K/V head count: `grouped_sdpa` regroups the query heads
 onto their KV head instead of SDPA's enable_gqa, which with a mask falls back on CUDA to the math kernel
 (expanding K/V per query head). Checked on CPU: the same values as SDPA with K/V repeated per head, for the
 engine's prefill mask (per query position), its decode mask (one row) and the shared-prompt completion mask."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dash_fast.engines.torch_engine import grouped_sdpa
+from dash_fast.models.decoder import grouped_sdpa
 
 
 def reference(q, k, v, mask, scale):

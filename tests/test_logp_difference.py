@@ -1,4 +1,4 @@
-"""Sampler vs trainer agreement is visible (issue 25): every step record carries TRL's
+"""Sampler vs trainer agreement is visible: every step record carries TRL's
 `sampling/sampling_logp_difference/{mean,max}` (from the old-log-prob pass when one runs, else from the loss
 forward of the step's first optimizer step), and the start-up line and summary.json name the rollout engine
 path and the training forward that ran. Tiny local models only."""

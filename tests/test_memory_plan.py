@@ -8,7 +8,8 @@ import json
 
 import pytest
 import torch
-from test_trainer import assert_same_grads, grads_of_update, make_trainer, rollout_for
+from helpers import assert_same_grads, grads_of_update, rollout_for
+from helpers import make_float64_trainer as make_trainer
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,

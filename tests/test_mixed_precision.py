@@ -1,4 +1,4 @@
-"""bf16 runs train fp32 master weights with bf16 compute (mixed_precision.py, issue 25): at lr 3e-6 they
+"""bf16 runs train fp32 master weights with bf16 compute (mixed_precision.py): at lr 3e-6 they
 move the weights as an fp32 run does, while bf16 weights trained in place lose almost every update; the
 sampler reads a bf16 copy kept equal to the rounded masters; checkpoints and exact resume carry the masters."""
 
@@ -6,16 +6,14 @@ import os
 
 import pytest
 import torch
+from helpers import TINY_TASK as TINY
 from safetensors.torch import load_file
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 from dash_fast.losses import LOSSES, get_loss
 from dash_fast.mixed_precision import compute_copy
 from dash_fast.trainer import Extensions
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=40, n_test=8)
 
 
 def length_reward(prompts, completions, **columns):

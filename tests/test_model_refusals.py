@@ -3,9 +3,10 @@
 
 import pytest
 from datasets import Dataset
+from helpers import TINY_MODEL
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.models.loading import check_text_only
 
 
@@ -62,7 +63,7 @@ def test_vision_language_configs_are_refused_before_any_weights_load(tmp_path, c
 
 def test_text_only_models_pass(tmp_path):
     tok = build_tokenizer()
-    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    model = build_model(tok, TINY_MODEL)
     check_text_only(model)
     model.save_pretrained(tmp_path)
     check_text_only(str(tmp_path))

@@ -3,13 +3,12 @@ string prompts, and models whose logits are transformed after the head refused a
 
 import pytest
 import torch
+from helpers import TINY_MODEL as TINY
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.data.prompts import DataError, PromptDataset
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.models.loading import logit_transform
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 
 
 def bos_tokenizer():

@@ -9,68 +9,14 @@ import threading
 
 import pytest
 import torch
+from helpers import TINY_TASK as TINY
+from helpers import Recorder, make_trainer, params, same
 
-from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import load_trainer_state
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.engines.torch_engine import TorchEngine
-from dash_fast.overlap import INITIAL_CPUS, OverlapScheduler, Prefetched, bind_process, parse_cpus, split_cpus
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=40, n_test=8)
-
-
-def length_reward(completions, **columns):
-    """Varies within every group even for a random model, so every step moves the weights."""
-    return [float(len(c) % 5) for c in completions]
-
-
-def make_trainer(tmp_path, **overrides) -> DashTrainer:
-    tok = build_tokenizer()
-    model = build_model(tok, TINY, seed=0)
-    train, _ = make_task(TINY, seed=0)
-    args = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, max_completion_tokens=8,
-                max_prompt_tokens=16, loss_impl="naive", report_to=[], disable_tqdm=True, learning_rate=1e-2,
-                filter_tau=None, max_steps=4, seed=1)
-    args.update(overrides)
-    return DashTrainer(model, length_reward, args=DashConfig(**args), train_dataset=train, processing_class=tok)
-
-
-def params(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class Recorder:
-    """Wraps the trainer: weights when each rollout was sampled, at the start of each step, the rollout
-    and old log-probs each step trained on, and its prompts."""
-
-    def __init__(self, trainer: DashTrainer) -> None:
-        self.sampled_with: list[tuple[int, dict]] = []  # (seed, weights) per rollout sampled
-        self.at_begin: dict[int, dict] = {}
-        self.used: dict[int, tuple] = {}  # step -> (rollout, old)
-        self.prompts: dict[int, list[int]] = {}
-        plan, rollout_for = trainer.collector.generation_plan, trainer.collector.rollout_for
-
-        def plan_(prompt_ids, step, row_offset=0):  # once per rollout, in this process (whoever then samples it)
-            calls = plan(prompt_ids, step, row_offset)
-            self.sampled_with.append((calls[0][1].seed, params(trainer.model)))
-            return calls
-
-        def rollout_for_(step, weights_version):
-            self.at_begin[step] = params(trainer.model)
-            job = rollout_for(step, weights_version)
-            self.prompts[step] = list(job.indices)
-            return job
-
-        def step_begin(batch):  # the learner's hook: the rollout and old log-probs an optimizer step trains on
-            self.used[trainer.state.global_step + 1] = (batch.rollout, batch.old)
-
-        trainer.learner.hooks.step_begin.append(step_begin)
-        trainer.collector.generation_plan, trainer.collector.rollout_for = plan_, rollout_for_
+from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.runtime.cpus import INITIAL_CPUS, bind_process, parse_cpus, split_cpus
 
 
 def test_with_overlap_rollout_r_plus_1_is_sampled_from_the_weights_before_step_r(tmp_path):

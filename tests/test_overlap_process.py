@@ -13,22 +13,17 @@ import time
 
 import pytest
 import torch
-from test_overlap import TINY, Recorder, make_trainer, params, same
+from helpers import TINY_TASK as TINY
+from helpers import TWO, Recorder, checkout_env, make_trainer, params, records, same
 
 from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.engines.base import SamplingParams
 from dash_fast.engines.torch_engine import TorchEngine
-from dash_fast.overlap import INITIAL_CPUS, OverlapScheduler, Prefetched, bind_process
+from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.runtime.cpus import INITIAL_CPUS, bind_process
 
-pytestmark = pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="the sampler process needs two CPUs")
-TWO = set(sorted(INITIAL_CPUS)[:2])
-
-
-@pytest.fixture(autouse=True)
-def restore_affinity():
-    yield
-    bind_process(set(INITIAL_CPUS))
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", len(INITIAL_CPUS))))
+pytestmark = [pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="the sampler process needs two CPUs"),
+              pytest.mark.usefixtures("restore_affinity")]
 
 
 def alive(pid: int) -> bool:
@@ -45,11 +40,6 @@ def gone_within(pid: int, seconds: float) -> bool:
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     return not alive(pid)
-
-
-def records(trainer) -> list[dict]:
-    timed = ("time", "tokens_per_s")
-    return [{k: v for k, v in r.items() if not k.startswith(timed)} for r in trainer.state.log_history]
 
 
 def test_the_sampler_process_runs_beside_the_update_in_another_pid(tmp_path):
@@ -92,7 +82,7 @@ def test_process_schedule_gives_the_records_and_weights_of_the_thread_and_in_ord
 
 
 def test_eval_while_a_rollout_is_pending_keeps_it_for_the_next_step(tmp_path):
-    from test_overlap import length_reward
+    from helpers import length_reward
 
     from dash_fast import DashConfig, DashTrainer
     from dash_fast.embedded.tiny import make_task
@@ -166,7 +156,7 @@ def test_the_sampler_process_reads_weights_reloaded_in_place_and_reraises_its_er
 
 
 def test_no_sampler_process_outlives_a_failed_run(tmp_path):
-    from dash_fast.rewards.builtin import RewardError
+    from dash_fast.rewards import RewardError
 
     calls = []
 
@@ -199,7 +189,7 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
         from dash_fast.engines.base import SamplingParams
         from dash_fast.engines.torch_engine import TorchEngine
         from dash_fast.embedded.tiny import build_model, build_tokenizer
-        from tests.test_overlap import TINY
+        from helpers import TINY_TASK as TINY
 
         tok = build_tokenizer()
         engine = TorchEngine(build_model(tok, TINY, seed=0), tok.pad_token_id)
@@ -211,7 +201,7 @@ def test_the_sampler_process_dies_with_a_killed_trainer(tmp_path):
     """)  # no __main__ guard, as in a user's script: the child must not re-run it
     path = tmp_path / "train_script.py"
     path.write_text(script)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])}
+    env = checkout_env()
     # output to files, not pipes: the sampler inherits them, and reading a pipe to its end would wait for it
     with open(tmp_path / "out.txt", "w") as out, open(tmp_path / "err.txt", "w") as err:
         code = subprocess.run([sys.executable, str(path)], stdout=out, stderr=err, env=env, timeout=300).returncode

@@ -11,12 +11,12 @@ import os
 
 import pytest
 import torch
-from test_overlap import Recorder, make_trainer, params
-from test_overlap_process import TWO, records, restore_affinity  # noqa: F401 (a fixture)
+from helpers import TWO, Recorder, make_trainer, params, records
 
-from dash_fast.overlap import INITIAL_CPUS, bind_process
+from dash_fast.runtime.cpus import INITIAL_CPUS, bind_process
 
-pytestmark = pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="the sampler process needs two CPUs")
+pytestmark = [pytest.mark.skipif(len(INITIAL_CPUS) < 2, reason="the sampler process needs two CPUs"),
+              pytest.mark.usefixtures("restore_affinity")]
 # records and weights: the learner's sums may group differently at another thread count (at this shape they
 # are equal bit for bit: its ops are below torch's parallel grain size, so they run on one thread either way)
 RTOL, ATOL = 1e-5, 1e-6
@@ -24,7 +24,7 @@ RTOL, ATOL = 1e-5, 1e-6
 
 def thread_cpus(pid: int | str = "self") -> set[frozenset[int]]:
     """The distinct Cpus_allowed_list of every thread of `pid` (OpenMP workers included)."""
-    from dash_fast.overlap import parse_cpus
+    from dash_fast.runtime.cpus import parse_cpus
 
     out = set()
     for tid in os.listdir(f"/proc/{pid}/task"):

@@ -44,6 +44,28 @@ def test_profile_window_starts_and_stops_the_cuda_profiler(monkeypatch):
     assert parse_steps(None) is None and parse_steps("4:9") == (4, 9)
 
 
+def test_nvtx_range_pushes_with_cuda_and_labels_only_while_a_profiler_records(monkeypatch):
+    """One helper for the trainer's ranges and the kernels': NVTX pushed when CUDA is present (faked here) or
+    the caller says so, a torch.profiler label only inside a trace."""
+    pushed, labels = [], []
+    real = torch.profiler.record_function
+    monkeypatch.setattr(torch.profiler, "record_function", lambda name: labels.append(name) or real(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: pushed.append(name))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: pushed.append("pop"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with profiling.nvtx_range("plain"):
+        pass
+    with profiling.nvtx_range("kernel", True):
+        pass
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with profiling.nvtx_range("traced"):
+            pass
+    assert pushed == ["kernel", "pop", "traced", "pop"]
+    assert labels == ["traced"]
+    assert "traced" in [e.name for e in prof.events()]
+
+
 def annotations(path) -> list[str]:
     with open(path) as f:
         trace = json.load(f)  # valid JSON
@@ -59,7 +81,7 @@ def test_trace_writes_a_chrome_trace_with_the_range_names(tmp_path):
                  "optim/step", "sync/weights"):
         assert name in names, name
     assert names.count("rollout/generate") == 2 and names.count("optim/step") == 4  # 2 steps x K = 2
-    assert not profiling._tracing  # the ranges are plain again once the trace is written
+    assert not torch._C._autograd._profiler_enabled()  # the trace was closed: the ranges are plain again
 
 
 @pytest.mark.slow

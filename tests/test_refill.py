@@ -5,14 +5,12 @@ refill rounds)."""
 
 import pytest
 import torch
+from helpers import TINY_TASK as TINY
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.config import ConfigError
 from dash_fast.data.prompts import PromptSampler
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=40, n_test=8)
+from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 
 
 def half_constant_reward(prompts, completions, **columns):

@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
+from helpers import TINY_MODEL as TINY
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 ROWS = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "completion": "given", "completion_ids": [1, 2]}
         for a in range(3) for b in range(3)]
 
@@ -83,7 +83,7 @@ def test_all_none_row_warns_naming_its_inputs_and_scores_zero(tmp_path, caplog):
     trainer = trainer_for(tmp_path, [none_for_zero, none_for_zero], prompts_per_step=9, data_seed=0)
     indices = list(range(len(ROWS)))
     rollout = trainer.generate([trainer.train_data.prompt_ids[i] for i in indices], 1)
-    with caplog.at_level(logging.WARNING, logger="dash_fast.rewards.builtin"):
+    with caplog.at_level(logging.WARNING, logger="dash_fast.rewards.calling"):
         rewards, per_func = trainer.rewards.score(trainer.train_data, indices, rollout, 1)
     assert rewards.tolist() == [0.0 if r["answer"] == "0" else 2.0 for r in ROWS]  # TRL: nansum, all None -> 0
     assert "All reward functions returned None" in caplog.text and "'prompt': '0+0='" in caplog.text

@@ -3,10 +3,11 @@
 import pytest
 import torch
 from datasets import Dataset
+from helpers import TINY_MODEL
 from transformers import Qwen2Config, Qwen2ForSequenceClassification
 
 from dash_fast import GRPOConfig, GRPOTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.rewards.reward_models import RewardModelFunc, is_reward_model_id, resolve_reward_models
 
 
@@ -67,7 +68,7 @@ def test_resolve_mixed_list_and_processing_classes(reward_dir):
 
 def test_trainer_with_reward_model_and_function_weights(reward_dir, tmp_path):
     tok = build_tokenizer()
-    model = build_model(tok, TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
+    model = build_model(tok, TINY_MODEL)
     loaded = Qwen2ForSequenceClassification.from_pretrained(reward_dir)
 
     def length(completions, **kw):

@@ -5,22 +5,21 @@ import threading
 import pytest
 import torch
 
-from dash_fast.rewards import builtin as R
-from dash_fast.rewards.builtin import (
+from dash_fast.rewards import (
     REWARD_FUNCS,
     RewardError,
-    call_reward_func,
     code_reward,
     exact_answer_reward,
-    extract_boxed,
-    extract_code,
-    extract_final_answer,
     format_reward,
     get_reward_func,
     make_code_reward,
     make_format_reward,
     math_reward,
 )
+from dash_fast.rewards import answers as R
+from dash_fast.rewards.answers import extract_boxed, extract_final_answer
+from dash_fast.rewards.calling import call_reward_func
+from dash_fast.rewards.code import extract_code
 
 
 @pytest.mark.parametrize(
@@ -181,7 +180,8 @@ def test_registry_and_unknown_name():
     assert get_reward_func("math") is math_reward
     assert get_reward_func("math_reward") is math_reward
     assert get_reward_func(len) is len
-    assert get_reward_func("dash_fast.rewards.builtin:format_reward") is format_reward
+    assert get_reward_func("dash_fast.rewards:format_reward") is format_reward
+    assert get_reward_func("dash_fast.rewards.answers:format_reward") is format_reward
     assert set(REWARD_FUNCS) == {"exact_answer", "math", "format", "code"}
     with pytest.raises(
         ValueError, match=r"unknown reward function 'mtah'; did you mean 'math'\?.*code, exact_answer"

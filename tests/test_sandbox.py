@@ -127,15 +127,15 @@ def test_values_that_are_not_plain_data_fail():
     ["d", [[["i", "1"]]]], ["l", "abc"], ["n", None],
 ])  # fmt: skip
 def test_decoder_rejects_anything_but_tagged_plain_data(bad):
-    with pytest.raises((sandbox._Malformed, TypeError)):
-        sandbox._decode(bad)
+    with pytest.raises((sandbox.verdict.Malformed, TypeError)):
+        sandbox.verdict.decode(bad)
 
 
 def test_decoder_round_trips_plain_data():
     value = {"a": [1, 2.5, (True, None)], (1, "x"): frozenset({b"z"}), "s": {3}, "c": 1j}
-    assert sandbox._decode(sandbox._encode(value)) == value
-    assert math.isnan(sandbox._decode(sandbox._encode(float("nan"))))
-    assert type(sandbox._decode(sandbox._encode(True))) is bool and type(sandbox._decode(["i", "1"])) is int
+    assert sandbox.verdict.decode(sandbox._encode(value)) == value
+    assert math.isnan(sandbox.verdict.decode(sandbox._encode(float("nan"))))
+    assert type(sandbox.verdict.decode(sandbox._encode(True))) is bool and type(sandbox.verdict.decode(["i", "1"])) is int
 
 
 def test_stdlib_imports_work():

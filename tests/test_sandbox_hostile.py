@@ -71,7 +71,7 @@ def test_hostile_programs_as_unprivileged_user(throwaway_user):
         pytest.skip("no Python interpreter the unprivileged user may run")
     work = tempfile.mkdtemp(prefix="dash_hostile_user_")
     try:  # copies the user can read (the checkout may sit under /root)
-        for src in (sandbox.__file__, sandbox._runner.__file__, hostile.__file__):
+        for src in (sandbox.__file__, sandbox._runner.__file__, sandbox.verdict.__file__, hostile.__file__):
             shutil.copy(src, work)
         os.chmod(work, 0o755)
         for f in os.listdir(work):

@@ -3,8 +3,8 @@ gradients as the model's own forward, with each prompt computed once per micro-b
 
 import pytest
 import torch
-from test_engine import other_architectures
-from test_trainer import grads_of_update, make_trainer, rollout_for
+from helpers import grads_of_update, other_architectures, rollout_for
+from helpers import make_float64_trainer as make_trainer
 
 from dash_fast.data.prompts import pad_right
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer

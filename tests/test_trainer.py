@@ -1,49 +1,15 @@
-"""The trainer's update against the algorithm's promises (issue 3): global normaliser, filtering
+"""The trainer's update against the algorithm's promises: global normaliser, filtering
 invariance, sampler/trainer log-prob agreement, and no old-logprob pass when K = 1 on-policy."""
 
 import pytest
 import torch
+from helpers import assert_same_grads, grads_of_update, rollout_for
+from helpers import make_float64_trainer as make_trainer
 
-from dash_fast import DashConfig, DashTrainer, algo
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast import DashTrainer, algo
 
 # grads_of_update disables optimizer.step, which the LR scheduler warns about
 pytestmark = pytest.mark.filterwarnings("ignore:Seems like")
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=40, n_test=8)
-
-
-def make_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", **overrides) -> DashTrainer:
-    tok = build_tokenizer()
-    model = build_model(tok, TINY, seed=0).to(dtype)
-    train, test = make_task(TINY, seed=0)
-    args = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, max_completion_tokens=8,
-                max_prompt_tokens=16, loss_impl="naive", report_to=[], disable_tqdm=True,
-                max_grad_norm=None, learning_rate=1e-2, filter_tau=None, eval_examples=8)
-    args.update(overrides)
-    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train,
-                       eval_dataset=test, processing_class=tok)
-
-
-def rollout_for(trainer: DashTrainer, step: int = 0):
-    indices = trainer.sampler.next(trainer.args.prompts_per_step)
-    G = trainer.args.group_size
-    return trainer.generate([trainer.train_data.prompt_ids[i] for i in indices for _ in range(G)], step)
-
-
-def grads_of_update(trainer: DashTrainer, rollout, advantages, kept) -> dict[str, torch.Tensor]:
-    """Run trainer.update with the optimizer step disabled and return the accumulated gradients."""
-    trainer.optimizer.step = lambda *a, **k: None  # the scheduler warns about this; harmless here
-    trainer.update(rollout, advantages, kept)
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
-
-
-def assert_same_grads(a: dict, b: dict, **tol) -> None:
-    assert a.keys() == b.keys() and a
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], msg=lambda m, name=name: f"{name}: {m}", **tol)
-
 
 @pytest.mark.parametrize("train_forward", ["shared_prompt", "hf"])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "dr_grpo"])

@@ -1,4 +1,4 @@
-"""TRL drop-in features built in trl_compat / trl_logs / peft_support: logs, normalize_then_sum,
+"""TRL drop-in features built in trl/trainer.py / trl/logs.py / models/peft.py: logs, normalize_then_sum,
 sync_ref_model, LoRA, named eval sets. Tiny local models only."""
 
 import json

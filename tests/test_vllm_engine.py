@@ -10,9 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import TINY_TASK as TINY
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 from dash_fast.engines import vllm_engine
 from dash_fast.engines.base import SamplingParams
 from dash_fast.engines.torch_engine import TorchEngine
@@ -27,8 +28,6 @@ Logprob = namedtuple("Logprob", "logprob rank decoded_token")
 CompletionOutput = namedtuple("CompletionOutput", "index text token_ids cumulative_logprob logprobs finish_reason")
 RequestOutput = namedtuple("RequestOutput", "request_id prompt prompt_token_ids outputs finished")
 
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=40, n_test=8)
 
 
 def request_output(prompt, tokens, logps, extra_top=True):
@@ -236,3 +235,50 @@ def test_trainer_syncs_the_engine_after_each_optimizer_step(tmp_path, fake_vllm)
     trainer.train()
     # the first generate pushes the loaded weights; then 3 rollouts x K = 2 optimizer steps, a push after each
     assert events == ["sync"] + ["step", "sync"] * 6
+
+
+def test_the_vllm_engine_takes_a_directory_or_a_cached_hub_id(tmp_path):
+    """vLLM reads config and tokenizer from disk: a model loaded from a directory gives that directory, a
+    hub id gives its snapshot in the Hugging Face cache (no download), anything else is refused in one line."""
+    from dash_fast.engines.vllm_engine import model_source
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--tiny-model"
+    snapshot = repo / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("ab" * 20)
+    local = tmp_path / "local"
+    local.mkdir()
+
+    assert model_source(SimpleNamespace(name_or_path=str(local)), cache_dir=str(cache)) == str(local)
+    assert model_source(SimpleNamespace(name_or_path="org/tiny-model"), cache_dir=str(cache)) == str(snapshot)
+    for missing in ("org/not-cached", str(tmp_path / "gone"), None):
+        with pytest.raises(ValueError, match="needs the model's files on disk"):
+            model_source(SimpleNamespace(name_or_path=missing), cache_dir=str(cache))
+
+
+def test_reaper_kills_the_marked_processes_once_the_trainer_is_gone(tmp_path):
+    """start_reaper runs the reaper script beside it: when its stdin closes (the trainer died) it SIGKILLs the
+    processes carrying the marker in their environment and removes the staging dir."""
+    import os
+    import subprocess
+    import time
+
+    from dash_fast.engines.vllm_process import start_reaper
+
+    marker = f"DASH_FAST_TEST_REAPER={os.getpid()}-{time.monotonic_ns()}"
+    name, _, value = marker.partition("=")
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], env={**os.environ, name: value})
+    reaper = start_reaper(marker, str(stage))
+    try:
+        reaper.stdin.close()  # end of file: what the reaper sees when the trainer dies
+        assert reaper.wait(timeout=30) == 0
+        assert engine.wait(timeout=10) == -9  # SIGKILL
+        assert not stage.exists()
+    finally:
+        engine.kill()
+        reaper.kill()

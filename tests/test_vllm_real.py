@@ -175,7 +175,7 @@ def cpus_of(pid: int) -> set[int]:
     """Every thread's allowed CPUs of process `pid`, joined."""
     import os
 
-    from dash_fast.overlap import parse_cpus
+    from dash_fast.runtime.cpus import parse_cpus
 
     cpus: set[int] = set()
     for tid in os.listdir(f"/proc/{pid}/task"):

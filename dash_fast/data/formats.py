@@ -2,7 +2,7 @@
 
 Standard columns: ``prompt`` (str, or chat messages ``[{"role", "content"}]`` via :func:`to_chat`),
 ``answer`` (the gold value the rewards compare against), and every other column passed through
-(``solution`` for the math rewards, ``test_list`` for :func:`dash_fast.rewards.builtin.code_reward`, ...).
+(``solution`` for the math rewards, ``test_list`` for :func:`dash_fast.rewards.code_reward`, ...).
 A malformed row raises ``ValueError`` naming the row index and the column, before any training.
 """
 
@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from dash_fast.rewards.builtin import extract_boxed, gsm8k_final_answer
+from dash_fast.rewards.answers import extract_boxed, gsm8k_final_answer
 
 GSM8K_INSTRUCTION = 'Let\'s think step by step and output the final answer after "####".'
 MATH_INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."

@@ -184,3 +184,12 @@ def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, 
         ids[i, cols] = torch.tensor(s, dtype=torch.long)
         mask[i, cols] = 1
     return ids, mask
+
+
+def unique_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """Distinct prompts (first-seen order) and, per row, the index of its prompt among them. GRPO samples
+    each prompt G times: prefilling it once cuts the prefill work by G (vLLM calls this prefix caching)."""
+    first: dict[tuple[int, ...], int] = {}
+    row_prompt = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
+    unique = [list(k) for k in first]
+    return unique, torch.tensor(row_prompt, dtype=torch.long)

@@ -9,11 +9,21 @@ from __future__ import annotations
 import math
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
-from dash_fast.config import SFTConfig
 from dash_fast.data.prompts import pad_right
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start (used by the embedded default before RL; `steps: 0` skips it)."""
+
+    steps: int = 0
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    warmup_steps: int = 20
 
 
 def sft_batches(prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int, steps: int,

@@ -1,7 +1,7 @@
 """Stops vLLM's engine processes when the trainer that started them dies (vllm_process.py).
 
 vLLM's engine core does not watch its parent: after a SIGKILL of the trainer (or a SIGTERM before the
-trainer's handler is installed) it was seen running on, reparented, for as long as we watched (issue 15).
+trainer's handler is installed) it runs on, reparented.
 Run as a script, not imported: a child of the trainer that marks nothing and shares no state with it. It
 waits until the trainer is gone (its parent pid changes; or the trainer closes the pipe on its stdin without
 saying "close"), then SIGKILLs every process whose environment carries the engine's marker (vLLM's
@@ -11,7 +11,7 @@ up what the engine left), kills it if it has not after a few seconds, and remove
 It ignores SIGINT / SIGTERM / SIGHUP: Ctrl-C or a hang-up reach the whole process group, and the trainer
 decides what happens (it saves and closes the engine, or dies, and then this cleans up).
 
-    python engine_reaper.py <marker NAME=VALUE> <staging dir>
+    python reaper.py <marker NAME=VALUE> <staging dir>
 """
 
 from __future__ import annotations

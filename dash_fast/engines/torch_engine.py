@@ -24,20 +24,26 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from dash_fast.data.prompts import pad_left
+from dash_fast.data.prompts import pad_left, unique_prompts
 from dash_fast.engines.base import Rollout, SamplingParams
+from dash_fast.models.decoder import (
+    attention_input,
+    attention_residual,
+    embed,
+    family_of,
+    grouped_sdpa,
+    logit_multiplier,
+    mlp_block,
+    prompt_attention_mask,
+    qkv_projections,
+    rms_norm,
+    static_unsupported,
+)
 
-STATIC_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "smollm3", "gemma", "granite", "phi3", "olmo2")
-# why families users pick are not on the fast path (their own forward runs instead)
-FALLBACK_REASONS = {
-    "gemma2": "soft-capped attention logits and sliding-window layers",
-    "gemma3_text": "sliding-window layers with their own RoPE, and pre/post-feedforward norms",
-}
 DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of its rows has finished
 
 
@@ -112,183 +118,6 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def static_unsupported(model: torch.nn.Module) -> str | None:
-    """Why the static path cannot run this model (None when it can)."""
-    if any(hasattr(m, "lora_A") or type(m).__module__.startswith("peft.") for m in model.modules()):
-        return "PEFT adapter layers (the static forward reads the base weights)"  # their own forward instead
-    config = getattr(model, "config", None)
-    kind = getattr(config, "model_type", None)
-    if kind in FALLBACK_REASONS:
-        return f"model_type {kind!r}: {FALLBACK_REASONS[kind]}"
-    if kind not in STATIC_MODEL_TYPES:
-        return f"model_type {kind!r} is not one of {STATIC_MODEL_TYPES}"
-    decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
-        return "no .model.layers / .model.rotary_emb"
-    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or [])):
-        return "sliding-window layers"
-    window = getattr(config, "sliding_window", None) if kind in ("mistral", "phi3") else None
-    if window and window < getattr(config, "max_position_embeddings", math.inf):  # a window that can bind
-        return "sliding-window attention"
-    if getattr(decoder.rotary_emb, "rope_type", "default") in ("dynamic", "longrope"):
-        return "length-dependent RoPE"
-    if ((getattr(config, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0) != 1.0
-            or getattr(config, "partial_rotary_factor", 1.0) != 1.0):
-        return "partial rotary embedding"
-    if type(decoder.embed_tokens.weight).__name__ == "DTensor":
-        return "sharded (FSDP2) parameters"
-    return None
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Hugging Face's Llama/Qwen RMSNorm (normalise in float32, scale in the input dtype); one op in fp32."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-
-def prompt_attention_mask(valid: torch.Tensor) -> torch.Tensor:
-    """[B, 1, P, P] SDPA mask of left-padded prompts: causal over each row's valid keys `valid` [B, P];
-    padding queries see themselves, so no softmax row is empty (no NaN)."""
-    P = valid.shape[1]
-    causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
-    eye = torch.eye(P, dtype=torch.bool, device=valid.device)
-    return ((causal & valid[:, None, :]) | eye)[:, None]
-
-
-def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                 scale: float) -> torch.Tensor:
-    """SDPA of q [b, H, T, D] over k, v [b, H_kv, S, D] under a boolean `mask` [b or 1, 1, T or 1, S].
-
-    With GQA the query heads are regrouped onto their KV head ([b, H_kv, g * T, D], the mask repeated per
-    head of a group), so the attention runs at K/V's own head count: SDPA's enable_gqa with a mask falls
-    back on CUDA to the math kernel, which expands K/V per query head."""
-    b, H, T, D = q.shape
-    n_kv = k.shape[1]
-    if n_kv == H:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    g = H // n_kv
-    if mask.shape[-2] != 1:  # a mask per query position: the same for every head of a group
-        mb, mh, _, S = mask.shape
-        mask = mask[:, :, None].expand(mb, mh, g, T, S).reshape(mb, mh, g * T, S)
-    o = F.scaled_dot_product_attention(q.reshape(b, n_kv, g * T, D), k, v, attn_mask=mask, scale=scale)
-    return o.view(b, H, T, D)
-
-
-def _linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
-    """x + scale * linear(a) with the residual add fused into the GEMM (x, a: [N, *])."""
-    if scale == 1.0:
-        out = torch.addmm(x, a, linear.weight.t())
-        return out if linear.bias is None else out + linear.bias
-    out = torch.addmm(x, a, linear.weight.t(), alpha=scale)
-    return out if linear.bias is None else out + scale * linear.bias
-
-
-@dataclass(frozen=True)
-class Family:
-    """What a supported family changes in the Llama layer (the rest is read off its modules: attention
-    scaling, q/k norms, fused projections, NoPE layers, RoPE scaling through its own rotary module).
-
-    norm_offset: Gemma's RMSNorm scales by (1 + w). residual_scale: Granite's residual_multiplier on both
-    branches. post_norm: OLMo2 normalises each branch's output (post_attention / post_feedforward
-    layernorm) instead of its input, and its q/k norms span all heads."""
-
-    norm_offset: float = 0.0
-    residual_scale: float = 1.0
-    post_norm: bool = False
-
-    def weight(self, norm: torch.nn.Module) -> torch.Tensor:
-        """The effective RMSNorm weight of `norm`."""
-        return norm.weight + self.norm_offset if self.norm_offset else norm.weight
-
-
-def family_of(model: torch.nn.Module) -> Family:
-    cfg = model.config
-    return Family(norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
-                  residual_scale=float(getattr(cfg, "residual_multiplier", 1.0)),
-                  post_norm=cfg.model_type == "olmo2")
-
-
-def embed(decoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The decoder's input embeddings of flat `ids`, scaled as its own forward scales them (Gemma's
-    embed_scale buffer, Granite's embedding_multiplier); the padding row gets no gradient, as there."""
-    table = decoder.embed_tokens
-    x = F.embedding(ids, table.weight, table.padding_idx)
-    if hasattr(table, "embed_scale"):
-        return x * table.embed_scale.to(x.dtype)
-    multiplier = getattr(decoder.config, "embedding_multiplier", None)
-    return x if multiplier in (None, 1.0) else x * multiplier
-
-
-# The pieces of a Llama-family decoder layer shared by this engine's forward and the shared-prompt training
-# forward (shared_prompt.py). Each caller keeps its own RoPE and attention (cache vs. prompt/completion
-# split) and passes its RMSNorm: see `_rms_norm` here and `shared_prompt._norm` for why they differ.
-def attention_input(x: torch.Tensor, layer: torch.nn.Module, fam: Family, norm, eps: float) -> torch.Tensor:
-    """What the attention projections read: the normed residual stream (OLMo2: the stream itself)."""
-    return x if fam.post_norm else norm(x, fam.weight(layer.input_layernorm), eps)
-
-
-def qkv_projections(attn: torch.nn.Module, h: torch.Tensor, shape: tuple[int, ...], norm, eps: float,
-                    fam: Family = Family()):
-    """q, k, v of the normed hidden `h` [N, hidden], viewed as [*shape, heads, head_dim]: separate or fused
-    (Phi-3's qkv_proj) projections; q/k norms applied per head (Qwen3) or over all heads (OLMo2), with
-    `norm`, the caller's RMSNorm."""
-    D = attn.head_dim
-    if hasattr(attn, "qkv_proj"):  # Phi-3: [q | k | v] in one GEMM
-        qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)
-        nq = attn.o_proj.weight.shape[1]
-        q, k, v = qkv.split([nq, (qkv.shape[-1] - nq) // 2, (qkv.shape[-1] - nq) // 2], dim=-1)
-    else:
-        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias)
-        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias)
-        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias)
-    if hasattr(attn, "q_norm") and fam.post_norm:  # OLMo2: over the flat projection
-        q, k = norm(q, fam.weight(attn.q_norm), eps), norm(k, fam.weight(attn.k_norm), eps)
-    q, k, v = (t.reshape(*shape, -1, D) for t in (q, k, v))
-    if hasattr(attn, "q_norm") and not fam.post_norm:  # Qwen3: per head
-        q, k = norm(q, fam.weight(attn.q_norm), eps), norm(k, fam.weight(attn.k_norm), eps)
-    return q, k, v
-
-
-def attention_residual(x: torch.Tensor, o: torch.Tensor, layer: torch.nn.Module, fam: Family, norm,
-                       eps: float) -> torch.Tensor:
-    """x + o_proj(o) (Granite: scaled by residual_multiplier; OLMo2: normed first)."""
-    if fam.post_norm:
-        out = F.linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias)
-        return x + norm(out, fam.weight(layer.post_attention_layernorm), eps)
-    return _linear_add(x, o, layer.self_attn.o_proj, fam.residual_scale)
-
-
-def mlp_block(x: torch.Tensor, layer: torch.nn.Module, fam: Family, norm, eps: float) -> torch.Tensor:
-    """The MLP half of a layer: x + mlp(norm(x)) (OLMo2: x + norm(mlp(x)))."""
-    if fam.post_norm:
-        return x + norm(_mlp(x, layer.mlp), fam.weight(layer.post_feedforward_layernorm), eps)
-    return mlp_residual(x, norm(x, fam.weight(layer.post_attention_layernorm), eps), layer.mlp, fam.residual_scale)
-
-
-def _gated(h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
-    """act(gate(h)) * up(h), from separate or fused (Phi-3's gate_up_proj) projections. The product is
-    taken in place when no gradient is recorded (sampling, log-prob passes): the same values, one buffer
-    less."""
-    if hasattr(mlp, "gate_up_proj"):
-        gate, up = F.linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias).chunk(2, dim=-1)
-        act = mlp.activation_fn(gate)
-    else:
-        gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-        act = mlp.act_fn(gate)
-    return act * up if torch.is_grad_enabled() else act.mul_(up)
-
-
-def _mlp(h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
-    return F.linear(_gated(h, mlp), mlp.down_proj.weight, mlp.down_proj.bias)
-
-
-def mlp_residual(x: torch.Tensor, h: torch.Tensor, mlp: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
-    """x + scale * down(act(gate(h)) * up(h)), the residual add fused into the down GEMM."""
-    return _linear_add(x, _gated(h, mlp), mlp.down_proj, scale)
-
-
 class StaticDecoder:
     """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
 
@@ -310,8 +139,6 @@ class StaticDecoder:
         self.n_kv = cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps
         self.family = family_of(model)
-        from dash_fast.learner import logit_multiplier
-
         self.logit_multiplier = logit_multiplier(model)  # Granite's 1 / logits_scaling, as the learner applies it
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -410,8 +237,8 @@ class StaticDecoder:
         rope_k = self.rope_k.index_select(0, flat).view(b, T, 1, 2, D)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = attention_input(x, layer, fam, _rms_norm, eps)
-            q, k, v = qkv_projections(attn, h, (b, T), _rms_norm, eps, fam)
+            h = attention_input(x, layer, fam, rms_norm, eps)
+            q, k, v = qkv_projections(attn, h, (b, T), rms_norm, eps, fam)
             if getattr(attn, "use_rope", True):
                 q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
             else:  # SmolLM3's NoPE layers: no rotation, the softmax scale still on the queries
@@ -424,9 +251,9 @@ class StaticDecoder:
                 kc[:, :, start : start + T] = k
                 vc[:, :, start : start + T] = v.transpose(1, 2)
             o = self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
-            x = attention_residual(x, o, layer, fam, _rms_norm, eps)
-            x = mlp_block(x, layer, fam, _rms_norm, eps)
-        h = _rms_norm(x.view(b, T, -1)[:, -1], fam.weight(self.decoder.norm), eps)
+            x = attention_residual(x, o, layer, fam, rms_norm, eps)
+            x = mlp_block(x, layer, fam, rms_norm, eps)
+        h = rms_norm(x.view(b, T, -1)[:, -1], fam.weight(self.decoder.norm), eps)
         if self.logit_multiplier != 1.0:
             h = h * self.logit_multiplier
         head = self.model.get_output_embeddings()
@@ -518,15 +345,6 @@ class StaticDecoder:
         static["slot"].fill_(slot)
         replay()
         return logits
-
-
-def unique_prompts(prompt_ids: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
-    """Distinct prompts (first-seen order) and, per row, the index of its prompt among them. GRPO samples
-    each prompt G times: prefilling it once cuts the prefill work by G (vLLM calls this prefix caching)."""
-    first: dict[tuple[int, ...], int] = {}
-    row_prompt = [first.setdefault(tuple(p), len(first)) for p in prompt_ids]
-    unique = [list(k) for k in first]
-    return unique, torch.tensor(row_prompt, dtype=torch.long)
 
 
 def _drop_finished_now(running: int, in_use: int, size: int, largest: int, graphs: bool) -> bool:

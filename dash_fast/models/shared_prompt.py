@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from dash_fast.data.prompts import pad_left
-from dash_fast.engines.torch_engine import (
-    _rms_norm,
+from dash_fast.data.prompts import pad_left, unique_prompts
+from dash_fast.models.decoder import (
     attention_input,
     attention_residual,
     embed,
@@ -28,8 +27,8 @@ from dash_fast.engines.torch_engine import (
     mlp_block,
     prompt_attention_mask,
     qkv_projections,
+    rms_norm,
     static_unsupported,
-    unique_prompts,
 )
 
 
@@ -75,7 +74,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     float64 stays float64, so gradients summed over micro-batches that split a group's rows stay exact."""
     if x.dtype == torch.float64:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return _rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

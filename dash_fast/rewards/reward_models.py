@@ -20,7 +20,7 @@ def is_reward_model_id(entry: Any) -> bool:
     one of dash-fast's built-in reward names."""
     if not isinstance(entry, str):
         return False
-    from dash_fast.rewards.builtin import REWARD_FUNCS
+    from dash_fast.rewards.registry import REWARD_FUNCS
 
     if entry in REWARD_FUNCS:
         return False

@@ -42,7 +42,7 @@ class RewardScorer:
     def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
               repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
-        from dash_fast.rewards.builtin import score_completions, warn_rows_without_reward
+        from dash_fast.rewards.calling import score_completions, warn_rows_without_reward
 
         prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
         token_lists = rollout.completion_token_lists()
@@ -84,7 +84,7 @@ def resolve_rewards(funcs) -> tuple[list[RewardFunc], list[str]]:
     resolved, names = [], []
     for f in funcs:
         if isinstance(f, str):
-            from dash_fast.rewards.builtin import get_reward_func
+            from dash_fast.rewards import get_reward_func
 
             f = get_reward_func(f)
         if not callable(f):

@@ -12,11 +12,9 @@
 CPU threads (`cpu_threads`, default "auto"; bench/contention.py measures every policy below). torch's CPU
 ops run on libgomp (GNU OpenMP), whose threads meet at a barrier after every parallel op and by default
 spin there (GOMP_SPINCOUNT 300000) before sleeping. Next to another busy process that is the stall behind
-steps of seconds instead of ~0.1 s: a thread that has been descheduled holds the whole team, and the
-spinning ones take CPU from it. Measured on 2 cores (README, "CPU threads next to other busy processes"),
-a TRL-style ~0.07 s step next to a busy loop in another session: 4.9 s per step with torch's defaults,
-0.09 s with the spin off (OMP_WAIT_POLICY=PASSIVE), 0.07 s at 1 thread, 0.3 s with a spin of 10000; alone
-the spin bought at most ~5%. So the spin goes, and the cores stay:
+steps of seconds instead of a tenth of one: a thread that has been descheduled holds the whole team, and the
+spinning ones take CPU from it; alone, the spin buys little (docs/cpu.md and bench/results/contention.md
+have the figures). So the spin goes, and the cores stay:
 1. `set_openmp_wait_policy` (called by dash_fast/__init__.py, before dash_fast imports torch) sets
    OMP_WAIT_POLICY=PASSIVE: libgomp reads it once, when torch loads it, so it only takes effect if torch
    was not imported before dash_fast (the `dash-fast` CLI, scripts that import dash_fast first, and the
@@ -28,8 +26,7 @@ the spin bought at most ~5%. So the spin goes, and the cores stay:
    are more OpenMP threads than available CPUs, 1000 and 100 spins for OMP_WAIT_POLICY being ACTIVE or
    undefined"). It parks one idle team of one thread per CPU (a host thread blocked for good, its workers
    asleep at libgomp's dock), which keeps the count above the CPUs whatever team sizes torch uses later.
-   Measured like PASSIVE (bench/results/swap.md: TRL-style step p50 0.071 s alone, 0.080 s beside a busy
-   loop, vs 0.073 / 0.093 s with PASSIVE and 0.32 / 0.75 s with the full spin). No re-exec, nothing patched.
+   It performs like PASSIVE (bench/results/swap.md). No re-exec, nothing patched.
 3. `apply_cpu_threads` (trainer start-up, before vLLM can start): `cpu_affinity` binds the process first;
    then "auto" uses one thread per usable CPU, whatever the import order (what torch itself would use, as
    TRL does). An explicit choice wins: `cpu_threads=N`, OMP_NUM_THREADS / MKL_NUM_THREADS in the
@@ -37,7 +34,7 @@ the spin bought at most ~5%. So the spin goes, and the cores stay:
    first and more than one thread it shortens the spin (2.); where that cannot be done (torch not on
    libgomp) the start-up line says so and how to turn the spin off.
 The count is fixed for the run (CPU results are reproducible at a fixed thread count). overlap=True on
-CPU then splits the cores between sampler and learner (overlap.py).
+CPU then splits the cores between sampler and learner (runtime/cpus.py, overlap.py).
 """
 
 from __future__ import annotations
@@ -145,7 +142,7 @@ def apply_cpu_threads(cpu_threads: int | str | None, cpu_affinity: str | None) -
     spin and nothing could shorten it (the trainer prints it)."""
     import torch
 
-    from dash_fast.overlap import INITIAL_CPUS, bind_process, parse_cpus
+    from dash_fast.runtime.cpus import INITIAL_CPUS, bind_process, parse_cpus
 
     if cpu_affinity is not None:
         bind_process(parse_cpus(cpu_affinity))

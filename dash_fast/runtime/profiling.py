@@ -1,8 +1,9 @@
 """NVTX ranges (names as in docs/design.md section 5), cudaProfilerStart/Stop windows, torch.profiler traces.
 
-On a machine without CUDA the ranges cost one attribute check: nothing is pushed. While a `--trace`
-window is recording, each range is also a torch.profiler `record_function`, so the Chrome trace shows
-the same names as an Nsight Systems timeline.
+`nvtx_range(name)` is dash_kernels' helper (the kernels package cannot import dash_fast, so the one
+definition lives there): on a machine without CUDA nothing is pushed, and while a `--trace` window is
+recording each range is also a torch.profiler `record_function`, so the Chrome trace shows the same names
+as an Nsight Systems timeline.
 """
 
 from __future__ import annotations
@@ -10,17 +11,12 @@ from __future__ import annotations
 import os
 
 import torch
-from dash_kernels.utils import nvtx_range as _nvtx_range
+from dash_kernels.utils import nvtx_range
 
-_tracing = False  # a torch.profiler trace is recording (ranges become record_function blocks)
+__all__ = ["RANGES", "ProfileWindow", "nvtx_range", "parse_steps"]
 
 RANGES = ("rollout/generate", "rollout/reward", "train/logprob_old", "train/logprob_ref", "train/forward",
           "train/backward", "optim/step", "sync/weights")
-
-
-def nvtx_range(name: str):
-    """dash_kernels' NVTX range: pushed when CUDA is present, a torch.profiler label while tracing."""
-    return _nvtx_range(name, torch.cuda.is_available(), label=_tracing)
 
 
 def parse_steps(spec: str | None) -> tuple[int, int] | None:
@@ -50,13 +46,11 @@ class ProfileWindow:
             torch.cuda.cudart().cudaProfilerStart()
             self.active = True
         if self.trace_path and self.profiler is None and self._in_window(step):
-            global _tracing
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
-            _tracing = True
 
     def after_step(self, step: int) -> None:
         if self.active and self.window and step >= self.window[1]:
@@ -68,10 +62,8 @@ class ProfileWindow:
 
     def close(self) -> None:
         """Stop a trace still recording (the run ended inside the window) and write it."""
-        global _tracing
         if self.profiler is None:
             return
-        _tracing = False
         self.profiler.__exit__(None, None, None)
         os.makedirs(os.path.dirname(os.path.abspath(self.trace_path)), exist_ok=True)
         self.profiler.export_chrome_trace(self.trace_path)

@@ -34,11 +34,14 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 @contextmanager
-def nvtx_range(name: str, enabled: bool, label: bool = True):
-    """NVTX range when `enabled` (CUDA: nsys timelines), and a torch.profiler label when `label`, so the
-    range also shows in CPU traces (`--trace`). Both cost microseconds, against ops of milliseconds. The
-    one NVTX helper: dash_fast.runtime.profiling's ranges are this with enabled = CUDA present, label = tracing."""
-    with torch.profiler.record_function(name) if label else nullcontext():
+def nvtx_range(name: str, enabled: bool | None = None):
+    """The project's one NVTX helper (dash_fast.runtime.profiling exports it): an NVTX range when `enabled`
+    (default: CUDA is present; the ops pass whether their inputs are on CUDA), for nsys timelines, and a
+    torch.profiler label while a torch.profiler trace records (`--trace`), so CPU traces carry the same names.
+    Both cost microseconds, against ops of milliseconds; without CUDA and a trace, one check each."""
+    if enabled is None:
+        enabled = torch.cuda.is_available()
+    with torch.profiler.record_function(name) if torch._C._autograd._profiler_enabled() else nullcontext():
         if enabled:
             torch.cuda.nvtx.range_push(name)
         try:
