@@ -6,7 +6,7 @@
 
 The forward is the learner's (Learner._decoder_hidden without shared prompts: the decoder's last hidden
 state over right-padded prompt + completion rows, the positions that predict completion tokens gathered)
-followed by its loss (dash_kernels.fused_linear_pg_loss with entropy, as Learner._micro_loss calls it),
+followed by its loss (dash_kernels.fused_linear_pg_loss with entropy, as the "fused" loss of dash_fast/losses.py calls it),
 then `loss.backward()`. FLOPs are counted as executed: 6 x decoder-layer params x every token (prompt
 included), 6 x lm_head params x completion tokens (the fused CPU loss does 3 matmuls per token), and
 attention 12 x layers x heads x head_dim x L^2 per row (SDPA computes the whole square under a padding

@@ -1,7 +1,8 @@
 """transformers-style callbacks: the TrainerState / TrainerControl they see, and the event dispatch.
 
 A callback is any object with some of TrainerCallback's methods (`on_train_begin`, `on_step_begin`,
-`on_substep_end`, `on_step_end`, `on_log`, `on_evaluate`, `on_save`, `on_train_end`); each is called as
+`on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`, `on_log`, `on_evaluate`,
+`on_save`, `on_train_end`; GRPOTrainer adds TRL's `on_init_end` and epoch events); each is called as
 `fn(args, state, control, model=..., processing_class=..., optimizer=..., lr_scheduler=..., **event)`.
 
 `on_substep_end` fires where transformers' Trainer fires it: after each gradient-accumulation micro-step of

@@ -90,8 +90,8 @@ def prepare_embedded(cfg) -> tuple[str, str, str, float]:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from dash_fast.models.loading import resolve_device
     from dash_fast.runtime import distributed as ddp
-    from dash_fast.trainer import resolve_device
 
     if ns.dry_run:
         return cmd_plan(ns)
@@ -160,8 +160,8 @@ def cmd_plan(ns: argparse.Namespace) -> int:
     """Print the memory plan of the run `dash-fast train` would start with these flags, without loading
     weights: the model's config.json (a directory, a config.json file, or a name of memory_plan.KNOWN_MODELS)."""
     from dash_fast.memory_plan import ModelShape, plan_run
+    from dash_fast.models.loading import resolve_device
     from dash_fast.runtime.device import resolve_dtype
-    from dash_fast.trainer import resolve_device
 
     cfg = build_config(ns)
     device = resolve_device(cfg.device)

@@ -22,11 +22,10 @@ from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.engines.base import Rollout, SamplingParams
 from dash_fast.engines.sampler_process import GenerationPlan, run_plan
 from dash_fast.overlap import OverlapScheduler, Prefetched
+from dash_fast.rewards.scorer import RewardScorer
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.device import prepare_engine
 from dash_fast.runtime.profiling import nvtx_range
-
-RewardFunc = Callable[..., list]
 
 
 @dataclass
@@ -63,9 +62,9 @@ def _splitmix64(x: int) -> int:
 
 def stream_seed(seed: int, step: int, row: int) -> int:
     """The 63-bit seed of the random stream that samples rows from global row `row` on at step `step`:
-    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (the
-    linear seed * 1_000_003 + step + row it replaces gave step 2 / row 0 the stream of step 1 / row 1, so
-    rank 1 of one step replayed rank 0's uniforms of a later one). Engines draw one stream per call from it
+    splitmix64 chained over the three counters, so distinct (seed, step, row) keys get unrelated seeds (a
+    linear mix such as seed * 1_000_003 + step + row would give step 2 / row 0 the stream of step 1 / row 1,
+    so one rank would replay another's uniforms of a later step). Engines draw one stream per call from it
     (torch: one generator; vLLM: seed + i per row, 2^63 apart from other calls' seeds but for chance)."""
     x = 0
     for v in (seed, step, row):
@@ -73,88 +72,17 @@ def stream_seed(seed: int, step: int, row: int) -> int:
     return x >> 1
 
 
-class RewardScorer:
-    """The reward functions (TRL's signature), their weights, and which one the accuracy is the mean of.
-    Calls them as TRL 1.16 does (rewards.score_completions); what they report through `log_metric` /
-    `log_extra` is kept until `flush_logs` puts it in the step record."""
-
-    def __init__(self, funcs, weights: list[float] | None, accuracy_reward: str | None, tokenizer) -> None:
-        self.funcs, self.names = resolve_rewards(funcs)
-        if weights is not None and len(weights) != len(self.funcs):
-            raise ValueError(f"reward_weights has {len(weights)} weights for {len(self.funcs)} reward functions "
-                             f"{self.names}")
-        self.weights = torch.tensor(weights or [1.0] * len(self.funcs))
-        acc = accuracy_reward or self.names[0]
-        if acc not in self.names:
-            raise ValueError(f"accuracy_reward {acc!r} is not one of the reward functions {self.names}")
-        self.accuracy_index = self.names.index(acc)
-        self.tokenizer = tokenizer
-        self.trainer_state = None  # the trainer's transformers.TrainerState, passed as `trainer_state`
-        self.logs: dict[str, dict[str, list]] = {"metric": {}, "extra": {}}
-
-    def score(self, dataset: PromptDataset, indices: list[int], rollout: Rollout,
-              repeat: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted nan-sum of every reward function. Returns (rewards [B], per_function [B, F])."""
-        from dash_fast.rewards.calling import score_completions, warn_rows_without_reward
-
-        prompts = [dataset.rows[i][dataset.prompt_column] for i in indices for _ in range(repeat)]
-        token_lists = rollout.completion_token_lists()
-        completions = self.tokenizer.batch_decode(token_lists, skip_special_tokens=True)
-        if prompts and isinstance(prompts[0], list):  # chat prompts: completions as messages, as TRL passes them
-            completions = [[{"role": "assistant", "content": c}] for c in completions]
-        columns = dataset.columns(indices, repeat)
-        with nvtx_range("rollout/reward"):
-            values = score_completions(self.funcs, prompts, completions, token_lists, columns,
-                                       trainer_state=self.trainer_state, log_extra=self.log_extra,
-                                       log_metric=self.log_metric)
-        warn_rows_without_reward(values, prompts, completions, columns)
-        per_func = torch.tensor([[float("nan") if v is None else v for v in row] for row in zip(*values)])
-        rewards = torch.nansum(per_func * self.weights, dim=1)  # rows where all are None -> 0, as TRL
-        return rewards, per_func
-
-    def log_metric(self, name: str, value: float) -> None:
-        """`log_metric` for reward functions (TRL): a scalar, averaged into this step's record under `name`."""
-        self.logs["metric"].setdefault(name, []).append(float(value))
-
-    def log_extra(self, column: str, values: list) -> None:
-        """`log_extra` for reward functions (TRL: a completions-table column): in the step record as
-        `extra/<column>`, the mean of numbers (else the values themselves)."""
-        self.logs["extra"].setdefault(column, []).extend(values)
-
-    def flush_logs(self) -> dict:
-        """What the reward functions logged since the last flush, as step-record entries (then cleared)."""
-        out: dict = {name: sum(v) / len(v) for name, v in self.logs["metric"].items() if v}
-        for column, values in self.logs["extra"].items():
-            numeric = values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-            out[f"extra/{column}"] = sum(values) / len(values) if numeric else list(values)
-        self.logs = {"metric": {}, "extra": {}}
-        return out
-
-
-def resolve_rewards(funcs) -> tuple[list[RewardFunc], list[str]]:
-    """Reward functions (callables or registered names, rewards.py) and their names."""
-    funcs = funcs if isinstance(funcs, (list, tuple)) else [funcs]
-    resolved, names = [], []
-    for f in funcs:
-        if isinstance(f, str):
-            from dash_fast.rewards import get_reward_func
-
-            f = get_reward_func(f)
-        if not callable(f):
-            raise ValueError(f"reward function {f!r} is not callable")
-        resolved.append(f)
-        names.append(getattr(f, "__name__", type(f).__name__))
-    return resolved, names
-
-
 class Collector:
     """Prompts -> rollout -> rewards for one step (see the module docstring); `collect` is the entry."""
 
     def __init__(self, args: DashConfig, engine, data: PromptDataset, sampler: PromptSampler,
                  rewards: RewardScorer, dist: ddp.DistInfo, overlap: OverlapScheduler | None,
-                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None) -> None:
+                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None,
+                 reward_post: Callable[..., torch.Tensor] | None = None) -> None:
         self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
         self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
+        # (data, indices, rollout, repeat, rewards, per_func) -> rewards, on every training scoring (Extensions)
+        self.reward_post = reward_post
         self.engine_prepared = False  # prepare_engine_once
 
     def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,
@@ -238,6 +166,15 @@ class Collector:
                            a.max_prompt_tokens, a.max_completion_tokens)
             self.engine_prepared = True
 
+    def set_stop_ids(self, stop_ids: tuple[int, ...]) -> None:
+        """The token ids sampling stops at (default: the tokenizer's and generation_config's eos)."""
+        self.stop_ids = tuple(stop_ids)
+
+    def engine_changed(self) -> None:
+        """Someone else used the engine (an evaluation may have grown its cache, dropping the CUDA graphs):
+        prepare it again before the next overlapped rollout."""
+        self.engine_prepared = False
+
     def _draw_prompts(self, step: int, weights_version: int) -> Prefetched:
         """The next `prompts_per_step` prompts (the same on every rank) and this rank's share of them."""
         before = self.sampler.state_dict()
@@ -271,6 +208,8 @@ class Collector:
         error: RewardError | None = None
         try:
             rewards, per_func = self.rewards.score(self.data, indices, rollout, self.args.group_size)
+            if self.reward_post is not None:
+                rewards = self.reward_post(self.data, indices, rollout, self.args.group_size, rewards, per_func)
         except RewardError as e:
             error, rewards, per_func = e, None, None
         if ddp.any_rank(error is not None, self.dist):

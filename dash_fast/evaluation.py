@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dash_fast.collect import RewardScorer
 from dash_fast.data.prompts import PromptDataset
 from dash_fast.engines.base import SamplingParams
+from dash_fast.rewards.scorer import RewardScorer
 from dash_fast.runtime import distributed as ddp
 
 

@@ -1,18 +1,27 @@
-"""The learner: the optimizer steps of one batch.
+"""The learner: the optimizer steps of one batch, as one loop.
 
-K epochs (`epochs_per_rollout`) x M minibatches of optimizer steps over the rows the filter kept; each
-step accumulates gradients over token-budget micro-batches with one global normaliser (algo.py), halves
-the budget and retries on out-of-memory, skips a step whose loss or gradient is non-finite, and pushes
-the new weights to the rollout engine. Under torchrun each rank trains its own rows of the joined batch
-(`global_rows` maps them) and gradients are summed over ranks; under FSDP2 a rank with fewer
-micro-batches runs zero-loss ones so that every rank takes part in the same collectives.
+    update           epochs x minibatches over the kept rows          -> optimizer_step for each minibatch
+    optimizer_step   accumulate, retried with half the token budget on out-of-memory -> apply
+    accumulate       token-budget micro-batches: micro_loss -> loss.backward()
+    apply            sum over ranks, clip, optimizer.step() (skipped when non-finite), weights -> engine
+
+Gradients accumulate over micro-batches with one global normaliser (algo.py); the loss is a function from
+the registry in losses.py. Under torchrun each rank trains its own rows of the joined batch (`global_rows`
+maps them) and gradients are summed over ranks; under FSDP2 a rank with fewer micro-batches runs zero-loss
+ones (`pad_micro_batches`) so that every rank takes part in the same collectives. What others need to see
+or do inside the loop hangs on `LearnerHooks`: the overlap scheduler widens the learner's cores before each
+micro-batch and waits for the sampler before an optimizer step; the trainer fires transformers' callback
+events (on_substep_end, on_pre_optimizer_step, on_optimizer_step); tests observe the loop the same way.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -20,9 +29,9 @@ from dash_fast import algo, metrics
 from dash_fast.config import DashConfig
 from dash_fast.data.prompts import pad_right
 from dash_fast.engines.base import Rollout
+from dash_fast.losses import EntropyBonus, LossInputs, get_loss
 from dash_fast.mixed_precision import MixedPrecision
 from dash_fast.models.decoder import logit_multiplier
-from dash_fast.overlap import OverlapScheduler
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.profiling import nvtx_range
 
@@ -31,34 +40,90 @@ class TrainingAborted(RuntimeError):
     """Training stopped on an error; the last checkpoint on disk is intact."""
 
 
-class Learner:
-    """Owns the optimizer side of training: `update` is the entry; the forward pieces (micro-batches,
-    hidden states, log-prob passes, the loss) are its methods so tests can count or wrap them."""
+@dataclass
+class LearnerParts:
+    """What the learner trains and talks to. `loss` names a loss in losses.py's registry (`loss_options` bound
+    to it); `entropy_bonus` is the loss's stateful term (its coefficient is saved in checkpoints);
+    `ref_model` / `ref_context`: the KL reference, a frozen copy or (PEFT) a context under which the policy
+    is the reference; `precision`: bf16 compute over fp32 masters (none: fp32, or bf16 trained in place)."""
 
-    def __init__(self, args: DashConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scheduler, engine, dist: ddp.DistInfo, overlap: OverlapScheduler | None = None,
-                 ref_model: torch.nn.Module | None = None, fsdp_root=None, shared_prompt: bool = False,
-                 pad_id: int = 0, device: torch.device | None = None, ref_context=None,
-                 precision: MixedPrecision | None = None) -> None:
-        self.args, self.model, self.optimizer, self.scheduler, self.engine = args, model, optimizer, scheduler, engine
-        self.dist, self.overlap, self.ref_model, self.fsdp_root = dist, overlap, ref_model, fsdp_root
-        self.ref_context = ref_context  # PEFT: a context under which the policy is the reference (no ref_model)
-        self.shared_prompt, self.pad_id, self.device = shared_prompt, pad_id, device or torch.device("cpu")
-        # bf16 compute over fp32 masters (mixed_precision.py); off: fp32, or bf16 weights trained in place
-        self.precision = precision or MixedPrecision(model, self.device)
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: Any
+    dist: ddp.DistInfo
+    loss: str = "fused"
+    loss_options: dict = field(default_factory=dict)
+    entropy_bonus: EntropyBonus | None = None
+    precision: MixedPrecision | None = None
+    ref_model: torch.nn.Module | None = None
+    ref_context: Callable | None = None
+    fsdp_root: Any = None
+    shared_prompt: bool = False
+    pad_id: int = 0
+    device: torch.device | None = None
+
+
+@dataclass
+class StepBatch:
+    """The rows one optimizer step trains (this rank's indices into `rollout`) and the values the loss reads:
+    advantages [B], token weights [B, L], old and reference log-probs [B, L] (None: not used)."""
+
+    rollout: Rollout
+    rows: list[int]
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+
+
+@dataclass
+class LearnerHooks:
+    """Callables the loop calls at fixed points, in list order. `step_begin(batch)`: each accumulation of
+    an optimizer step (again after an out-of-memory retry); `before_micro_batch()`: before every forward,
+    log-prob passes included; `after_micro_batch(index, count)`: after a micro-batch's backward;
+    `before_optimizer_step()` / `after_optimizer_step()`: around `optimizer.step()` (a finite step only)."""
+
+    step_begin: list[Callable[[StepBatch], None]] = field(default_factory=list)
+    before_micro_batch: list[Callable[[], None]] = field(default_factory=list)
+    after_micro_batch: list[Callable[[int, int], None]] = field(default_factory=list)
+    before_optimizer_step: list[Callable[[], None]] = field(default_factory=list)
+    after_optimizer_step: list[Callable[[], None]] = field(default_factory=list)
+
+
+def _call(hooks: list[Callable], *args: Any) -> None:
+    for hook in hooks:
+        hook(*args)
+
+
+ZERO_STATS = ("loss", "clip_fraction", "kl", "entropy", "grad_norm")
+
+
+class Learner:
+    """The optimizer side of training; `update` is the entry (see the module docstring)."""
+
+    def __init__(self, args: DashConfig, parts: LearnerParts, hooks: LearnerHooks | None = None) -> None:
+        self.args, self.hooks = args, hooks or LearnerHooks()
+        self.model, self.optimizer, self.scheduler, self.engine = parts.model, parts.optimizer, parts.scheduler, \
+            parts.engine
+        self.dist, self.ref_model, self.ref_context, self.fsdp_root = parts.dist, parts.ref_model, parts.ref_context, \
+            parts.fsdp_root
+        self.shared_prompt, self.pad_id = parts.shared_prompt, parts.pad_id
+        self.device = parts.device or torch.device("cpu")
+        self.precision = parts.precision or MixedPrecision(parts.model, self.device)
+        self.loss_name, self.loss = parts.loss, get_loss(parts.loss, **parts.loss_options)
+        self.entropy_bonus = parts.entropy_bonus
         self.micro_batch_tokens = args.micro_batch_tokens  # halved on out-of-memory; saved in checkpoints
         self.nonfinite_in_a_row = 0
         self.weights_version = 0  # optimizer steps applied to the policy (the staleness of a rollout)
         self.forward_passes = 0  # policy forwards (train + old log-prob), counted for tests and stats
-        self.trl_loss = None  # a trl_losses.TrlLoss: TRL's loss variants instead of the loss kernels
-        self.entropy_bonus = None  # a trl_losses.EntropyBonus (needs trl_loss set)
         self.step_tokens = 0  # completion tokens of this rank's rows in the current optimizer step
-        self.on_substep_end = None  # called after each micro-batch's backward but an optimizer step's last
-        self.logit_multiplier = logit_multiplier(model)
+        self.logit_multiplier = logit_multiplier(parts.model)
         # sampler importance sampling in the loss (DashConfig.sampler_is_*): on where sampler and trainer differ
-        bf16 = self.precision.enabled or any(p.dtype == torch.bfloat16 for p in model.parameters())
+        bf16 = self.precision.enabled or any(p.dtype == torch.bfloat16 for p in parts.model.parameters())
         self.sampler_is = args.sampler_is_on(bf16=bf16)
 
+    # ------------------------------------------------------------------ the loop
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None, step: int = 1) -> dict:
         """K epochs x M minibatches of optimizer steps over the kept rows, each step accumulating
@@ -113,69 +178,63 @@ class Learner:
                 weights = algo.token_weights(rollout.completion_mask, a.loss_agg, norm)
                 # no old pass ran: the first optimizer step's loss forwards (still the sampled weights) measure it
                 measure = difference if n_updates == 0 and not needs_old else None
-                step_stats = self.optimizer_step(rollout, local(rows), local_adv, weights, old, ref, step, measure)
+                batch = StepBatch(rollout, local(rows), local_adv, weights, old, ref)
+                step_stats = self.optimizer_step(batch, step, measure)
                 n_updates += 1
                 for k in stats:
                     stats[k] += step_stats.get(k, 0.0) or 0.0
-        for k in ("loss", "clip_fraction", "kl", "entropy", "grad_norm"):
+        for k in ZERO_STATS:
             stats[k] /= max(n_updates, 1)
         stats["optimizer_steps"] = n_updates
         stats.update(difference.record(partial(ddp.all_reduce_sum, info=self.dist),
                                        partial(ddp.all_reduce_max, info=self.dist)))
         return stats
 
-    def optimizer_step(self, rollout, rows, advantages, weights, old, ref, step: int = 1,
-                       measure: metrics.LogpDifference | None = None) -> dict:
-        """One optimizer step over `rows`; halves the micro-batch budget and retries on out-of-memory
-        (on every rank when any rank ran out, so the ranks stay in step). `measure`: gets the sampler vs
-        trainer log-probs of the tokens the loss forwards computed."""
-        while True:
-            sums, oom = None, False
-            try:
-                sums = self._accumulate(rollout, rows, advantages, weights, old, ref, measure)
-            except torch.OutOfMemoryError:
-                oom = True
-            if not ddp.any_rank(oom, self.dist):
-                return self._apply(sums, step)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.micro_batch_tokens <= 1:
-                raise TrainingAborted("out of memory in backward even with micro_batch_tokens=1")
-            self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
-            print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    def no_rows(self) -> dict:
+        """An update with no row to train (a row mask removed them all): the LR schedule advances by the
+        optimizer steps the update would have taken, with a zero loss and no gradient."""
+        for _ in range(self.args.epochs_per_rollout * self.args.minibatches):
+            self.scheduler.step()
+        return {**dict.fromkeys(ZERO_STATS, 0.0), "skipped_steps": 0}
 
-    def _accumulate(self, rollout, rows, advantages, weights, old, ref,
-                    measure: metrics.LogpDifference | None = None) -> list[float]:
-        """Forward/backward over token-budget micro-batches of this rank's `rows`; returns loss sums."""
+    def optimizer_step(self, batch: StepBatch, step: int = 1, measure: metrics.LogpDifference | None = None) -> dict:
+        """One optimizer step over `batch.rows`. `measure`: gets the sampler vs trainer log-probs of the
+        tokens the loss forwards computed."""
+        sums = self._retry_on_oom(partial(self.accumulate, batch, measure))
+        return self.apply(sums, step)
+
+    def accumulate(self, batch: StepBatch, measure: metrics.LogpDifference | None = None) -> list[float]:
+        """Forward/backward over token-budget micro-batches of this rank's rows; returns the loss sums
+        [loss, clip x tokens, kl x tokens, entropy, tokens]."""
+        _call(self.hooks.step_begin, batch)
+        rollout, rows = batch.rollout, batch.rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         micros: list = self.micro_batches(rollout, rows) if rows else []
         self.step_tokens = int(rollout.completion_lengths[rows].sum()) if rows else 0
         if measure is not None:  # a retry after out-of-memory measures again
             measure.reset()
-        if self.fsdp_root is not None:  # same number of forwards on every rank
-            micros += [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
+        if self.fsdp_root is not None:
+            micros = self.pad_micro_batches(micros)
         total_loss, clip_sum, kl_sum, ent_sum, tokens = 0.0, 0.0, 0.0, 0.0, 0
         for i, micro in enumerate(micros):
-            if self.overlap is not None:  # the learner may take the cores of a sampler that is done
-                self.overlap.between_micro_batches()
+            _call(self.hooks.before_micro_batch)
             with nvtx_range("train/forward"):
                 self.forward_passes += 1
-                if micro is None:
+                if micro is None:  # FSDP2 padding
                     loss, st, n = self.fsdp_root(self._dummy_loss, rollout), None, 0
                 else:
-                    micro_rows = [rows[i] for i in micro]
-                    run = self._micro_loss if self.fsdp_root is None else partial(self.fsdp_root, self._micro_loss)
-                    loss, st, n = run(rollout, micro_rows, advantages, weights, old, ref)
+                    micro_rows = [rows[j] for j in micro]
+                    run = self.micro_loss if self.fsdp_root is None else partial(self.fsdp_root, self.micro_loss)
+                    loss, st, n = run(rollout, micro_rows, batch.advantages, batch.weights, batch.old, batch.ref,
+                                      self.step_tokens, self.entropy_bonus)
             with nvtx_range("train/backward"):
                 loss.backward()
-            if self.on_substep_end is not None and i < len(micros) - 1:  # transformers' on_substep_end
-                self.on_substep_end()
+            _call(self.hooks.after_micro_batch, i, len(micros))
             if st is None:
                 continue
             if measure is not None and st.get("logp") is not None:
-                live = self._per_token(weights, rollout, micro_rows) != 0  # the tokens the loss computed
+                live = self._per_token(batch.weights, rollout, micro_rows) != 0  # the tokens the loss computed
                 measure.add(st["logp"][live], self._per_token(rollout.sampling_logps, rollout, micro_rows)[live])
                 if st.get("is_ratio") is not None:
                     measure.add_ratio(self._is_ratio_values(st["is_ratio"], rollout, micro_rows, live))
@@ -187,7 +246,7 @@ class Learner:
             tokens += n
         return [total_loss, clip_sum, kl_sum, ent_sum, float(tokens)]
 
-    def _apply(self, sums: list[float], step: int) -> dict:
+    def apply(self, sums: list[float], step: int) -> dict:
         """Sum gradients (and loss statistics) over ranks, clip, and take the optimizer step unless the
         loss or gradient is non-finite; then push the new weights to the engine."""
         a = self.args
@@ -204,9 +263,11 @@ class Learner:
             finite = math.isfinite(total_loss) and math.isfinite(grad_norm)
             t_sync = 0.0
             if finite:
-                if self.overlap is not None:  # the sampler of the next rollout must be done reading theta
-                    self.overlap.wait()
+                _call(self.hooks.before_optimizer_step)
                 self.optimizer.step()
+                if self.entropy_bonus is not None:  # the adaptive coefficient moves once per optimizer step
+                    self.entropy_bonus.end_step()
+                _call(self.hooks.after_optimizer_step)
                 self.weights_version += 1
                 t_sync = time.perf_counter()
                 with nvtx_range("sync/weights"):
@@ -227,40 +288,48 @@ class Learner:
                 "kl": kl_sum / max(tokens, 1) if a.beta > 0 else 0.0, "entropy": ent_sum / max(tokens, 1),
                 "grad_norm": grad_norm, "skipped_steps": 0 if finite else 1, "time/sync_weights": t_sync}
 
-    # ------------------------------------------------------------------ forward pieces
-    def _micro_loss(self, rollout, micro_rows, advantages, weights, old, ref):
-        """Forward + loss of one micro-batch. Under FSDP2 it runs inside the root's forward, where the
-        lm_head weight it reads directly is unsharded."""
-        a = self.args
-        hidden, targets = self.hidden_and_targets(self.model, rollout, micro_rows)
-        weight, bias = _lm_head(self.model)
-        sampler = {}  # sampler importance sampling (DashConfig.sampler_is_*), computed inside the loss
-        if self.sampler_is:
-            sampler = dict(sampler_logp=self._per_token(rollout.sampling_logps, rollout, micro_rows),
-                           row_ids=self._row_ids(rollout, micro_rows), is_mode=a.sampler_is_mode,
-                           is_clip_min=a.sampler_is_clip_min, is_clip_max=a.sampler_is_clip_max)
-        if self.trl_loss is not None:
-            from dash_fast.losses import variant_micro_loss
+    # ------------------------------------------------------------------ around the loop
+    def _retry_on_oom(self, accumulate: Callable[[], list[float]]) -> list[float]:
+        """`accumulate()`; when it runs out of memory (on any rank: every rank retries, so the ranks stay
+        in step), halve the micro-batch token budget and run it again."""
+        while True:
+            sums, oom = None, False
+            try:
+                sums = accumulate()
+            except torch.OutOfMemoryError:
+                oom = True
+            if not ddp.any_rank(oom, self.dist):
+                return sums
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.micro_batch_tokens <= 1:
+                raise TrainingAborted("out of memory in backward even with micro_batch_tokens=1")
+            self.micro_batch_tokens = max(1, self.micro_batch_tokens // 2)
+            print(f"dash-fast: out of memory in backward; micro_batch_tokens -> {self.micro_batch_tokens}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-            loss, st = variant_micro_loss(
-                self.trl_loss, hidden, weight, bias, targets, rollout.completion_lengths[micro_rows].tolist(),
-                self._per_token(advantages, rollout, micro_rows), self._per_token(weights, rollout, micro_rows),
-                None if old is None else self._per_token(old, rollout, micro_rows),
-                None if ref is None else self._per_token(ref, rollout, micro_rows), temperature=a.temperature,
-                bonus=self.entropy_bonus, step_tokens=self.step_tokens, **sampler)
-            return loss, st, targets.numel()
-        if a.kl_bias_correction and a.beta > 0:
-            sampler["kl_correction"] = True
-        loss, st = self.loss_fn(
-            hidden, weight, bias, targets,
-            self._per_token(advantages, rollout, micro_rows),
-            self._per_token(weights, rollout, micro_rows),
-            None if old is None else self._per_token(old, rollout, micro_rows),
-            None if ref is None else self._per_token(ref, rollout, micro_rows),
-            temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
-            tau=None,  # rows were filtered before this forward; the kept fallback row must stay
-            return_entropy=True, **sampler,
-        )
+    def pad_micro_batches(self, micros: list) -> list:
+        """FSDP2: `micros` padded with None (a zero-loss forward) to the largest count of any rank, so every
+        rank runs the same forward/backward collectives."""
+        return micros + [None] * (int(ddp.all_reduce_max(len(micros), self.dist)) - len(micros))
+
+    # ------------------------------------------------------------------ forward pieces
+    def micro_loss(self, rollout: Rollout, rows: list[int], advantages: torch.Tensor, weights: torch.Tensor,
+                   old: torch.Tensor | None, ref: torch.Tensor | None, step_tokens: int,
+                   bonus: EntropyBonus | None) -> tuple[torch.Tensor, dict, int]:
+        """Forward + loss of the micro-batch `rows` (the registry's loss); returns (loss, stats, tokens).
+        Under FSDP2 it runs inside the root's forward, where the lm_head weight it reads is unsharded."""
+        hidden, targets = self.hidden_and_targets(self.model, rollout, rows)
+        weight, bias = _lm_head(self.model)
+        inputs = LossInputs(hidden, weight, bias, targets, rollout.completion_lengths[rows].tolist(),
+                            self._per_token(advantages, rollout, rows), self._per_token(weights, rollout, rows),
+                            None if old is None else self._per_token(old, rollout, rows),
+                            None if ref is None else self._per_token(ref, rollout, rows), step_tokens)
+        if self.sampler_is:  # sampler importance sampling (DashConfig.sampler_is_*), computed inside the loss
+            inputs.sampler_logp = self._per_token(rollout.sampling_logps, rollout, rows)
+            inputs.row_ids = self._row_ids(rollout, rows)
+        with nvtx_range(f"loss/{self.loss_name}"):  # the backward runs later, under train/backward
+            loss, st = self.loss(inputs, self.args, bonus)
         return loss, st, targets.numel()
 
     def _dummy_loss(self, rollout):
@@ -362,8 +431,7 @@ class Learner:
         lengths = rollout.completion_lengths.tolist()
         with nvtx_range(name), ddp.gathered_params(self.fsdp_root if model is self.model else None):
             for micro in self.micro_batches(rollout, rows):
-                if self.overlap is not None:
-                    self.overlap.between_micro_batches()
+                _call(self.hooks.before_micro_batch)
                 micro_rows = [rows[i] for i in micro]
                 if model is self.model and policy:
                     self.forward_passes += 1
@@ -385,22 +453,6 @@ class Learner:
             from dash_kernels import logprobs_ref
 
             return logprobs_ref(hidden, weight, bias, targets, temperature=self.args.temperature)
-
-    def loss_fn(self, *inputs, **kwargs):
-        """The policy-gradient loss of `loss_impl` (fused kernel, Liger, or the naive reference)."""
-        impl = self.args.loss_impl
-        with nvtx_range(f"loss/{impl}"):  # the backward runs later, under train/backward
-            if impl == "fused":
-                from dash_kernels import fused_linear_pg_loss
-
-                return fused_linear_pg_loss(*inputs, bwd=self.args.triton_bwd, **kwargs)
-            if impl == "liger":
-                from dash_kernels.liger_adapter import liger_pg_loss
-
-                return liger_pg_loss(*inputs, **kwargs)
-            from dash_kernels import pg_loss_ref
-
-            return pg_loss_ref(*inputs, **kwargs)
 
 
 def _lm_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,14 +1,21 @@
-"""TRL 1.16's GRPO loss variants as plain torch on per-row token tensors, with autograd.
+"""The policy-gradient losses, chosen by name from a registry, and TRL 1.16's loss variants.
 
-The fused / chunked loss kernels implement one per-token objective (clipped surrogate + k3 KL). TRL's
-other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once, the
-plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
+Every loss takes one micro-batch's `LossInputs` (hidden states, lm_head, targets and per-token values, flat
+over the completion tokens of its rows) and returns `(loss, stats)`; the learner sums micro-batch losses
+into one optimizer step. `get_loss(name, **options)` returns the registered function with its options
+bound; `register_loss(name)` adds one (a layer over the core, or a test, injects a loss this way).
+
+Registered: "fused" / "liger" / "naive" (dash_kernels' clipped surrogate + k3 KL: the fused Triton/CPU
+kernel, Liger's, the plain torch reference; `loss_impl` picks one) and "variant" (TRL's other objectives,
+below, `spec=TrlLoss(...)`).
+
+TRL's other objectives (GRPOTrainer._compute_loss in trl/trainer/grpo_trainer.py) are written here once,
+the plain way, on [rows, T] tensors: sequence-level importance ratios (GSPO), the bias-corrected KL, the
 two-sided `delta` clip, loss types cispo / sapo / luspo / vespo, the high-entropy token mask, the
-off-policy sequence mask, and the entropy bonus (EntropyBonus). (The token-level bias-corrected KL and the
-sampler importance-sampling ratio are in the fused kernels too; this path applies them when it runs.) The learner uses this path
-(`variant_micro_loss`) only when such a variant is configured (GRPOTrainer sets `Learner.trl_loss`); it
-runs on the materialised logits of one micro-batch (dash_kernels.logprobs_ref), so memory is bounded by
-the micro-batch token budget, not the rollout; the fused kernels are not used for the loss there.
+off-policy sequence mask, and the entropy bonus (EntropyBonus); the sampler importance-sampling ratio and the
+token-level bias-corrected KL (in the fused kernels too) apply here when this path runs. They run on the materialised logits of one
+micro-batch (dash_kernels.logprobs_ref), so memory is bounded by the micro-batch token budget, not the
+rollout; the fused kernels are not used for the loss there.
 
 How it meets DASH: rows are filtered (|A| > tau) before the forward, and every per-row quantity here
 (sequence ratio, off-policy mask, VESPO weight) is computed over a whole kept row, so the filter only
@@ -24,10 +31,88 @@ micro-batches are token-budget packs of kept rows, so the set of tokens the quan
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from dash_fast.config import DashConfig
+
+
+@dataclass
+class LossInputs:
+    """One micro-batch: hidden states [N, H] predicting its N completion tokens (rows in order, `lengths`
+    tokens each), the lm_head, and per-token values flat over the same N tokens. `step_tokens`: the
+    completion tokens of this rank's rows in the whole optimizer step (the entropy bonus's mean)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    targets: torch.Tensor
+    lengths: list[int]
+    advantages: torch.Tensor
+    token_weights: torch.Tensor
+    old_logp: torch.Tensor | None
+    ref_logp: torch.Tensor | None
+    step_tokens: int = 0
+    sampler_logp: torch.Tensor | None = None  # the sampler's log-probs: sampler importance sampling is on
+    row_ids: torch.Tensor | None = None  # each token's row (sequence-level importance sampling)
+
+
+# loss(inputs, config, entropy_bonus) -> (0-d loss tensor, stats: clip_fraction, kl_mean, entropy, logp)
+LossFn = Callable[["LossInputs", "DashConfig", "EntropyBonus | None"], tuple[torch.Tensor, dict]]
+LOSSES: dict[str, Callable[..., tuple[torch.Tensor, dict]]] = {}
+
+
+def register_loss(name: str) -> Callable:
+    """Decorator: `fn(inputs, config, bonus, **options)` becomes the loss called `name` (replacing one)."""
+
+    def add(fn: Callable) -> Callable:
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def get_loss(name: str, **options: Any) -> LossFn:
+    """The loss registered as `name`, with `options` bound (e.g. "variant", spec=TrlLoss(...))."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r} (registered: {', '.join(sorted(LOSSES))})")
+    return functools.partial(LOSSES[name], **options) if options else LOSSES[name]
+
+
+def _kernel_loss(impl: str, x: LossInputs, a: DashConfig, bonus: EntropyBonus | None) -> tuple[torch.Tensor, dict]:
+    """dash_kernels' clipped surrogate + k3 KL per token, weighted by the learner's token weights."""
+    if bonus is not None:
+        raise ValueError(f"the entropy bonus needs the 'variant' loss, not {impl!r}")
+    args = (x.hidden, x.weight, x.bias, x.targets, x.advantages, x.token_weights, x.old_logp, x.ref_logp)
+    kwargs = dict(temperature=a.temperature, eps_low=a.epsilon, eps_high=a.eps_high, beta=a.beta,
+                  tau=None,  # rows were filtered before this forward; the kept fallback row must stay
+                  return_entropy=True)
+    if x.sampler_logp is not None:  # sampler importance sampling (DashConfig.sampler_is_*)
+        kwargs.update(sampler_logp=x.sampler_logp, row_ids=x.row_ids, is_mode=a.sampler_is_mode,
+                      is_clip_min=a.sampler_is_clip_min, is_clip_max=a.sampler_is_clip_max)
+    if a.kl_bias_correction and a.beta > 0:
+        kwargs["kl_correction"] = True
+    if impl == "fused":
+        from dash_kernels import fused_linear_pg_loss
+
+        return fused_linear_pg_loss(*args, bwd=a.triton_bwd, **kwargs)
+    if impl == "liger":
+        from dash_kernels.liger_adapter import liger_pg_loss
+
+        return liger_pg_loss(*args, **kwargs)
+    from dash_kernels import pg_loss_ref
+
+    return pg_loss_ref(*args, **kwargs)
+
+
+for _impl in ("fused", "liger", "naive"):
+    register_loss(_impl)(functools.partial(_kernel_loss, _impl))
 
 
 @dataclass(frozen=True)
@@ -99,6 +184,15 @@ class EntropyBonus:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
+
+    def take_contribution(self) -> float:
+        """The coef x H subtracted since the last call, then 0 (TRL's policy_loss = loss + this)."""
+        out, self.contribution = self.contribution, 0.0
+        return out
+
+    def set_coef(self, value: float) -> None:
+        """Set the coefficient (TRL's `trainer.entropy_coef = value`)."""
+        self.coef = float(value)
 
     def end_step(self) -> None:
         """After an optimizer step: the adaptive update, then a fresh window."""
@@ -257,3 +351,13 @@ def variant_micro_loss(spec: TrlLoss, hidden: torch.Tensor, weight: torch.Tensor
     stats["logp"] = logp.detach()
     stats["is_ratio"] = ratio
     return loss, stats
+
+
+@register_loss("variant")
+def variant_loss(x: LossInputs, a: DashConfig, bonus: EntropyBonus | None, *, spec: TrlLoss) -> tuple[torch.Tensor, dict]:
+    """The registry's entry for TRL's objectives (`variant_micro_loss` with the run's temperature)."""
+    return variant_micro_loss(spec, x.hidden, x.weight, x.bias, x.targets, x.lengths, x.advantages, x.token_weights,
+                              x.old_logp, x.ref_logp, temperature=a.temperature, bonus=bonus,
+                              step_tokens=x.step_tokens, sampler_logp=x.sampler_logp, row_ids=x.row_ids,
+                              is_mode=a.sampler_is_mode, is_clip_min=a.sampler_is_clip_min,
+                              is_clip_max=a.sampler_is_clip_max)

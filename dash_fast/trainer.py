@@ -5,8 +5,12 @@
 `DashTrainer` wires the stages and runs the loop; `train_step` is the algorithm in one screen. Each
 stage is a module with one job: collect.py (prompts, sampling incl. overlap and refill, rewards ->
 a `Batch`), algo.py (advantages, filter, losses: pure functions), learner.py (epochs x minibatches of
-optimizer steps, micro-batches, OOM retry, weight sync), evaluation.py, checkpoint.py, callbacks.py
-and metrics.py (the step record).
+optimizer steps, micro-batches, OOM retry, weight sync), losses.py (the loss registry), evaluation.py,
+checkpoint.py, callbacks.py and metrics.py (the step record); models/loading.py loads the model and
+rewards/scorer.py scores completions.
+
+What a layer over the core may vary is declared here: `Extensions` (given to the constructor) and the
+methods marked "extension point"; the TRL drop-in (trl/trainer.py) is built through them alone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,99 +38,51 @@ from dash_fast.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from dash_fast.collect import Collector, RewardFunc, RewardScorer
+from dash_fast.collect import Collector
 from dash_fast.config import DashConfig
 from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.engines.base import Rollout
 from dash_fast.evaluation import greedy_accuracy
-from dash_fast.learner import Learner, TrainingAborted
+from dash_fast.learner import Learner, LearnerHooks, LearnerParts, TrainingAborted
+from dash_fast.losses import EntropyBonus
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
-from dash_fast.mixed_precision import MixedPrecision, is_bf16_run, to_masters
+from dash_fast.mixed_precision import MixedPrecision, is_bf16_run
+from dash_fast.models.loading import check_text_only, load_model, resolve_device
 from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler
+from dash_fast.rewards.scorer import RewardFunc, RewardScorer
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.cpu_memory import keep_freed_memory
 from dash_fast.runtime.cpus import usable_cpus
 from dash_fast.runtime.device import SPINNING_NOTICE, apply_cpu_threads, make_deterministic, resolve_dtype
 from dash_fast.runtime.profiling import ProfileWindow
 
-__all__ = ["DashTrainer", "TrainingAborted", "attn_implementation", "load_model", "resolve_device"]
+__all__ = ["DashTrainer", "Extensions", "TrainingAborted"]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per local rank
-        name = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    return torch.device(name)
+@dataclass
+class Extensions:
+    """What a layer over the core may vary, declared in one place; each default is the core's own behaviour.
+    The TRL adapter (trl/trainer.py) builds its DashTrainer through these and through DashTrainer's methods
+    marked "extension point"; nothing else of the core is replaced or rewired.
 
+    - `prompts(train_data) -> (prompt source, sampler)`: where training draws prompts from and in which
+      order (default: the PromptDataset and a seeded shuffled PromptSampler over it).
+    - `reward_post(data, indices, rollout, repeat, rewards, per_func) -> rewards`: post-processing of the
+      rewards of every training rollout the collector scores (refill rounds included), before the all-gather.
+    - `row_mask(rollout, kept) -> kept`: rows the loss leaves out, after the gradient filter.
+    - `loss` / `loss_options`: the loss by name from losses.py's registry (default: `config.loss_impl`);
+      `entropy_bonus`: its stateful entropy term (saved in checkpoints, stepped after each optimizer step).
+    """
 
-def attn_implementation(device: torch.device, dtype: str) -> str:
-    """flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed (`pip install dash-fast[flash]`),
-    else PyTorch SDPA (which itself picks a flash / memory-efficient kernel on CUDA)."""
-    import importlib.util
-
-    if device.type == "cuda" and dtype in ("bfloat16", "float16") and importlib.util.find_spec("flash_attn"):
-        return "flash_attention_2"
-    return "sdpa"
-
-
-def load_model(model: str | torch.nn.Module, dtype: str, device: torch.device,
-               masters: bool = False) -> torch.nn.Module:
-    """The model on `device`: loaded in `dtype`, or with `masters` (a bf16 run's fp32 master weights,
-    mixed_precision.py) loaded in fp32 / its trainable parameters cast to fp32."""
-    if isinstance(model, torch.nn.Module):
-        model = model.to(device)
-        return to_masters(model) if masters else model
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if masters else getattr(torch, dtype),
-                              "attn_implementation": attn_implementation(device, dtype)}
-    return AutoModelForCausalLM.from_pretrained(model, **kwargs).to(device)
-
-
-def logit_transform(model) -> str | None:
-    """Why the model's logits are not `hidden @ lm_head.T` up to a constant factor (the loss and log-prob ops
-    compute that; the learner folds Cohere's / Granite's factor into the hidden states, learner.logit_multiplier),
-    naming the config field; None when they are. Gemma-2/3 soft-cap them. `model`: a module or its config."""
-    config = getattr(model, "config", model)
-    config = getattr(config, "get_text_config", lambda: config)() if config is not None else None
-    checks = (("final_logit_softcapping", None),)
-    for name, neutral in checks:
-        value = getattr(config, name, None)
-        if value is not None and value != neutral:
-            return (f"config.{name}={value}: it transforms the logits after the lm_head, which dash-fast's loss, "
-                    "log-prob and sampling ops do not apply")
-    return None
-
-
-def check_text_only(model: str | torch.nn.Module, trust_remote_code: bool = False) -> None:
-    """Refuse, before any weights load, a vision-language model (its config has a vision tower, or is one of
-    transformers' image-text-to-text types: the engines and the training forward take token ids only, so its
-    image inputs could not reach it) and one whose logits the ops cannot compute (`logit_transform`)."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    if isinstance(model, str):
-        try:
-            config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):  # not a readable config: loading the model reports it
-            return
-        name = model
-    else:
-        config = getattr(model, "config", None)
-        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-        name = type(inner).__name__
-    model_type = getattr(config, "model_type", None)
-    if getattr(config, "vision_config", None) is not None or model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-        raise ValueError(f"dash-fast does not support model={name!r}: its config ({model_type}) is a vision-language "
-                         "config, and dash-fast's engines and training forward take token ids only (no images); "
-                         "pass a text-only causal LM")
-    reason = logit_transform(config)
-    if reason:
-        raise ValueError(f"dash-fast does not support {reason}")
+    prompts: Callable[[PromptDataset], tuple[Any, Any]] | None = None
+    reward_post: Callable[..., torch.Tensor] | None = None
+    row_mask: Callable[[Rollout, torch.Tensor], torch.Tensor] | None = None
+    loss: str | None = None
+    loss_options: dict = field(default_factory=dict)
+    entropy_bonus: EntropyBonus | None = None
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
@@ -154,7 +112,10 @@ def stop_token_ids(tokenizer, model: torch.nn.Module) -> tuple[int, ...]:
 class DashTrainer:
     """TRL-shaped trainer: `DashTrainer(model, reward_funcs, args, train_dataset, eval_dataset,
     processing_class).train()`. `model` is a path or a loaded causal LM; reward functions use TRL's
-    signature `f(prompts, completions, completion_ids=..., **columns) -> list[float | None]`."""
+    signature `f(prompts, completions, completion_ids=..., **columns) -> list[float | None]`.
+
+    A layer over it varies the run through `extensions` (Extensions) and by overriding the methods marked
+    "extension point" (emit, begin_step, finish_step, eval_during_training, saved, end_training)."""
 
     def __init__(
         self,
@@ -165,9 +126,11 @@ class DashTrainer:
         eval_dataset: Any = None,
         processing_class: Any = None,
         callbacks: list | None = None,
+        extensions: Extensions | None = None,
     ) -> None:
         from transformers import AutoTokenizer
 
+        ext = self.extensions = extensions or Extensions()
         # `config` is what the loop reads; `args` is the same object here (GRPOTrainer's `args` is its GRPOConfig)
         self.config = self.args = args = args or DashConfig()
         # first: in-process vLLM on CPU makes set_num_threads a no-op; device_setup.py says what auto picks
@@ -190,6 +153,8 @@ class DashTrainer:
         if args.deterministic:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type, args.dist_timeout_s)
+        self.state, self.control = callbacks_lib.trainer_state(args.max_steps, args.logging_steps,
+                                                                args.save_steps, self.dist.is_main)
         check_text_only(model)
         dtype = resolve_dtype(args.dtype, self.device)
         bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)
@@ -213,7 +178,7 @@ class DashTrainer:
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id
         self.rewards = RewardScorer(reward_funcs or args.reward_funcs or DEFAULT_REWARDS[self.dataset_format],
-                                    args.reward_weights, args.accuracy_reward, self.tokenizer)
+                                    args.reward_weights, args.accuracy_reward, self.tokenizer, trainer_state=self.state)
         if any(getattr(f, "needs_sandbox", False) for f in self.rewards.funcs):
             from dash_fast.rewards.sandbox import set_default_sandbox
 
@@ -226,7 +191,10 @@ class DashTrainer:
         self.eval_data = None
         if eval_rows is not None:
             self.eval_data = PromptDataset(eval_rows, self.tokenizer, name="eval_dataset", **data_kwargs)
-        self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
+        if ext.prompts is not None:
+            self.train_data, self.sampler = ext.prompts(self.train_data)
+        else:
+            self.sampler = PromptSampler(len(self.train_data), args.seed if args.data_seed is None else args.data_seed)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
 
         self.fsdp_root = None  # FSDP2: NCCL on GPU, gloo on CPU
@@ -245,43 +213,24 @@ class DashTrainer:
                 **self.paths()), flush=True)
         if args.overlap and self.fsdp_root is not None:
             raise ValueError("overlap=True is not supported with parallel=fsdp2")
-        concurrent = getattr(self.engine, "can_sample_concurrently", False)
-        self.overlap = OverlapScheduler(self.device, concurrent=concurrent, sampler_cores=args.sampler_cores,
-                                        cpus=usable_cpus(args.cpu_affinity),
-                                        bind_cpus=args.bind_cpus,
-                                        cpu_sampler="thread" if getattr(self.engine, "samples_in_own_process", False)
-                                        else args.cpu_sampler,
-                                        engine=self.engine) if args.overlap else None
+        self.overlap = make_overlap(args, self.device, self.engine) if args.overlap else None
         self.collector = Collector(args, self.engine, self.train_data, self.sampler, self.rewards, self.dist,
-                                   self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root)
+                                   self.overlap, self.pad_id, stop_token_ids(self.tokenizer, self.model), self.fsdp_root,
+                                   reward_post=ext.reward_post)
 
-        # fused: one pass over each parameter's param/grad/moments (2x faster than the default per-tensor loop
-        # at the 0.5B shape on CPU, bench/results/roofline.md); FSDP2's sharded DTensors keep the default
-        optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=args.learning_rate,
-            betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay,
-            fused=self.fsdp_root is None or None,
-        )
-        total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
-        ref_model, ref_context = None, None
-        if args.beta > 0 and is_peft_model(self.model):  # the reference is in the policy's weights (peft_support)
-            ref_context = functools.partial(reference_policy, self.model)
-        elif args.beta > 0:
-            ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.learner = Learner(args, self.model, optimizer, scheduler, self.engine, self.dist, self.overlap,
-                               ref_model, self.fsdp_root, self.shared_prompt, self.pad_id, self.device,
-                               ref_context=ref_context, precision=self.precision)
-        self.learner.on_substep_end = functools.partial(self._callback, "on_substep_end")
+        optimizer, scheduler = make_optimizer(args, self.model, sharded=self.fsdp_root is not None)
+        ref_model, ref_context = make_reference(args, self.model)
+        parts = LearnerParts(self.model, optimizer, scheduler, self.engine, self.dist, loss=ext.loss or args.loss_impl,
+                             loss_options=ext.loss_options, entropy_bonus=ext.entropy_bonus, precision=self.precision,
+                             ref_model=ref_model, ref_context=ref_context, fsdp_root=self.fsdp_root,
+                             shared_prompt=self.shared_prompt, pad_id=self.pad_id, device=self.device)
+        self.learner = Learner(args, parts, self._learner_hooks())
         if self.dist.is_main and self.learner.sampler_is:  # DashConfig.sampler_is_*: where sampler and trainer differ
             print(f"dash-fast: sampler importance sampling: {args.sampler_is_mode}, ratio bounds "
                   f"[{args.sampler_is_clip_min}, {args.sampler_is_clip_max}]", flush=True)
 
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)
-        self.state, self.control = callbacks_lib.trainer_state(args.max_steps, args.logging_steps,
-                                                                args.save_steps, self.dist.is_main)
-        self.rewards.trainer_state = self.state
         self.callbacks = list(callbacks or [])
         self.callback_args: Any = args  # what callbacks receive as `args` (GRPOTrainer passes its GRPOConfig)
         self.stop_requested = False
@@ -300,6 +249,22 @@ class DashTrainer:
         return self.rewards.names
 
     # ------------------------------------------------------------------ setup helpers
+    def _learner_hooks(self) -> LearnerHooks:
+        """The overlap scheduler's and the callbacks' places in the learner's loop: the learner widens onto
+        the sampler's cores between micro-batches and waits for it before an optimizer step (which changes
+        the weights it reads); transformers' events around each micro-step and optimizer step."""
+        overlap = self.overlap
+        return LearnerHooks(
+            before_micro_batch=[overlap.between_micro_batches] if overlap is not None else [],
+            after_micro_batch=[self._substep_end],
+            before_optimizer_step=[*([overlap.wait] if overlap is not None else []),
+                                   functools.partial(self.emit, "on_pre_optimizer_step")],
+            after_optimizer_step=[functools.partial(self.emit, "on_optimizer_step")])
+
+    def _substep_end(self, index: int, count: int) -> None:
+        if index < count - 1:  # transformers' on_substep_end: every micro-step but an optimizer step's last
+            self.emit("on_substep_end")
+
     def _use_shared_prompt(self) -> bool:
         """Train with each prompt computed once per group (shared_prompt.py) where the model allows it.
         `auto` picks it on CPU only: on GPU its speed against flash-attn / SDPA padding masks is unmeasured."""
@@ -322,6 +287,10 @@ class DashTrainer:
     # ------------------------------------------------------------------ the step
     def train_step(self, step: int) -> dict:
         """One optimizer step's algorithm: collect a batch -> advantages -> filter -> update -> record."""
+        self.begin_step(step)
+        return self.finish_step(step, self._step(step))
+
+    def _step(self, step: int) -> dict:
         a, t_start = self.config, time.perf_counter()
         batch = self.collector.collect(step, self.learner.weights_version)
         if batch.skipped:  # a reward function failed and on_reward_error="skip": no update
@@ -346,7 +315,12 @@ class DashTrainer:
 
     def update(self, rollout: Rollout, advantages: torch.Tensor, kept: torch.Tensor,
                global_rows: list[int] | None = None, lengths: torch.Tensor | None = None) -> dict:
-        """The learner's optimizer steps on the kept rows of this step's batch (learner.Learner.update)."""
+        """The learner's optimizer steps on the kept rows of this step's batch (learner.Learner.update), less
+        the rows `extensions.row_mask` leaves out."""
+        if self.extensions.row_mask is not None:
+            kept = self.extensions.row_mask(rollout, kept)
+            if kept.numel() == 0:
+                return self.learner.no_rows()
         return self.learner.update(rollout, advantages, kept, global_rows, lengths, step=self.state.global_step + 1)
 
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
@@ -368,19 +342,36 @@ class DashTrainer:
         n = min(len(dataset), max_examples or self.config.eval_examples)
         params = self.collector.sampling_params(0, greedy=True, max_new=self.config.eval_max_completion_tokens)
         result = greedy_accuracy(self.engine, self.rewards, dataset, n, params, self.dist, self.fsdp_root, batch_size)
-        self.collector.engine_prepared = False  # eval may have grown the cache (dropping graphs): re-capture first
+        self.collector.engine_changed()  # eval may have grown the cache (dropping graphs): re-capture first
         return result
 
-    def _evaluate(self, step: int) -> dict:
+    # ------------------------------------------------------------------ extension points
+    def begin_step(self, step: int) -> None:
+        """Extension point: called before step `step` collects its batch."""
+
+    def finish_step(self, step: int, record: dict) -> dict:
+        """Extension point: step `step`'s record, as it goes to the log (and state.log_history)."""
+        return record
+
+    def eval_during_training(self, step: int) -> dict:
+        """Extension point: the evaluation the loop runs at step 0 and every `eval_every` steps (and at the
+        last); returns the metrics merged into the step's record as `eval_*`."""
         result = self.evaluate()
         self.eval_history.append({"step": step, **result})
         if self.dist.is_main:
             print(f"dash-fast: eval at step {step}: accuracy {result['accuracy']:.3f} on {result['examples']} examples")
-        self._callback("on_evaluate", metrics={f"eval_{k}": v for k, v in result.items()})
+        self.emit("on_evaluate", metrics={f"eval_{k}": v for k, v in result.items()})
         return result
 
-    # ------------------------------------------------------------------ checkpoints and callbacks
-    def _callback(self, event: str, **kwargs) -> None:
+    def saved(self, step: int, path: str) -> None:
+        """Extension point: after rank 0 wrote step `step`'s checkpoint at `path` (and on_save fired)."""
+
+    def end_training(self, summary: dict) -> None:
+        """Extension point: the end of train(), after summary.json is written."""
+        self.emit("on_train_end")
+
+    def emit(self, event: str, **kwargs) -> None:
+        """Extension point: fire callback `event` (callbacks.py) with the trainer's objects."""
         callbacks_lib.fire(self.callbacks, event, self.callback_args, self.state, self.control, model=self.model,
                            processing_class=self.tokenizer, optimizer=self.optimizer, lr_scheduler=self.scheduler,
                            **kwargs)
@@ -416,7 +407,9 @@ class DashTrainer:
             path = save_checkpoint(os.path.join(self.output_dir, "checkpoints"), step, self.model, self.tokenizer,
                                    state, keep_last=self.config.keep_last_checkpoints, state_dict=model_sd)
         ddp.barrier(self.dist)
-        self._callback("on_save")
+        self.emit("on_save")
+        if path is not None:
+            self.saved(step, path)
         return path
 
     def _resume(self) -> int:
@@ -466,8 +459,8 @@ class DashTrainer:
         profile = ProfileWindow(a.profile_steps, trace_path=trace if a.trace else None)
         try:
             if start == 0 and self.eval_data is not None:
-                self._evaluate(0)
-            self._callback("on_train_begin")
+                self.eval_during_training(0)
+            self.emit("on_train_begin")
             bar = None
             if not a.disable_tqdm and self.dist.is_main:
                 from tqdm.auto import tqdm
@@ -475,18 +468,18 @@ class DashTrainer:
                 bar = tqdm(total=a.max_steps, initial=start, desc="dash-fast RL", dynamic_ncols=True)
             for step in range(start + 1, a.max_steps + 1):
                 profile.before_step(step)
-                self._callback("on_step_begin")
+                self.emit("on_step_begin")
                 record = self.train_step(step)
                 profile.after_step(step)
                 self.state.global_step = step
                 self.state.log_history.append(record)
                 if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0) or step == a.max_steps):
-                    record.update({f"eval_{k}": v for k, v in self._evaluate(step).items()})
+                    record.update({f"eval_{k}": v for k, v in self.eval_during_training(step).items()})
                 if logger is not None:
                     logger.log(record)
-                self._callback("on_step_end")
+                self.emit("on_step_end")
                 if a.logging_steps and step % a.logging_steps == 0:
-                    self._callback("on_log", logs=record)
+                    self.emit("on_log", logs=record)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=f"{record['kept_fraction']:.2f}",
@@ -502,7 +495,7 @@ class DashTrainer:
             if bar is not None:
                 bar.close()
             summary = self._finish(t_begin)
-            self._callback("on_train_end")
+            self.end_training(summary)
             return summary
         finally:
             profile.close()
@@ -523,6 +516,37 @@ class DashTrainer:
         if self.dist.is_main:
             metrics.write_summary(self.output_dir, summary, plots=bool(self.state.log_history))
         return summary
+
+
+def make_overlap(args: DashConfig, device: torch.device, engine) -> OverlapScheduler:
+    """overlap=True: the scheduler that samples rollout r+1 beside step r's update (overlap.py)."""
+    return OverlapScheduler(device, concurrent=getattr(engine, "can_sample_concurrently", False),
+                            sampler_cores=args.sampler_cores, cpus=usable_cpus(args.cpu_affinity),
+                            bind_cpus=args.bind_cpus,
+                            cpu_sampler="thread" if getattr(engine, "samples_in_own_process", False) else args.cpu_sampler,
+                            engine=engine)
+
+
+def make_optimizer(args: DashConfig, model: torch.nn.Module, sharded: bool = False):
+    """AdamW over the trainable parameters and its LR schedule (one scheduler step per optimizer step).
+    Fused: one pass over each parameter's param/grad/moments (2x faster than the default per-tensor loop at
+    the 0.5B shape on CPU, bench/results/roofline.md); FSDP2's sharded DTensors (`sharded`) keep the default."""
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.weight_decay, fused=not sharded or None,
+    )
+    total_updates = max(1, args.max_steps * args.epochs_per_rollout * args.minibatches)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args, total_updates))
+
+
+def make_reference(args: DashConfig, model: torch.nn.Module):
+    """The KL reference when beta > 0: (a frozen copy, None), or with PEFT (None, a context under which the
+    policy is the reference: its adapters disabled, models/peft.py); (None, None) when beta = 0."""
+    if args.beta > 0 and is_peft_model(model):
+        return None, functools.partial(reference_policy, model)
+    if args.beta > 0:
+        return copy.deepcopy(model).eval().requires_grad_(False), None
+    return None, None
 
 
 def _main_thread() -> bool:

@@ -132,7 +132,7 @@ class Recorder:
         self.at_begin: dict[int, dict] = {}
         self.used: dict[int, tuple] = {}  # step -> (rollout, old)
         self.prompts: dict[int, list[int]] = {}
-        plan, update, rollout_for = trainer.collector.generation_plan, trainer.update, trainer.collector.rollout_for
+        plan, rollout_for = trainer.collector.generation_plan, trainer.collector.rollout_for
 
         def plan_(prompt_ids, step, row_offset=0):  # once per rollout, in this process (whoever then samples it)
             calls = plan(prompt_ids, step, row_offset)
@@ -145,18 +145,8 @@ class Recorder:
             self.prompts[step] = list(job.indices)
             return job
 
-        def upd(rollout, *a, **k):
-            step = trainer.state.global_step + 1
-            opt = trainer.learner.optimizer_step
+        def step_begin(batch):  # the learner's hook: the rollout and old log-probs an optimizer step trains on
+            self.used[trainer.state.global_step + 1] = (batch.rollout, batch.old)
 
-            def capture(rollout_, rows, adv, weights, old, ref, *rest):
-                self.used[step] = (rollout_, old)
-                return opt(rollout_, rows, adv, weights, old, ref, *rest)
-
-            trainer.learner.optimizer_step = capture
-            try:
-                return update(rollout, *a, **k)
-            finally:
-                trainer.learner.optimizer_step = opt
-
-        trainer.collector.generation_plan, trainer.update, trainer.collector.rollout_for = plan_, upd, rollout_for_
+        trainer.learner.hooks.step_begin.append(step_begin)
+        trainer.collector.generation_plan, trainer.collector.rollout_for = plan_, rollout_for_

@@ -235,7 +235,7 @@ def test_unsupported_architecture_falls_back_to_the_dynamic_path():
 def test_attention_implementation_selection(monkeypatch, device, dtype, installed, expected):
     import importlib.util
 
-    from dash_fast.trainer import attn_implementation
+    from dash_fast.models.loading import attn_implementation
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -116,7 +116,7 @@ def test_soft_capped_logits_are_refused_before_the_weights_load(tmp_path):
     soft-capped, which the loss, log-prob and sampling ops do not apply)."""
     from transformers import Gemma2Config
 
-    from dash_fast.trainer import check_text_only
+    from dash_fast.models.loading import check_text_only
 
     Gemma2Config(**COMMON, head_dim=8).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):

@@ -12,8 +12,9 @@ from dash_fast.checkpoint import load_trainer_state
 from dash_fast.config import ConfigError, make_config
 from dash_fast.data.prompts import DataError
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
+from dash_fast.losses import LOSSES, get_loss
 from dash_fast.rewards import RewardError
-from dash_fast.trainer import TrainingAborted
+from dash_fast.trainer import Extensions, TrainingAborted
 
 TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
                   n_train=24, n_test=4)
@@ -23,14 +24,16 @@ def length_reward(completions, **columns):
     return [float(len(c) % 3) for c in completions]
 
 
-def make_trainer(tmp_path, reward=length_reward, rows=None, model=None, **overrides) -> DashTrainer:
+def make_trainer(tmp_path, reward=length_reward, rows=None, model=None, loss=None, **overrides) -> DashTrainer:
+    """`loss`: a name in losses.py's registry (the extension point the TRL layer picks its loss by)."""
     tok = build_tokenizer()
     train, _ = make_task(TINY, seed=0)
     args = dict(output_dir=str(tmp_path), max_steps=3, prompts_per_step=2, group_size=4, max_completion_tokens=6,
                 max_prompt_tokens=16, report_to=[], disable_tqdm=True, learning_rate=1e-2, filter_tau=None)
     args.update(overrides)
     return DashTrainer(model or build_model(tok, TINY, seed=0), reward, args=DashConfig(**args),
-                       train_dataset=train if rows is None else rows, processing_class=tok)
+                       train_dataset=train if rows is None else rows, processing_class=tok,
+                       extensions=Extensions(loss=loss))
 
 
 def params(trainer: DashTrainer) -> dict[str, torch.Tensor]:
@@ -162,16 +165,16 @@ def test_empty_completions_reach_the_reward_and_training_goes_on(tmp_path):
 # ----------------------------------------------------------------------------- non-finite loss, OOM
 
 
-def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path):
-    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=5, save_steps=1)
-    loss_fn = trainer.learner.loss_fn
+def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path, monkeypatch):
+    loss_fn = get_loss("fused")
     bad_steps = {2, 3}
 
-    def poisoned(*args, **kwargs):
-        loss, stats = loss_fn(*args, **kwargs)
+    def poisoned(*args):
+        loss, stats = loss_fn(*args)
         return (loss * float("nan") if trainer.state.global_step + 1 in bad_steps else loss), stats
 
-    trainer.learner.loss_fn = poisoned
+    monkeypatch.setitem(LOSSES, "test_poisoned", poisoned)
+    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=5, save_steps=1, loss="test_poisoned")
     trainer.train_step(1)
     trainer.state.global_step = 1
     after_one = params(trainer)
@@ -183,35 +186,36 @@ def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path):
     assert same(after_one, params(trainer))
 
 
-def test_non_finite_counter_resets_after_a_good_step(tmp_path):
-    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=4)
-    loss_fn = trainer.learner.loss_fn
+def test_non_finite_counter_resets_after_a_good_step(tmp_path, monkeypatch):
+    loss_fn = get_loss("fused")
 
-    def every_other(*args, **kwargs):
-        loss, stats = loss_fn(*args, **kwargs)
+    def every_other(*args):
+        loss, stats = loss_fn(*args)
         return (loss * float("nan") if trainer.state.global_step % 2 else loss), stats
 
-    trainer.learner.loss_fn = every_other
+    monkeypatch.setitem(LOSSES, "test_every_other", every_other)
+    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=4, loss="test_every_other")
     summary = trainer.train()  # steps 2 and 4 are non-finite, never two in a row
     assert summary["steps"] == 4
     assert [r["skipped_steps"] for r in trainer.state.log_history] == [0, 1, 0, 1]
 
 
-def test_out_of_memory_in_backward_halves_the_micro_batch_and_retries(tmp_path):
+def test_out_of_memory_in_backward_halves_the_micro_batch_and_retries(tmp_path, monkeypatch):
     """The retried step gives the gradient of the step that fit in memory."""
     budget = 40  # tokens a micro-batch may hold before the (simulated) device runs out
 
     def run(oom: bool):
-        trainer = make_trainer(tmp_path / str(oom), model=build_model(build_tokenizer(), TINY).double(),
-                               loss_impl="naive", micro_batch_tokens=256, max_grad_norm=None, max_steps=1)
-        loss_fn = trainer.learner.loss_fn
+        loss_fn = get_loss("naive")
 
-        def limited(hidden, *args, **kwargs):
+        def limited(*args):
             if oom and trainer.learner.micro_batch_tokens > budget:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return loss_fn(hidden, *args, **kwargs)
+            return loss_fn(*args)
 
-        trainer.learner.loss_fn = limited
+        monkeypatch.setitem(LOSSES, "test_limited", limited)
+        trainer = make_trainer(tmp_path / str(oom), model=build_model(build_tokenizer(), TINY).double(),
+                               loss_impl="naive", micro_batch_tokens=256, max_grad_norm=None, max_steps=1,
+                               loss="test_limited")
         trainer.train()
         return trainer, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
 
@@ -224,12 +228,11 @@ def test_out_of_memory_in_backward_halves_the_micro_batch_and_retries(tmp_path):
     assert state["micro_batch_tokens"] == 32  # a resumed run starts from the budget that fit
 
 
-def test_out_of_memory_even_at_one_token_aborts(tmp_path):
-    trainer = make_trainer(tmp_path, micro_batch_tokens=4, max_steps=1)
-
-    def always_oom(*args, **kwargs):
+def test_out_of_memory_even_at_one_token_aborts(tmp_path, monkeypatch):
+    def always_oom(*args):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    trainer.learner.loss_fn = always_oom
+    monkeypatch.setitem(LOSSES, "test_always_oom", always_oom)
+    trainer = make_trainer(tmp_path, micro_batch_tokens=4, max_steps=1, loss="test_always_oom")
     with pytest.raises(TrainingAborted, match="out of memory"):
         trainer.train()

@@ -11,7 +11,9 @@ from safetensors.torch import load_file
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
+from dash_fast.losses import LOSSES, get_loss
 from dash_fast.mixed_precision import compute_copy
+from dash_fast.trainer import Extensions
 
 
 def length_reward(prompts, completions, **columns):
@@ -19,7 +21,21 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c) % 5) for c in completions]
 
 
-def make_trainer(out, model_dtype=torch.float32, callbacks=None, **overrides) -> DashTrainer:
+class AutocastAtEmbedding(torch.overrides.TorchFunctionMode):
+    """Records whether autocast is on whenever a training forward (gradient on) embeds tokens: the decoder's
+    first op, in the model's own forward and in the shared-prompt one alike (the sampler's run without grad)."""
+
+    def __init__(self, seen: list) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.embedding and torch.is_grad_enabled():
+            self.seen.append(("decoder autocast", torch.is_autocast_enabled("cpu")))
+        return func(*args, **(kwargs or {}))
+
+
+def make_trainer(out, model_dtype=torch.float32, callbacks=None, loss=None, **overrides) -> DashTrainer:
     tok = build_tokenizer()
     train, _ = make_task(TINY, seed=0)
     args = dict(output_dir=str(out), prompts_per_step=4, group_size=4, max_completion_tokens=8,
@@ -27,7 +43,7 @@ def make_trainer(out, model_dtype=torch.float32, callbacks=None, **overrides) ->
                 max_steps=4, seed=0)
     args.update(overrides)
     return DashTrainer(build_model(tok, TINY, seed=0).to(model_dtype), length_reward, args=DashConfig(**args),
-                       train_dataset=train, processing_class=tok, callbacks=callbacks)
+                       train_dataset=train, processing_class=tok, callbacks=callbacks, extensions=Extensions(loss=loss))
 
 
 def weight_change(trainer: DashTrainer) -> tuple[float, float]:
@@ -51,23 +67,20 @@ def test_bf16_at_lr_3e6_moves_the_weights_like_fp32(tmp_path, train_forward):
     assert moved < 0.5 and norm / fp32_norm < 0.5, (moved, norm / fp32_norm)
 
 
-def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path):
-    trainer = make_trainer(tmp_path, torch.bfloat16, max_steps=2)  # a bf16 module: its run gets masters too
+def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path, monkeypatch):
+    seen, loss_fn = [], get_loss("fused")
+
+    def loss_spy(inputs, *rest):  # a loss in the registry: what the loss kernels are handed
+        seen.append(("loss inputs", inputs.hidden.dtype, inputs.weight.dtype))
+        return loss_fn(inputs, *rest)
+
+    monkeypatch.setitem(LOSSES, "test_loss_spy", loss_spy)
+    # a bf16 module: its run gets masters too
+    trainer = make_trainer(tmp_path, torch.bfloat16, max_steps=2, loss="test_loss_spy")
     sampler = trainer.precision.sampler_model
     assert trainer.engine.model is sampler and sampler is not trainer.model
-    learner, seen = trainer.learner, []
-    decoder_hidden, loss_fn = learner._decoder_hidden, learner.loss_fn
-
-    def decoder_spy(*args):
-        seen.append(("decoder autocast", torch.is_autocast_enabled("cpu")))
-        return decoder_hidden(*args)
-
-    def loss_spy(hidden, weight, *args, **kwargs):
-        seen.append(("loss inputs", hidden.dtype, weight.dtype))
-        return loss_fn(hidden, weight, *args, **kwargs)
-
-    learner._decoder_hidden, learner.loss_fn = decoder_spy, loss_spy
-    trainer.train()
+    with AutocastAtEmbedding(seen):
+        trainer.train()
     assert set(seen) == {("decoder autocast", True), ("loss inputs", torch.bfloat16, torch.float32)}, set(seen)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert all(v.dtype == torch.float32 for s in trainer.optimizer.state.values() for v in s.values() if v.dim())

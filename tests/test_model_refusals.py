@@ -7,7 +7,7 @@ from helpers import TINY_MODEL
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer
-from dash_fast.trainer import check_text_only
+from dash_fast.models.loading import check_text_only
 
 
 def tiny_llava():

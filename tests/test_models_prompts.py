@@ -8,7 +8,7 @@ from helpers import TINY_MODEL as TINY
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.data.prompts import DataError, PromptDataset
 from dash_fast.embedded.tiny import build_model, build_tokenizer
-from dash_fast.trainer import logit_transform
+from dash_fast.models.loading import logit_transform
 
 
 def bos_tokenizer():

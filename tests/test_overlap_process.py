@@ -45,14 +45,13 @@ def gone_within(pid: int, seconds: float) -> bool:
 def test_the_sampler_process_runs_beside_the_update_in_another_pid(tmp_path):
     trainer = make_trainer(tmp_path, overlap=True)
     assert trainer.overlap.use_process
-    accumulate, seen = trainer.learner._accumulate, []
+    seen = []
 
-    def accumulate_(*a, **k):  # inside the update, before its backward: wait for the sampler to say it began
+    def step_begin(batch):  # the learner's hook, inside the update before its backward: wait for the sampler
         if trainer.overlap.pending is not None:
             seen.append((trainer.overlap.pending.step, trainer.overlap.sampler_started(timeout=300)))
-        return accumulate(*a, **k)
 
-    trainer.learner._accumulate = accumulate_
+    trainer.learner.hooks.step_begin.append(step_begin)
     trainer.train()
     steps = [s for s, _ in seen]
     pids = {pid for _, pid in seen}

@@ -247,14 +247,14 @@ KL_CASES = {  # name: GRPOConfig extras, sampler correction on
 @pytest.mark.parametrize("name", list(KL_CASES))
 def test_trls_default_kl_trains_on_the_fused_kernels_and_matches_trl(tmp_path, name):
     """beta > 0 with TRL's use_bias_correction_kl=True no longer takes losses.py's materialised-logits path:
-    the fused kernels compute it (trl_loss is None), and the loss and gradient are TRL's _compute_loss's on
+    the fused kernels compute it (the registry loss is "fused"), and the loss and gradient are TRL's _compute_loss's on
     one batch whose reference model differs from the policy (so the KL and its gradient are not 0)."""
     extra, on = KL_CASES[name]
     mode, lo, hi = "token_truncate", None, 1.1
     trainer, initial, rollout, rewards = _dash_one_batch(
         tmp_path, 0.3, ref_noise=0.05, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=hi,
         extra={"sampler_is_correction": on}, **extra)
-    assert trainer.learner.trl_loss is None and trainer.config.loss_impl == "fused"
+    assert trainer.learner.loss_name == "fused" and trainer.config.loss_impl == "fused"
     assert trainer.config.kl_bias_correction == extra.get("use_bias_correction_kl", True)
     (record,) = trainer.step_records
     loss, grads, _ = _trl_side(initial, rollout, rewards, 4, mode, lo, hi, extra["beta"], extra["loss_type"],

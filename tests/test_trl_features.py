@@ -82,6 +82,31 @@ def test_normalize_then_sum_matches_the_formula():
     assert cfg.scale_rewards == "batch"
 
 
+def digit_reward(completions, **kw):
+    return [float(sum(ch.isdigit() for ch in c)) for c in completions]
+
+
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_training_rewards_are_the_aggregations(tmp_path, aggregation):
+    """The rewards training takes advantages of (dash-fast's `reward_mean`) are the weighted sum, or with
+    normalize_then_sum each reward normalised in its group first: a mean of 0 whatever the raw rewards
+    (TRL's `reward` stays the raw weighted sum)."""
+    tok = build_tokenizer()
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
+                      max_steps=1, report_to="none", disable_tqdm=True, multi_objective_aggregation=aggregation,
+                      reward_weights=[1.0, 0.5], use_cpu=True)
+    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
+    trainer = GRPOTrainer(model=build_model(tok, TINY), reward_funcs=[length_reward, digit_reward], args=args,
+                          train_dataset=data, processing_class=tok)
+    trainer.train()
+    record = trainer.step_records[0]
+    assert record["reward"] > 0
+    if aggregation == "normalize_then_sum":
+        assert abs(record["reward_mean"]) < 1e-5
+    else:
+        assert record["reward_mean"] == pytest.approx(record["reward"])
+
+
 def test_sync_ref_model_mixes_the_policy_into_the_reference(tmp_path):
     trainer = make_trainer(tmp_path, args=dict(beta=0.1, use_bias_correction_kl=False, sync_ref_model=True,
                                                ref_model_sync_steps=1, ref_model_mixup_alpha=0.25, max_steps=1))

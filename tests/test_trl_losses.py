@@ -244,7 +244,7 @@ def test_trainer_variant_path_matches_default_path_where_they_agree(tmp_path, ar
     this needs the call site's rows and lengths right)."""
     plain = _train(tmp_path / "a", max_steps=1, **args)
     other = _train(tmp_path / "b", max_steps=1, **variant, **args)
-    assert plain.learner.trl_loss is None and other.learner.trl_loss is not None
+    assert plain.learner.loss_name == "fused" and other.learner.loss_name == "variant"
     (p,), (v,) = plain.step_records, other.step_records
     assert p["grad_norm"] > 0 and v["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-5)
     assert v["loss"] == pytest.approx(p["loss"], rel=1e-5, abs=1e-7)
@@ -256,7 +256,7 @@ def test_trainer_variant_path_matches_default_path_where_they_agree(tmp_path, ar
 def test_trainer_trains_with_trl_variants(tmp_path, args):
     init = _train(tmp_path / "init", max_steps=1, learning_rate=0.0)
     trainer = _train(tmp_path / "run", **args)
-    assert trainer.learner.trl_loss is not None
+    assert trainer.learner.loss_name == "variant"
     losses = [r["loss"] for r in trainer.step_records]
     assert all(math.isfinite(x) for x in losses)
     changed = [not torch.equal(p, q) for p, q in zip(init.model.parameters(), trainer.model.parameters())]

@@ -31,7 +31,7 @@ class RewardModelFunc:
     """`f(prompts, completions, **_) -> list[float]`: the class-0 logit of a sequence-classification model."""
 
     def __init__(self, model: Any, tokenizer: Any = None, batch_size: int = 64,
-                 model_init_kwargs: dict | None = None) -> None:
+                 model_init_kwargs: dict | None = None, chat_template_kwargs: dict | None = None) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if isinstance(model, str):
@@ -50,7 +50,7 @@ class RewardModelFunc:
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
-        self.chat_template_kwargs: dict = {}  # TRL's chat_template_kwargs, for chat-rendered texts
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})  # TRL's, for chat-rendered texts
         self.__name__ = str(name_or_path).rstrip("/").split("/")[-1] or type(model).__name__
 
     def to(self, device: torch.device) -> RewardModelFunc:
@@ -82,7 +82,8 @@ class RewardModelFunc:
         return scores
 
 
-def resolve_reward_models(reward_funcs: Any, processing_classes: Any, model_init_kwargs: dict | None = None):
+def resolve_reward_models(reward_funcs: Any, processing_classes: Any, model_init_kwargs: dict | None = None,
+                          chat_template_kwargs: dict | None = None):
     """TRL's `reward_funcs` / `reward_processing_classes` pair -> (callables, processing classes).
 
     Model ids/paths and loaded `PreTrainedModel`s become `RewardModelFunc`s; functions and built-in reward
@@ -101,7 +102,8 @@ def resolve_reward_models(reward_funcs: Any, processing_classes: Any, model_init
     out, out_classes = [], []
     for func, cls in zip(funcs, classes, strict=True):
         if is_reward_model_id(func) or isinstance(func, torch.nn.Module):
-            func = RewardModelFunc(func, cls, model_init_kwargs=model_init_kwargs)
+            func = RewardModelFunc(func, cls, model_init_kwargs=model_init_kwargs,
+                                   chat_template_kwargs=chat_template_kwargs)
             cls = func.tokenizer
         out.append(func)
         out_classes.append(cls)

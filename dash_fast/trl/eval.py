@@ -19,29 +19,29 @@ import torch
 
 from dash_fast import algo
 from dash_fast.data.prompts import PromptDataset
+from dash_fast.learner import Learner
+from dash_fast.losses import EntropyBonus
+from dash_fast.trl.extensions import normalize_then_sum
 from dash_fast.trl.logs import rollout_metrics
 
 
 def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:
     """`{prefix}_loss`, `{prefix}_reward`, `{prefix}_rewards/<name>/mean`, ... on `dataset` (TRL's keys),
     plus `{prefix}_runtime` / `_samples_per_second` / `_steps_per_second` as the HF Trainer adds them."""
-    from dash_fast.trl.trainer import normalize_then_sum
-
     a, learner = trainer.config, trainer.learner
     if trainer.dist.enabled:
         raise NotImplementedError("dash-fast does not support evaluate() under torchrun for GRPOTrainer: TRL's "
                                   "eval loss is computed in one process (DashTrainer.evaluate splits over ranks)")
     if trainer.overlap is not None:  # the engine may be sampling the next rollout
         trainer.overlap.wait()
-    G = trainer._eval_generations()
+    G = trainer.num_generations_eval
     batch_rows = getattr(trainer.args, "per_device_eval_batch_size", None) or a.rows_per_step
     if batch_rows % G:
         raise ValueError(f"per_device_eval_batch_size={batch_rows} must be divisible by num_generations_eval={G}")
     prompts_per_batch = batch_rows // G
     t0 = time.perf_counter()
     was_training = trainer.model.training
-    bonus, step_tokens = learner.entropy_bonus, learner.step_tokens
-    learner.entropy_bonus = copy.copy(bonus)  # the bonus's running sums belong to training
+    bonus = copy.copy(learner.entropy_bonus)  # the bonus's running sums belong to training
     loss_sum, rows_seen, batches, sums = 0.0, 0, 0, {}
     try:
         trainer.model.eval()
@@ -50,10 +50,10 @@ def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:
             prompt_ids = [dataset.prompt_ids[i] for i in idx for _ in range(G)]
             params = trainer.collector.sampling_params(-1 - trainer.state.global_step, row=start * G)
             rollout = trainer.engine.generate(prompt_ids, params)
-            rewards, per_func = trainer._score_rewards(dataset, idx, rollout, G)
+            rewards, per_func = trainer.rewards.score(dataset, idx, rollout, G)
             if getattr(trainer.args, "multi_objective_aggregation", None) == "normalize_then_sum":
                 rewards = normalize_then_sum(per_func, trainer.rewards.weights, G)
-            loss, stats = eval_loss(learner, rollout, algo.group_advantages(rewards, G, a.scale_rewards), a)
+            loss, stats = eval_loss(learner, rollout, algo.group_advantages(rewards, G, a.scale_rewards), a, bonus)
             metrics = rollout_metrics([len(p) for p in rollout.prompt_ids], rollout, rewards, per_func,
                                       trainer.reward_names, G, trainer.stop_ids, a.max_completion_tokens)
             metrics.pop("num_tokens")  # TRL's num_tokens counts training tokens
@@ -65,9 +65,8 @@ def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:
             batches += 1
     finally:
         trainer.model.train(was_training)
-        learner.entropy_bonus, learner.step_tokens = bonus, step_tokens
         trainer.rewards.flush_logs()  # what reward functions logged on eval rows belongs to no training step
-        trainer.collector.engine_prepared = False  # eval may have grown the engine's cache: re-capture first
+        trainer.collector.engine_changed()  # eval may have grown the engine's cache: re-capture first
     runtime = time.perf_counter() - t0
     out = {f"{prefix}_loss": loss_sum / max(rows_seen, 1)}
     out.update({f"{prefix}_{k}": v / max(batches, 1) for k, v in sums.items()})
@@ -77,10 +76,11 @@ def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:
 
 
 @torch.no_grad()
-def eval_loss(learner, rollout, advantages: torch.Tensor, a) -> tuple[float, dict]:
+def eval_loss(learner: Learner, rollout, advantages: torch.Tensor, a, bonus: EntropyBonus | None) -> tuple[float, dict]:
     """The training loss of every row of `rollout`, no gradient, old log-probs = the current ones (TRL's
-    eval ratio of 1); with beta > 0 the reference's log-probs as in training. Returns (loss, TRL's kl /
-    entropy / clip_ratio means over the tokens)."""
+    eval ratio of 1); with beta > 0 the reference's log-probs as in training; `bonus`: the entropy bonus
+    (a copy: its running sums belong to training). Returns (loss, TRL's kl / entropy / clip_ratio means
+    over the tokens)."""
     rows = list(range(len(rollout)))
     lengths = rollout.completion_lengths
     norm = algo.loss_normaliser(a.loss_agg, lengths, a.max_completion_tokens)
@@ -88,10 +88,11 @@ def eval_loss(learner, rollout, advantages: torch.Tensor, a) -> tuple[float, dic
     ref = None
     if learner.ref_model is not None:
         ref = learner.logprob_pass(learner.ref_model, rollout, rows, "eval/logprob_ref")
-    learner.step_tokens = int(lengths.sum())
+    step_tokens = int(lengths.sum())
     total, clip, kl, ent, tokens = 0.0, 0.0, 0.0, 0.0, 0
     for micro in learner.micro_batches(rollout, rows):
-        loss, st, n = learner._micro_loss(rollout, [rows[i] for i in micro], advantages, weights, None, ref)
+        loss, st, n = learner.micro_loss(rollout, [rows[i] for i in micro], advantages, weights, None, ref,
+                                         step_tokens, bonus)
         total += float(loss)
         clip += float(st["clip_fraction"]) * n
         kl += (float(st["kl_mean"]) if st.get("kl_mean") is not None else 0.0) * n
