@@ -101,7 +101,7 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from dash_fast.checkpoint import CheckpointError
     from dash_fast.config import ConfigError
     from dash_fast.data.prompts import DataError
-    from dash_fast.rewards.builtin import RewardError
+    from dash_fast.rewards import RewardError
 
     # a rank that fails takes the others down, every rank saying which and why; main() prints these errors' line
     with ddp.fail_fast(dist, quiet=(ConfigError, DataError, CheckpointError, RewardError)):
