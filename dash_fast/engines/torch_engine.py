@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -118,6 +119,84 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+# ---------------------------------------------------------------- packed GEMMs (CPU decode)
+# At decode a GEMM has m = rows in the batch (16-256): there MKL's sgemm over a row-major weight reaches a
+# fraction of its large-m rate on CPU, while oneDNN over a weight reordered once into its blocked layout
+# runs near it. The packed copy is built at the start of each generate from the live parameters (so an
+# optimizer step's in-place update is picked up at the next call) and freed at its end: it costs one more
+# copy of the weights while sampling, none while training.
+GEMM_PATHS = ("auto", "plain", "packed")
+
+
+def packed_gemm_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why oneDNN's packed linear cannot run here (None when it can): it is used on CPU for fp32 weights
+    (the dtype its speed and agreement with the plain path are measured at), where this torch build has it
+    (checked once, on a small product against F.linear)."""
+    if device.type != "cpu":
+        return f"{device.type} device"
+    if dtype != torch.float32:
+        return f"{dtype} weights"
+    if not torch.backends.mkldnn.is_available():
+        return "torch built without oneDNN"
+    try:
+        w = torch.linspace(-1, 1, 24, dtype=dtype).view(6, 4)
+        x = torch.linspace(-1, 2, 12, dtype=dtype).view(3, 4)
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none",
+                                                 [], "")
+    except (RuntimeError, AttributeError) as e:
+        return f"oneDNN packed linear unavailable ({type(e).__name__})"
+    if not torch.allclose(out, F.linear(x, w), atol=1e-5):
+        return "oneDNN packed linear disagrees with F.linear"
+    return None
+
+
+class PackedLinear:
+    """One projection with its weight [out, in] reordered into oneDNN's blocked layout for `rows`-row inputs
+    (any row count runs; `rows` picks the layout). Several weights (q|k|v, gate|up) concatenated along `out`
+    make one GEMM of the width of all of them."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int) -> None:
+        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        self.sizes = [t.shape[0] for t in weights]
+        if all(b is None for b in biases):
+            self.bias = None
+        else:
+            self.bias = torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def add(self, x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x + scale * linear(a), the add fused into the GEMM when scale is 1 (as `linear_add`)."""
+        if scale == 1.0:
+            return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weight, self.bias, "add")
+        return torch.add(x, self(a), alpha=scale)
+
+
+@dataclass
+class PackedLayer:
+    """A decoder layer's four GEMMs: q|k|v in one, o, gate|up in one, down."""
+
+    qkv: PackedLinear
+    o: PackedLinear
+    gate_up: PackedLinear
+    down: PackedLinear
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, rows: int) -> PackedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+
+        def pack(mods):
+            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows)
+
+        act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
+        return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)
+
+
 class StaticDecoder:
     """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
 
@@ -127,7 +206,7 @@ class StaticDecoder:
     have finished (`_drop_finished_now`).
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, gemm: str = "auto") -> None:
         self.model = model
         cfg = model.config
         self.decoder = model.model
@@ -152,6 +231,36 @@ class StaticDecoder:
         self.capture_log: list[tuple[int, str]] = []  # (bucket, thread name) of each capture
         self.graph_misses = 0  # decode steps run eagerly because their bucket had no graph (worker thread)
         self.workers = 0  # generate() calls running outside the main thread right now
+        self.gemm, self.gemm_reason = self._pick_gemm(gemm)
+        self.packed: list[PackedLayer] = []  # oneDNN-packed projections, live during one generate (pack / unpack)
+        self.packed_head: PackedLinear | None = None
+
+    def _pick_gemm(self, gemm: str) -> tuple[str, str | None]:
+        """("packed" or "plain", why plain when "auto" could not pack), fixed when the decoder is built."""
+        if gemm not in GEMM_PATHS:
+            raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
+        if gemm == "plain":
+            return "plain", "gemm='plain'"
+        head = self.model.get_output_embeddings().weight
+        reason = packed_gemm_unavailable(head.device, head.dtype)
+        if reason is None and self.family.post_norm:
+            reason = "post-norm layers"
+        if reason is not None and gemm == "packed":
+            raise ValueError(f"gemm='packed' cannot run this model: {reason}")
+        return ("plain", reason) if reason else ("packed", None)
+
+    def pack(self, rows: int) -> None:
+        """Reorder every projection and the lm_head from the live parameters for `rows`-row decode steps
+        (gemm == "packed"; a no-op otherwise). One more copy of those weights until `unpack`."""
+        if self.gemm != "packed":
+            return
+        self.packed = [PackedLayer.of(layer, rows) for layer in self.layers]
+        head = self.model.get_output_embeddings()
+        self.packed_head = PackedLinear([head.weight], [getattr(head, "bias", None)], rows)
+
+    def unpack(self) -> None:
+        """Free the packed copy (its weights go stale at the next optimizer step)."""
+        self.packed, self.packed_head = [], None
 
     @property
     def capacity(self) -> int:
@@ -236,28 +345,58 @@ class StaticDecoder:
         rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
         rope_k = self.rope_k.index_select(0, flat).view(b, T, 1, 2, D)
         for i, layer in enumerate(self.layers):
+            if self.packed:
+                x = self._packed_layer(x, i, layer, rope_q, rope_k, start, kv_len, mask)
+                continue
             attn = layer.self_attn
             h = attention_input(x, layer, fam, rms_norm, eps)
             q, k, v = qkv_projections(attn, h, (b, T), rms_norm, eps, fam)
-            if getattr(attn, "use_rope", True):
-                q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
-            else:  # SmolLM3's NoPE layers: no rotation, the softmax scale still on the queries
-                q, k = q * self.scaling, k.transpose(1, 2)
-            kc, vc = self.k[i][:b], self.v[i][:b]
-            if isinstance(start, torch.Tensor):
-                kc.index_copy_(2, start, k)
-                vc.index_copy_(2, start, v.transpose(1, 2))
-            else:
-                kc[:, :, start : start + T] = k
-                vc[:, :, start : start + T] = v.transpose(1, 2)
-            o = self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+            o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
             x = attention_residual(x, o, layer, fam, rms_norm, eps)
             x = mlp_block(x, layer, fam, rms_norm, eps)
         h = rms_norm(x.view(b, T, -1)[:, -1], fam.weight(self.decoder.norm), eps)
         if self.logit_multiplier != 1.0:
             h = h * self.logit_multiplier
+        if self.packed_head is not None:
+            return self.packed_head(h)
         head = self.model.get_output_embeddings()
         return F.linear(h, head.weight, getattr(head, "bias", None))
+
+    def _attend(self, i: int, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                rope_q: torch.Tensor, rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention from its q, k, v [b, T, heads, D]: RoPE, the new K/V into the cache at `start`,
+        attention over slots [0, kv_len) (see `forward`); returns [b * T, H * D]."""
+        T = q.shape[1]
+        if getattr(attn, "use_rope", True):
+            q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
+        else:  # SmolLM3's NoPE layers: no rotation, the softmax scale still on the queries
+            q, k = q * self.scaling, k.transpose(1, 2)
+        kc, vc = self.k[i][: q.shape[0]], self.v[i][: q.shape[0]]
+        if isinstance(start, torch.Tensor):
+            kc.index_copy_(2, start, k)
+            vc.index_copy_(2, start, v.transpose(1, 2))
+        else:
+            kc[:, :, start : start + T] = k
+            vc[:, :, start : start + T] = v.transpose(1, 2)
+        return self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
+
+    def _packed_layer(self, x: torch.Tensor, i: int, layer: torch.nn.Module, rope_q: torch.Tensor,
+                      rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i on the packed GEMMs (q|k|v in one, gate|up in one): the same math as the plain path's
+        attention_input / qkv_projections / attention_residual / mlp_block for the pre-norm families."""
+        p, fam, eps, attn = self.packed[i], self.family, self.eps, layer.self_attn
+        b, T = rope_q.shape[:2]
+        D = self.head_dim
+        h = rms_norm(x, fam.weight(layer.input_layernorm), eps)
+        q, k, v = p.qkv(h).split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
+        q, k, v = (t.reshape(b, T, -1, D) for t in (q, k, v))
+        if hasattr(attn, "q_norm"):  # Qwen3: per head
+            q, k = rms_norm(q, fam.weight(attn.q_norm), eps), rms_norm(k, fam.weight(attn.k_norm), eps)
+        o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
+        x = p.o.add(x, o, fam.residual_scale)
+        gate, up = p.gate_up(rms_norm(x, fam.weight(layer.post_attention_layernorm), eps)).chunk(2, dim=-1)
+        return p.down.add(x, p.act(gate).mul_(up), fam.residual_scale)
 
     def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """All prompts at once: left-padded `ids` [B, P] with `attn` [B, P]; returns next-token logits."""
@@ -372,12 +511,17 @@ class TorchEngine:
 
     `kv_cache`: "auto" (static when the architecture is supported, else dynamic), "static", "dynamic".
     `cuda_graphs`: None = on when the model is on CUDA (static path only).
+    `gemm`: the static path's projections: "auto" (oneDNN-packed on CPU in fp32 where this torch has the
+    op, else plain), "packed" (error where unavailable), "plain" (F.linear on the parameters, no copy).
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, gemm: str = "auto") -> None:
         if kv_cache not in ("auto", "static", "dynamic"):
             raise ValueError(f"kv_cache={kv_cache!r}: must be auto, static or dynamic")
+        if gemm not in GEMM_PATHS:
+            raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
+        self.gemm = gemm
         self.model = model
         self.pad_token_id = pad_token_id
         self.kv_cache = kv_cache
@@ -387,7 +531,7 @@ class TorchEngine:
 
     def _decoder_for(self, model: torch.nn.Module) -> StaticDecoder:
         if self._static is None or self._static.model is not model:
-            self._static = StaticDecoder(model)
+            self._static = StaticDecoder(model, self.gemm)
             self._static.capture = self.capture
         return self._static
 
@@ -440,7 +584,10 @@ class TorchEngine:
         """The rollout path, for the start-up line and summary.json: the static fast path, or the dynamic
         fallback with its reason."""
         if self.path() == "static":
-            return "torch static fast path"
+            dec = self._decoder_for(self.model)
+            if dec.gemm == "packed":
+                return "torch static fast path (oneDNN packed GEMMs)"
+            return f"torch static fast path (plain GEMMs: {dec.gemm_reason})"
         reason = "kv_cache='dynamic'" if self.kv_cache == "dynamic" else static_unsupported(self.model)
         return f"torch dynamic fallback ({reason})"
 
@@ -490,8 +637,10 @@ class TorchEngine:
         worker = threading.current_thread() is not threading.main_thread()
         dec.workers += worker
         try:
+            dec.pack(B)  # the packed path's copy of the live weights, for this call only
             return self._decode_static(dec, ids, attn, row_prompt, params, generator, B, P, device, dtype)
         finally:
+            dec.unpack()
             dec.workers -= worker
 
     def _decode_static(self, dec, ids, attn, row_prompt, params, generator, B, P, device, dtype):
