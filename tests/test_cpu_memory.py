@@ -9,7 +9,8 @@ import pytest
 PROBE = """
 import resource, sys, torch
 from dash_fast.runtime.cpu_memory import keep_freed_memory
-applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+applied = {"keep": keep_freed_memory, "default": lambda: False,
+           "large": lambda: keep_freed_memory(1 << 31)}[sys.argv[1]]()
 def step():  # a training step's pattern: activations of several MB, alive together, then all freed
     live = [torch.ones(mb << 18) for mb in (6, 12, 24, 12, 6, 12)]
     del live
@@ -44,3 +45,10 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_a_user_choice_of_malloc_settings_is_left_alone():
     applied, _ = probe("keep", MALLOC_TRIM_THRESHOLD_="1000000")
     assert not applied
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_a_large_model_keeps_glibcs_thresholds():
+    """2 GB of parameters (Qwen2.5-0.5B in fp32): freed gradients would fragment the kept heap (more peak RSS
+    at that shape), so glibc's thresholds stay."""
+    assert not probe("large")[0]

@@ -6,6 +6,12 @@ zero-fills each 4 KiB page on first touch: ~10k minor faults per optimizer step 
 With the mmap threshold fixed at its maximum (32 MiB) and trimming left to blocks over 1 GiB, a step reuses
 the last step's pages (~1k faults per step; ~4% off the median step at 1 thread, 20 MB more peak RSS). This
 is what PyTorch's CUDA caching allocator does on GPU, and what jemalloc / tcmalloc would do here.
+
+Not for models over KEEP_MAX_PARAMETER_BYTES: there the gradients (set to None at each step, up to 32 MiB a
+tensor) leave holes in the heap that the next forward's activations take, so the next backward's gradients
+grow the heap instead, step after step. At Qwen2.5-0.5B's shape (fp32, 2 GB of parameters) that cost
+0.7-1.2 GB of peak RSS (bench/rss_phases.py, bench/results/e2e_qwen05b.md), while the faults it saves are
+a small share of a step of seconds; glibc's own thresholds then stay.
 """
 
 from __future__ import annotations
@@ -18,20 +24,23 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for this parameter on 64-bit
 TRIM_THRESHOLD = 1 << 30
+KEEP_MAX_PARAMETER_BYTES = 256 << 20  # above: glibc's own thresholds (module docstring)
 
 _applied: bool | None = None
 
 
-def keep_freed_memory() -> bool:
+def keep_freed_memory(parameter_bytes: int = 0) -> bool:
     """Apply the settings above once per process; returns whether they are in effect. Skipped off glibc
-    Linux and when the user chose for themselves (a MALLOC_* variable, or jemalloc / tcmalloc preloaded)."""
+    Linux, when the user chose for themselves (a MALLOC_* variable, or jemalloc / tcmalloc preloaded), and for
+    a model of more than KEEP_MAX_PARAMETER_BYTES (`parameter_bytes`: its parameters' size). The first call
+    decides: glibc's thresholds cannot be restored once set."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
     preload = os.environ.get("LD_PRELOAD", "")
     if (not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ)
-            or "jemalloc" in preload or "tcmalloc" in preload):
+            or "jemalloc" in preload or "tcmalloc" in preload or parameter_bytes > KEEP_MAX_PARAMETER_BYTES):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
