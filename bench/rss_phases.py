@@ -145,7 +145,8 @@ def main() -> None:
             phases.enter(f"after step {state.global_step}")
 
     data = datasets.Dataset.from_list([{"prompt": p} for p in swap.train_prompts(a.prompt_tokens)])
-    args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="rss-"), per_device_train_batch_size=a.prompts * a.group,
+    out_dir = tempfile.TemporaryDirectory(prefix="rss-")  # removed at exit: dash-fast saves a checkpoint at the end
+    args = GRPOConfig(output_dir=out_dir.name, per_device_train_batch_size=a.prompts * a.group,
                       num_generations=a.group, max_completion_length=a.tokens, max_steps=a.steps, use_cpu=True,
                       bf16=False, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
     phases.enter("trainer set-up (model load, engine, optimizer)")

@@ -167,7 +167,8 @@ if {trainer!r}.endswith("_vllm"):
             trl_vllm.LLM, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=VLLM_KV_CACHE_BYTES))
 if {bf16} is not None:
     extra["bf16"] = {bf16}
-args = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="swap-"), per_device_train_batch_size={rows},
+out_dir = tempfile.TemporaryDirectory(prefix="swap-")  # removed at exit: dash-fast saves a checkpoint at the end
+args = GRPOConfig(output_dir=out_dir.name, per_device_train_batch_size={rows},
                   num_generations={group}, max_completion_length={tokens}, max_steps={steps}, use_cpu=True,
                   report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, **extra)
 clock = Clock()
