@@ -167,6 +167,11 @@ if {trainer!r}.endswith("_vllm"):
             trl_vllm.LLM, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=VLLM_KV_CACHE_BYTES))
 if {bf16} is not None:
     extra["bf16"] = {bf16}
+if {nockpt}:  # no activation checkpointing: TRL's off; dash-fast's memory plan told the rollout's real token count
+    if {trainer!r}.startswith("dash"):
+        extra["micro_batch_tokens"] = {rows} * (({prompt_tokens} or 7) + {tokens})
+    else:
+        extra["gradient_checkpointing"] = False
 out_dir = tempfile.TemporaryDirectory(prefix="swap-")  # removed at exit: dash-fast saves a checkpoint at the end
 args = GRPOConfig(output_dir=out_dir.name, per_device_train_batch_size={rows},
                   num_generations={group}, max_completion_length={tokens}, max_steps={steps}, use_cpu=True,
@@ -193,9 +198,14 @@ def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
     Trainer names: dash / trl, suffixed `_passive` (OMP_WAIT_POLICY=PASSIVE set before start), `_vllm`
     (use_vllm=True), `_bf16` (bf16 left at the trainer's default: TRL's is True, on CPU too; without the
     suffix both run bf16=False, fp32), `_glibc` (MALLOC_TOP_PAD_ set to glibc's default: malloc untuned,
-    dash-fast's runtime/cpu_memory.keep_freed_memory then stands aside)."""
+    dash-fast's runtime/cpu_memory.keep_freed_memory then stands aside), `_nockpt` (no activation
+    checkpointing: TRL's gradient_checkpointing=False; dash-fast's memory plan, which turns it on when the
+    micro-batch token budget's worst case would not fit, given micro_batch_tokens = the rollout's tokens)."""
     bf16 = None if "_bf16" in trainer else False
-    code = CHILD.format(trainer=trainer.replace("_bf16", "").replace("_glibc", "").replace("_passive", ""), bench=str(Path(__file__).resolve().parent),
+    base = trainer
+    for suffix in ("_bf16", "_glibc", "_passive", "_nockpt"):
+        base = base.replace(suffix, "")
+    code = CHILD.format(trainer=base, nockpt="_nockpt" in trainer, bench=str(Path(__file__).resolve().parent),
                         model=model, rows=a.prompts * a.group, group=a.group, tokens=a.tokens, steps=a.steps,
                         prompt_tokens=a.prompt_tokens, bf16=bf16)
     env = {**{k: v for k, v in os.environ.items() if k not in THREAD_ENV}, "SWAP_GROUP": str(a.group),
@@ -211,6 +221,8 @@ def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
     line = next(x for x in proc.stdout.splitlines() if x.startswith("SWAP_RESULT "))
     res = json.loads(line.split(" ", 1)[1])
     res["process_s"] = time.perf_counter() - t0
+    settings = [x.strip() for x in proc.stdout.splitlines() if x.strip().startswith("gradient_checkpointing=")]
+    res["plan"] = settings[0] if settings else ""  # dash-fast's memory plan: what it chose
     return res
 
 
@@ -227,7 +239,7 @@ def add_arguments(ap: argparse.ArgumentParser, trainers: str) -> None:
     ap.add_argument("--trainers", default=trainers,
                     help="dash, trl; suffixes _passive (OMP_WAIT_POLICY=PASSIVE set before start), _vllm "
                          "(use_vllm=True; skipped with the reason when vllm is missing), _bf16 (bf16 at the "
-                         "trainer's default), _glibc (malloc at glibc's defaults)")
+                         "trainer's default), _glibc (malloc at glibc's defaults), _nockpt (activation checkpointing off)")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dash-fast-swap"))
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
@@ -254,7 +266,8 @@ def compare(a: argparse.Namespace, name: str) -> dict:
             print(f"round {r} {t}: steps {[round(s, 2) for s in res['steps']]} s, minor faults per step "
                   f"{res['faults']}, peak RSS "
                   f"{res['peak_rss_gb']:.2f} GB, threads {res['threads']}, bf16 {res['bf16']}, prompt tokens "
-                  f"{res['prompt_tokens']}, kept {res['kept']}", flush=True)
+                  f"{res['prompt_tokens']}, kept {res['kept']}" + (f"; plan: {res['plan']}" if res["plan"] else ""),
+                  flush=True)
     rows, out = [], {}
     for t, results in runs.items():
         steps = sorted(s for res in results for s in res["steps"][a.warmup:])
