@@ -9,8 +9,8 @@ is what PyTorch's CUDA caching allocator does on GPU, and what jemalloc / tcmall
 
 Not for models over KEEP_MAX_PARAMETER_BYTES: there the gradients (set to None at each step, up to 32 MiB a
 tensor) leave holes in the heap that the next forward's activations take, so the next backward's gradients
-grow the heap instead, step after step. At Qwen2.5-0.5B's shape (fp32, 2 GB of parameters) that cost
-0.7-1.2 GB of peak RSS (bench/rss_phases.py, bench/results/e2e_qwen05b.md), while the faults it saves are
+grow the heap instead. At Qwen2.5-0.5B's shape (fp32, 2 GB of parameters) that cost
+0.4-1.2 GB of peak RSS (bench/rss_phases.py, bench/results/e2e_qwen05b.md), while the faults it saves are
 a small share of a step of seconds; glibc's own thresholds then stay.
 """
 
