@@ -4,6 +4,17 @@
     python bench/e2e.py              # the full comparison
     python bench/e2e.py --smoke      # seconds: tiny model, 2 steps (tests/test_bench_smoke.py)
 
+At a real model's shape (`--shape`; options after it are bench/swap.py's, see `--shape qwen0.5b --help`):
+
+    python bench/e2e.py --shape qwen0.5b                                        # 4 x 4 completions of 16
+    python bench/e2e.py --shape qwen0.5b --prompt-tokens 200 --completions 8 --prompts 2   # GSM8K few-shot
+
+runs dash_fast.GRPOTrainer vs trl.GRPOTrainer (and dash+vLLM vs TRL+vLLM when vllm imports; otherwise they
+are skipped with the reason) on a random-init model of that shape saved with save_pretrained and passed
+by path, each trainer in its own process (its own peak RSS), with bench/swap.py's machinery: the same
+prompts, rows and reward (every row kept), both trainers' defaults but fp32 (bf16=False; TRL's own default
+is bf16=True, also on CPU: the `trl_bf16` trainer runs it). Writes bench/results/e2e_<shape>[_p<N>_g<G>].csv.
+
 Providers, all starting from one SFT warm start of the embedded default (tiny Qwen2, arithmetic task)
 and trained on the same rollout size (prompts x group size), lengths, lr and algorithm settings:
   dash, dash_overlap   dash-fast preset `dash` (one generate per step, filter tau 0.1), overlap off / on
@@ -697,8 +708,25 @@ def setup_run(args: argparse.Namespace) -> dict:
     return warm_start(workdir, args.seed, smoke=args.smoke)
 
 
+def main_shape(argv: list[str]) -> dict:
+    """`--shape NAME ...`: dash-fast vs TRL at a real model's shape, through bench/swap.py (module docstring)."""
+    import swap
+
+    ap = argparse.ArgumentParser(prog="e2e.py --shape", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(swap.SHAPES), required=True)
+    swap.add_arguments(ap, "dash,trl,dash_vllm,trl_vllm")
+    a = ap.parse_args(argv)
+    name = f"e2e_{a.shape.replace('.', '')}" + (f"_p{a.prompt_tokens}_g{a.group}" if a.prompt_tokens else "")
+    return swap.compare(a, name)
+
+
 def main() -> None:
+    if any(x == "--shape" or x.startswith("--shape=") for x in sys.argv[1:]):
+        main_shape(sys.argv[1:])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", help="a real model's shape (qwen0.5b, tiny): see above; the options below do not apply")
     ap.add_argument("--quick", action="store_true", help="12 steps, eval every 6 (a few minutes)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and task, 2 steps (seconds; for tests)")
     ap.add_argument("--providers", default="dash,grpo,dash_overlap,grpo_overlap,trl")

@@ -148,8 +148,6 @@ class DashTrainer:
         eval_rows = None if eval_dataset is None else \
             load_dataset_rows(eval_dataset, args.dataset_format, args.prompt_column, "eval_dataset")[0]
         self.device = resolve_device(args.device)
-        if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps
-            keep_freed_memory()
         if args.deterministic:
             make_deterministic(self.device)
         self.dist = ddp.init_distributed(self.device.type, args.dist_timeout_s)
@@ -162,6 +160,8 @@ class DashTrainer:
         # planned before the weights load: refuses when nothing fits, sets what args leave to it (memory_plan.py)
         self.memory_plan = startup_plan(model, args, self.device, dtype, verbose=self.dist.is_main)
         self.model = load_model(model, dtype, self.device, masters=masters)
+        if self.device.type == "cpu":  # activations live in host memory: reuse pages across steps (small models)
+            keep_freed_memory(sum(p.numel() * p.element_size() for p in self.model.parameters()))
         if args.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
         if bf16 and not masters and self.dist.is_main:

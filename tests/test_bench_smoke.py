@@ -83,9 +83,10 @@ def test_swap_smoke(tmp_path):
            "--workdir", str(tmp_path / "wd"), "--results-dir", str(tmp_path / "res")]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "did not keep every row" not in out.stdout and "dash-fast vs TRL at tiny" in out.stdout
+    assert "did not keep every row" not in out.stdout and "dash vs trl at tiny" in out.stdout
     rows = _rows(tmp_path / "res" / "swap_tiny.csv")
     assert sorted((r["provider"], r["metric"]) for r in rows) == [("dash", "peak_rss"), ("dash", "s_per_step"),
+                                                                  ("dash_vs_trl", "speedup"),
                                                                   ("trl", "peak_rss"), ("trl", "s_per_step")]
 
 
@@ -105,3 +106,54 @@ def test_roofline_smoke():
     compute = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1e12, gemm=1.0)
     assert compute["bound"] == "compute" and compute["flops"] == 2 * 150 + 4 * 2
     assert common.measure_bandwidth(mib=8, reps=1) > 0 and common.measure_gemm(8, 8, 8, reps=1) > 0
+
+
+def test_e2e_shape_smoke(tmp_path):
+    """bench/e2e.py --shape (bench/swap.py's machinery) on the tiny shape with the long-prompt options: both
+    trainers in their own process on GSM8K-few-shot-shaped prompts of exactly --prompt-tokens tokens, every
+    row kept, a per-step time, a peak RSS and the ratio in the CSV; the vLLM pair is skipped with its reason
+    when vllm is missing."""
+    cmd = [sys.executable, str(ROOT / "bench" / "e2e.py"), "--shape", "tiny", "--prompt-tokens", "40",
+           "--completions", "8", "--prompts", "2", "--tokens", "4", "--steps", "2", "--warmup", "1",
+           "--workdir", str(tmp_path / "wd"), "--results-dir", str(tmp_path / "res")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    if importlib.util.find_spec("vllm") is None:
+        assert "skip ['dash_vllm', 'trl_vllm']: vllm is not installed" in out.stdout
+    assert "warning" not in out.stdout, out.stdout  # every row kept, prompts of 40 tokens
+    assert "prompt tokens [40]" in out.stdout and "kept [1.0, 1.0]" in out.stdout
+    rows = _rows(tmp_path / "res" / "e2e_tiny_p40_g8.csv")
+    got = {(r["provider"], r["metric"]): r for r in rows}
+    assert {("dash", "s_per_step"), ("dash", "peak_rss"), ("trl", "s_per_step"), ("trl", "peak_rss"),
+            ("dash_vs_trl", "speedup")} <= set(got)
+    assert float(got[("dash", "peak_rss")]["p50"]) > 0.1 and float(got[("trl", "s_per_step")]["p50"]) > 0
+    speed = float(got[("trl", "s_per_step")]["p50"]) / float(got[("dash", "s_per_step")]["p50"])
+    assert abs(float(got[("dash_vs_trl", "speedup")]["p50"]) - speed) < 1e-3 * speed
+    assert "dash vs trl at tiny (2 prompts x 8 completions of 4 tokens, prompts of 40 tokens)" in out.stdout
+
+
+def test_train_prompts_shape():
+    """Long prompts are GSM8K few-shot-shaped: exactly N characters (tokens of the char-level tokenizer),
+    distinct, ending in the question; N below the question's length is refused."""
+    import pytest
+    from swap import train_prompts
+
+    short = train_prompts()
+    assert short[0] == "10+2*3=" and len(set(short)) == len(short)
+    long = train_prompts(200)
+    assert len(long) == len(short) and len(set(long)) == len(long)
+    assert all(len(p) == 200 and p.endswith(f"Q:{q}A:") and " " not in p for p, q in zip(long, short))
+    with pytest.raises(ValueError):
+        train_prompts(5)
+
+
+def test_rss_phases_smoke(tmp_path):
+    """bench/rss_phases.py reports a peak for start-up and for each of dash-fast's phases of every step."""
+    cmd = [sys.executable, str(ROOT / "bench" / "rss_phases.py"), "--shape", "tiny", "--steps", "2",
+           "--workdir", str(tmp_path / "wd")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    for phase in ("trainer set-up", "rollout/generate", "train/forward", "train/backward", "optim/step"):
+        assert sum(line.startswith(phase) for line in lines) >= (1 if phase == "trainer set-up" else 2), phase
+    assert "overall peak" in out.stdout and "optimizer state" in out.stdout
