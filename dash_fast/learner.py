@@ -30,8 +30,8 @@ from dash_fast.config import DashConfig
 from dash_fast.data.prompts import pad_right
 from dash_fast.engines.base import Rollout
 from dash_fast.losses import EntropyBonus, LossInputs, get_loss
-from dash_fast.mixed_precision import MixedPrecision
 from dash_fast.models.decoder import logit_multiplier
+from dash_fast.models.mixed_precision import MixedPrecision
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.profiling import nvtx_range
 

@@ -48,8 +48,8 @@ from dash_fast.learner import Learner, LearnerHooks, LearnerParts, TrainingAbort
 from dash_fast.losses import EntropyBonus
 from dash_fast.memory_plan import enable_gradient_checkpointing, startup_plan
 from dash_fast.metrics import MetricsLogger
-from dash_fast.mixed_precision import MixedPrecision, is_bf16_run
 from dash_fast.models.loading import check_text_only, load_model, resolve_device
+from dash_fast.models.mixed_precision import MixedPrecision, is_bf16_run
 from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler
 from dash_fast.rewards.scorer import RewardFunc, RewardScorer

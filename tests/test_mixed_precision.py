@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 from dash_fast.losses import LOSSES, get_loss
-from dash_fast.mixed_precision import compute_copy
+from dash_fast.models.mixed_precision import compute_copy
 from dash_fast.trainer import Extensions
 
 

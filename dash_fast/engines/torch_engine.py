@@ -532,7 +532,7 @@ class TorchEngine:
     def _decoder_for(self, model: torch.nn.Module) -> StaticDecoder:
         if self._static is None or self._static.model is not model:
             self._static = StaticDecoder(model, self.gemm)
-            self._static.capture = self.capture
+        self._static.capture = self.capture  # the engine's capture, as set now (a decoder may predate it)
         return self._static
 
     def _use_graphs(self, device: torch.device) -> bool:

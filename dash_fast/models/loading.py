@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.mixed_precision import to_masters
+from dash_fast.models.mixed_precision import to_masters
 
 __all__ = ["attn_implementation", "check_text_only", "load_causal_lm", "load_model", "logit_transform", "resolve_device"]
 

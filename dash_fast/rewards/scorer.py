@@ -1,20 +1,22 @@
 """The reward scorer: a step's reward functions (TRL's calling convention), their weights, and what they log.
 
 `RewardScorer.score` decodes a rollout's completions, calls every function as TRL 1.16 does
-(builtin.score_completions) and returns the weighted nan-sum per row and the per-function values;
+(rewards.calling.score_completions) and returns the weighted nan-sum per row and the per-function values;
 `log_metric` / `log_extra` collect what functions report until `flush_logs` puts it in the step record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dash_fast.data.prompts import PromptDataset
-from dash_fast.engines.base import Rollout
 from dash_fast.runtime.profiling import nvtx_range
+
+if TYPE_CHECKING:  # types only: rewards sits below data and engines
+    from dash_fast.data.prompts import PromptDataset
+    from dash_fast.engines.base import Rollout
 
 RewardFunc = Callable[..., list]
 
