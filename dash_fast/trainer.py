@@ -303,8 +303,9 @@ class DashTrainer:
             # no kept row carries signal (every row filtered and the fallback row has A = 0) and no KL or entropy
             # term: the loss and its gradient are exactly 0, so no forward/backward, no optimizer or LR step
             train_stats = {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1,
-                           **metrics.LogpDifference().record()}  # no forward ran: nothing measured (nan)
+                           "skipped_steps": 0, "optimizer_steps": 0, "no_signal": 1, "time/sync_weights": 0.0,
+                           # no forward ran: nothing measured (nan), the same keys as a trained step's record
+                           **metrics.LogpDifference(importance_sampling=self.learner.sampler_is).record()}
         else:
             train_stats = {**self.update(batch.rollout, advantages, kept, global_rows=batch.global_rows,
                                          lengths=batch.lengths), "no_signal": 0}

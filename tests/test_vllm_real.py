@@ -197,7 +197,8 @@ def test_overlap_with_the_vllm_process_trains_on_the_previous_weights(tmp_path, 
 
     tag = uuid.uuid4().hex
     monkeypatch.setenv("DASH_FAST_TEST_TAG", tag)
-    trainer = make_trainer(tmp_path, tied=True, overlap=True, cpu_threads=None)
+    # without the sampler importance-sampling correction: the stale sampler's log-probs are the old ones
+    trainer = make_trainer(tmp_path, tied=True, overlap=True, cpu_threads=None, sampler_is_correction=False)
     assert isinstance(trainer.engine, VLLMProcessEngine) and trainer.overlap.concurrent
     learner_cpus, sampler_cpus = trainer.overlap.cpu_split
     assert trainer.engine.cpus == sampler_cpus
