@@ -99,7 +99,8 @@ def _trim() -> None:
         pass
 
 
-def _can_reset_hwm() -> bool:
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) through /proc/self/clear_refs; False where that is refused."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -119,7 +120,7 @@ def peak_memory(fn: Callable[[], object], device: str = "cpu") -> tuple[float, s
         torch.cuda.synchronize()
         return float(torch.cuda.max_memory_allocated() - base), "cuda max_memory_allocated"
     _trim()
-    if _can_reset_hwm():
+    if reset_peak_rss():
         base = _rss_kb("VmRSS")
         fn()
         return float(_rss_kb("VmHWM") - base) * 1024, "peak RSS (VmHWM reset)"

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (bench/common.py)
 
 GB = 2**30
 
@@ -40,16 +41,7 @@ class Phases:
     def __init__(self) -> None:
         self.peaks: list[tuple[str, float, float]] = []  # (phase, peak GB, RSS at its end GB)
         self.name = "start-up"
-        self.resettable = self._reset()
-
-    @staticmethod
-    def _reset() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
+        self.resettable = common.reset_peak_rss()
 
     def enter(self, name: str) -> None:
         s = _status()
@@ -58,7 +50,7 @@ class Phases:
         else:
             self.peaks.append((self.name, s["VmHWM"] / GB, s["VmRSS"] / GB))
         self.name = name
-        self._reset()
+        common.reset_peak_rss()
 
     @contextlib.contextmanager
     def region(self, name: str):
