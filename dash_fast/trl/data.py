@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dash_fast.data.prompts import DataError, PromptDataset
+from dash_fast.data.prompts import DataError, PromptDataset, load_rows
 
 
 def is_iterable_dataset(obj: Any) -> bool:
@@ -161,3 +161,53 @@ def stream_dataloader(stream: Any, repeat: int, batch_size: int):
             return iter(_StreamRows(stream, repeat))
 
     return DataLoader(_Iterable(), batch_size=batch_size, num_workers=0, collate_fn=_identity)
+
+
+def streamed_prompt_source(stream: Any, config: Any, tokenizer: Any, dataset_format: str, shuffle: bool):
+    """A streamed train set as the core's prompt source and sampler (trainer.Extensions.prompts), both the
+    one StreamedPrompts reader; shuffled with the seed's buffered shuffle unless `shuffle` is False, as TRL.
+    `config` is the run's DashConfig."""
+    from dash_fast.data.formats import FORMATS
+
+    a = config
+    if shuffle and hasattr(stream, "shuffle"):
+        stream = stream.shuffle(seed=a.seed if a.data_seed is None else a.data_seed)
+    column = a.prompt_column if dataset_format == "prompt" else "prompt"
+
+    def encode(row: dict, i: int) -> PromptDataset:
+        return PromptDataset([row], tokenizer, name=f"train_dataset (streamed row {i})",
+                             prompt_column=column, max_prompt_tokens=a.max_prompt_tokens,
+                             system_prompt=a.system_prompt, use_chat_template=a.use_chat_template,
+                             chat_template_kwargs=a.chat_template_kwargs)
+
+    adapt = None if dataset_format == "prompt" else FORMATS[dataset_format]
+    # rows stay in memory for a few steps: the one being trained, one sampled ahead, refill rounds
+    keep = a.prompts_per_step * (a.max_refill_rounds + 4)
+    reader = StreamedPrompts(stream, encode, keep, prompt_column=column, adapt=adapt)
+    return reader, reader
+
+
+def train_dataloader(train_data: Any, sampler: Any, config: Any, num_workers: int):
+    """TRL's train DataLoader: one generation batch per item (each prompt repeated `group_size` times), in the
+    order the trainer draws them from now on (a copy of `sampler` is advanced, not the trainer's); a streamed
+    train set is read by a single worker, as TRL does."""
+    a, G = config, config.group_size
+    if isinstance(train_data, StreamedPrompts):
+        return stream_dataloader(train_data.stream, G, a.rows_per_step)  # (shuffled as training reads it)
+    ahead = type(sampler)(sampler.n, sampler.seed)
+    ahead.load_state_dict(sampler.state_dict())
+    draws = -(-sampler.n // a.prompts_per_step)  # one pass over the prompts
+    order = [i for _ in range(draws) for i in ahead.next(a.prompts_per_step) for _ in range(G)]
+    return rows_dataloader(train_data.rows, order, a.rows_per_step, num_workers)
+
+
+def eval_dataloader(source: Any, generations: int, batch_size: int, num_workers: int):
+    """TRL's eval DataLoader: each prompt repeated `generations` times, `batch_size` rows per batch; a
+    streamed eval set is read by one worker."""
+    if source is None:
+        raise ValueError("Trainer: evaluation requires an eval_dataset.")
+    if is_iterable_dataset(source):
+        return stream_dataloader(source, generations, batch_size)
+    rows = load_rows(source)
+    order = [i for i in range(len(rows)) for _ in range(generations)]
+    return rows_dataloader(rows, order, batch_size, num_workers)

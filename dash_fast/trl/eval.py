@@ -14,15 +14,37 @@ from __future__ import annotations
 
 import copy
 import time
+from typing import Any
 
 import torch
 
 from dash_fast import algo
-from dash_fast.data.prompts import PromptDataset
+from dash_fast.data.prompts import PromptDataset, load_rows
 from dash_fast.learner import Learner
 from dash_fast.losses import EntropyBonus
 from dash_fast.trl.extensions import normalize_then_sum
 from dash_fast.trl.logs import rollout_metrics
+
+
+def prompt_dataset(config, tokenizer, dataset: Any, name: str) -> PromptDataset:
+    """`dataset` (a Dataset, IterableDataset or rows) as a PromptDataset with the run's prompt settings
+    (`config`: the DashConfig)."""
+    a = config
+    return PromptDataset(load_rows(dataset), tokenizer, name=name, prompt_column=a.prompt_column,
+                         max_prompt_tokens=a.max_prompt_tokens, system_prompt=a.system_prompt,
+                         use_chat_template=a.use_chat_template, chat_template_kwargs=a.chat_template_kwargs)
+
+
+def evaluate_sets(trainer, sets: dict[str | None, Any], prefix: str) -> dict:
+    """trl_evaluate on each set (a PromptDataset or a dataset), merged: set `name`'s metrics prefixed
+    `{prefix}_{name}`, the unnamed set's (key None) `{prefix}`."""
+    metrics = {}
+    for name, ds in sets.items():
+        data = ds if isinstance(ds, PromptDataset) else \
+            prompt_dataset(trainer.config, trainer.tokenizer, ds, "eval_dataset" if name is None else
+                           f"eval_dataset[{name!r}]")
+        metrics.update(trl_evaluate(trainer, data, prefix if name is None else f"{prefix}_{name}"))
+    return metrics
 
 
 def trl_evaluate(trainer, dataset: PromptDataset, prefix: str) -> dict:

@@ -78,3 +78,23 @@ def log_entries(records: list[dict], logging_steps: int) -> tuple[list[dict], di
     pending = {**_mean(window), **_last(window), "num_tokens": total_tokens} if window else {}
     pending.pop("step", None)
     return entries, pending
+
+
+def train_log_history(step_records: list[dict], logging_steps: int, logged: list[dict], metrics: dict,
+                      epoch: float, step: int) -> list[dict]:
+    """TRL's `state.log_history` after train(): the step records' averaged entries (log_entries), the
+    entries logged by evaluate() / log() (`logged`) after the train entry of their step, then the final
+    entry (`metrics`: train_loss, train_runtime, ..., with the average of the steps since the last log)."""
+    entries, pending = log_entries(step_records, logging_steps)
+    final = {**pending, **metrics, "epoch": epoch, "step": step}
+    ordered = [(e["step"], 0, e) for e in entries] + [(e["step"], 1, e) for e in logged]
+    return [e for _, _, e in sorted(ordered, key=lambda t: t[:2])] + [final]
+
+
+def train_metrics(step_records: list[dict], summary: dict, global_step: int) -> dict:
+    """TRL's train() metrics: train_runtime, train_steps_per_second, train_loss (the mean step loss), from the
+    step records and the core's run summary."""
+    losses = [r["loss"] for r in step_records if isinstance(r.get("loss"), float)]
+    runtime = summary["rl_wall_time_s"]
+    return {"train_runtime": runtime, "train_steps_per_second": global_step / max(runtime, 1e-9),
+            "train_loss": sum(losses) / len(losses) if losses else 0.0, "train_steps": summary["steps"]}

@@ -8,7 +8,11 @@ here so code that calls TRL's helpers directly keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+from dash_fast.trl.config import refusal
 
 
 def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float) -> torch.Tensor:
@@ -36,10 +40,16 @@ def off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor,
 
 def per_token_logps_and_entropies(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
                                   temperature: float, batch_size: int | None = None, compute_entropy: bool = False,
-                                  entropy_grad: bool = False):
+                                  entropy_grad: bool = False, compute_aux_loss: bool = False, **multimodal: Any):
     """TRL's `_get_per_token_logps_and_entropies`: (logps, entropies, aux_loss=None) of the last `logits_to_keep`
     tokens under softmax(logits / temperature), 0 where attention_mask is 0; entropies when asked, with
-    gradient only when `entropy_grad` (TRL: while the entropy bonus is on)."""
+    gradient only when `entropy_grad` (TRL: while the entropy bonus is on). TRL's vision-language inputs
+    (`multimodal`, when not None) and the MoE aux loss are refused."""
+    given = sorted(k for k, v in multimodal.items() if v is not None)
+    if given:
+        raise NotImplementedError(refusal(given[0], "...", "vision-language inputs are not supported"))
+    if compute_aux_loss:
+        raise NotImplementedError(refusal("compute_aux_loss", True, "the MoE load-balancing loss is not added"))
     batch_size = batch_size or input_ids.size(0)
     logps, entropies = [], []
     for start in range(0, input_ids.size(0), batch_size):
