@@ -197,6 +197,8 @@ def test_step_records_are_plain_numbers_with_several_iterations(tmp_path):
 
 def test_shuffle_dataset_false_draws_prompts_in_dataset_order(tmp_path):
     trainer = make_trainer(tmp_path, args=dict(shuffle_dataset=False, per_device_train_batch_size=8))
+    drawn = [row["prompt"] for batch in trainer.get_train_dataloader() for row in batch[::4]]  # 4 generations
+    assert drawn == [f"{i}+1=" for i in range(6)]  # TRL's train DataLoader: the same order
     assert trainer.sampler.next(8) == [0, 1, 2, 3, 4, 5, 0, 1]  # 6 prompts, then the next pass, in order
     assert trainer.collector.sampler is trainer.sampler
     shuffled = make_trainer(tmp_path, args=dict(per_device_train_batch_size=8))

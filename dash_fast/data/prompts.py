@@ -133,16 +133,18 @@ class PromptDataset:
 
 
 class PromptSampler:
-    """Shuffled passes over a dataset with a resumable position (epoch, offset)."""
+    """Passes over a dataset with a resumable position (epoch, offset): each pass in an order shuffled by
+    (seed, epoch), or in dataset order with `shuffle=False` (TRL's shuffle_dataset=False)."""
 
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
         self.epoch, self.offset = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
         order = list(range(self.n))
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
         return order
 
     def next(self, k: int) -> list[int]:

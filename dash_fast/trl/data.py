@@ -12,6 +12,7 @@ with `IterableDataset.shuffle(seed)` (a buffered shuffle) unless `shuffle_datase
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -194,8 +195,7 @@ def train_dataloader(train_data: Any, sampler: Any, config: Any, num_workers: in
     a, G = config, config.group_size
     if isinstance(train_data, StreamedPrompts):
         return stream_dataloader(train_data.stream, G, a.rows_per_step)  # (shuffled as training reads it)
-    ahead = type(sampler)(sampler.n, sampler.seed)
-    ahead.load_state_dict(sampler.state_dict())
+    ahead = copy.deepcopy(sampler)
     draws = -(-sampler.n // a.prompts_per_step)  # one pass over the prompts
     order = [i for _ in range(draws) for i in ahead.next(a.prompts_per_step) for _ in range(G)]
     return rows_dataloader(train_data.rows, order, a.rows_per_step, num_workers)

@@ -16,13 +16,6 @@ from dash_fast.trainer import Extensions
 from dash_fast.trl.config import GRPOConfig, refusal
 
 
-class InOrderSampler(PromptSampler):
-    """`shuffle_dataset=False`: every pass over the prompts in dataset order (resumable like PromptSampler)."""
-
-    def _permutation(self) -> list[int]:
-        return list(range(self.n))
-
-
 def truncated_rows(rollout, stop_ids: tuple[int, ...], max_new: int) -> torch.Tensor:
     """[B] bool: completions that reached `max_new` tokens without a stop token."""
     lengths = rollout.completion_lengths
@@ -56,7 +49,7 @@ def trl_extensions(args: GRPOConfig | DashConfig, config: DashConfig, prompts: C
 
     def in_order(data: PromptDataset):
         """shuffle_dataset=False: TRL draws the prompts in dataset order."""
-        return data, InOrderSampler(len(data), seed)
+        return data, PromptSampler(len(data), seed, shuffle=False)
 
     spec = args.trl_loss()
     variant = spec.is_variant()  # TRL objectives beyond the kernels'
