@@ -2,12 +2,12 @@
 
     sample (one big generate) -> reward -> advantage -> filter |A| > tau -> micro-batches -> step
 
-`DashTrainer` wires the stages and runs the loop; `train_step` is the algorithm in one screen. Each
-stage is a module with one job: collect.py (prompts, sampling incl. overlap and refill, rewards ->
+`DashTrainer` wires the stages (built by builder.py) and runs the loop; `train_step` is the algorithm in one
+screen. Each stage is a module with one job: collect.py (prompts, sampling incl. overlap and refill, rewards ->
 a `Batch`), algo.py (advantages, filter, losses: pure functions), learner.py (epochs x minibatches of
-optimizer steps, micro-batches, OOM retry, weight sync), losses.py (the loss registry), evaluation.py,
-checkpoint.py, callbacks.py and metrics.py (the step record); models/loading.py loads the model and
-rewards/scorer.py scores completions.
+optimizer steps, micro-batches, OOM retry, weight sync) over forward.py (the policy's forward passes),
+losses.py (the loss registry), evaluation.py, checkpoint.py, callbacks.py and metrics.py (the step record);
+models/loading.py loads the model and rewards/scorer.py scores completions.
 
 What a layer over the core may vary is declared here: `Extensions` (given to the constructor) and the
 methods marked "extension point"; the TRL drop-in (trl/trainer.py) is built through them alone.
