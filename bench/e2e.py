@@ -139,7 +139,7 @@ _active = threading.local()  # .split: the Split recording on this thread, if an
 
 def _install_dash_timer() -> None:
     """Time dash-fast's NVTX ranges (the stages' nvtx_range) into the active Split; the ranges still run."""
-    from dash_fast import collect, learner
+    from dash_fast import collect, forward, learner
     from dash_fast.runtime import profiling
 
     if getattr(collect.nvtx_range, "_e2e", False):
@@ -153,7 +153,7 @@ def _install_dash_timer() -> None:
             yield
 
     timed._e2e = True
-    collect.nvtx_range = learner.nvtx_range = timed
+    collect.nvtx_range = learner.nvtx_range = forward.nvtx_range = timed
 
 
 def _wrap(obj, attr: str, phase_of) -> None:

@@ -64,7 +64,7 @@ class Phases:
 def dash_phases(phases: Phases) -> None:
     """Route dash-fast's top-level NVTX ranges (profiling.RANGES) through `phases` (bench-only hook, as
     bench/e2e.py's timer)."""
-    from dash_fast import collect, learner
+    from dash_fast import collect, forward, learner
     from dash_fast.runtime import profiling
 
     original, depth = profiling.nvtx_range, [0]
@@ -79,7 +79,7 @@ def dash_phases(phases: Phases) -> None:
         finally:
             depth[0] -= top
 
-    collect.nvtx_range = learner.nvtx_range = ranged
+    collect.nvtx_range = learner.nvtx_range = forward.nvtx_range = ranged
 
 
 def tensor_gb(tensors) -> float:

@@ -4,7 +4,7 @@
     python bench/train_roofline.py --rows 4 --prompt 128 --completion 128 --reps 3
     python bench/train_roofline.py --shape tiny --reps 1             # smoke run
 
-The forward is the learner's (Learner._decoder_hidden without shared prompts: the decoder's last hidden
+The forward is the learner's (forward.PolicyForward._decoder_hidden without shared prompts: the decoder's last hidden
 state over right-padded prompt + completion rows, the positions that predict completion tokens gathered)
 followed by its loss (dash_kernels.fused_linear_pg_loss with entropy, as the "fused" loss of dash_fast/losses.py calls it),
 then `loss.backward()`. FLOPs are counted as executed: 6 x decoder-layer params x every token (prompt

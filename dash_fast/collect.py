@@ -13,12 +13,12 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from dash_fast import algo
 from dash_fast.config import DashConfig
-from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.engines.base import Rollout, SamplingParams
 from dash_fast.engines.sampler_process import GenerationPlan, run_plan
 from dash_fast.overlap import OverlapScheduler, Prefetched
@@ -50,6 +50,26 @@ class Batch:
         return self.rewards is None
 
 
+@dataclass
+class CollectorParts:
+    """What the collector samples with and scores: the rollout `engine`, the prompt source `data` and the
+    `sampler` of its order, the `rewards`, the process group `dist`, the `pad_id` and the `stop_ids` sampling
+    stops at; `overlap` (overlap=True) samples the next rollout beside the update; `fsdp_root` (FSDP2) is
+    gathered while sampling; `reward_post(data, indices, rollout, repeat, rewards, per_func) -> rewards`
+    post-processes every training scoring (trainer.Extensions.reward_post)."""
+
+    engine: Any
+    data: Any
+    sampler: Any
+    rewards: RewardScorer
+    dist: ddp.DistInfo
+    pad_id: int
+    stop_ids: tuple[int, ...]
+    overlap: OverlapScheduler | None = None
+    fsdp_root: Any = None
+    reward_post: Callable[..., torch.Tensor] | None = None
+
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -75,14 +95,12 @@ def stream_seed(seed: int, step: int, row: int) -> int:
 class Collector:
     """Prompts -> rollout -> rewards for one step (see the module docstring); `collect` is the entry."""
 
-    def __init__(self, args: DashConfig, engine, data: PromptDataset, sampler: PromptSampler,
-                 rewards: RewardScorer, dist: ddp.DistInfo, overlap: OverlapScheduler | None,
-                 pad_id: int, stop_ids: tuple[int, ...], fsdp_root=None,
-                 reward_post: Callable[..., torch.Tensor] | None = None) -> None:
-        self.args, self.engine, self.data, self.sampler, self.rewards = args, engine, data, sampler, rewards
-        self.dist, self.overlap, self.pad_id, self.stop_ids, self.fsdp_root = dist, overlap, pad_id, stop_ids, fsdp_root
-        # (data, indices, rollout, repeat, rewards, per_func) -> rewards, on every training scoring (Extensions)
-        self.reward_post = reward_post
+    def __init__(self, args: DashConfig, parts: CollectorParts) -> None:
+        self.args, self.engine, self.data, self.sampler, self.rewards = args, parts.engine, parts.data, \
+            parts.sampler, parts.rewards
+        self.dist, self.overlap, self.pad_id, self.fsdp_root = parts.dist, parts.overlap, parts.pad_id, parts.fsdp_root
+        self.stop_ids = tuple(parts.stop_ids)
+        self.reward_post = parts.reward_post
         self.engine_prepared = False  # prepare_engine_once
 
     def sampling_params(self, step: int, greedy: bool = False, max_new: int | None = None,

@@ -46,7 +46,7 @@ that matches the measured peak of the ranks that do not save), and, on rank 0 on
 optimizer state it gathers to write a checkpoint (`checkpoint_gather`; distributed.full_state_dict /
 full_optimizer_state), a phase of its own: `peak` is then rank 0's and `other_ranks_peak` the others'.
 On CPU the ranks of one host share its memory: the budget is the available memory / the local ranks, plus
-the rank's own resident set.
+the rank's own resident set (runtime/memory_budget.py).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dash_fast.config import ConfigError
+from dash_fast.runtime.memory_budget import GB, device_budget, process_rss
 
-GB = 1e9
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
 CHUNK_BYTES = 32 * 2**20  # = dash_kernels.torch_ref.CHUNK_BYTES (the torch loss path's logits chunk budget)
 DENSE_BWD_BYTES = 512 * 2**20  # = dash_kernels.triton_kernels.DENSE_BWD_BYTES (the Triton dZ chunk budget)
@@ -474,67 +474,6 @@ def fit(m: ModelShape, r: RunShape, budget: int | None, budget_source: str = "",
 def _settings(r: RunShape) -> str:
     return (f"gradient_checkpointing={r.gradient_checkpointing}, kv_cache_release={r.kv_cache_release}, "
             f"{r.generation_rows} rows per generate call")
-
-
-# ---------------------------------------------------------------------------------------------- budget
-def device_budget(device: str, override_gb: float | None = None, local_ranks: int = 1) -> tuple[int | None, str]:
-    """(bytes, where they come from): `memory_budget_gb` when set; CUDA: the device's total memory; CPU:
-    the memory available now (MemAvailable, within a cgroup limit) shared by the `local_ranks` processes of
-    this host, plus this process's resident set."""
-    if override_gb is not None:
-        return int(override_gb * GB), "memory_budget_gb"
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            return None, "no CUDA device here: set memory_budget_gb"
-        index = torch.device(device).index or 0
-        return int(torch.cuda.get_device_properties(index).total_memory), "CUDA total memory"
-    available = _meminfo_kb("MemAvailable")
-    if available is None:
-        return None, "MemAvailable unknown"
-    free, source = available * 1024, "available RAM"
-    cgroup = _cgroup_free()
-    if cgroup is not None and cgroup < free:
-        free, source = cgroup, "cgroup memory.max"
-    if local_ranks > 1:
-        free, source = free // local_ranks, f"{source} / {local_ranks} ranks"
-    return free + process_rss(), source
-
-
-def process_rss() -> int:
-    """This process's resident set now, in bytes (0 where /proc is absent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _meminfo_kb(key: str) -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _cgroup_free() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as f:
-            return int(limit) - int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 # ---------------------------------------------------------------------------------------------- a run's plan

@@ -209,6 +209,37 @@ def skipped_record(step: int, time_generate_s: float, time_step_s: float, lr: fl
             "tokens_per_s": 0.0, "lr": lr, "skipped_steps": 1, "reward_error": True}
 
 
+class ProgressBar:
+    """tqdm's bar over the run's steps, showing the last step's reward, kept fraction and accuracy; nothing when
+    not `enabled` (disable_tqdm, or not rank 0)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="dash-fast RL", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kept=f"{record['kept_fraction']:.2f}",
+                                 acc=f"{record['accuracy']:.3f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def no_signal_stats(importance_sampling: bool) -> dict:
+    """The training statistics of a step with no signal (no kept row carries an advantage, no KL or entropy
+    term): no forward, backward or optimizer step ran. The same keys as a trained step's, nothing measured
+    (nan) for the sampler vs trainer log-probs."""
+    return {"loss": 0.0, "clip_fraction": 0.0, "kl": 0.0, "entropy": 0.0, "grad_norm": 0.0, "skipped_steps": 0,
+            "optimizer_steps": 0, "no_signal": 1, "time/sync_weights": 0.0,
+            **LogpDifference(importance_sampling=importance_sampling).record()}
+
+
 def run_summary(steps: int, finished: bool, records: list[dict], eval_history: list[dict], wall_time_s: float,
                 config: dict) -> dict:
     """summary.json: the run's length, evaluations and mean step figures."""

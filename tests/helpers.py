@@ -77,8 +77,18 @@ def make_trainer(tmp_path, **overrides) -> DashTrainer:
     return DashTrainer(model, length_reward, args=DashConfig(**args), train_dataset=train, processing_class=tok)
 
 
-def make_float64_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", **overrides) -> DashTrainer:
-    """A DashTrainer on TINY_TASK in float64 (exact gradient comparisons), no gradient clipping, with eval."""
+class FrozenSGD(torch.optim.SGD):
+    """An optimizer whose step changes nothing: after an update the gradients are there to read, at the same
+    weights as before (grads_of_update)."""
+
+    def step(self, closure=None):
+        return None
+
+
+def make_float64_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", frozen: bool = False,
+                         **overrides) -> DashTrainer:
+    """A DashTrainer on TINY_TASK in float64 (exact gradient comparisons), no gradient clipping, with eval.
+    `frozen`: its optimizer is FrozenSGD (through the trainer's optimizer_cls_and_kwargs), for grads_of_update."""
     tok = build_tokenizer()
     model = build_model(tok, TINY_TASK, seed=0).to(dtype)
     train, test = make_task(TINY_TASK, seed=0)
@@ -87,7 +97,8 @@ def make_float64_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", *
                 max_grad_norm=None, learning_rate=1e-2, filter_tau=None, eval_examples=8)
     args.update(overrides)
     return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train,
-                       eval_dataset=test, processing_class=tok)
+                       eval_dataset=test, processing_class=tok,
+                       optimizer_cls_and_kwargs=(FrozenSGD, {}) if frozen else None)
 
 
 def rollout_for(trainer: DashTrainer, step: int = 0):
@@ -97,10 +108,32 @@ def rollout_for(trainer: DashTrainer, step: int = 0):
 
 
 def grads_of_update(trainer: DashTrainer, rollout, advantages, kept) -> dict[str, torch.Tensor]:
-    """Run trainer.update with the optimizer step disabled and return the accumulated gradients."""
-    trainer.optimizer.step = lambda *a, **k: None  # the scheduler warns about this; harmless here
+    """Run trainer.update on a trainer built with `frozen=True` and return the accumulated gradients (the
+    weights stay as they were, so a second call computes its gradients at the same point)."""
+    before = params(trainer.model)
     trainer.update(rollout, advantages, kept)
+    assert same(before, params(trainer.model)), "grads_of_update needs a trainer built with frozen=True"
     return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+class EditedEngine:
+    """The trainer's own rollout engine with each rollout it samples passed through `edit(rollout) -> rollout`
+    first; every other attribute is the engine's. Given to DashTrainer as `rollout_engine=EditedEngine.around(edit)`."""
+
+    def __init__(self, engine, edit) -> None:
+        self.engine, self.edit = engine, edit
+
+    @classmethod
+    def around(cls, edit):
+        from dash_fast.builder import make_engine
+
+        return lambda *args: cls(make_engine(*args), edit)
+
+    def generate(self, prompt_ids, params):
+        return self.edit(self.engine.generate(prompt_ids, params))
+
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)
 
 
 def assert_same_grads(a: dict, b: dict, **tol) -> None:

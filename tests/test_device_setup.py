@@ -69,16 +69,11 @@ def test_overlap_prepares_the_engine_on_the_main_thread_before_the_first_launch(
     assert eng._static.k[0].shape[2] == trainer.args.max_prompt_tokens + trainer.args.max_completion_tokens
 
 
-def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path, monkeypatch):
+def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path):
     trainer = make_trainer(tmp_path, kv_cache_release=True, max_steps=2)
     capacities = []
-    real_update = trainer.learner.update
-
-    def update(*a, **kw):
-        capacities.append(trainer.engine._static.capacity)  # during the update: freed
-        return real_update(*a, **kw)
-
-    monkeypatch.setattr(trainer.learner, "update", update)
+    # the learner's hook at the start of each optimizer step's accumulation: during the update, freed
+    trainer.learner.hooks.step_begin.append(lambda batch: capacities.append(trainer.engine._static.capacity))
     trainer.train()
     assert capacities == [0, 0]
 

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import EditedEngine
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import load_trainer_state
@@ -24,7 +25,8 @@ def length_reward(completions, **columns):
     return [float(len(c) % 3) for c in completions]
 
 
-def make_trainer(tmp_path, reward=length_reward, rows=None, model=None, loss=None, **overrides) -> DashTrainer:
+def make_trainer(tmp_path, reward=length_reward, rows=None, model=None, loss=None, rollout_engine=None,
+                 **overrides) -> DashTrainer:
     """`loss`: a name in losses.py's registry (the extension point the TRL layer picks its loss by)."""
     tok = build_tokenizer()
     train, _ = make_task(TINY, seed=0)
@@ -33,7 +35,7 @@ def make_trainer(tmp_path, reward=length_reward, rows=None, model=None, loss=Non
     args.update(overrides)
     return DashTrainer(model or build_model(tok, TINY, seed=0), reward, args=DashConfig(**args),
                        train_dataset=train if rows is None else rows, processing_class=tok,
-                       extensions=Extensions(loss=loss))
+                       extensions=Extensions(loss=loss), rollout_engine=rollout_engine)
 
 
 def params(trainer: DashTrainer) -> dict[str, torch.Tensor]:
@@ -139,13 +141,11 @@ def test_reward_error_skips_the_batch_with_on_reward_error_skip(tmp_path, capsys
 def test_empty_completions_reach_the_reward_and_training_goes_on(tmp_path):
     """Rows that stop at once decode to "", and rows with no tokens at all (an engine may return them)
     train as zero-weight rows."""
-    trainer = make_trainer(tmp_path, loss_agg="token-mean")
-    generate = trainer.engine.generate
+    eos = build_tokenizer().eos_token_id
     seen = []
 
-    def truncating(prompt_ids, params):
-        rollout = generate(prompt_ids, params)
-        rollout.completion_ids[::2, 0] = trainer.tokenizer.eos_token_id  # every other row: only <eos>
+    def truncate(rollout):
+        rollout.completion_ids[::2, 0] = eos  # every other row: only <eos>
         rollout.completion_mask[::2, 1:] = 0
         rollout.completion_mask[1::4] = 0  # and some rows with no tokens at all
         return rollout
@@ -154,11 +154,12 @@ def test_empty_completions_reach_the_reward_and_training_goes_on(tmp_path):
         seen.extend(completions)
         return length_reward(completions)
 
-    trainer.engine.generate = truncating
-    trainer.rewards.funcs = [recording_reward]
+    trainer = make_trainer(tmp_path, reward=recording_reward, loss_agg="token-mean",
+                           rollout_engine=EditedEngine.around(truncate))
     before = params(trainer)
     assert trainer.train()["steps"] == 3
     assert "" in seen and not same(before, params(trainer))
+    assert seen.count("") >= len(seen) // 2  # the engine's edit: every other row stops at once
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 

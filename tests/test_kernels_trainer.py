@@ -25,7 +25,8 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c)) if i < half else 1.0 for i, c in enumerate(completions)]
 
 
-def make_trainer(tmp_path, loss_impl: str, dtype: torch.dtype, lm_bias: bool, **overrides) -> DashTrainer:
+def make_trainer(tmp_path, loss_impl: str, dtype: torch.dtype, lm_bias: bool, optimizer_cls_and_kwargs=None,
+                 **overrides) -> DashTrainer:
     tok = build_tokenizer()
     model = build_model(tok, TINY, seed=0)
     if lm_bias:  # untie: a separate lm_head with a bias, as some checkpoints have
@@ -46,14 +47,15 @@ def make_trainer(tmp_path, loss_impl: str, dtype: torch.dtype, lm_bias: bool, **
                 micro_batch_tokens=48, temperature=0.9)
     args.update(overrides)
     return DashTrainer(model, length_reward, args=DashConfig(**args), train_dataset=train, eval_dataset=test,
-                       processing_class=tok)
+                       processing_class=tok, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs)
 
 
 def step_params(tmp_path, loss_impl, dtype, lm_bias, **overrides):
-    trainer = make_trainer(tmp_path, loss_impl, dtype, lm_bias, **overrides)
     # SGD instead of AdamW: Adam's first steps are ~lr * sign(grad), so a parameter whose gradient is
     # a near-cancellation (|g| ~ eps) would turn rounding noise into an O(lr) difference.
-    trainer.learner.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=trainer.args.learning_rate)
+    trainer = make_trainer(tmp_path, loss_impl, dtype, lm_bias, optimizer_cls_and_kwargs=(torch.optim.SGD, {}),
+                           **overrides)
+    assert isinstance(trainer.optimizer, torch.optim.SGD)
     tied = trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight
     assert tied != lm_bias
     assert (trainer.model.get_output_embeddings().bias is not None) == lm_bias

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import EditedEngine
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
@@ -22,7 +23,7 @@ def length_reward(prompts, completions, **columns):
     return [float(len(c)) for c in completions]
 
 
-def make_trainer(tmp_path, dtype=torch.float32, reward=length_reward, **overrides) -> DashTrainer:
+def make_trainer(tmp_path, dtype=torch.float32, reward=length_reward, rollout_engine=None, **overrides) -> DashTrainer:
     tok = build_tokenizer()
     model = build_model(tok, TINY, seed=0).to(dtype)
     train, _ = make_task(TINY, seed=0)
@@ -30,19 +31,18 @@ def make_trainer(tmp_path, dtype=torch.float32, reward=length_reward, **override
                 max_prompt_tokens=16, report_to=[], disable_tqdm=True, filter_tau=None, max_steps=1,
                 temperature=0.8)
     args.update(overrides)
-    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train, processing_class=tok)
+    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train, processing_class=tok,
+                       rollout_engine=rollout_engine)
 
 
-def shift_sampler_logps(trainer: DashTrainer, shift: float) -> None:
-    """A sampler that disagrees with the trainer by `shift` nats on every token it returns."""
-    generate = trainer.engine.generate
+def shifted_sampler(shift: float):
+    """A rollout engine that disagrees with the trainer by `shift` nats on every token it returns."""
 
-    def shifted(prompt_ids, params):
-        out = generate(prompt_ids, params)
+    def shift_logps(out):
         out.sampling_logps = out.sampling_logps + shift * out.completion_mask
         return out
 
-    trainer.engine.generate = shifted
+    return EditedEngine.around(shift_logps)
 
 
 @pytest.mark.parametrize("loss_impl", ["fused", "naive"])
@@ -55,8 +55,8 @@ def test_step_record_reports_the_sampler_trainer_difference(tmp_path, loss_impl,
     assert record["no_signal"] == 0
     assert 0 <= record[LOGP_DIFF_MEAN] <= record[LOGP_DIFF_MAX] <= 1e-4
 
-    trainer = make_trainer(tmp_path / "shifted", loss_impl=loss_impl, updates_per_rollout=K)
-    shift_sampler_logps(trainer, SHIFT)
+    trainer = make_trainer(tmp_path / "shifted", loss_impl=loss_impl, updates_per_rollout=K,
+                           rollout_engine=shifted_sampler(SHIFT))
     record = trainer.train_step(1)
     assert record[LOGP_DIFF_MEAN] == pytest.approx(SHIFT, abs=1e-4)
     assert record[LOGP_DIFF_MAX] == pytest.approx(SHIFT, abs=1e-4)

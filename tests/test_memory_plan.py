@@ -149,7 +149,7 @@ def test_checkpointed_shared_prompt_forward_gives_the_same_gradients_and_keeps_l
 def test_gradient_checkpointing_key_gives_the_same_update(tmp_path, train_forward):
     def run(checkpointing: bool):
         trainer = make_trainer(tmp_path / str(checkpointing), train_forward=train_forward,
-                               gradient_checkpointing=checkpointing)
+                               gradient_checkpointing=checkpointing, frozen=True)
         rollout = rollout_for(trainer)
         advantages = torch.linspace(-1, 1, len(rollout), dtype=torch.float64)
         seen = count_calls(trainer.model.model.layers[0].mlp.act_fn)  # runs again in backward when checkpointed
@@ -220,9 +220,9 @@ def test_the_trainer_plans_before_loading_prints_and_stores_the_plan(tmp_path, c
 
 
 def test_the_trainer_refuses_before_the_weights_load(tmp_path, monkeypatch):
-    import dash_fast.trainer as trainer_module
+    import dash_fast.builder as builder
 
-    monkeypatch.setattr(trainer_module, "load_model", lambda *a: pytest.fail("weights loaded"))
+    monkeypatch.setattr(builder, "load_model", lambda *a: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match="memory plan: needs .* the largest item is"):
         make_trainer(tmp_path, memory_budget_gb=1e-4)
 

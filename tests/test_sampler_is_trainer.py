@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_logp_difference import make_trainer, shift_sampler_logps
+from test_logp_difference import make_trainer, shifted_sampler
 from test_sampler_is import trl_compute_loss, trl_ratio_rows
 
 from dash_fast import DashConfig, GRPOConfig
@@ -95,8 +95,7 @@ def test_step_record_reports_the_ratios_the_loss_applied(tmp_path, mode, K):
     row, clipped at 0.5 here), measured from the loss forward (K = 1) or the old pass (K = 2)."""
     shift = 0.3
     trainer = make_trainer(tmp_path, sampler_is_correction=True, sampler_is_mode=mode, sampler_is_clip_min=0.5,
-                           updates_per_rollout=K)
-    shift_sampler_logps(trainer, shift)
+                           updates_per_rollout=K, rollout_engine=shifted_sampler(shift))
     record = trainer.train_step(1)
     assert record[LOGP_DIFF_MEAN] == pytest.approx(shift, abs=1e-4)
     if mode.startswith("token"):

@@ -6,11 +6,11 @@ import torch
 from helpers import grads_of_update, other_architectures, rollout_for
 from helpers import make_float64_trainer as make_trainer
 
+from dash_fast.builder import use_shared_prompt
 from dash_fast.data.prompts import pad_right
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from dash_fast.models.shared_prompt import pack_shared, shared_prompt_hidden, shared_prompt_unsupported
 
-pytestmark = pytest.mark.filterwarnings("ignore:Seems like")
 PAD = 0
 
 
@@ -108,7 +108,8 @@ def test_pack_shared_counts_each_prompt_once_and_keeps_the_budget(budget):
 def test_training_update_equals_the_hf_forward(tmp_path, budget):
     grads = {}
     for path in ("shared_prompt", "hf"):
-        trainer = make_trainer(tmp_path / path, train_forward=path, loss_agg="dr_grpo", micro_batch_tokens=budget)
+        trainer = make_trainer(tmp_path / path, train_forward=path, loss_agg="dr_grpo", micro_batch_tokens=budget,
+                               frozen=True)
         exact_norms(trainer.model)
         assert trainer.shared_prompt == (path == "shared_prompt")
         rollout = rollout_for(trainer)
@@ -121,12 +122,11 @@ def test_training_update_equals_the_hf_forward(tmp_path, budget):
 def test_models_it_cannot_run_use_their_own_forward(tmp_path):
     trainer = make_trainer(tmp_path)
     assert trainer.shared_prompt  # auto, tiny Qwen2, CPU
-    trainer.device = torch.device("cuda")  # auto stays with the model's own forward on GPU (speed unmeasured)
-    assert not trainer._use_shared_prompt()
-    trainer.device = torch.device("cpu")
+    # auto stays with the model's own forward on GPU (speed unmeasured)
+    assert not use_shared_prompt(trainer.args, torch.device("cuda"), trainer.model, None)[0]
     trainer.model.config.attention_dropout = 0.1
     assert shared_prompt_unsupported(trainer.model) == "attention dropout"
-    assert not trainer._use_shared_prompt()
+    assert not use_shared_prompt(trainer.args, torch.device("cpu"), trainer.model, None)[0]
     trainer.args.train_forward = "shared_prompt"
     with pytest.raises(ValueError, match="train_forward='shared_prompt' cannot run this model: attention dropout"):
-        trainer._use_shared_prompt()
+        use_shared_prompt(trainer.args, torch.device("cpu"), trainer.model, None)

@@ -209,7 +209,6 @@ def test_engine_lifecycle_with_a_fake_vllm(tmp_path, fake_vllm):
     assert FakeLLM.instances[-1].log == [] and not cpu.asleep
 
 
-@pytest.mark.filterwarnings("ignore:Seems like")  # optimizer.step is wrapped below
 def test_trainer_syncs_the_engine_after_each_optimizer_step(tmp_path, fake_vllm):
     path = saved_tiny(tmp_path)
     train, _ = make_task(TINY, seed=0)
@@ -220,18 +219,15 @@ def test_trainer_syncs_the_engine_after_each_optimizer_step(tmp_path, fake_vllm)
                           args=args, train_dataset=train)
     assert isinstance(trainer.engine, vllm_engine.VLLMEngine)
     events = []
-    step, sync = trainer.optimizer.step, trainer.engine.sync_weights
-
-    def opt_step(*a, **k):
-        events.append("step")
-        return step(*a, **k)
+    sync = trainer.engine.sync_weights
+    trainer.learner.hooks.after_optimizer_step.append(lambda: events.append("step"))  # right after optimizer.step()
 
     def sync_weights(model):
         events.append("sync")
         sync(model)
         assert same_weights(FakeLLM.instances[-1].copy, trainer.model)  # vLLM now holds theta after the step
 
-    trainer.optimizer.step, trainer.engine.sync_weights = opt_step, sync_weights
+    trainer.engine.sync_weights = sync_weights
     trainer.train()
     # the first generate pushes the loaded weights; then 3 rollouts x K = 2 optimizer steps, a push after each
     assert events == ["sync"] + ["step", "sync"] * 6
