@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 
-from test_resume import assert_identical, env_with, kill_and_resume, train_cmd, write_reward_module
+from cli_runs import assert_identical, env_with, kill_and_resume, train_cmd, write_reward_module
 
 
 def main() -> int:

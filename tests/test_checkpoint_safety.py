@@ -272,7 +272,7 @@ def test_trl_resume_from_a_planted_checkpoint_is_refused(run, tmp_path):
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     """The step-1 checkpoint of a 2-rank FSDP2 run under torchrun (gloo): its full state gathered on rank 0."""
-    from test_fsdp import dash_run, write_fault_rewards
+    from cli_runs import dash_run, write_fault_rewards
 
     folder = str(tmp_path_factory.mktemp("fsdp2-ckpt"))
     write_fault_rewards(folder)
@@ -282,7 +282,7 @@ def fsdp2_run(tmp_path_factory):
 
 
 def resume_fsdp2(folder: str, path: str, out: str) -> subprocess.CompletedProcess:
-    from test_fsdp import dash_run
+    from cli_runs import dash_run
 
     return dash_run(folder, out, "--resume", path, "--max-steps", "2", timeout=180)
 

@@ -364,7 +364,7 @@ def test_per_rank_plan_against_the_peak_rss_of_each_of_two_ranks(ranks_model, tm
     import sys
     from pathlib import Path
 
-    from test_distributed import free_port
+    from helpers import free_port
 
     root = Path(__file__).resolve().parents[1]
     out, logs = tmp_path / "run", tmp_path / "logs"

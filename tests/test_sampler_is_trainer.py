@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
-from test_logp_difference import make_trainer, shift_sampler_logps
-from test_sampler_is import trl_compute_loss, trl_ratio_rows
+from helpers import make_one_step_trainer as make_trainer
+from helpers import shift_sampler_logps
+from kernel_cases import trl_compute_loss, trl_ratio_rows
 
 from dash_fast import DashConfig, GRPOConfig
 from dash_fast.config import ConfigError
