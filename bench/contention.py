@@ -2,7 +2,7 @@
 
     flock /work/wt/bench.lock python bench/contention.py --task embedded --steps 40
     flock /work/wt/bench.lock python bench/contention.py --task trl --steps 200
-    python bench/contention.py --smoke          # seconds (tests/test_bench_smoke.py)
+    python bench/contention.py --smoke          # seconds (tests/integration/test_bench_smoke.py)
 
 Each (policy, competitor) pair runs in a fresh child process, because the OpenMP settings (OMP_WAIT_POLICY,
 GOMP_SPINCOUNT, OMP_PROC_BIND) are read once, when libgomp starts, and a thread count chosen in one run must not

@@ -2,7 +2,7 @@
 
     python bench/e2e.py --quick      # a few minutes: fewer steps and evaluations
     python bench/e2e.py              # the full comparison
-    python bench/e2e.py --smoke      # seconds: tiny model, 2 steps (tests/test_bench_smoke.py)
+    python bench/e2e.py --smoke      # seconds: tiny model, 2 steps (tests/integration/test_bench_smoke.py)
 
 At a real model's shape (`--shape`; options after it are bench/swap.py's, see `--shape qwen0.5b --help`):
 
@@ -33,7 +33,7 @@ and trained on the same rollout size (prompts x group size), lengths, lr and alg
                        empty Parameter without `weight_loader` (TRL's sync calls the worker model's
                        `load_weights` directly: it fails), and keeps a packed lm_head that a load does not
                        update (a tied head goes stale). So this provider makes vLLM keep torch linears over
-                       its weights (use_torch_linears_in_vllm; tests/test_trl_vllm.py checks TRL's sync)
+                       its weights (use_torch_linears_in_vllm; tests/trl_adapter/test_trl_vllm.py checks TRL's sync)
   dash+vllm_torchlinear  dash+vllm with vLLM's CPU linears unpacked the same way (in its engine process),
                        so it differs from trl+vllm in the trainer, not in vLLM's kernels
 Steps are interleaved round-robin across providers (one step of each per round), so background load on a

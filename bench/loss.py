@@ -23,7 +23,7 @@ CPU bars (base shape, fp32), checked and printed at the end: dash_torch time <= 
 peak memory (first call) <= 1/8 naive, time at kept fraction f <= 1.15 x f x time at f = 1.
 GPU figures (dash_triton, bf16, % of H100 peak) need a CUDA device: on a CPU-only machine they are
 not measured, and the script says so; the Triton kernels are only checked for correctness there
-(tests/test_kernels_triton.py, TRITON_INTERPRET=1).
+(tests/ops/test_kernels_triton.py, TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations

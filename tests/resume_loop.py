@@ -3,7 +3,7 @@ count the runs whose final parameters and optimizer state equal an uninterrupted
 
     .venv/bin/python tests/resume_loop.py [--runs 20] [--seed 0]
 
-Not part of the test suite (minutes); tests/test_resume.py runs one random kill.
+Not part of the test suite (minutes); tests/integration/test_resume.py runs one random kill.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import shutil
 import subprocess
 import tempfile
 
-from test_resume import assert_identical, env_with, kill_and_resume, train_cmd, write_reward_module
+from cli_runs import assert_identical, env_with, kill_and_resume, train_cmd, write_reward_module
 
 
 def main() -> int:

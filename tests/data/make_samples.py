@@ -1,4 +1,4 @@
-"""Write the small sample datasets used by tests/test_formats.py (and by hand-run smoke tests).
+"""Write the small sample datasets used by tests/unit/test_formats.py (and by hand-run smoke tests).
 
 Rows are written for dash-fast in the shape of the real datasets (same field names and answer
 conventions: GSM8K's ``<<calc>>`` annotations and ``#### n``, MATH's ``\\boxed{}``, MBPP's asserts).

@@ -1,5 +1,5 @@
 """The sandbox judges tests outside the program and contains it (hostile programs:
-tests/test_sandbox_hostile.py). Each test would fail if the part it names broke."""
+tests/rewards/test_sandbox_hostile.py). Each test would fail if the part it names broke."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT as ROOT
+
 sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The vLLM engine's logic without vLLM (fast unit tests; the claims rest on tests/test_vllm_real.py): the
+"""The vLLM engine's logic without vLLM (fast unit tests; the claims rest on tests/engines/test_vllm_real.py): the
 install hint, the LLM arguments, tied-head refresh, RequestOutput -> Rollout, the sleep/wake/push
 lifecycle against a fake `vllm` module, and the trainer pushing after each optimizer step."""
 

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
-from helpers import TINY_MODEL
+from helpers import TEST_DATA, TINY_MODEL
 
 from dash_fast.data.formats import (
     adapt_dataset,
@@ -22,11 +21,9 @@ from dash_fast.rewards import code_reward, math_reward
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # read when datasets is first imported (lazily, below)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA = Path(__file__).parent / "data"
-
 
 def read_jsonl(name: str) -> list[dict]:
-    with open(DATA / name) as f:
+    with open(TEST_DATA / name) as f:
         return [json.loads(line) for line in f]
 
 
@@ -138,7 +135,7 @@ def test_to_chat():
 
 @pytest.mark.parametrize("name", ["gsm8k_sample.jsonl", "gsm8k_sample.parquet"])
 def test_load_formatted_offline(name, tmp_path):
-    ds = load_formatted(str(DATA / name), cache_dir=str(tmp_path))
+    ds = load_formatted(str(TEST_DATA / name), cache_dir=str(tmp_path))
     assert (
         len(ds) == 10
         and ds[0]["answer"] == "12"
@@ -148,7 +145,7 @@ def test_load_formatted_offline(name, tmp_path):
 
 def test_load_formatted_mbpp_chat(tmp_path):
     ds = load_formatted(
-        str(DATA / "mbpp_sample.jsonl"), chat=True, system_prompt="You write Python.", cache_dir=str(tmp_path)
+        str(TEST_DATA / "mbpp_sample.jsonl"), chat=True, system_prompt="You write Python.", cache_dir=str(tmp_path)
     )
     assert ds[0]["prompt"][0] == {"role": "system", "content": "You write Python."}
     assert ds[0]["prompt"][1]["role"] == "user" and ds[0]["test_list"][0] in ds[0]["prompt"][1]["content"]
@@ -205,7 +202,7 @@ def tiny_trainer(tmp_path, train, reward_funcs=None, trainer_cls=None, **overrid
                                                 ("mbpp_sample.jsonl", "mbpp", "code_reward"),
                                                 ("gsm8k_sample.parquet", "gsm8k", "math_reward")])
 def test_trainer_reads_datasets_by_format_with_the_matching_reward(tmp_path, name, fmt, reward):
-    trainer = tiny_trainer(tmp_path, str(DATA / name))
+    trainer = tiny_trainer(tmp_path, str(TEST_DATA / name))
     assert trainer.dataset_format == fmt and trainer.reward_names == [reward]
     adapted = adapt_rows(read_jsonl(name) if name.endswith(".jsonl") else read_jsonl("gsm8k_sample.jsonl"))
     assert [r["prompt"] for r in trainer.train_data.rows] == [r["prompt"] for r in adapted]
@@ -213,7 +210,7 @@ def test_trainer_reads_datasets_by_format_with_the_matching_reward(tmp_path, nam
 
 
 def test_gsm8k_sample_trains_with_the_math_reward(tmp_path):
-    trainer = tiny_trainer(tmp_path, str(DATA / "gsm8k_sample.jsonl"), max_prompt_tokens=1024)
+    trainer = tiny_trainer(tmp_path, str(TEST_DATA / "gsm8k_sample.jsonl"), max_prompt_tokens=1024)
     trainer.train()
     assert 0.0 <= trainer.state.log_history[0]["rewards/math_reward"] <= 1.0  # a number (nan fails)
 

@@ -171,7 +171,7 @@ def test_a_family_trains_through_the_cli_and_reports_agreement(tmp_path, family)
         assert r["sampling/sampling_logp_difference/max"] <= 1e-3, r
 
 
-if __name__ == "__main__":  # python tests/test_families.py OUT_DIR: every family through the CLI, a table
+if __name__ == "__main__":  # python tests/engines/test_families.py OUT_DIR: every family through the CLI, a table
     import tempfile
 
     out = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp()

@@ -8,41 +8,12 @@ import math
 
 import pytest
 import torch
-from helpers import EditedEngine
+from helpers import make_one_step_trainer as make_trainer
+from helpers import shifted_sampler
 
-from dash_fast import DashConfig, DashTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
 from dash_fast.metrics import LOGP_DIFF_MAX, LOGP_DIFF_MEAN
 
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2,
-                  max_operand=19, n_train=16, n_test=4)
 SHIFT = 0.5
-
-
-def length_reward(prompts, completions, **columns):
-    return [float(len(c)) for c in completions]
-
-
-def make_trainer(tmp_path, dtype=torch.float32, reward=length_reward, rollout_engine=None, **overrides) -> DashTrainer:
-    tok = build_tokenizer()
-    model = build_model(tok, TINY, seed=0).to(dtype)
-    train, _ = make_task(TINY, seed=0)
-    args = dict(output_dir=str(tmp_path), prompts_per_step=2, group_size=4, max_completion_tokens=6,
-                max_prompt_tokens=16, report_to=[], disable_tqdm=True, filter_tau=None, max_steps=1,
-                temperature=0.8)
-    args.update(overrides)
-    return DashTrainer(model, reward, args=DashConfig(**args), train_dataset=train, processing_class=tok,
-                       rollout_engine=rollout_engine)
-
-
-def shifted_sampler(shift: float):
-    """A rollout engine that disagrees with the trainer by `shift` nats on every token it returns."""
-
-    def shift_logps(out):
-        out.sampling_logps = out.sampling_logps + shift * out.completion_mask
-        return out
-
-    return EditedEngine.around(shift_logps)
 
 
 @pytest.mark.parametrize("loss_impl", ["fused", "naive"])

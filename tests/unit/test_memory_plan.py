@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import assert_same_grads, grads_of_update, rollout_for
+from helpers import REPO_ROOT, assert_same_grads, grads_of_update, rollout_for
 from helpers import make_float64_trainer as make_trainer
 from transformers import (
     LlamaConfig,
@@ -263,9 +263,8 @@ def test_bench_memory_smoke(tmp_path):
     import csv
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     out = subprocess.run([sys.executable, str(root / "bench" / "memory.py"), "--smoke", "--layers", "1", "--steps", "1",
                           "--threads", "1", "--results-dir", str(tmp_path)], cwd=root, capture_output=True, text=True,
                          timeout=300)
@@ -340,9 +339,8 @@ RANKS_TOL = 0.15
 @pytest.fixture(scope="module")
 def ranks_model(tmp_path_factory):
     import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    sys.path.insert(0, str(REPO_ROOT / "bench"))
     from memory import build
 
     folder = tmp_path_factory.mktemp("ranks-model")
@@ -364,9 +362,9 @@ def test_per_rank_plan_against_the_peak_rss_of_each_of_two_ranks(ranks_model, tm
     import sys
     from pathlib import Path
 
-    from test_distributed import free_port
+    from helpers import free_port
 
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     out, logs = tmp_path / "run", tmp_path / "logs"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(root), str(root / "kernels"), str(root / "bench")])}

@@ -5,7 +5,7 @@ on which thread, that a sampler in a worker thread never captures (it replays, o
 eagerly), that `prepare` reserves the cache once so no later call reallocates it (which would drop every
 graph), and that the graph path gives the eager path's tokens. The stand-in "graph" runs the captured step
 again on replay and copies into the captured output, which is what a replay of static inputs does.
-Whether real graphs capture and replay correctly is tests/test_gpu.py's job (GPU only).
+Whether real graphs capture and replay correctly is tests/ops/test_gpu.py's job (GPU only).
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Exact resume: `dash-fast train` killed (SIGKILL) at a random step and resumed with `--resume auto`
-ends with the same parameters, bit for bit, as an uninterrupted run; SIGTERM saves and exits cleanly.
-
-tests/resume_loop.py runs the SIGKILL case many times with random kill points (not part of the suite).
-"""
+"""`dash-fast train` in child processes: a tiny run with a checkpoint every step, killed and resumed, alone
+(test_resume.py, resume_loop.py) or on two FSDP2 ranks under torchrun with a planted fault (test_fsdp.py,
+test_checkpoint_safety.py). Each run imports its reward module from the folder it is given."""
 
 from __future__ import annotations
 
@@ -13,12 +11,13 @@ import subprocess
 import sys
 import time
 
-import pytest
 import torch
+from helpers import REPO_ROOT, free_port
 from safetensors.torch import load_file
 
 from dash_fast.checkpoint import load_trainer_state
 
+# ----------------------------------------------------------------------------- one process (test_resume.py)
 MAX_STEPS = 5
 ARGS = ["--seed", "1", "--max-steps", str(MAX_STEPS), "sft.steps=0", "tiny.hidden_size=32", "tiny.num_layers=1",
         "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8", "eval_examples=8",
@@ -41,7 +40,7 @@ def train_cmd(out: str, *extra: str) -> list[str]:
 
 
 def env_with(folder: str) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO_ROOT)
     # this checkout's kernels too: an installed dash_kernels of another checkout may not match this dash_fast
     return {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root, os.path.join(root, "kernels")]),
             "OMP_NUM_THREADS": "1"}
@@ -93,63 +92,52 @@ def kill_and_resume(folder: str, out: str, rng: random.Random, first_step: int =
     return kill_after, proc.returncode
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    folder = str(tmp_path_factory.mktemp("resume"))
-    write_reward_module(folder)
-    out = os.path.join(folder, "reference")
-    done = subprocess.run(train_cmd(out), env=env_with(folder), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder, out
+# ----------------------------------------------------------------------------- on two FSDP2 ranks (test_fsdp.py)
+# the resume run above (tiny model, 4 prompts x 8 samples, a checkpoint every step) on two FSDP2 ranks; one rank's
+# rows per sampling call, so one process samples the same rows with the same seeds as the two ranks
+RESUME_STEPS = 4
+RESUME_ARGS = ["--seed", "1", "--max-steps", str(RESUME_STEPS), "sft.steps=0", "tiny.hidden_size=32",
+               "tiny.num_layers=1", "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8",
+               "eval_examples=8", "prompts_per_step=4", "generation_batch_size=16", "max_completion_tokens=8",
+               "save_steps=1", "keep_last_checkpoints=0", "report_to=[]", "disable_tqdm=true", "learning_rate=0.01",
+               "deterministic=true",
+               "reward_funcs=fault_rewards:length_reward", "parallel=fsdp2", "cpu_threads=1"]
+# DASH_TEST_FAULT=RANK:STEP:kill|raise: that rank SIGKILLs itself (or raises) while scoring that step's rollout
+FAULT_REWARDS = '''
+import os, signal, time
+
+def length_reward(prompts, completions, trainer_state=None, **columns):
+    fault = os.environ.get("DASH_TEST_FAULT")
+    if fault:
+        rank, step, how = fault.split(":")
+        if os.environ.get("RANK", "0") == rank and trainer_state.global_step + 1 == int(step):
+            with open(os.environ["DASH_TEST_FAULT_FILE"], "w") as f:
+                f.write(str(time.time()))
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"planted failure at step {step}")
+    return [float(len(c) % 5) for c in completions]
+'''
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference):
-    folder, ref = reference
-    seed = random.randrange(10**6)
-    out = os.path.join(folder, "killed")
-    step, rc = kill_and_resume(folder, out, random.Random(seed))
-    assert rc == -signal.SIGKILL
-    assert_identical(ref, out, f"(kill seed {seed}, after step {step})")
+def write_fault_rewards(folder: str) -> None:
+    with open(os.path.join(folder, "fault_rewards.py"), "w") as f:
+        f.write(FAULT_REWARDS)
 
 
-def test_sigterm_saves_at_the_next_safe_point_and_exits_cleanly(reference):
-    folder, ref = reference
-    out = os.path.join(folder, "terminated")
-    env = env_with(folder)
-    proc = subprocess.Popen(train_cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, out, 1)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
-    steps = sorted(int(n.split("-")[1]) for n in os.listdir(os.path.join(out, "checkpoints")) if n.startswith("step-"))
-    if steps[-1] < MAX_STEPS:  # the signal landed before the last step: it stopped early and said so
-        assert "continue with --resume auto" in stdout
-    done = subprocess.run(train_cmd(out, "--resume", "auto"), env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert_identical(ref, out)
-
-
-def test_sigint_in_process_stops_after_the_step_with_a_checkpoint(tmp_path):
-    """Ctrl-C takes the same path as SIGTERM: finish the step, checkpoint, return normally."""
-    from transformers import TrainerCallback
-
-    from dash_fast import DashConfig, DashTrainer
-    from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            if state.global_step == 1:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    tiny = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_train=32, n_test=4)
-    tok = build_tokenizer()
-    train, _ = make_task(tiny, seed=0)
-    args = DashConfig(output_dir=str(tmp_path), max_steps=50, prompts_per_step=2, max_completion_tokens=6,
-                      report_to=[], disable_tqdm=True)
-    trainer = DashTrainer(build_model(tok, tiny), "exact_answer", args=args, train_dataset=train,
-                          processing_class=tok, callbacks=[Interrupt()])
-    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN under nohup / a background job
-    summary = trainer.train()
-    assert summary["steps"] == 2 and not summary["finished"]
-    assert os.listdir(tmp_path / "checkpoints") == ["step-2"]
-    assert signal.getsignal(signal.SIGINT) == before  # the handler is put back
+def dash_run(folder: str, out: str, *extra: str, ranks: int = 2, fault: str | None = None,
+             timeout: float = 300) -> subprocess.CompletedProcess:
+    """`dash-fast train` on RESUME_ARGS: under torchrun with `ranks` ranks (gloo), or one process (ranks=1)."""
+    root = str(REPO_ROOT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root, os.path.join(root, "kernels")]),
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "DASH_TEST_FAULT_FILE": os.path.join(folder, "fault-time")}
+    env.pop("DASH_TEST_FAULT", None)
+    if fault:
+        env["DASH_TEST_FAULT"] = fault
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+              str(free_port())] if ranks > 1 else [sys.executable]
+    cmd = [*launch, "-m", "dash_fast.cli", "train", "--output-dir", out, *RESUME_ARGS, *extra]
+    if ranks == 1:
+        cmd.remove("parallel=fsdp2")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,6 +1,6 @@
 """Hostile programs for dash_fast.rewards.sandbox: each must score 0 and stay contained. Stdlib only.
 
-Used by tests/test_sandbox_hostile.py in-process (as whoever runs pytest) and, run as a script, by a
+Used by tests/rewards/test_sandbox_hostile.py in-process (as whoever runs pytest) and, run as a script, by a
 throwaway unprivileged user: ``python3 sandbox_hostile_cases.py /path/to/sandbox.py`` prints one JSON
 object {case: null | "why it failed"}.
 """

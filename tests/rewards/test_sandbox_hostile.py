@@ -1,4 +1,4 @@
-"""Hostile programs (tests/sandbox_hostile_cases.py) score 0 and stay contained, as whoever runs the
+"""Hostile programs (tests/rewards/sandbox_hostile_cases.py) score 0 and stay contained, as whoever runs the
 tests and, when that is root, again as a throwaway unprivileged user."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import tempfile
 
 import pytest
-import sandbox_hostile_cases as hostile  # tests/ is on sys.path (rootdir-relative, like test_gpu)
+import sandbox_hostile_cases as hostile  # this folder is on sys.path (rootdir-relative imports)
 
 import dash_fast.rewards.sandbox as sandbox
 

@@ -18,6 +18,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import (
@@ -232,7 +233,7 @@ def test_cli_resume_from_a_planted_checkpoint_is_a_one_line_error(run, tmp_path)
     path, marker = copy_of(run[0], tmp_path), str(tmp_path / "PWNED")
     drop_resume_state(path)
     plant(os.path.join(path, LEGACY_STATE), marker)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO_ROOT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.path.join(root, "kernels")]), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dash_fast.cli", "train", "--output-dir", str(tmp_path / "cli"),
                            "--resume", path, "--max-steps", "2", "sft.steps=0", "tiny.hidden_size=32",
@@ -272,7 +273,7 @@ def test_trl_resume_from_a_planted_checkpoint_is_refused(run, tmp_path):
 @pytest.fixture(scope="module")
 def fsdp2_run(tmp_path_factory):
     """The step-1 checkpoint of a 2-rank FSDP2 run under torchrun (gloo): its full state gathered on rank 0."""
-    from test_fsdp import dash_run, write_fault_rewards
+    from cli_runs import dash_run, write_fault_rewards
 
     folder = str(tmp_path_factory.mktemp("fsdp2-ckpt"))
     write_fault_rewards(folder)
@@ -282,7 +283,7 @@ def fsdp2_run(tmp_path_factory):
 
 
 def resume_fsdp2(folder: str, path: str, out: str) -> subprocess.CompletedProcess:
-    from test_fsdp import dash_run
+    from cli_runs import dash_run
 
     return dash_run(folder, out, "--resume", path, "--max-steps", "2", timeout=180)
 

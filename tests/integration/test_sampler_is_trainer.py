@@ -9,8 +9,9 @@ import math
 
 import pytest
 import torch
-from test_logp_difference import make_trainer, shifted_sampler
-from test_sampler_is import trl_compute_loss, trl_ratio_rows
+from helpers import make_one_step_trainer as make_trainer
+from helpers import shifted_sampler
+from kernel_cases import trl_compute_loss, trl_ratio_rows
 
 from dash_fast import DashConfig, GRPOConfig
 from dash_fast.config import ConfigError

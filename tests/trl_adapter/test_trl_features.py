@@ -8,28 +8,15 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from helpers import TINY_MODEL as TINY
+from helpers import completion_length
+from helpers import make_grpo_trainer as make_trainer
 
 from dash_fast import GRPOConfig, GRPOTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
+from dash_fast.embedded.tiny import build_model, build_tokenizer
 from dash_fast.engines.base import Rollout
 from dash_fast.trl.logs import log_entries, rollout_metrics
 from dash_fast.trl.trainer import normalize_then_sum
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
-
-
-def length_reward(completions, **kw):
-    return [float(len(c)) for c in completions]
-
-
-def make_trainer(tmp_path, model=None, **kwargs):
-    tok = build_tokenizer()
-    args = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=4,
-                max_steps=2, learning_rate=1e-2, report_to="none", disable_tqdm=True, logging_steps=1)
-    args.update(kwargs.pop("args", {}))
-    data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
-    return GRPOTrainer(model=model if model is not None else build_model(tok, TINY), reward_funcs=length_reward,
-                       args=GRPOConfig(**args), train_dataset=data, processing_class=tok, **kwargs)
 
 
 def test_log_entries_average_each_window_and_keep_the_rest_for_the_final_entry():
@@ -96,7 +83,7 @@ def test_training_rewards_are_the_aggregations(tmp_path, aggregation):
                       max_steps=1, report_to="none", disable_tqdm=True, multi_objective_aggregation=aggregation,
                       reward_weights=[1.0, 0.5], use_cpu=True)
     data = Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)])
-    trainer = GRPOTrainer(model=build_model(tok, TINY), reward_funcs=[length_reward, digit_reward], args=args,
+    trainer = GRPOTrainer(model=build_model(tok, TINY), reward_funcs=[completion_length, digit_reward], args=args,
                           train_dataset=data, processing_class=tok)
     trainer.train()
     record = trainer.step_records[0]
@@ -123,8 +110,8 @@ def test_log_history_is_trls_after_train(tmp_path):
     trainer.train()
     hist = trainer.state.log_history
     assert [h["step"] for h in hist] == [2, 3] and len(trainer.step_records) == 3
-    for key in ("loss", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/length_reward/mean",
-                "rewards/length_reward/std", "frac_reward_zero_std", "num_tokens", "completions/mean_length",
+    for key in ("loss", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/completion_length/mean",
+                "rewards/completion_length/std", "frac_reward_zero_std", "num_tokens", "completions/mean_length",
                 "completions/clipped_ratio", "epoch", "step_time", "kept_fraction"):
         assert key in hist[0], key
     assert hist[0]["loss"] == pytest.approx((trainer.step_records[0]["loss"] + trainer.step_records[1]["loss"]) / 2)
@@ -158,7 +145,7 @@ def test_named_eval_sets_are_prefixed(tmp_path):
     trainer = make_trainer(tmp_path, eval_dataset=evals)
     assert set(trainer.eval_dataset) == {"a", "b"}
     m = trainer.evaluate(eval_dataset=evals)  # TRL's keys: eval_<name>_loss, eval_<name>_reward, ...
-    assert {"eval_a_loss", "eval_b_loss", "eval_a_reward", "eval_b_rewards/length_reward/mean"} <= set(m)
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_reward", "eval_b_rewards/completion_length/mean"} <= set(m)
     inner = trainer.evaluate()  # the sets given at construction
     assert inner["eval_a_loss"] == m["eval_a_loss"] and inner["eval_b_reward"] == m["eval_b_reward"]
 
@@ -272,5 +259,5 @@ def test_image_columns_are_refused_by_name(tmp_path):
     tok = build_tokenizer()
     data = Dataset.from_list([{"prompt": "1+1=", "image": None}])
     with pytest.raises(ValueError, match="dash-fast does not support train_dataset column 'image'"):
-        GRPOTrainer(model=build_model(tok, TINY), reward_funcs=length_reward, processing_class=tok,
+        GRPOTrainer(model=build_model(tok, TINY), reward_funcs=completion_length, processing_class=tok,
                     args=GRPOConfig(output_dir=str(tmp_path), max_steps=1, report_to="none"), train_dataset=data)

@@ -1,12 +1,12 @@
 """Device-dependent defaults (dtype=auto), deterministic mode, the engine prepared before overlap, and the
 KV-cache release option: the CPU-checkable half. What needs CUDA (bf16 tensor-core runs, deterministic
-cuBLAS, real graph capture beside a training thread) is in tests/test_gpu.py / profiles/gpu_session.sh."""
+cuBLAS, real graph capture beside a training thread) is in tests/ops/test_gpu.py / profiles/gpu_session.sh."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import checkout_env, fake_capture, make_trainer
+from helpers import REPO_ROOT, checkout_env, fake_capture, make_trainer
 
 from dash_fast.config import ConfigError, DashConfig
 from dash_fast.runtime.device import make_deterministic, resolve_dtype
@@ -94,9 +94,7 @@ def test_gpu_session_dry_run_plumbing(tmp_path):
     import json
     import subprocess
     import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     env = checkout_env(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(root / "profiles" / "gpu_session.py"), "--dry-run", "--out",
                            str(tmp_path), "--only", "kernels,decode"], env=env, capture_output=True, text=True,
@@ -115,9 +113,7 @@ def test_gpu_session_real_scale_checks_dry_run(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
+    root = REPO_ROOT
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(root)}
     proc = subprocess.run([sys.executable, str(root / "profiles" / "gpu_session.py"), "--dry-run", "--out",

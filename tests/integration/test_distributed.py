@@ -4,24 +4,16 @@ rewards, filter and eval accuracy as one process on the whole rollout, with and 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import TINY_DDP as TINY
+from helpers import free_port, half_constant_reward
 
 from dash_fast import DashConfig, DashTrainer
-from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, make_task
-
-TINY = TinyConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, n_terms=2, max_operand=9,
-                  n_train=40, n_test=8)
-
-
-def length_reward(prompts, completions, **columns):
-    """Varies within groups for an untrained model, so rows are kept on both ranks; constant for about half
-    of the prompts, so the filter drops their groups."""
-    return [0.0 if sum(map(ord, p)) % 2 else float(len(c) % 4) for p, c in zip(prompts, completions)]
+from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 
 
 def run(out: str, refill: bool = False, overlap: bool = False, **overrides) -> dict:
@@ -36,7 +28,7 @@ def run(out: str, refill: bool = False, overlap: bool = False, **overrides) -> d
                       max_completion_tokens=8, max_prompt_tokens=16, scale_rewards="batch",
                       loss_agg="token-mean", filter_tau=0.1, max_grad_norm=None, learning_rate=1e-2,
                       micro_batch_tokens=40, report_to=[], disable_tqdm=True, eval_examples=6, **overrides)
-    trainer = DashTrainer(model, length_reward, args=args, train_dataset=train, eval_dataset=test,
+    trainer = DashTrainer(model, half_constant_reward, args=args, train_dataset=train, eval_dataset=test,
                           processing_class=tok)
     trainer.train()
     return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
@@ -52,12 +44,6 @@ def worker(rank: int, world: int, out: str, port: int, refill: bool, overlap: bo
     result = run(out, refill, overlap, **overrides)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spawn_two_ranks(out: str, refill: bool = False, overlap: bool = False, **overrides) -> list[dict]:

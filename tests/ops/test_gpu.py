@@ -38,7 +38,7 @@ KERNEL_CASES = {
 @pytest.mark.parametrize("case", list(KERNEL_CASES))
 def test_triton_kernels_match_the_reference_on_gpu(case, dtype, bwd):
     pytest.importorskip("triton")
-    from test_kernels import dk, make_inputs, run
+    from kernel_cases import dk, make_inputs, run
 
     make_kw, op_kw = KERNEL_CASES[case]
     inp = make_inputs(dtype=torch.float32, **make_kw)  # as the trainer calls it: the model's dtype for the

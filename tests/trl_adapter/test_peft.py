@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_trl_features import make_trainer  # every call here passes its model
+from helpers import make_grpo_trainer as make_trainer  # every call here passes its model
 
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 
