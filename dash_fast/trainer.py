@@ -284,8 +284,7 @@ class DashTrainer:
             self.saved(step, path)
         return path
 
-    def _resume(self) -> int:
-        resume = self.config.resume
+    def _resume(self, resume: str | None) -> int:
         if not resume:
             return 0
         path = latest_checkpoint(os.path.join(self.output_dir, "checkpoints")) if resume == "auto" else resume
@@ -313,11 +312,12 @@ class DashTrainer:
         self.stop_requested = True
 
     # ------------------------------------------------------------------ loop
-    def train(self) -> dict:
-        """Run RL for `max_steps` optimizer steps; returns the summary written to summary.json."""
+    def train(self, resume: str | None = None) -> dict:
+        """Run RL for `max_steps` optimizer steps; returns the summary written to summary.json. `resume`: a
+        checkpoint directory or "auto" (the latest under output_dir), default `config.resume`."""
         a = self.config
         t_begin = time.perf_counter()
-        start = self._resume()
+        start = self._resume(resume or a.resume)
         logger = MetricsLogger(self.output_dir, a.report_to, append=start > 0) if self.dist.is_main else None
         if start > 0 and logger is not None:
             logger.truncate_after(start)

@@ -176,14 +176,13 @@ class GRPOTrainer(DashTrainer, RefusedInternals):
         if kwargs:
             raise NotImplementedError(f"GRPOTrainer.train: {sorted(kwargs)} not supported by dash-fast")
         check_not_overridden(self, GRPOTrainer)  # an override of a TRL internal would be silently ignored
-        if resume_from_checkpoint:
-            self.config.resume = "auto" if resume_from_checkpoint is True else str(resume_from_checkpoint)
+        resume = "auto" if resume_from_checkpoint is True else (str(resume_from_checkpoint) if resume_from_checkpoint else None)
         # the loop appends per-step records (a second train() call continues from them); evaluations made
         # outside train() are in eval_history, merged back below
         self.state.log_history = list(self.step_records or [])
         self._training = True
         try:
-            summary = super().train()
+            summary = super().train(resume)
         finally:
             self._training = False
         self.step_records = list(self.state.log_history)
