@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from dash_fast.engines.base import SamplingParams
-from dash_fast.engines.torch_engine import StaticDecoder, TorchEngine, packed_gemm_unavailable
+from dash_fast.engines.packed_gemm import packed_gemm_unavailable
+from dash_fast.engines.static_decode import StaticDecoder
+from dash_fast.engines.torch_engine import TorchEngine
 
 pytestmark = pytest.mark.skipif(packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None,
                                 reason="no oneDNN packed linear in this torch build")
@@ -101,7 +103,7 @@ def test_the_packed_copy_lives_for_one_generate_and_follows_in_place_updates(mon
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     before = engine.generate(PROMPTS, params)
     assert layers_run and set(layers_run) == {0, 1}  # every layer ran on the packed GEMMs
-    assert engine._static.packed == [] and engine._static.packed_head is None  # freed after the call
+    assert engine.static_decoder.packed == [] and engine.static_decoder.packed_head is None  # freed after the call
     with torch.no_grad():  # what optimizer.step does: in place, no sync call
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)
