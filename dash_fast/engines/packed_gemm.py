@@ -40,13 +40,31 @@ def packed_gemm_unavailable(device: torch.device, dtype: torch.dtype) -> str | N
     return None
 
 
+class ConcatBuffer:
+    """`torch.cat` of weights [out_i, in] along `out` into one buffer reused from call to call. A fused weight
+    is only the reorder's input, so the largest one's worth of memory serves every layer: a fresh tensor per
+    layer would be memory newly mapped each time, whose first-touch page faults cost more than the copy."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def __call__(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        first = weights[0]
+        numel = sum(w.numel() for w in weights)
+        if self.buffer.numel() < numel or self.buffer.dtype != first.dtype or self.buffer.device != first.device:
+            self.buffer = torch.empty(numel, dtype=first.dtype, device=first.device)
+        return torch.cat(weights, out=self.buffer[:numel].view(-1, first.shape[1]))
+
+
 class PackedLinear:
     """One projection with its weight [out, in] reordered into oneDNN's blocked layout for `rows`-row inputs
     (any row count runs; `rows` picks the layout). Several weights (q|k|v, gate|up) concatenated along `out`
-    make one GEMM of the width of all of them."""
+    (by `concat`, e.g. a ConcatBuffer) make one GEMM of the width of all of them; the reorder copies, so the
+    concatenation may be overwritten afterwards."""
 
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int) -> None:
-        w = weights[0] if len(weights) == 1 else torch.cat(weights)
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int,
+                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat) -> None:
+        w = weights[0] if len(weights) == 1 else concat(weights)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows)
         self.sizes = [t.shape[0] for t in weights]
         if all(b is None for b in biases):
@@ -75,13 +93,14 @@ class PackedLayer:
     act: Callable[[torch.Tensor], torch.Tensor]
 
     @classmethod
-    def of(cls, layer: torch.nn.Module, rows: int) -> PackedLayer:
+    def of(cls, layer: torch.nn.Module, rows: int,
+           concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat) -> PackedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
 
         def pack(mods):
-            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows)
+            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat)
 
         act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
         return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)

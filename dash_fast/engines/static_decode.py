@@ -14,7 +14,13 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dash_fast.engines.packed_gemm import GEMM_PATHS, PackedLayer, PackedLinear, packed_gemm_unavailable
+from dash_fast.engines.packed_gemm import (
+    GEMM_PATHS,
+    ConcatBuffer,
+    PackedLayer,
+    PackedLinear,
+    packed_gemm_unavailable,
+)
 from dash_fast.models.decoder import (
     attention_input,
     attention_residual,
@@ -83,12 +89,14 @@ class StaticDecoder:
             raise ValueError(f"gemm='packed' cannot run this model: {reason}")
         return ("plain", reason) if reason else ("packed", None)
 
+    @torch.no_grad()
     def pack(self, rows: int) -> None:
         """Reorder every projection and the lm_head from the live parameters for `rows`-row decode steps
         (gemm == "packed"; a no-op otherwise). One more copy of those weights until `unpack`."""
         if self.gemm != "packed":
             return
-        self.packed = [PackedLayer.of(layer, rows) for layer in self.layers]
+        concat = ConcatBuffer()  # one buffer for every layer's q|k|v and gate|up, freed with this call
+        self.packed = [PackedLayer.of(layer, rows, concat) for layer in self.layers]
         head = self.model.get_output_embeddings()
         self.packed_head = PackedLinear([head.weight], [getattr(head, "bias", None)], rows)
 
