@@ -1,10 +1,12 @@
-"""oneDNN-packed GEMMs for the static decoder's CPU fp32 decode.
+"""oneDNN GEMMs for the static decoder's CPU fp32 decode.
 
 At decode a GEMM has m = rows in the batch (16-256): there MKL's sgemm over a row-major weight reaches a
-fraction of its large-m rate on CPU, while oneDNN over a weight reordered once into its blocked layout
-runs near it. The packed copy is built at the start of each generate from the live parameters (so an
-optimizer step's in-place update is picked up at the next call) and freed at its end: it costs one more
-copy of the weights while sampling, none while training.
+fraction of its large-m rate on CPU. oneDNN does better over the parameters as they are ("onednn": no
+copy) and better still over weights reordered into its blocked layout ("packed"). The packed copy is built
+at the start of each generate from the live parameters (so an optimizer step's in-place update is picked up
+at the next call) and freed at its end: one more copy of the weights while sampling (it raises a trainer's
+peak RSS when sampling is the peak) and its first-touch cost per generate, which pays back only over
+enough decode steps.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-GEMM_PATHS = ("auto", "plain", "packed")
+GEMM_PATHS = ("auto", "plain", "onednn", "packed")
 
 
 def packed_gemm_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -57,28 +59,33 @@ class ConcatBuffer:
 
 
 class PackedLinear:
-    """One projection with its weight [out, in] reordered into oneDNN's blocked layout for `rows`-row inputs
-    (any row count runs; `rows` picks the layout). Several weights (q|k|v, gate|up) concatenated along `out`
-    (by `concat`, e.g. a ConcatBuffer) make one GEMM of the width of all of them; the reorder copies, so the
-    concatenation may be overwritten afterwards."""
+    """One projection on oneDNN's linear. `reorder=True`: its weight [out, in] reordered into oneDNN's blocked
+    layout for `rows`-row inputs (any row count runs; `rows` picks the layout), several weights (q|k|v,
+    gate|up) concatenated along `out` (by `concat`, e.g. a ConcatBuffer) into one GEMM; the reorder copies,
+    so the concatenation may be overwritten afterwards. `reorder=False`: oneDNN over the parameters as they
+    are (no copy, one GEMM per weight, outputs concatenated)."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int,
-                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat) -> None:
-        w = weights[0] if len(weights) == 1 else concat(weights)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> None:
         self.sizes = [t.shape[0] for t in weights]
+        if not reorder:
+            self.weights, self.biases = weights, biases
+            return
+        w = weights[0] if len(weights) == 1 else concat(weights)
+        self.weights = [torch.ops.mkldnn._reorder_linear_weight(w, rows)]
         if all(b is None for b in biases):
-            self.bias = None
+            self.biases = [None]
         else:
-            self.bias = torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])
+            self.biases = [torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        out = [torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "") for w, b in zip(self.weights, self.biases)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
     def add(self, x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """x + scale * linear(a), the add fused into the GEMM when scale is 1 (as `linear_add`)."""
-        if scale == 1.0:
-            return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weight, self.bias, "add")
+        if scale == 1.0 and len(self.weights) == 1:
+            return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weights[0], self.biases[0], "add")
         return torch.add(x, self(a), alpha=scale)
 
 
@@ -94,13 +101,13 @@ class PackedLayer:
 
     @classmethod
     def of(cls, layer: torch.nn.Module, rows: int,
-           concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat) -> PackedLayer:
+           concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> PackedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
         gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
 
         def pack(mods):
-            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat)
+            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat, reorder)
 
         act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
         return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)

@@ -76,7 +76,8 @@ class StaticDecoder:
         self.packed_head: PackedLinear | None = None
 
     def _pick_gemm(self, gemm: str) -> tuple[str, str | None]:
-        """("packed" or "plain", why plain when "auto" could not pack), fixed when the decoder is built."""
+        """("onednn", "packed" or "plain", why plain when "auto" could not use oneDNN), fixed when the decoder
+        is built. "auto" is "onednn": no copy of the weights, so sampling adds nothing to the peak memory."""
         if gemm not in GEMM_PATHS:
             raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
         if gemm == "plain":
@@ -85,20 +86,22 @@ class StaticDecoder:
         reason = packed_gemm_unavailable(head.device, head.dtype)
         if reason is None and self.family.post_norm:
             reason = "post-norm layers"
-        if reason is not None and gemm == "packed":
-            raise ValueError(f"gemm='packed' cannot run this model: {reason}")
-        return ("plain", reason) if reason else ("packed", None)
+        if reason is not None and gemm != "auto":
+            raise ValueError(f"gemm={gemm!r} cannot run this model: {reason}")
+        return ("plain", reason) if reason else ("onednn" if gemm == "auto" else gemm, None)
 
     @torch.no_grad()
     def pack(self, rows: int) -> None:
-        """Reorder every projection and the lm_head from the live parameters for `rows`-row decode steps
-        (gemm == "packed"; a no-op otherwise). One more copy of those weights until `unpack`."""
-        if self.gemm != "packed":
+        """The oneDNN linears for `rows`-row decode steps: over the live parameters ("onednn"), or reordered
+        from them ("packed": one more copy of every projection and the lm_head until `unpack`); a no-op on
+        the plain path."""
+        if self.gemm == "plain":
             return
+        reorder = self.gemm == "packed"
         concat = ConcatBuffer()  # one buffer for every layer's q|k|v and gate|up, freed with this call
-        self.packed = [PackedLayer.of(layer, rows, concat) for layer in self.layers]
+        self.packed = [PackedLayer.of(layer, rows, concat, reorder) for layer in self.layers]
         head = self.model.get_output_embeddings()
-        self.packed_head = PackedLinear([head.weight], [getattr(head, "bias", None)], rows)
+        self.packed_head = PackedLinear([head.weight], [getattr(head, "bias", None)], rows, reorder=reorder)
 
     def unpack(self) -> None:
         """Free the packed copy (its weights go stale at the next optimizer step)."""

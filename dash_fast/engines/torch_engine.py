@@ -109,8 +109,10 @@ class TorchEngine:
 
     `kv_cache`: "auto" (static when the architecture is supported, else dynamic), "static", "dynamic".
     `cuda_graphs`: None = on when the model is on CUDA (static path only).
-    `gemm`: the static path's projections: "auto" (oneDNN-packed on CPU in fp32 where this torch has the
-    op, else plain), "packed" (error where unavailable), "plain" (F.linear on the parameters, no copy).
+    `gemm`: the static path's projections: "auto" ("onednn" on CPU in fp32 where this torch has the op,
+    else plain), "onednn" (oneDNN over the parameters, no copy), "packed" (oneDNN over a reordered copy made
+    per generate: faster per decode step, one more copy of the weights while sampling; both error where
+    unavailable), "plain" (F.linear on the parameters, no copy).
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
@@ -191,6 +193,8 @@ class TorchEngine:
             dec = self._decoder_for(self.model)
             if dec.gemm == "packed":
                 return "torch static fast path (oneDNN packed GEMMs)"
+            if dec.gemm == "onednn":
+                return "torch static fast path (oneDNN GEMMs)"
             return f"torch static fast path (plain GEMMs: {dec.gemm_reason})"
         reason = "kv_cache='dynamic'" if self.kv_cache == "dynamic" else static_unsupported(self.model)
         return f"torch dynamic fallback ({reason})"
