@@ -84,7 +84,10 @@ def test_packed_path_at_the_qwen05b_widths():
 
 
 def test_the_gemm_path_is_chosen_once_and_named():
-    assert TorchEngine(qwen2(), 0).describe() == "torch static fast path (oneDNN GEMMs)"  # no copy
+    assert TorchEngine(qwen2(), 0).describe() == "torch static fast path (plain GEMMs: hidden size 64 < 512)"
+    assert TorchEngine(qwen2(), 0, gemm="onednn").describe() == "torch static fast path (oneDNN GEMMs)"
+    wide = qwen2(hidden=512, heads=4, kv_heads=2, mlp=64, vocab=64, layers=1)
+    assert TorchEngine(wide, 0).describe() == "torch static fast path (oneDNN GEMMs)"  # auto, from 512 on
     assert TorchEngine(qwen2(), 0, gemm="packed").describe() == "torch static fast path (oneDNN packed GEMMs)"
     fp64 = qwen2(dtype=torch.float64)
     assert TorchEngine(fp64, 0).describe() == "torch static fast path (plain GEMMs: torch.float64 weights)"

@@ -35,6 +35,10 @@ from dash_fast.models.decoder import (
 )
 
 DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of its rows has finished
+# gemm="auto" uses oneDNN from this hidden size on. Measured (CPU, 2 threads, batch 16-64): at hidden 896 (the
+# Qwen2.5-0.5B shape) oneDNN over the parameters decodes 1.5x faster than MKL's F.linear; at the embedded
+# tiny model's 128 F.linear is 1.2-1.3x faster (per-call overhead on small GEMMs). Widths in between: unmeasured.
+ONEDNN_MIN_HIDDEN = 512
 
 
 class StaticDecoder:
@@ -76,8 +80,9 @@ class StaticDecoder:
         self.packed_head: PackedLinear | None = None
 
     def _pick_gemm(self, gemm: str) -> tuple[str, str | None]:
-        """("onednn", "packed" or "plain", why plain when "auto" could not use oneDNN), fixed when the decoder
-        is built. "auto" is "onednn": no copy of the weights, so sampling adds nothing to the peak memory."""
+        """("onednn", "packed" or "plain", why plain when "auto" did not pick oneDNN), fixed when the decoder is
+        built. "auto" is "onednn" (no copy of the weights, so sampling adds nothing to the peak memory) from
+        ONEDNN_MIN_HIDDEN on, "plain" below it."""
         if gemm not in GEMM_PATHS:
             raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
         if gemm == "plain":
@@ -88,7 +93,12 @@ class StaticDecoder:
             reason = "post-norm layers"
         if reason is not None and gemm != "auto":
             raise ValueError(f"gemm={gemm!r} cannot run this model: {reason}")
-        return ("plain", reason) if reason else ("onednn" if gemm == "auto" else gemm, None)
+        if reason is not None:
+            return "plain", reason
+        hidden = self.model.config.hidden_size
+        if gemm == "auto" and hidden < ONEDNN_MIN_HIDDEN:
+            return "plain", f"hidden size {hidden} < {ONEDNN_MIN_HIDDEN}"
+        return ("onednn" if gemm == "auto" else gemm), None
 
     @torch.no_grad()
     def pack(self, rows: int) -> None:
