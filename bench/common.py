@@ -286,7 +286,7 @@ def decoder_dims(model) -> dict:
 def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5) -> float | None:
     """FLOP/s of oneDNN's linear [m, k] x [n, k]^T over a weight reordered once into its blocked layout (what
     the embedded engine's packed path runs on CPU, fp32), best of `reps`; None where this torch lacks it."""
-    from dash_fast.engines.torch_engine import packed_gemm_unavailable
+    from dash_fast.engines.packed_gemm import packed_gemm_unavailable
 
     if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None:
         return None

@@ -157,7 +157,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads")
     print(f"parameters {tensor_gb(params):.2f} GB, gradients {tensor_gb(p.grad for p in params):.2f} GB, "
           f"optimizer state {tensor_gb(opt_state):.2f} GB")
-    static = getattr(getattr(trainer, "engine", None), "_static", None)
+    static = getattr(getattr(trainer, "engine", None), "static_decoder", None)
     kv = [*static.k, *static.v] if static is not None else []
     if kv:
         print(f"engine KV cache {tensor_gb(kv):.3f} GB ({kv[0].shape} x {len(kv)})")

@@ -171,7 +171,7 @@ def check_decode(dry: bool, device: str) -> None:
     out = box.get("out")
     same = out is not None and out.completion_token_lists() == eager.completion_token_lists()
     misses = out.stats["graph_misses"] if out is not None else -1
-    threads = {t for _, t in eng._static.capture_log}
+    threads = {t for _, t in eng.static_decoder.capture_log}
     row("decode graphs (worker thread, captured up front) vs eager, float64 tokens",
         f"{'equal' if same else 'DIFFERENT'}; buckets {captured}; misses {misses}; captured on {sorted(threads)}",
         "equal, 0 misses, MainThread only", same and misses == 0 and threads == {"MainThread"})

@@ -23,29 +23,14 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from dash_fast.data.prompts import pad_left, unique_prompts
 from dash_fast.engines.base import Rollout, SamplingParams
-from dash_fast.models.decoder import (
-    attention_input,
-    attention_residual,
-    embed,
-    family_of,
-    grouped_sdpa,
-    logit_multiplier,
-    mlp_block,
-    prompt_attention_mask,
-    qkv_projections,
-    rms_norm,
-    static_unsupported,
-)
-
-DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of its rows has finished
+from dash_fast.engines.packed_gemm import GEMM_PATHS
+from dash_fast.engines.static_decode import StaticDecoder, drop_finished_now, graph_bucket, graph_buckets
+from dash_fast.models.decoder import static_unsupported
 
 
 def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
@@ -119,400 +104,16 @@ def cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-# ---------------------------------------------------------------- packed GEMMs (CPU decode)
-# At decode a GEMM has m = rows in the batch (16-256): there MKL's sgemm over a row-major weight reaches a
-# fraction of its large-m rate on CPU, while oneDNN over a weight reordered once into its blocked layout
-# runs near it. The packed copy is built at the start of each generate from the live parameters (so an
-# optimizer step's in-place update is picked up at the next call) and freed at its end: it costs one more
-# copy of the weights while sampling, none while training.
-GEMM_PATHS = ("auto", "plain", "packed")
-
-
-def packed_gemm_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why oneDNN's packed linear cannot run here (None when it can): it is used on CPU for fp32 weights
-    (the dtype its speed and agreement with the plain path are measured at), where this torch build has it
-    (checked once, on a small product against F.linear)."""
-    if device.type != "cpu":
-        return f"{device.type} device"
-    if dtype != torch.float32:
-        return f"{dtype} weights"
-    if not torch.backends.mkldnn.is_available():
-        return "torch built without oneDNN"
-    try:
-        w = torch.linspace(-1, 1, 24, dtype=dtype).view(6, 4)
-        x = torch.linspace(-1, 2, 12, dtype=dtype).view(3, 4)
-        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none",
-                                                 [], "")
-    except (RuntimeError, AttributeError) as e:
-        return f"oneDNN packed linear unavailable ({type(e).__name__})"
-    if not torch.allclose(out, F.linear(x, w), atol=1e-5):
-        return "oneDNN packed linear disagrees with F.linear"
-    return None
-
-
-class PackedLinear:
-    """One projection with its weight [out, in] reordered into oneDNN's blocked layout for `rows`-row inputs
-    (any row count runs; `rows` picks the layout). Several weights (q|k|v, gate|up) concatenated along `out`
-    make one GEMM of the width of all of them."""
-
-    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int) -> None:
-        w = weights[0] if len(weights) == 1 else torch.cat(weights)
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows)
-        self.sizes = [t.shape[0] for t in weights]
-        if all(b is None for b in biases):
-            self.bias = None
-        else:
-            self.bias = torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-    def add(self, x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """x + scale * linear(a), the add fused into the GEMM when scale is 1 (as `linear_add`)."""
-        if scale == 1.0:
-            return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weight, self.bias, "add")
-        return torch.add(x, self(a), alpha=scale)
-
-
-@dataclass
-class PackedLayer:
-    """A decoder layer's four GEMMs: q|k|v in one, o, gate|up in one, down."""
-
-    qkv: PackedLinear
-    o: PackedLinear
-    gate_up: PackedLinear
-    down: PackedLinear
-    act: Callable[[torch.Tensor], torch.Tensor]
-
-    @classmethod
-    def of(cls, layer: torch.nn.Module, rows: int) -> PackedLayer:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
-        gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
-
-        def pack(mods):
-            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows)
-
-        act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
-        return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)
-
-
-class StaticDecoder:
-    """A Llama-family forward over a pre-allocated KV cache, reading the module's own tensors.
-
-    Cache layout: per layer k, v of [B_max, n_kv_heads, S_max, head_dim]. Prompts are left-padded to
-    a common length P, so at decode step t every row writes slot P + t (one slice, no scatter);
-    `key_valid[b, s]` masks the padding slots. Running rows are compacted to the front once enough rows
-    have finished (`_drop_finished_now`).
-    """
-
-    def __init__(self, model: torch.nn.Module, gemm: str = "auto") -> None:
-        self.model = model
-        cfg = model.config
-        self.decoder = model.model
-        self.layers = list(self.decoder.layers[: cfg.num_hidden_layers])
-        attn = self.layers[0].self_attn
-        self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
-        self.n_heads = cfg.num_attention_heads
-        self.n_kv = cfg.num_key_value_heads
-        self.eps = cfg.rms_norm_eps
-        self.family = family_of(model)
-        self.logit_multiplier = logit_multiplier(model)  # Granite's 1 / logits_scaling, as the learner applies it
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self.key_valid = torch.empty(0)
-        self.rope_q = self.rope_k = self.rot = torch.empty(0)
-        self.graphs: dict[int, tuple] = {}  # bucket size -> (replay, static inputs, static logits)
-        self._param_ptrs: tuple = ()
-        # capture(step) -> (replay, outputs): CUDA graphs by default; tests inject a CPU stand-in
-        self.capture: Callable[[Callable[[], torch.Tensor]], tuple] | None = None
-        self._pool = None  # one CUDA graph memory pool shared by every bucket
-        self.capture_log: list[tuple[int, str]] = []  # (bucket, thread name) of each capture
-        self.graph_misses = 0  # decode steps run eagerly because their bucket had no graph (worker thread)
-        self.workers = 0  # generate() calls running outside the main thread right now
-        self.gemm, self.gemm_reason = self._pick_gemm(gemm)
-        self.packed: list[PackedLayer] = []  # oneDNN-packed projections, live during one generate (pack / unpack)
-        self.packed_head: PackedLinear | None = None
-
-    def _pick_gemm(self, gemm: str) -> tuple[str, str | None]:
-        """("packed" or "plain", why plain when "auto" could not pack), fixed when the decoder is built."""
-        if gemm not in GEMM_PATHS:
-            raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
-        if gemm == "plain":
-            return "plain", "gemm='plain'"
-        head = self.model.get_output_embeddings().weight
-        reason = packed_gemm_unavailable(head.device, head.dtype)
-        if reason is None and self.family.post_norm:
-            reason = "post-norm layers"
-        if reason is not None and gemm == "packed":
-            raise ValueError(f"gemm='packed' cannot run this model: {reason}")
-        return ("plain", reason) if reason else ("packed", None)
-
-    def pack(self, rows: int) -> None:
-        """Reorder every projection and the lm_head from the live parameters for `rows`-row decode steps
-        (gemm == "packed"; a no-op otherwise). One more copy of those weights until `unpack`."""
-        if self.gemm != "packed":
-            return
-        self.packed = [PackedLayer.of(layer, rows) for layer in self.layers]
-        head = self.model.get_output_embeddings()
-        self.packed_head = PackedLinear([head.weight], [getattr(head, "bias", None)], rows)
-
-    def unpack(self) -> None:
-        """Free the packed copy (its weights go stale at the next optimizer step)."""
-        self.packed, self.packed_head = [], None
-
-    @property
-    def capacity(self) -> int:
-        """Rows the reserved cache holds (0 before the first reserve)."""
-        return self.k[0].shape[0] if self.k else 0
-
-    def release(self) -> None:
-        """Free the cache, the RoPE tables and every graph (and so their pool); `reserve` rebuilds them.
-        What stays: the parameters (the trainer's own) and blocks the CUDA caching allocator keeps for
-        reuse (the backward reuses them; `torch.cuda.empty_cache()` would hand them to the driver)."""
-        self.k, self.v = [], []
-        self.key_valid = self.rope_q = self.rope_k = self.rot = torch.empty(0)
-        self.graphs.clear()
-        self._pool = None
-
-    # ---------------------------------------------------------------- buffers
-    def reserve(self, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
-        """(Re)allocate the cache when it is too small or on another device/dtype; reused across calls."""
-        have = self.k[0].shape if self.k else None
-        if (have is not None and have[0] >= batch and have[2] >= length and self.k[0].device == device
-                and self.k[0].dtype == dtype):
-            return
-        if device.type == "cuda":
-            length = -(-length // 64) * 64  # round up: one cache (and one set of graphs) fits many calls
-        shape = (batch, self.n_kv, length, self.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
-        self.key_valid = torch.zeros((batch, length), device=device, dtype=torch.bool)
-        cos, sin = self.decoder.rotary_emb(self.k[0], torch.arange(length, device=device)[None])
-        self.rope_k = torch.stack([cos[0], sin[0]], dim=1)  # the model's own RoPE as a table: [S, 2, D]
-        self.rope_q = self.rope_k * self.scaling  # queries carry the softmax scale: one op less per layer
-        half = self.head_dim // 2  # rotate_half(x) == x @ rot: a signed permutation, exact in any dtype
-        eye = torch.eye(half, device=device, dtype=dtype)
-        self.rot = torch.zeros(self.head_dim, self.head_dim, device=device, dtype=dtype)
-        self.rot[half:, :half] = -eye
-        self.rot[:half, half:] = eye
-        self.graphs.clear()
-
-    def compact(self, keep: torch.Tensor, used: int) -> None:
-        """Gather cache rows `keep` to the front, copying only the `used` slots written so far; the rows
-        after them keep stale but finite data. `keep` is ascending when finished rows are dropped, and
-        repeats rows when one prefilled prompt feeds the G rows sampled from it."""
-        n = keep.numel()
-        for buf in (*self.k, *self.v):
-            buf[:n, :, :used] = buf[:, :, :used].index_select(0, keep)
-        self.key_valid[:n] = self.key_valid.index_select(0, keep)
-
-    # ---------------------------------------------------------------- the forward
-    def _rope(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin). Not shared_prompt's
-        `_rope`: here cos/sin come from a per-slot table built once per cache (gathered by position each
-        decode step), the queries' table carries the softmax scale (the CPU decode attention is two raw
-        GEMMs with no scale argument), and rotate_half is a matmul by a signed permutation; the training
-        forward keeps Hugging Face's op order instead, so its values track the model's own forward."""
-        cos, sin = table[..., 0, :], table[..., 1, :]
-        return torch.addcmul(x * cos, x @ self.rot, sin)
-
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [b, T, H, D] (pre-scaled), cache views k, v [b, H_kv, S, D] -> [b * T, H * D].
-
-        SDPA with a boolean mask (`grouped_sdpa`), except for one-token decode on CPU: there `mask` is an
-        additive float bias [b * H_kv, g, S] and two batched GEMMs beat PyTorch's CPU flash kernel ~2x. Either
-        way query heads are grouped onto their KV head (GQA without repeating K/V)."""
-        b, T, _, D = q.shape
-        if mask.dtype == torch.bool:
-            return grouped_sdpa(q.transpose(1, 2), k, v, mask, 1.0).transpose(1, 2).reshape(b * T, -1)
-        S = k.shape[2]
-        g = self.n_heads // self.n_kv
-        scores = torch.baddbmm(mask, q.reshape(b * self.n_kv, g, D), k.reshape(b * self.n_kv, S, D).transpose(1, 2))
-        return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * self.n_kv, S, D)).view(b, -1)
-
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int | torch.Tensor, kv_len: int,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Logits of the last position for `ids` [b, T] at RoPE positions `pos` [b, T], whose K/V go to
-        cache slots start .. start+T-1; attention reads slots [0, kv_len) under `mask` (see _attention).
-        `start` is a device tensor in CUDA-graph mode (so one captured graph serves every step)."""
-        b, T = ids.shape
-        D = self.head_dim
-        fam, eps = self.family, self.eps
-        x = embed(self.decoder, ids.reshape(-1))  # [b * T, hidden]
-        flat = pos.reshape(-1)  # index_select: several times faster than advanced indexing on CPU
-        rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
-        rope_k = self.rope_k.index_select(0, flat).view(b, T, 1, 2, D)
-        for i, layer in enumerate(self.layers):
-            if self.packed:
-                x = self._packed_layer(x, i, layer, rope_q, rope_k, start, kv_len, mask)
-                continue
-            attn = layer.self_attn
-            h = attention_input(x, layer, fam, rms_norm, eps)
-            q, k, v = qkv_projections(attn, h, (b, T), rms_norm, eps, fam)
-            o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
-            x = attention_residual(x, o, layer, fam, rms_norm, eps)
-            x = mlp_block(x, layer, fam, rms_norm, eps)
-        h = rms_norm(x.view(b, T, -1)[:, -1], fam.weight(self.decoder.norm), eps)
-        if self.logit_multiplier != 1.0:
-            h = h * self.logit_multiplier
-        if self.packed_head is not None:
-            return self.packed_head(h)
-        head = self.model.get_output_embeddings()
-        return F.linear(h, head.weight, getattr(head, "bias", None))
-
-    def _attend(self, i: int, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope_q: torch.Tensor, rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention from its q, k, v [b, T, heads, D]: RoPE, the new K/V into the cache at `start`,
-        attention over slots [0, kv_len) (see `forward`); returns [b * T, H * D]."""
-        T = q.shape[1]
-        if getattr(attn, "use_rope", True):
-            q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
-        else:  # SmolLM3's NoPE layers: no rotation, the softmax scale still on the queries
-            q, k = q * self.scaling, k.transpose(1, 2)
-        kc, vc = self.k[i][: q.shape[0]], self.v[i][: q.shape[0]]
-        if isinstance(start, torch.Tensor):
-            kc.index_copy_(2, start, k)
-            vc.index_copy_(2, start, v.transpose(1, 2))
-        else:
-            kc[:, :, start : start + T] = k
-            vc[:, :, start : start + T] = v.transpose(1, 2)
-        return self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
-
-    def _packed_layer(self, x: torch.Tensor, i: int, layer: torch.nn.Module, rope_q: torch.Tensor,
-                      rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i on the packed GEMMs (q|k|v in one, gate|up in one): the same math as the plain path's
-        attention_input / qkv_projections / attention_residual / mlp_block for the pre-norm families."""
-        p, fam, eps, attn = self.packed[i], self.family, self.eps, layer.self_attn
-        b, T = rope_q.shape[:2]
-        D = self.head_dim
-        h = rms_norm(x, fam.weight(layer.input_layernorm), eps)
-        q, k, v = p.qkv(h).split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
-        q, k, v = (t.reshape(b, T, -1, D) for t in (q, k, v))
-        if hasattr(attn, "q_norm"):  # Qwen3: per head
-            q, k = rms_norm(q, fam.weight(attn.q_norm), eps), rms_norm(k, fam.weight(attn.k_norm), eps)
-        o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
-        x = p.o.add(x, o, fam.residual_scale)
-        gate, up = p.gate_up(rms_norm(x, fam.weight(layer.post_attention_layernorm), eps)).chunk(2, dim=-1)
-        return p.down.add(x, p.act(gate).mul_(up), fam.residual_scale)
-
-    def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """All prompts at once: left-padded `ids` [B, P] with `attn` [B, P]; returns next-token logits."""
-        B, P = ids.shape
-        self.key_valid[:B] = False
-        self.key_valid[:B, :P] = attn.bool()
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        return self.forward(ids, pos, 0, P, prompt_attention_mask(self.key_valid[:B, :P]))
-
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, full_length: bool) -> torch.Tensor:
-        """One token per row at cache `slot`. `full_length` attends over the whole cache (static shapes,
-        what a CUDA graph captures); otherwise over slots [0, slot] only (less work, eager)."""
-        b = tokens.shape[0]
-        self.key_valid[:b, slot] = True
-        kv_len = self.key_valid.shape[1] if full_length else slot + 1
-        mask = self._decode_mask(b, kv_len)
-        start = torch.tensor([slot], device=tokens.device) if full_length else slot
-        return self.forward(tokens[:, None], pos[:, None], start, kv_len, mask)
-
-    def _decode_mask(self, b: int, kv_len: int) -> torch.Tensor:
-        valid = self.key_valid[:b, None, None, :kv_len]
-        if valid.device.type != "cpu":
-            return valid
-        g = self.n_heads // self.n_kv  # the CPU GEMM path's additive bias, built once per step
-        bias = torch.zeros((b, self.n_kv, g, kv_len), dtype=self.k[0].dtype)
-        return bias.masked_fill_(~valid, float("-inf")).view(b * self.n_kv, g, kv_len)
-
-    # ---------------------------------------------------------------- CUDA graphs (GPU only)
-    def drop_stale_graphs(self) -> None:
-        """Graphs read parameters by address: in-place optimizer updates are picked up, but a new storage
-        (model.to(), load_state_dict with assign=True) invalidates them."""
-        ptrs = tuple(p.data_ptr() for p in self.model.parameters())
-        if ptrs != self._param_ptrs:
-            self.graphs.clear()
-            self._param_ptrs = ptrs
-
-    def may_capture(self) -> bool:
-        """Capture only on the main thread and while no sampler runs in a worker: a capture beside another
-        thread's allocations or syncs fails ("operation not permitted when stream is capturing")."""
-        return threading.current_thread() is threading.main_thread() and self.workers == 0
-
-    def capture_bucket(self, b: int, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> None:
-        """Capture the full-length decode step for `b` rows, with these inputs (their cache and mask
-        writes are the ones a replay with them repeats)."""
-        static = {"tokens": tokens.clone(), "pos": pos.clone(),
-                  "slot": torch.full((1,), slot, dtype=torch.long, device=tokens.device)}
-
-        def step() -> torch.Tensor:
-            self.key_valid[:b].index_fill_(1, static["slot"], True)
-            mask = self._decode_mask(b, self.key_valid.shape[1])
-            return self.forward(static["tokens"][:, None], static["pos"][:, None], static["slot"],
-                                self.key_valid.shape[1], mask)
-
-        replay, logits = (self.capture or self._cuda_capture)(step)
-        self.graphs[b] = (replay, static, logits)
-        self.capture_log.append((b, threading.current_thread().name))
-
-    def _cuda_capture(self, step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        # Warm-up on a side stream (cuBLAS workspaces, allocator), then capture into the shared pool.
-        # thread_local: another thread's CUDA calls during the capture do not invalidate it.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits = step()
-        return graph.replay, logits
-
-    def decode_graph(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int) -> torch.Tensor:
-        """`decode(..., full_length=True)` replayed from the graph of this batch size, captured here when
-        missing and allowed (`may_capture`), else run eagerly (same result, `graph_misses` + 1)."""
-        b = tokens.shape[0]
-        if b not in self.graphs:
-            if not self.may_capture():
-                self.graph_misses += 1
-                return self.decode(tokens, pos, slot, full_length=True)
-            self.capture_bucket(b, tokens, pos, slot)
-        replay, static, logits = self.graphs[b]
-        static["tokens"].copy_(tokens)
-        static["pos"].copy_(pos)
-        static["slot"].fill_(slot)
-        replay()
-        return logits
-
-
-def _drop_finished_now(running: int, in_use: int, size: int, largest: int, graphs: bool) -> bool:
-    """Whether to compact finished rows out of the cache now. Compaction copies every running row's cache;
-    a finished row left in place costs one row of decode. So rows are dropped in batches: when a graph
-    bucket can shrink, or (eager) when at least DROP_FRACTION of the rows in use have finished."""
-    if graphs:
-        return _bucket(running, largest) < size
-    return in_use - running >= max(1, DROP_FRACTION * in_use)
-
-
-def _bucket(n: int, largest: int) -> int:
-    """Batch-size bucket for CUDA graphs: the next power of two (capped at the cache's row capacity)."""
-    return min(largest, 1 << max(0, (n - 1).bit_length()))
-
-
-def graph_buckets(capacity: int) -> list[int]:
-    """Every bucket a cache of `capacity` rows can decode at, largest first (the capture order: smaller
-    graphs then reuse the shared pool's blocks)."""
-    return sorted({_bucket(n, capacity) for n in range(1, capacity + 1)}, reverse=True)
-
-
 class TorchEngine:
     """The embedded rollout engine (see the module docstring).
 
     `kv_cache`: "auto" (static when the architecture is supported, else dynamic), "static", "dynamic".
     `cuda_graphs`: None = on when the model is on CUDA (static path only).
-    `gemm`: the static path's projections: "auto" (oneDNN-packed on CPU in fp32 where this torch has the
-    op, else plain), "packed" (error where unavailable), "plain" (F.linear on the parameters, no copy).
+    `gemm`: the static path's projections: "auto" ("onednn" on CPU in fp32 where this torch has the op and
+    the model is wide enough, static_decode.ONEDNN_MIN_HIDDEN; else plain), "onednn" (oneDNN over the
+    parameters, no copy), "packed" (oneDNN over a reordered copy made per generate: faster per decode step,
+    one more copy of the weights while sampling; both error where unavailable), "plain" (F.linear on the
+    parameters, no copy).
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
@@ -528,6 +129,12 @@ class TorchEngine:
         self.cuda_graphs = cuda_graphs
         self.capture = None  # StaticDecoder.capture: None = CUDA graphs (tests inject a stand-in)
         self._static: StaticDecoder | None = None
+
+    @property
+    def static_decoder(self) -> StaticDecoder | None:
+        """The static path's decoder (its KV cache, CUDA graphs, capture log), None before the first static
+        call or after a new model was synced."""
+        return self._static
 
     def _decoder_for(self, model: torch.nn.Module) -> StaticDecoder:
         if self._static is None or self._static.model is not model:
@@ -587,6 +194,8 @@ class TorchEngine:
             dec = self._decoder_for(self.model)
             if dec.gemm == "packed":
                 return "torch static fast path (oneDNN packed GEMMs)"
+            if dec.gemm == "onednn":
+                return "torch static fast path (oneDNN GEMMs)"
             return f"torch static fast path (plain GEMMs: {dec.gemm_reason})"
         reason = "kv_cache='dynamic'" if self.kv_cache == "dynamic" else static_unsupported(self.model)
         return f"torch dynamic fallback ({reason})"
@@ -661,7 +270,7 @@ class TorchEngine:
         pos = attn.sum(-1)  # next RoPE position of each row
         rows = torch.arange(B, device=device)  # output row of each cache row in use; B once it has finished
         n = B  # cache rows in use: running rows and finished ones not yet dropped
-        size = _bucket(B, largest) if graphs else B  # rows decoded per step (graphs: rows past B are filler)
+        size = graph_bucket(B, largest) if graphs else B  # rows decoded per step (graphs: rows past B are filler)
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(B, params, generator, device)  # finished rows (B) reuse row B-1's: discarded
@@ -676,11 +285,11 @@ class TorchEngine:
             running = int((rows < B).sum())
             if t == params.max_new_tokens - 1 or running == 0:
                 break
-            if _drop_finished_now(running, n, size, largest, graphs):  # compact (to a graph bucket on CUDA)
+            if drop_finished_now(running, n, size, largest, graphs):  # compact (to a graph bucket on CUDA)
                 keep = (rows < B).nonzero().view(-1)
                 dec.compact(keep, P + t)
                 rows, tokens, pos, n = rows[keep], tokens[keep], pos[keep], running
-                size = _bucket(n, largest) if graphs else n
+                size = graph_bucket(n, largest) if graphs else n
             if graphs:  # static shapes: `size` rows, the last size - n of them filler
                 padded = torch.cat([tokens, tokens.new_full((size - n,), self.pad_token_id)])
                 padded_pos = torch.cat([pos, pos.new_zeros(size - n)])

@@ -1,4 +1,4 @@
-"""Llama-family decoder math shared by the sampler's forward (engines/torch_engine.py) and the training
+"""Llama-family decoder math shared by the sampler's forward (engines/static_decode.py) and the training
 forward (models/shared_prompt.py): which models it serves, RMSNorm, embeddings, the attention and MLP halves of a
 layer, grouped-query SDPA and the logit factor, read directly off a transformers model's own tensors.
 

@@ -7,12 +7,8 @@ from helpers import PAD, other_architectures, prompts, tiny_model
 
 from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer
 from dash_fast.engines.base import SamplingParams
-from dash_fast.engines.torch_engine import (
-    StaticDecoder,
-    TorchEngine,
-    draw_uniforms,
-    sample_next,
-)
+from dash_fast.engines.static_decode import StaticDecoder
+from dash_fast.engines.torch_engine import TorchEngine, draw_uniforms, sample_next
 from dash_fast.models.decoder import static_unsupported
 
 
@@ -81,13 +77,13 @@ def test_static_and_dynamic_paths_sample_the_same_tokens_with_a_seed(monkeypatch
 def test_when_finished_rows_are_dropped_does_not_change_seeded_samples(monkeypatch):
     """Eager decode drops finished rows in batches (DROP_FRACTION); uniforms are drawn per output row, so
     dropping after every finish, in batches, or never gives the same tokens and log-probs."""
-    import dash_fast.engines.torch_engine as torch_engine
+    import dash_fast.engines.static_decode as static_decode
 
     model = tiny_model()
     params = SamplingParams(temperature=1.0, top_k=0, max_new_tokens=16, stop_token_ids=(2, 7), seed=4)
     out = {}
     for fraction in (0.0, 0.25, 1.0):  # 0: every step a row finishes; 1.0: never (finished rows ride along)
-        monkeypatch.setattr(torch_engine, "DROP_FRACTION", fraction)
+        monkeypatch.setattr(static_decode, "DROP_FRACTION", fraction)
         out[fraction] = TorchEngine(model, PAD, kv_cache="static").generate(prompts(24), params)
     assert len(set(out[0.0].completion_lengths.tolist())) > 2
     for fraction in (0.25, 1.0):
@@ -192,7 +188,7 @@ def test_engine_reads_the_live_parameters_zero_copy():
     assert not torch.equal(before.completion_ids, after.completion_ids)
     assert torch.equal(after.completion_ids, fresh.completion_ids)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    dec = engine._static
+    dec = engine.static_decoder
     held = [*dec.k, *dec.v, dec.rope_q, dec.rope_k, dec.rot, dec.key_valid]
     assert not param_ptrs & {t.untyped_storage().data_ptr() for t in held}
     assert sum(t.numel() for t in held) < sum(p.numel() for p in model.parameters()) * 4  # cache-sized, no copy

@@ -75,8 +75,8 @@ def test_cuda_graph_decode_matches_the_eager_step(temperature):
     params = SamplingParams(temperature=temperature, top_k=10, max_new_tokens=12, stop_token_ids=(3, 4, 9), seed=3)
     batch = [p for p in prompts(8) for _ in range(4)]  # GRPO's shape: 8 prompts x 4 rows
     a, b = eager.generate(batch, params), graphs.generate(batch, params)
-    assert graphs._static.graphs, "no CUDA graph was captured"
-    assert len(graphs._static.graphs) > 1, "the batch never shrank to a smaller bucket"
+    assert graphs.static_decoder.graphs, "no CUDA graph was captured"
+    assert len(graphs.static_decoder.graphs) > 1, "the batch never shrank to a smaller bucket"
     assert a.completion_token_lists() == b.completion_token_lists()
     torch.testing.assert_close(b.sampling_logps, a.sampling_logps, atol=1e-10, rtol=1e-10)
 
@@ -108,7 +108,7 @@ def test_graphs_captured_up_front_are_replayed_by_a_worker_thread_beside_allocat
     worker.join()
     out = box["out"]
     assert out.stats["graph_misses"] == 0
-    assert {t for _, t in graphs._static.capture_log} == {"MainThread"}
+    assert {t for _, t in graphs.static_decoder.capture_log} == {"MainThread"}
     assert out.completion_token_lists() == eager.generate(batch, params).completion_token_lists()
 
 

@@ -1,13 +1,15 @@
-"""The static engine's packed-GEMM path (oneDNN weights reordered once per generate, q|k|v and gate|up fused):
-chosen once and named, the same tokens and log-probs as the plain path and the model's own forward (fp32,
-at the Qwen2.5-0.5B widths too), its copy of the weights lives for one generate and follows in-place
-updates."""
+"""The static engine's oneDNN paths (over the parameters, or over weights reordered once per generate with
+q|k|v and gate|up fused): chosen once and named, the same tokens and log-probs as the plain path and the
+model's own forward (fp32, at the Qwen2.5-0.5B widths too); the packed copy lives for one generate and
+follows in-place updates."""
 
 import pytest
 import torch
 
 from dash_fast.engines.base import SamplingParams
-from dash_fast.engines.torch_engine import StaticDecoder, TorchEngine, packed_gemm_unavailable
+from dash_fast.engines.packed_gemm import packed_gemm_unavailable
+from dash_fast.engines.static_decode import StaticDecoder
+from dash_fast.engines.torch_engine import TorchEngine
 
 pytestmark = pytest.mark.skipif(packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None,
                                 reason="no oneDNN packed linear in this torch build")
@@ -43,7 +45,7 @@ def recomputed(model, rollout, temperature):
 
 def both_paths(model, params):
     runs = {}
-    for gemm in ("plain", "packed"):
+    for gemm in ("plain", "packed", "onednn"):
         engine = TorchEngine(model, 0, kv_cache="static", gemm=gemm)
         runs[gemm] = engine.generate(PROMPTS, params)
     return runs
@@ -52,6 +54,7 @@ def both_paths(model, params):
 def check_paths_agree(model, new_tokens):
     greedy = both_paths(model, SamplingParams(temperature=0.0, max_new_tokens=new_tokens))
     assert torch.equal(greedy["packed"].completion_ids, greedy["plain"].completion_ids)
+    assert torch.equal(greedy["onednn"].completion_ids, greedy["plain"].completion_ids)
     from dash_fast.data.prompts import pad_left
 
     ids, attn = pad_left(PROMPTS, 0)
@@ -62,11 +65,12 @@ def check_paths_agree(model, new_tokens):
 
     T = 0.8
     sampled = both_paths(model, SamplingParams(temperature=T, top_k=0, max_new_tokens=new_tokens, seed=5))
-    assert torch.equal(sampled["packed"].completion_ids, sampled["plain"].completion_ids)
-    got = sampled["packed"].sampling_logps.double()
-    torch.testing.assert_close(got, sampled["plain"].sampling_logps.double(), rtol=0, atol=1e-5)
-    mask = sampled["packed"].completion_mask
-    torch.testing.assert_close(got, recomputed(model, sampled["packed"], T) * mask, rtol=0, atol=1e-5)
+    for gemm in ("packed", "onednn"):
+        assert torch.equal(sampled[gemm].completion_ids, sampled["plain"].completion_ids), gemm
+        got = sampled[gemm].sampling_logps.double()
+        torch.testing.assert_close(got, sampled["plain"].sampling_logps.double(), rtol=0, atol=1e-5)
+        mask = sampled[gemm].completion_mask
+        torch.testing.assert_close(got, recomputed(model, sampled[gemm], T) * mask, rtol=0, atol=1e-5)
 
 
 def test_packed_path_matches_the_plain_path_and_the_models_forward():
@@ -80,20 +84,26 @@ def test_packed_path_at_the_qwen05b_widths():
 
 
 def test_the_gemm_path_is_chosen_once_and_named():
-    assert TorchEngine(qwen2(), 0).describe() == "torch static fast path (oneDNN packed GEMMs)"
+    assert TorchEngine(qwen2(), 0).describe() == "torch static fast path (plain GEMMs: hidden size 64 < 512)"
+    assert TorchEngine(qwen2(), 0, gemm="onednn").describe() == "torch static fast path (oneDNN GEMMs)"
+    wide = qwen2(hidden=512, heads=4, kv_heads=2, mlp=64, vocab=64, layers=1)
+    assert TorchEngine(wide, 0).describe() == "torch static fast path (oneDNN GEMMs)"  # auto, from 512 on
+    assert TorchEngine(qwen2(), 0, gemm="packed").describe() == "torch static fast path (oneDNN packed GEMMs)"
     fp64 = qwen2(dtype=torch.float64)
     assert TorchEngine(fp64, 0).describe() == "torch static fast path (plain GEMMs: torch.float64 weights)"
     assert TorchEngine(qwen2(), 0, gemm="plain").describe() == "torch static fast path (plain GEMMs: gemm='plain')"
-    with pytest.raises(ValueError, match="torch.float64 weights"):
-        TorchEngine(fp64, 0, gemm="packed").describe()
+    for gemm in ("packed", "onednn"):
+        with pytest.raises(ValueError, match="torch.float64 weights"):
+            TorchEngine(fp64, 0, gemm=gemm).describe()
     with pytest.raises(ValueError, match="gemm='fast'"):
         TorchEngine(qwen2(), 0, gemm="fast")
     assert packed_gemm_unavailable(torch.device("meta"), torch.float32) == "meta device"
 
 
-def test_the_packed_copy_lives_for_one_generate_and_follows_in_place_updates(monkeypatch):
+@pytest.mark.parametrize("gemm", ["packed", "onednn"])
+def test_the_packed_copy_lives_for_one_generate_and_follows_in_place_updates(monkeypatch, gemm):
     model = qwen2()
-    engine = TorchEngine(model, 0)
+    engine = TorchEngine(model, 0, gemm=gemm)
     layers_run = []
     packed_layer = StaticDecoder._packed_layer
     monkeypatch.setattr(StaticDecoder, "_packed_layer", lambda self, x, i, *a: layers_run.append(i) or
@@ -101,7 +111,7 @@ def test_the_packed_copy_lives_for_one_generate_and_follows_in_place_updates(mon
     params = SamplingParams(temperature=0.0, max_new_tokens=8)
     before = engine.generate(PROMPTS, params)
     assert layers_run and set(layers_run) == {0, 1}  # every layer ran on the packed GEMMs
-    assert engine._static.packed == [] and engine._static.packed_head is None  # freed after the call
+    assert engine.static_decoder.packed == [] and engine.static_decoder.packed_head is None  # freed after the call
     with torch.no_grad():  # what optimizer.step does: in place, no sync call
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.5)

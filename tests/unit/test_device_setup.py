@@ -56,24 +56,24 @@ def test_overlap_prepares_the_engine_on_the_main_thread_before_the_first_launch(
     real_launch = trainer.overlap.launch
 
     def launch(job, sample, plan=None):
-        launches.append(list(eng._static.capture_log) if eng._static else [])
+        launches.append(list(eng.static_decoder.capture_log) if eng.static_decoder else [])
         return real_launch(job, sample, plan)
 
     trainer.overlap.launch = launch
     trainer.train()
     rows = trainer.args.rows_per_step  # 16: buckets 16, 8, 4, 2, 1
     assert [b for b, _ in launches[0]] == [16, 8, 4, 2, 1]  # all captured once, before the first launch
-    assert len(eng._static.capture_log) == 5  # and never again (no reallocation dropped them)
-    assert {t for _, t in eng._static.capture_log} == {"MainThread"}
-    assert eng._static.capacity == rows
-    assert eng._static.k[0].shape[2] == trainer.args.max_prompt_tokens + trainer.args.max_completion_tokens
+    assert len(eng.static_decoder.capture_log) == 5  # and never again (no reallocation dropped them)
+    assert {t for _, t in eng.static_decoder.capture_log} == {"MainThread"}
+    assert eng.static_decoder.capacity == rows
+    assert eng.static_decoder.k[0].shape[2] == trainer.args.max_prompt_tokens + trainer.args.max_completion_tokens
 
 
 def test_kv_cache_release_frees_the_cache_after_each_rollout(tmp_path):
     trainer = make_trainer(tmp_path, kv_cache_release=True, max_steps=2)
     capacities = []
     # the learner's hook at the start of each optimizer step's accumulation: during the update, freed
-    trainer.learner.hooks.step_begin.append(lambda batch: capacities.append(trainer.engine._static.capacity))
+    trainer.learner.hooks.step_begin.append(lambda batch: capacities.append(trainer.engine.static_decoder.capacity))
     trainer.train()
     assert capacities == [0, 0]
 

@@ -57,7 +57,7 @@ def test_prepare_captures_every_bucket_on_the_main_thread_and_the_worker_only_re
     eng = graph_engine(model)
     batch = [p for p in prompts(6) for _ in range(2)]  # 12 rows; a later call of 6 rows reuses the cache
     assert eng.prepare(12, 16 + PARAMS.max_new_tokens) == [12, 8, 4, 2, 1]
-    dec = eng._static
+    dec = eng.static_decoder
     k_before = dec.k[0]
     assert [t for _, t in dec.capture_log] == ["MainThread"] * 5
     no_stop = SamplingParams(temperature=0.8, top_k=10, max_new_tokens=10, seed=5)
@@ -75,20 +75,20 @@ def test_without_prepare_a_worker_runs_eagerly_instead_of_capturing():
     eng = graph_engine(model)
     batch = [p for p in prompts(4) for _ in range(2)]
     out = in_thread(lambda: eng.generate(batch, PARAMS))
-    assert eng._static.capture_log == []
+    assert eng.static_decoder.capture_log == []
     assert out.stats["graph_misses"] == out.stats["decode_steps"] - 1  # every decode step (prefill aside)
     assert out.completion_token_lists() == eager.generate(batch, PARAMS).completion_token_lists()
     # on the main thread, with no worker running, a missing bucket is captured where it is met
     again = eng.generate(batch, PARAMS)
-    assert again.stats["graph_misses"] == 0 and eng._static.capture_log
-    assert {t for _, t in eng._static.capture_log} == {"MainThread"}
+    assert again.stats["graph_misses"] == 0 and eng.static_decoder.capture_log
+    assert {t for _, t in eng.static_decoder.capture_log} == {"MainThread"}
     assert again.completion_token_lists() == out.completion_token_lists()
 
 
 def test_no_capture_on_the_main_thread_while_a_worker_samples():
     eng = graph_engine(tiny_model())
     eng.prepare(4, 32)
-    dec = eng._static
+    dec = eng.static_decoder
     dec.workers = 1  # what generate() counts while it runs in a worker thread
     with pytest.raises(RuntimeError, match="main thread"):
         eng.prepare(8, 32)
@@ -110,7 +110,7 @@ def test_release_frees_the_cache_and_graphs_and_the_next_call_rebuilds_them():
     eng.prepare(8, 32)
     first = eng.generate(batch, PARAMS)
     eng.release()
-    dec = eng._static
+    dec = eng.static_decoder
     assert dec.capacity == 0 and not dec.graphs and dec.key_valid.numel() == 0
     second = eng.generate(batch, PARAMS)
     assert dec.capacity == 8 and dec.graphs
@@ -120,6 +120,6 @@ def test_release_frees_the_cache_and_graphs_and_the_next_call_rebuilds_them():
 def test_prepare_is_a_plain_reserve_without_graphs():
     eng = TorchEngine(tiny_model(), 0, kv_cache="static")  # CPU, no capture injected: no graphs
     assert eng.prepare(8, 40) == []
-    assert eng._static.capacity == 8 and eng._static.k[0].shape[2] == 40
+    assert eng.static_decoder.capacity == 8 and eng.static_decoder.k[0].shape[2] == 40
     dyn = TorchEngine(tiny_model(), 0, kv_cache="dynamic")
     assert dyn.prepare(8, 40) == []

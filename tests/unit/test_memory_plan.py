@@ -64,7 +64,7 @@ def test_kv_cache_bytes_are_what_the_engine_allocates(name):
     engine = TorchEngine(model, pad_token_id=0)
     rows, length = 12, 37
     engine.prepare(rows, length)
-    dec = engine._static
+    dec = engine.static_decoder
     allocated = sum(t.numel() * t.element_size() for t in (*dec.k, *dec.v, dec.key_valid, dec.rope_q, dec.rope_k,
                                                            dec.rot))
     assert mp.kv_cache_bytes(mp.ModelShape.from_config(model.config), rows, length, 4, "cpu") == allocated
@@ -236,7 +236,7 @@ def test_a_chosen_release_frees_the_cache_after_each_rollout(tmp_path, monkeypat
     trainer = make_trainer(tmp_path / "run", gradient_checkpointing=False, memory_budget_gb=released.peak / mp.GB)
     assert trainer.memory_plan.choices == {"kv_cache_release": True} and trainer.config.kv_cache_release
     trainer.collector.rollout_for(1, 0)
-    assert trainer.engine._static.capacity == 0
+    assert trainer.engine.static_decoder.capacity == 0
 
 
 def test_cli_plan_and_dry_run(tmp_path, capsys):

@@ -1,0 +1,114 @@
+"""oneDNN GEMMs for the static decoder's CPU fp32 decode.
+
+At decode a GEMM has m = rows in the batch (16-256): there MKL's sgemm over a row-major weight reaches a
+fraction of its large-m rate on CPU. oneDNN does better over the parameters as they are ("onednn": no
+copy) and better still over weights reordered into its blocked layout ("packed"). The packed copy is built
+at the start of each generate from the live parameters (so an optimizer step's in-place update is picked up
+at the next call) and freed at its end: one more copy of the weights while sampling (it raises a trainer's
+peak RSS when sampling is the peak) and its first-touch cost per generate, which pays back only over
+enough decode steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GEMM_PATHS = ("auto", "plain", "onednn", "packed")
+
+
+def packed_gemm_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why oneDNN's packed linear cannot run here (None when it can): it is used on CPU for fp32 weights
+    (the dtype its speed and agreement with the plain path are measured at), where this torch build has it
+    (checked once, on a small product against F.linear)."""
+    if device.type != "cpu":
+        return f"{device.type} device"
+    if dtype != torch.float32:
+        return f"{dtype} weights"
+    if not torch.backends.mkldnn.is_available():
+        return "torch built without oneDNN"
+    try:
+        w = torch.linspace(-1, 1, 24, dtype=dtype).view(6, 4)
+        x = torch.linspace(-1, 2, 12, dtype=dtype).view(3, 4)
+        out = torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w, 3), None, "none",
+                                                 [], "")
+    except (RuntimeError, AttributeError) as e:
+        return f"oneDNN packed linear unavailable ({type(e).__name__})"
+    if not torch.allclose(out, F.linear(x, w), atol=1e-5):
+        return "oneDNN packed linear disagrees with F.linear"
+    return None
+
+
+class ConcatBuffer:
+    """`torch.cat` of weights [out_i, in] along `out` into one buffer reused from call to call. A fused weight
+    is only the reorder's input, so the largest one's worth of memory serves every layer: a fresh tensor per
+    layer would be memory newly mapped each time, whose first-touch page faults cost more than the copy."""
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def __call__(self, weights: list[torch.Tensor]) -> torch.Tensor:
+        first = weights[0]
+        numel = sum(w.numel() for w in weights)
+        if self.buffer.numel() < numel or self.buffer.dtype != first.dtype or self.buffer.device != first.device:
+            self.buffer = torch.empty(numel, dtype=first.dtype, device=first.device)
+        return torch.cat(weights, out=self.buffer[:numel].view(-1, first.shape[1]))
+
+
+class PackedLinear:
+    """One projection on oneDNN's linear. `reorder=True`: its weight [out, in] reordered into oneDNN's blocked
+    layout for `rows`-row inputs (any row count runs; `rows` picks the layout), several weights (q|k|v,
+    gate|up) concatenated along `out` (by `concat`, e.g. a ConcatBuffer) into one GEMM; the reorder copies,
+    so the concatenation may be overwritten afterwards. `reorder=False`: oneDNN over the parameters as they
+    are (no copy, one GEMM per weight, outputs concatenated)."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int,
+                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> None:
+        self.sizes = [t.shape[0] for t in weights]
+        if not reorder:
+            self.weights, self.biases = weights, biases
+            return
+        w = weights[0] if len(weights) == 1 else concat(weights)
+        self.weights = [torch.ops.mkldnn._reorder_linear_weight(w, rows)]
+        if all(b is None for b in biases):
+            self.biases = [None]
+        else:
+            self.biases = [torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = [torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "") for w, b in zip(self.weights, self.biases)]
+        return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
+
+    def add(self, x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x + scale * linear(a), the add fused into the GEMM when scale is 1 (as `linear_add`)."""
+        if scale == 1.0 and len(self.weights) == 1:
+            return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weights[0], self.biases[0], "add")
+        return torch.add(x, self(a), alpha=scale)
+
+
+@dataclass
+class PackedLayer:
+    """A decoder layer's four GEMMs: q|k|v in one, o, gate|up in one, down."""
+
+    qkv: PackedLinear
+    o: PackedLinear
+    gate_up: PackedLinear
+    down: PackedLinear
+    act: Callable[[torch.Tensor], torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: torch.nn.Module, rows: int,
+           concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> PackedLayer:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+        gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+
+        def pack(mods):
+            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat, reorder)
+
+        act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
+        return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)
+
