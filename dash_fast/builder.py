@@ -18,7 +18,7 @@ import torch
 from dash_fast.config import DashConfig
 from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.data.prompts import PromptDataset, PromptSampler
-from dash_fast.learner import LearnerHooks
+from dash_fast.forward import LearnerHooks
 from dash_fast.memory_plan import MemoryPlan, enable_gradient_checkpointing, startup_plan
 from dash_fast.models.loading import check_text_only, load_model
 from dash_fast.models.mixed_precision import is_bf16_run

@@ -11,7 +11,8 @@ optimizer loop on top.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -25,8 +26,56 @@ from dash_fast.models.mixed_precision import MixedPrecision
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.profiling import nvtx_range
 
-if TYPE_CHECKING:
-    from dash_fast.learner import LearnerHooks, LearnerParts
+
+@dataclass
+class LearnerParts:
+    """What the learner trains and talks to. `loss` names a loss in losses.py's registry (`loss_options` bound
+    to it); `entropy_bonus` is the loss's stateful term (its coefficient is saved in checkpoints);
+    `ref_model` / `ref_context`: the KL reference, a frozen copy or (PEFT) a context under which the policy
+    is the reference; `precision`: bf16 compute over fp32 masters (none: fp32, or bf16 trained in place)."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: Any
+    dist: ddp.DistInfo
+    loss: str = "fused"
+    loss_options: dict = field(default_factory=dict)
+    entropy_bonus: EntropyBonus | None = None
+    precision: MixedPrecision | None = None
+    ref_model: torch.nn.Module | None = None
+    ref_context: Callable | None = None
+    fsdp_root: Any = None
+    shared_prompt: bool = False
+    pad_id: int = 0
+    device: torch.device | None = None
+
+
+@dataclass
+class StepBatch:
+    """The rows one optimizer step trains (this rank's indices into `rollout`) and the values the loss reads:
+    advantages [B], token weights [B, L], old and reference log-probs [B, L] (None: not used)."""
+
+    rollout: Rollout
+    rows: list[int]
+    advantages: torch.Tensor
+    weights: torch.Tensor
+    old: torch.Tensor | None
+    ref: torch.Tensor | None
+
+
+@dataclass
+class LearnerHooks:
+    """Callables the loop calls at fixed points, in list order. `step_begin(batch)`: each accumulation of
+    an optimizer step (again after an out-of-memory retry); `before_micro_batch()`: before every forward,
+    log-prob passes included; `after_micro_batch(index, count)`: after a micro-batch's backward;
+    `before_optimizer_step()` / `after_optimizer_step()`: around `optimizer.step()` (a finite step only)."""
+
+    step_begin: list[Callable[[StepBatch], None]] = field(default_factory=list)
+    before_micro_batch: list[Callable[[], None]] = field(default_factory=list)
+    after_micro_batch: list[Callable[[int, int], None]] = field(default_factory=list)
+    before_optimizer_step: list[Callable[[], None]] = field(default_factory=list)
+    after_optimizer_step: list[Callable[[], None]] = field(default_factory=list)
 
 
 def call_hooks(hooks: list[Callable], *args: Any) -> None:

@@ -40,7 +40,8 @@ from dash_fast.config import DashConfig
 from dash_fast.data.prompts import PromptDataset
 from dash_fast.engines.base import Rollout, RolloutEngine
 from dash_fast.evaluation import greedy_accuracy
-from dash_fast.learner import Learner, LearnerParts, TrainingAborted
+from dash_fast.forward import LearnerParts
+from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.losses import EntropyBonus
 from dash_fast.metrics import MetricsLogger
 from dash_fast.models.loading import resolve_device
