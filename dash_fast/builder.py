@@ -144,6 +144,12 @@ def use_shared_prompt(args: DashConfig, device: torch.device, model: torch.nn.Mo
     return reason is None, f"model's own forward (shared-prompt forward: {reason})" if reason else "shared-prompt"
 
 
+def checkpointing_rule(plan: MemoryPlan | None) -> Callable[[int, int], bool] | None:
+    """When the memory plan turned gradient checkpointing on, micro-batches small enough to fit its activations
+    without it skip the recomputation; a setting the config asked for holds for every micro-batch."""
+    return plan.checkpointing_needed if plan is not None and plan.choices.get("gradient_checkpointing") else None
+
+
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):
     """The rollout engine of `args.engine`: the in-process torch engine, or vLLM (rollout/)."""
     if args.engine == "vllm":

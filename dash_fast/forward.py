@@ -49,6 +49,9 @@ class LearnerParts:
     shared_prompt: bool = False
     pad_id: int = 0
     device: torch.device | None = None
+    # (padded tokens, longest row) -> whether a micro-batch checkpoints its layers (the shared-prompt forward
+    # decides per micro-batch); None: the config's gradient_checkpointing for every micro-batch
+    checkpointing: Callable[[int, int], bool] | None = None
 
 
 @dataclass
@@ -97,6 +100,8 @@ class PolicyForward:
         self.loss_name, self.loss = parts.loss, get_loss(parts.loss, **parts.loss_options)
         self.micro_batch_tokens = args.micro_batch_tokens  # halved on out-of-memory; saved in checkpoints
         self.forward_passes = 0  # policy forwards (train + old log-prob): what a step cost, in forwards
+        self.checkpoint_rule = parts.checkpointing
+        self.checkpointed_micro_batches = 0
         self.logit_multiplier = logit_multiplier(parts.model)
         # sampler importance sampling in the loss (DashConfig.sampler_is_*): on where sampler and trainer differ
         bf16 = self.precision.enabled or any(p.dtype == torch.bfloat16 for p in parts.model.parameters())
@@ -157,15 +162,24 @@ class PolicyForward:
             hidden, targets = self._decoder_hidden(model, rollout, rows)
         return self.precision.compute(hidden), targets
 
+    def checkpoints(self, tokens: int, row_tokens: int) -> bool:
+        """Whether the shared-prompt forward of a micro-batch this size checkpoints its layers (counted in
+        `checkpointed_micro_batches`)."""
+        on = bool(self.args.gradient_checkpointing) and (
+            self.checkpoint_rule is None or self.checkpoint_rule(tokens, row_tokens))
+        self.checkpointed_micro_batches += on
+        return on
+
     def _decoder_hidden(self, model, rollout: Rollout, rows: list[int]):
         lengths = rollout.completion_lengths.tolist()
         comp = rollout.completion_ids
         if self.shared_prompt:
             from dash_fast.models.shared_prompt import shared_prompt_hidden
 
+            row_tokens = max(len(rollout.prompt_ids[r]) + lengths[r] for r in rows)
             hidden, targets = shared_prompt_hidden(model, [rollout.prompt_ids[r] for r in rows],
                                                    [comp[r, : lengths[r]].tolist() for r in rows], self.pad_id,
-                                                   checkpointing=bool(self.args.gradient_checkpointing))
+                                                   checkpointing=self.checkpoints(len(rows) * row_tokens, row_tokens))
             return (hidden if self.logit_multiplier == 1.0 else hidden * self.logit_multiplier), targets
         seqs = [rollout.prompt_ids[r] + comp[r, : lengths[r]].tolist() for r in rows]
         ids, attn = pad_right(seqs, self.pad_id)

@@ -266,6 +266,15 @@ class MemoryPlan:
     def fits(self) -> bool:
         return self.budget is None or self.peak <= self.budget
 
+    def checkpointing_needed(self, tokens: int, row_tokens: int) -> bool:
+        """Whether a micro-batch of `tokens` (padded) tokens in rows of up to `row_tokens` must checkpoint
+        its layers to stay within the activations this plan reserved. The plan reserves them for the worst
+        micro-batch the token budget allows; a step's real micro-batches are often far smaller (short
+        prompts), and those run without the recomputation."""
+        wb = DTYPE_BYTES[self.run.dtype]
+        plain = activation_bytes(self.model, tokens, row_tokens, wb, False, self.run.device)
+        return plain > self.items["activations"]
+
     @property
     def largest(self) -> str:
         return max(self.items, key=self.items.__getitem__)

@@ -141,7 +141,8 @@ class DashTrainer:
         parts = LearnerParts(self.model, optimizer, scheduler, self.engine, self.dist, loss=ext.loss or args.loss_impl,
                              loss_options=ext.loss_options, entropy_bonus=ext.entropy_bonus, precision=self.precision,
                              ref_model=ref_model, ref_context=ref_context, fsdp_root=self.fsdp_root,
-                             shared_prompt=self.shared_prompt, pad_id=self.pad_id, device=self.device)
+                             shared_prompt=self.shared_prompt, pad_id=self.pad_id, device=self.device,
+                             checkpointing=builder.checkpointing_rule(self.memory_plan))
         self.learner = Learner(args, parts, builder.learner_hooks(self.overlap, self.emit))
         self.output_dir = args.output_dir or time.strftime("runs/%Y%m%d-%H%M%S")
         os.makedirs(self.output_dir, exist_ok=True)

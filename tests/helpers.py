@@ -112,12 +112,13 @@ class FrozenSGD(torch.optim.SGD):
 
 
 def make_float64_trainer(tmp_path, dtype=torch.float64, reward="exact_answer", frozen: bool = False,
-                         **overrides) -> DashTrainer:
+                         tiny: TinyConfig = TINY_TASK, **overrides) -> DashTrainer:
     """A DashTrainer on TINY_TASK in float64 (exact gradient comparisons), no gradient clipping, with eval.
-    `frozen`: its optimizer is FrozenSGD (through the trainer's optimizer_cls_and_kwargs), for grads_of_update."""
+    `frozen`: its optimizer is FrozenSGD (through the trainer's optimizer_cls_and_kwargs), for grads_of_update;
+    `tiny`: another model size."""
     tok = build_tokenizer()
-    model = build_model(tok, TINY_TASK, seed=0).to(dtype)
-    train, test = make_task(TINY_TASK, seed=0)
+    model = build_model(tok, tiny, seed=0).to(dtype)
+    train, test = make_task(tiny, seed=0)
     args = dict(output_dir=str(tmp_path), prompts_per_step=4, group_size=4, max_completion_tokens=8,
                 max_prompt_tokens=16, loss_impl="naive", report_to=[], disable_tqdm=True,
                 max_grad_norm=None, learning_rate=1e-2, filter_tau=None, eval_examples=8)

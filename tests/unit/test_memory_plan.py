@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from helpers import REPO_ROOT, assert_same_grads, grads_of_update, rollout_for
+from helpers import REPO_ROOT, TINY_TASK, assert_same_grads, grads_of_update, rollout_for
 from helpers import make_float64_trainer as make_trainer
 from transformers import (
     LlamaConfig,
@@ -395,3 +395,31 @@ def test_per_rank_plan_against_the_peak_rss_of_each_of_two_ranks(ranks_model, tm
     other = mp.plan(shape, mp.RunShape(**{**plan["run"], "parallel": "ddp" if parallel == "fsdp2" else "fsdp2"}),
                     runtime=plan["items_bytes"]["runtime"])
     assert abs(measured[1] / (other.other_ranks_peak or other.peak) - 1) > RANKS_TOL, (other.peak, measured)
+
+
+def test_a_chosen_checkpointing_skips_micro_batches_that_fit_without_it(tmp_path, monkeypatch):
+    """The plan reserves activations for the largest micro-batch the token budget allows; when it turns
+    checkpointing on for that, a step's smaller micro-batches (16 short rows here) run without recomputing."""
+    monkeypatch.setattr(mp, "process_rss", lambda: 0)  # the same runtime item in every plan
+    fixed = dict(train_forward="shared_prompt", kv_cache_release=False, generation_batch_size=16,
+                 micro_batch_tokens=200_000, frozen=True, tiny=dataclasses.replace(TINY_TASK, num_layers=3))
+    probe = make_trainer(tmp_path / "probe", gradient_checkpointing=False, **fixed).memory_plan
+    checkpointed = mp.plan(probe.model, dataclasses.replace(probe.run, gradient_checkpointing=True),
+                           runtime=probe.items["runtime"])
+    assert checkpointed.peak < probe.peak
+    trainer = make_trainer(tmp_path / "run", memory_budget_gb=checkpointed.peak / mp.GB, **fixed)
+    assert trainer.memory_plan.choices == {"gradient_checkpointing": True} and trainer.config.gradient_checkpointing
+    assert trainer.memory_plan.checkpointing_needed(200_000, 24) and not trainer.memory_plan.checkpointing_needed(384, 24)
+
+    def update(trainer):
+        rollout = rollout_for(trainer)
+        seen = count_calls(trainer.model.model.layers[0].mlp.act_fn)  # runs again in backward when checkpointed
+        advantages = torch.linspace(-1, 1, len(rollout), dtype=torch.float64)
+        return grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout))), seen
+
+    grads, calls = update(trainer)
+    assert trainer.learner.checkpointed_micro_batches == 0
+    asked = make_trainer(tmp_path / "asked", gradient_checkpointing=True, **fixed)  # asked for: every micro-batch
+    asked_grads, asked_calls = update(asked)
+    assert asked.learner.checkpointed_micro_batches > 0 and len(asked_calls) == 2 * len(calls) > 0
+    assert_same_grads(grads, asked_grads, rtol=0, atol=1e-12)
