@@ -37,7 +37,9 @@ __all__ = ["GRPOConfig", "GRPOTrainer", "loss_warnings", "normalize_then_sum", "
 
 class GRPOTrainer(DashTrainer, RefusedInternals):
     """TRL's GRPOTrainer signature on dash-fast's trainer. `args` is a GRPOConfig (or a DashConfig);
-    callbacks are transformers.TrainerCallback instances (or classes) and receive the GRPOConfig."""
+    callbacks are transformers.TrainerCallback instances (or classes) and receive the GRPOConfig.
+    `rollout_engine` is dash-fast's own (not TRL's): DashTrainer's factory of the sampler, default the embedded
+    engine or vLLM as configured."""
 
     def __init__(
         self,
@@ -51,6 +53,7 @@ class GRPOTrainer(DashTrainer, RefusedInternals):
         callbacks: list | None = None,
         optimizers: tuple = (None, None),
         peft_config: Any = None,
+        rollout_engine: Any = None,
     ) -> None:
         inputs.check_optimizers(optimizers)
         args = inputs.default_args(model) if args is None else args
@@ -71,7 +74,7 @@ class GRPOTrainer(DashTrainer, RefusedInternals):
                          eval_dataset=None if first_eval is None else load_rows(first_eval),
                          processing_class=processing_class,
                          callbacks=[cb() if isinstance(cb, type) else cb for cb in (callbacks or [])],
-                         extensions=extensions)
+                         extensions=extensions, rollout_engine=rollout_engine)
         self.callback_args = self.args = args  # TRL's trainer.args; the loop reads self.config (the DashConfig)
         self._eval_sets = None
         if named_eval:  # TRL: a dict of eval sets is evaluated set by set, metrics prefixed by its name

@@ -9,8 +9,8 @@ import math
 
 import pytest
 import torch
+from helpers import EditedEngine, shifted_sampler
 from helpers import make_one_step_trainer as make_trainer
-from helpers import shifted_sampler
 from kernel_cases import trl_compute_loss, trl_ratio_rows
 
 from dash_fast import DashConfig, GRPOConfig
@@ -137,26 +137,23 @@ def _dash_one_batch(tmp_path, noise, ref_noise=0.0, **extra):
     args = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, num_generations=4, max_completion_length=6,
                 max_steps=1, learning_rate=0.0, max_grad_norm=0.0, report_to="none", disable_tqdm=True,
                 logging_steps=1, seed=0, filter_tau=None, **extra)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args),
-                          train_dataset=Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)]),
-                          processing_class=tok)
-    if ref_noise:
-        gen = torch.Generator().manual_seed(2)
-        with torch.no_grad():
-            for p in trainer.learner.ref_model.parameters():
-                p.add_(ref_noise * torch.randn(p.shape, generator=gen))
     captured = []
-    generate = trainer.engine.generate
     g = torch.Generator().manual_seed(1)
 
-    def noisy(prompt_ids, params):
-        out = generate(prompt_ids, params)
+    def noisy(out):
         out.sampling_logps = out.sampling_logps + noise * torch.randn(out.sampling_logps.shape, generator=g) \
             * out.completion_mask
         captured.append(out)
         return out
 
-    trainer.engine.generate = noisy
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**args),
+                          train_dataset=Dataset.from_list([{"prompt": f"{i}+1="} for i in range(6)]),
+                          processing_class=tok, rollout_engine=EditedEngine.around(noisy))
+    if ref_noise:
+        gen = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in trainer.learner.ref_model.parameters():
+                p.add_(ref_noise * torch.randn(p.shape, generator=gen))
     trainer.train()
     (rollout,) = captured
     return trainer, initial, rollout, torch.tensor(rewards)

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from helpers import EditedEngine
 
 from dash_fast import GRPOConfig, GRPOTrainer
 from dash_fast.config import ConfigError
@@ -30,27 +31,19 @@ def make_trainer(tmp_path, train=None, seed_model=0, **kwargs):
                        processing_class=tok, **kwargs)
 
 
-def spy_generate(trainer):
-    """Record every rollout the engine returns."""
-    seen, generate = [], trainer.engine.generate
-
-    def wrapped(prompt_ids, params):
-        out = generate(prompt_ids, params)
-        seen.append(out)
-        return out
-
-    trainer.engine.generate = wrapped
-    return seen
+def recording_engine(seen: list):
+    """A rollout engine (GRPOTrainer's `rollout_engine`) that records every rollout it returns in `seen`."""
+    return EditedEngine.around(lambda out: (seen.append(out), out)[1])
 
 
 def test_eval_loss_is_trls_objective_at_ratio_one(tmp_path):
     """TRL's eval: the loss at ratio 1 with no gradient is, per token, -A (dapo: token mean over the batch);
     eval_reward is the rewards' mean. Recomputed here from the rollout the engine returned."""
     evals = Dataset.from_list(PROMPTS[:2])
+    rollouts = []
     trainer = make_trainer(tmp_path, args=dict(per_device_eval_batch_size=8, num_generations_eval=4,
-                                               max_completion_length=8))
+                                               max_completion_length=8), rollout_engine=recording_engine(rollouts))
     trainer.stop_ids = tuple(range(3, len(trainer.tokenizer), 3))  # completions of varied lengths (else loss = 0)
-    rollouts = spy_generate(trainer)
     m = trainer.evaluate(eval_dataset=evals)
     (ro,) = rollouts  # 2 prompts x 4 generations: one eval batch of 8 rows
     lengths = ro.completion_lengths.float()
@@ -71,10 +64,10 @@ def test_eval_loss_is_trls_objective_at_ratio_one(tmp_path):
 def test_eval_batches_average_like_trl(tmp_path):
     """Two eval batches: eval_loss is the row-weighted mean of the batch losses, each batch normalised alone."""
     evals = Dataset.from_list(PROMPTS[:2])
+    rollouts = []
     trainer = make_trainer(tmp_path, args=dict(per_device_eval_batch_size=4, num_generations_eval=4,
-                                               max_completion_length=8))
+                                               max_completion_length=8), rollout_engine=recording_engine(rollouts))
     trainer.stop_ids = tuple(range(3, len(trainer.tokenizer), 3))
-    rollouts = spy_generate(trainer)
     m = trainer.evaluate(eval_dataset=evals)
     assert len(rollouts) == 2
     losses = []
@@ -202,10 +195,11 @@ def test_streamed_train_set_wraps_to_a_new_pass_and_needs_max_steps(tmp_path):
 
 
 def test_train_dataloader_yields_what_training_draws(tmp_path):
-    trainer = make_trainer(tmp_path, args=dict(max_steps=1, dataloader_num_workers=0))
+    seen = []
+    trainer = make_trainer(tmp_path, args=dict(max_steps=1, dataloader_num_workers=0),
+                           rollout_engine=recording_engine(seen))
     first = next(iter(trainer.get_train_dataloader()))
     assert len(first) == 4 and all(row == first[0] for row in first)  # one prompt x num_generations
-    seen = spy_generate(trainer)
     trainer.train()
     assert seen[0].prompt_ids[0] == trainer.tokenizer(first[0]["prompt"])["input_ids"]
     evals = Dataset.from_list(PROMPTS[:2])
