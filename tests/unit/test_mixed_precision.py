@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from helpers import TINY_TASK as TINY
+from helpers import length_reward
 from safetensors.torch import load_file
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
@@ -14,11 +15,6 @@ from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
 from dash_fast.losses import LOSSES, get_loss
 from dash_fast.models.mixed_precision import compute_copy
 from dash_fast.trainer import Extensions
-
-
-def length_reward(prompts, completions, **columns):
-    """Varies within every group even for a random model, so every step carries signal."""
-    return [float(len(c) % 5) for c in completions]
 
 
 class AutocastAtEmbedding(torch.overrides.TorchFunctionMode):
@@ -139,9 +135,8 @@ def test_bf16_resume_is_exact(tmp_path):
             assert torch.equal(sa[i][k], sb[i][k]), (i, k)
 
 
-def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
-    """GRPOConfig(bf16=True) with the model passed by path: fp32 masters (TRL's autocast trains an fp32
-    checkpoint in fp32 too), a bf16 sampler copy, and updates at lr 3e-6 that land."""
+def trl_bf16_trainer(tmp_path, **kwargs) -> GRPOTrainer:
+    """A TRL script's GRPOTrainer with bf16=True at lr 3e-6, the tiny model saved to and passed by path."""
     tok = build_tokenizer()
     build_model(tok, TINY).save_pretrained(tmp_path / "model")
     tok.save_pretrained(tmp_path / "model")
@@ -149,7 +144,13 @@ def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
     args = GRPOConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, learning_rate=3e-6, max_steps=2,
                       per_device_train_batch_size=8, num_generations=4, max_completion_length=8, report_to=[],
                       disable_tqdm=True, filter_tau=None)
-    trainer = GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train)
+    return GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train, **kwargs)
+
+
+def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
+    """GRPOConfig(bf16=True) with the model passed by path: fp32 masters (TRL's autocast trains an fp32
+    checkpoint in fp32 too), a bf16 sampler copy, and updates at lr 3e-6 that land."""
+    trainer = trl_bf16_trainer(tmp_path)
     saved = load_file(tmp_path / "model" / "model.safetensors")
     for name, p in trainer.model.named_parameters():  # loaded in fp32, not rounded through bf16
         assert p.dtype == torch.float32 and torch.equal(p, saved[name]), name
@@ -162,15 +163,7 @@ def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
 def test_trl_bf16_with_lora_trains_fp32_adapters_over_a_bf16_base(tmp_path):
     """PEFT: only the adapters are masters (fp32); the frozen base stays bf16 and there is no sampler copy."""
     peft = pytest.importorskip("peft")
-    tok = build_tokenizer()
-    build_model(tok, TINY).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
-    train, _ = make_task(TINY, seed=0)
-    args = GRPOConfig(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, learning_rate=3e-6, max_steps=2,
-                      per_device_train_batch_size=8, num_generations=4, max_completion_length=8, report_to=[],
-                      disable_tqdm=True, filter_tau=None)
-    trainer = GRPOTrainer(str(tmp_path / "model"), length_reward, args=args, train_dataset=train,
-                          peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainer = trl_bf16_trainer(tmp_path, peft_config=peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert {(p.requires_grad, p.dtype) for p in trainer.model.parameters()} == {(False, torch.bfloat16),
                                                                                (True, torch.float32)}
     assert trainer.precision.sampler_model is trainer.model
