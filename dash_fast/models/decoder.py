@@ -122,7 +122,12 @@ def embed(decoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The decoder's input embeddings of flat `ids`, scaled as its own forward scales them (Gemma's
     embed_scale buffer, Granite's embedding_multiplier); the padding row gets no gradient, as there."""
     table = decoder.embed_tokens
-    x = F.embedding(ids, table.weight, table.padding_idx)
+    return scale_embeddings(decoder, F.embedding(ids, table.weight, table.padding_idx))
+
+
+def scale_embeddings(decoder: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Looked-up embedding rows `x` scaled as the decoder's own forward scales them (see `embed`)."""
+    table = decoder.embed_tokens
     if hasattr(table, "embed_scale"):
         return x * table.embed_scale.to(x.dtype)
     multiplier = getattr(decoder.config, "embedding_multiplier", None)

@@ -28,6 +28,7 @@ from dash_fast.models.decoder import (
     prompt_attention_mask,
     qkv_projections,
     rms_norm,
+    scale_embeddings,
     static_unsupported,
 )
 
@@ -86,6 +87,31 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
+def embed_for_training(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The input embeddings of flat `ids`, as `decoder.embed`. With a tied head the embedding's gradient is
+    its looked-up rows only: backward adds them by index into the tied weight's `.grad`, where the head's
+    dense gradient already is (the loss runs first in backward), instead of autograd making a dense
+    vocabulary x hidden gradient for the lookup and summing the two (a 545 MB buffer filled and added per
+    micro-batch at Qwen2.5-0.5B's shape). The gradient is the same sum. Not for sharded (FSDP2) weights."""
+    decoder = model.model
+    table = decoder.embed_tokens
+    weight, head = table.weight, model.get_output_embeddings()
+    if not (torch.is_grad_enabled() and weight.requires_grad and head is not None and head.weight is weight
+            and type(weight.data) is torch.Tensor):
+        return embed(decoder, ids)
+    rows = F.embedding(ids, weight.detach()).requires_grad_()
+    keep = None if table.padding_idx is None else ids != table.padding_idx  # the padding row gets no gradient
+
+    def add_rows(grad: torch.Tensor) -> None:
+        if weight.grad is None:  # the head took no gradient in this backward
+            weight.grad = torch.zeros_like(weight)
+        index, values = (ids, grad) if keep is None else (ids[keep], grad[keep])
+        weight.grad.index_add_(0, index, values.to(weight.grad.dtype))
+
+    rows.register_hook(add_rows)
+    return scale_embeddings(decoder, rows)
+
+
 def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]],
                          pad_id: int, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden states that predict each completion token, flattened in row order to [N, H],
@@ -118,7 +144,7 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
     mask_c = torch.cat([valid_p[group][:, None, :].expand(R, C, P), causal_c.expand(R, C, C)], dim=-1)[:, None]
 
     fam, eps = family_of(model), cfg.rms_norm_eps
-    x = embed(decoder, torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]))
+    x = embed_for_training(model, torch.cat([ids_p.reshape(-1), ids_c.reshape(-1)]))
     cos, sin = decoder.rotary_emb(x, positions[None])
     cos, sin = cos[0, :, None], sin[0, :, None]
     n_p = U * P

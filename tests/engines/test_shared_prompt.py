@@ -130,3 +130,31 @@ def test_models_it_cannot_run_use_their_own_forward(tmp_path):
     trainer.args.train_forward = "shared_prompt"
     with pytest.raises(ValueError, match="train_forward='shared_prompt' cannot run this model: attention dropout"):
         use_shared_prompt(trainer.args, torch.device("cpu"), trainer.model, None)
+
+
+@pytest.mark.parametrize("padding_idx", [None, PAD])
+@pytest.mark.parametrize("head_in_loss", [True, False])
+def test_tied_embedding_rows_go_into_the_heads_gradient(padding_idx, head_in_loss):
+    """embed_for_training adds the looked-up rows' gradient into the tied weight's .grad by index: the same
+    gradient as the dense one autograd makes for F.embedding (the padding row gets none), with or without the
+    head's own gradient already there."""
+    from dash_fast.models.decoder import embed
+    from dash_fast.models.shared_prompt import embed_for_training
+
+    model = models()["qwen2"].double()
+    assert model.get_output_embeddings().weight is model.model.embed_tokens.weight
+    model.model.embed_tokens.padding_idx = padding_idx
+    ids = torch.tensor([PAD, 5, 7, 5, PAD, 9])
+    mix = torch.randn(len(ids), model.config.hidden_size, dtype=torch.float64)
+    head_in = torch.randn(3, model.config.hidden_size, dtype=torch.float64)
+    grads = []
+    for lookup in (embed_for_training, lambda m, i: embed(m.model, i)):
+        model.zero_grad(set_to_none=True)
+        loss = (lookup(model, ids) * mix).sum()
+        if head_in_loss:
+            loss = loss + (head_in @ model.get_output_embeddings().weight.t()).square().sum()
+        loss.backward()
+        grads.append(model.model.embed_tokens.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    if padding_idx is not None and not head_in_loss:
+        assert grads[0][PAD].abs().sum() == 0
