@@ -24,7 +24,8 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
   with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward and summed
-  with the head's, held until then. It comes after the activations are freed, yet adds to them: freed
+  with the head's, held until then (the shared-prompt forward, models/shared_prompt.py, adds the looked-up
+  rows into the head's gradient instead: none). It comes after the activations are freed, yet adds to them: freed
   activations stay in the allocator (glibc's heap under cpu_memory.keep_freed_memory, CUDA's cache in
   small blocks) while a [V, H] buffer is mapped anew (measured on CPU: bench/memory.py).
   The KV cache and graph pool stay allocated across the update unless `kv_cache_release` (the default
@@ -61,7 +62,6 @@ from dash_fast.config import ConfigError
 from dash_fast.runtime.memory_budget import GB, device_budget, process_rss
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
-CHUNK_BYTES = 32 * 2**20  # = dash_kernels.torch_ref.CHUNK_BYTES (the torch loss path's logits chunk budget)
 DENSE_BWD_BYTES = 512 * 2**20  # = dash_kernels.triton_kernels.DENSE_BWD_BYTES (the Triton dZ chunk budget)
 LLAMA_FAMILY = ("llama", "qwen2", "qwen3", "mistral")  # the parameter formula; others are counted on "meta"
 # FSDP2's update holds about five decoder layers' worth beyond the shards (measured on CPU, docs/memory.md):
@@ -210,6 +210,8 @@ class RunShape:
     vllm_bytes: int = 0  # engine=vllm: what vLLM takes (its share of the GPU, or its CPU KV cache + weights)
     world: int = 1  # ranks under torchrun; the plan is per rank
     parallel: str = "ddp"  # with world > 1: ddp (replicated) | fsdp2 (sharded)
+    train_forward: str = "hf"  # DashConfig.train_forward: the shared-prompt forward adds a tied embedding's rows
+    # into the head's gradient (no dense embedding gradient); `auto` takes it on CPU (builder.use_shared_prompt)
 
     @classmethod
     def from_config(cls, cfg: Any, device: str, dtype: str, budget: int | None = None,
@@ -235,7 +237,14 @@ class RunShape:
                    gradient_checkpointing=bool(cfg.gradient_checkpointing),
                    kv_cache_release=bool(cfg.kv_cache_release), overlap=cfg.overlap,
                    reference=cfg.beta > 0, engine=cfg.engine, loss_impl=cfg.loss_impl, vllm_bytes=vllm_bytes,
-                   world=world, parallel=getattr(cfg, "parallel", "ddp"))
+                   world=world, parallel=getattr(cfg, "parallel", "ddp"), train_forward=cfg.train_forward)
+
+    @property
+    def rows_into_head_grad(self) -> bool:
+        """Whether training runs the shared-prompt forward (unless the model cannot: its own forward, with the
+        dense embedding gradient this then leaves out of the plan), never with sharded weights."""
+        shared = self.train_forward == "shared_prompt" or (self.train_forward == "auto" and self.device == "cpu")
+        return shared and not self.sharded
 
     @property
     def sharded(self) -> bool:
@@ -351,8 +360,9 @@ def loss_bytes(m: ModelShape, tokens: int, dtype_bytes: int, device: str, loss_i
         return grads + 3 * tokens * m.vocab * 4
     if device == "cuda" and loss_impl == "fused":
         return grads + min(DENSE_BWD_BYTES, tokens * m.vocab * dtype_bytes)
-    chunk = min(tokens, max(16, min(4096, CHUNK_BYTES // (m.vocab * 4))))
-    return grads + 2 * chunk * m.vocab * 4
+    from dash_kernels.torch_ref import chunk_rows
+
+    return grads + 2 * min(tokens, chunk_rows(m.vocab, 4)) * m.vocab * 4
 
 
 def step_elements(m: ModelShape) -> int:
@@ -407,7 +417,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
-    items["embedding_grad"] = m.vocab * m.hidden * wb if m.tied else 0
+    items["embedding_grad"] = m.vocab * m.hidden * wb if m.tied and not r.rows_into_head_grad else 0
     items["grad_allreduce"] = p * state_bytes if r.world > 1 and not r.sharded else 0
     items["gathered_sampling"] = p * wb if r.sharded else 0
     layer = layer_params(m)

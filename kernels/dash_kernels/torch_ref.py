@@ -15,11 +15,18 @@ import torch
 from .utils import check_inputs, check_is_mode, compute_dtype, pg_token_loss, pg_token_terms, sampler_is_ratio
 
 CHUNK_BYTES = 32 * 2**20  # logits chunk budget; 256 rows at V = 32k fp32 (tuned in bench/loss.py on 2 cores)
+# The fewest rows a chunk takes whatever the vocabulary: the chunk's GEMMs have the rows as m (or k), and at
+# V = 151936 the byte budget alone gave 55 rows, where they ran ~1.4x slower (bench/loss.py --vocab 151936).
+MIN_CHUNK_ROWS = 256
+
+
+def chunk_rows(vocab: int, element_bytes: int) -> int:
+    """Token rows per logits chunk of the torch path (the memory plan counts two such buffers)."""
+    return max(MIN_CHUNK_ROWS, min(4096, CHUNK_BYTES // (vocab * element_bytes)))
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
-    elt = torch.finfo(dtype).bits // 8
-    return max(16, min(4096, CHUNK_BYTES // (vocab * elt)))
+    return chunk_rows(vocab, torch.finfo(dtype).bits // 8)
 
 
 def chunked_pg(
@@ -201,4 +208,4 @@ def pg_loss_ref(
     return loss, stats
 
 
-__all__ = ["chunked_pg", "default_chunk_size", "logprobs_ref", "pg_loss_ref", "pg_token_terms", "sampler_is_ratio"]
+__all__ = ["chunk_rows", "chunked_pg", "default_chunk_size", "logprobs_ref", "pg_loss_ref", "pg_token_terms", "sampler_is_ratio"]

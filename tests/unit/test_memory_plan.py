@@ -207,6 +207,19 @@ def test_overlap_holds_sampling_and_update_at_once():
     assert together.peak == apart.peak + min(apart.items["sampling"], backward)
 
 
+@pytest.mark.parametrize(("device", "train_forward", "world", "dense"), [
+    ("cpu", "auto", 1, False), ("cpu", "hf", 1, True), ("cuda", "auto", 1, True), ("cuda", "shared_prompt", 1, False),
+    ("cpu", "shared_prompt", 2, True)])
+def test_the_shared_prompt_forward_makes_no_dense_embedding_gradient(device, train_forward, world, dense):
+    """A tied head's dense embedding gradient is planned only where training runs the model's own forward (the
+    shared-prompt forward adds the looked-up rows into the head's gradient; under FSDP2 training runs the model's
+    own forward)."""
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    run = mp.RunShape(**{**PAPER, "dtype": "float32", "master_weights": False, "device": device,
+                         "train_forward": train_forward, "world": world, "parallel": "fsdp2"})
+    assert mp.plan(shape, run).items["embedding_grad"] == (shape.vocab * shape.hidden * 4 if dense else 0)
+
+
 # ------------------------------------------------------------------------------------- where it shows up
 def test_the_trainer_plans_before_loading_prints_and_stores_the_plan(tmp_path, capsys):
     trainer = make_trainer(tmp_path, max_steps=1, eval_examples=4)
