@@ -67,7 +67,9 @@ def load_policy(model: str | torch.nn.Module, args: DashConfig, device: torch.de
     plan = startup_plan(model, args, device, dtype, verbose=dist.is_main)
     policy = load_model(model, dtype, device, masters=masters)
     if device.type == "cpu":  # activations live in host memory: reuse pages across steps (small models)
-        keep_freed_memory(sum(p.numel() * p.element_size() for p in policy.parameters()))
+        heads = {id(m.weight) for m in (policy.get_input_embeddings(), policy.get_output_embeddings()) if m is not None}
+        sizes = [(p.numel() * p.element_size(), id(p) in heads) for p in policy.parameters()]
+        keep_freed_memory(sum(n for n, _ in sizes), max((n for n, head in sizes if not head), default=0))
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(policy)
     if bf16 and not masters and dist.is_main:

@@ -49,6 +49,7 @@ from dash_fast.models.mixed_precision import MixedPrecision
 from dash_fast.models.peft import is_peft_model
 from dash_fast.rewards.scorer import RewardFunc
 from dash_fast.runtime import distributed as ddp
+from dash_fast.runtime.cpu_memory import reuse_freed_memory
 from dash_fast.runtime.device import make_deterministic
 from dash_fast.runtime.profiling import ProfileWindow
 
@@ -204,7 +205,8 @@ class DashTrainer:
             kept = self.extensions.row_mask(rollout, kept)
             if kept.numel() == 0:
                 return self.learner.no_rows()
-        return self.learner.update(rollout, advantages, kept, global_rows, lengths, step=self.state.global_step + 1)
+        with reuse_freed_memory(gradients=True):  # the update's temporaries reuse the heap (runtime/cpu_memory.py)
+            return self.learner.update(rollout, advantages, kept, global_rows, lengths, step=self.state.global_step + 1)
 
     def generate(self, prompt_ids: list[list[int]], step: int, row_offset: int = 0) -> Rollout:
         """Sample `prompt_ids` with step `step`'s seeds (collect.Collector.generate)."""

@@ -31,6 +31,7 @@ from dash_fast.engines.base import Rollout, SamplingParams
 from dash_fast.engines.packed_gemm import GEMM_PATHS
 from dash_fast.engines.static_decode import StaticDecoder, drop_finished_now, graph_bucket, graph_buckets
 from dash_fast.models.decoder import static_unsupported
+from dash_fast.runtime.cpu_memory import reuse_freed_memory
 
 
 def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
@@ -64,8 +65,9 @@ def sample_next(
     if params.temperature == 0:
         tokens = drawn.argmax(dim=-1)
         return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
-    logprobs = torch.log_softmax(logits / params.temperature, dim=-1)
-    allowed = logprobs if drawn is logits else torch.log_softmax(drawn / params.temperature, dim=-1)
+    t = params.temperature  # x / 1.0 is x: no pass over the vocabulary for it
+    logprobs = torch.log_softmax(logits if t == 1.0 else logits / t, dim=-1)
+    allowed = logprobs if drawn is logits else torch.log_softmax(drawn if t == 1.0 else drawn / t, dim=-1)
     if 0 < params.top_k < allowed.shape[-1]:
         kth = torch.topk(allowed, params.top_k, dim=-1).values[:, -1:]
         allowed = allowed.masked_fill(allowed < kth, float("-inf"))
@@ -221,7 +223,8 @@ class TorchEngine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         run = self._generate_static if self.path() == "static" else self._generate_dynamic
-        tokens, logps, lengths, stats = run(ids, attn, row_prompt, params, generator)
+        with reuse_freed_memory():  # the decode steps' temporaries come from the heap, not fresh mappings
+            tokens, logps, lengths, stats = run(ids, attn, row_prompt, params, generator)
         width = max(int(lengths.max()), 1)
         mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).float()
         return Rollout(

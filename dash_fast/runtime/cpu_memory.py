@@ -7,22 +7,24 @@ With the mmap threshold fixed at its maximum (32 MiB) and trimming left to block
 the last step's pages (~1k faults per step; ~4% off the median step at 1 thread, 20 MB more peak RSS). This
 is what PyTorch's CUDA caching allocator does on GPU, and what jemalloc / tcmalloc would do here.
 
-Not for models over KEEP_MAX_PARAMETER_BYTES: there the gradients (set to None at each step, up to 32 MiB a
-tensor) leave holes in the heap that the next forward's activations take, so the next backward's gradients
-grow the heap instead. At Qwen2.5-0.5B's shape (fp32, 2 GB of parameters) that cost
-0.4-1.2 GB of peak RSS (bench/rss_phases.py, bench/results/e2e_qwen05b.md), while the faults it saves are
-a small share of a step of seconds. glibc's defaults alone are not enough: its mmap threshold rises to the
-size of the blocks it has freed, so gradient-sized blocks come from the heap again after a few steps (8.72
-GB at that shape). There the top pad is set to its default value instead, which pins the mmap threshold at
-its 128 KiB start: every freed block of 128 KiB or more goes back to the OS (8.45 GB; 1.8M page faults per
-step instead of 0.3M, the step 18.30 vs 18.12 s, within noise).
+Not for the whole run of a model over KEEP_MAX_PARAMETER_BYTES: there the gradients (set to None at each
+step, up to 32 MiB a tensor) leave holes in the heap that the next forward's activations take, so the next
+backward's gradients grow the heap instead (0.4-1.2 GB more peak RSS at Qwen2.5-0.5B's shape, fp32;
+bench/rss_phases.py, bench/results/e2e_qwen05b.md). glibc's defaults alone are not enough: its mmap
+threshold rises to the size of the blocks it has freed, so gradient-sized blocks come from the heap again
+after a few steps. There the top pad is set to its default value instead, which pins the mmap threshold at
+its 128 KiB start, and `reuse_freed_memory` lifts it for the length of a phase (a generate, an update) and
+gives the heap's free pages back at its end. Pinned throughout, that shape took 1.6M minor faults and 13.6 s
+per step; with the phases, 0.2-0.7M and 9.5-11 s (bench/results/e2e_qwen05b.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import sys
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_TOP_PAD = -2
@@ -33,14 +35,17 @@ KEEP_MAX_PARAMETER_BYTES = 256 << 20  # above: freed blocks go back to the OS (m
 TOP_PAD = 128 << 10  # glibc's default top pad
 
 _applied: bool | None = None
+_pinned = None  # libc, when the large-model setting (mmap threshold pinned) is in effect: reuse_freed_memory's
+_gradient_block = MMAP_THRESHOLD  # reuse_freed_memory(gradients=True)'s mmap threshold
 
 
-def keep_freed_memory(parameter_bytes: int = 0) -> bool:
+def keep_freed_memory(parameter_bytes: int = 0, layer_parameter_bytes: int = 0) -> bool:
     """Apply the settings above once per process; returns whether they are in effect. Skipped off glibc
     Linux and when the user chose for themselves (a MALLOC_* variable, or jemalloc / tcmalloc preloaded). For a
     model of more than KEEP_MAX_PARAMETER_BYTES (`parameter_bytes`: its parameters' size) the mmap threshold is
-    pinned at glibc's 128 KiB instead (returns False). The first call decides: glibc's thresholds cannot be
-    restored once set."""
+    pinned at glibc's 128 KiB instead (returns False), and `reuse_freed_memory` lifts it by phase, up to
+    `layer_parameter_bytes` (the largest decoder-layer parameter's size) in the update. The first call
+    decides: glibc's thresholds cannot be restored once set."""
     global _applied
     if _applied is not None:
         return _applied
@@ -55,7 +60,37 @@ def keep_freed_memory(parameter_bytes: int = 0) -> bool:
     except (OSError, AttributeError):  # musl and other C libraries: nothing to tune
         return False
     if parameter_bytes > KEEP_MAX_PARAMETER_BYTES:  # a large model: freed blocks go back (module docstring)
-        mallopt(M_TOP_PAD, TOP_PAD)
+        global _pinned, _gradient_block
+        if mallopt(M_TOP_PAD, TOP_PAD):
+            _pinned = libc
+            _gradient_block = min(MMAP_THRESHOLD, layer_parameter_bytes or MMAP_THRESHOLD)
         return False
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
+
+
+@contextlib.contextmanager
+def reuse_freed_memory(gradients: bool = False) -> Iterator[None]:
+    """Within: freed blocks stay in glibc's heap for reuse, for a phase that frees and allocates the same
+    temporaries over and over (a decode step's activations, logits and sampling buffers; a micro-batch's
+    activations and its backward's temporaries). On exit the pinned settings come back and malloc_trim hands
+    every free page of the heap back to the OS, so nothing the phase freed stays resident into the next.
+
+    `gradients` (the update): blocks the size of the largest decoder-layer parameter and up still come from
+    fresh mappings. Gradients live until the next step, and in the heap they would sit between the holes the
+    freed activations leave, raising the peak (Qwen2.5-0.5B's shape: 8.77 GB with every block under 32 MiB
+    from the heap, 8.52 GB with the MLP weights' 17 MB gradients mapped; bench/results/e2e_qwen05b.md).
+    A no-op unless `keep_freed_memory` pinned the threshold for a large model (a small one keeps freed memory
+    throughout)."""
+    libc = _pinned
+    if libc is None:
+        yield
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, _gradient_block if gradients else MMAP_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    try:
+        yield
+    finally:
+        libc.mallopt(M_MMAP_THRESHOLD, TOP_PAD)  # 128 KiB: where pinning the top pad held it
+        libc.mallopt(M_TRIM_THRESHOLD, TOP_PAD)  # glibc's default trim threshold, also 128 KiB
+        libc.malloc_trim(0)

@@ -71,3 +71,45 @@ def test_a_large_model_returns_freed_blocks():
                          check=True).stdout.split()
     assert out[0] == "False"
     assert int(out[1]) > 0.9 * 20 * (17 << 20) // 4096, out
+
+
+PHASES = """
+import resource, sys, torch
+from dash_fast.runtime.cpu_memory import keep_freed_memory, reuse_freed_memory
+keep_freed_memory(1 << 31, 17 << 20)  # a large model whose largest decoder-layer parameter is 17 MiB
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+def rounds(mib, gradients, n=6):
+    '''faults of the last round of n, each allocating 8 blocks of `mib` MiB at once and freeing them'''
+    with reuse_freed_memory(gradients=gradients):
+        for _ in range(n):
+            before = faults()
+            blocks = [torch.ones(mib << 18) for _ in range(8)]
+            pin = torch.ones(1 << 10)  # a small block above them: the heap top cannot shrink past it
+            del blocks
+            last = faults() - before
+        return last
+start = rss()
+decode = rounds(6, gradients=False)
+after_decode = rss()
+update_small, update_large = rounds(6, gradients=True), rounds(17, gradients=True)
+print(decode, update_small, update_large, (after_decode - start) >> 20)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_trim")
+def test_a_phase_reuses_freed_blocks_and_gives_them_back_at_its_end():
+    """A large model's phases (reuse_freed_memory): inside one, freed blocks under the threshold come back
+    without page faults; in the update, blocks the size of the largest layer parameter (its gradient's) are
+    still mapped afresh; at the end the heap's free pages go back to the OS (no resident growth)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", PHASES], capture_output=True, text=True, env=env, check=True)
+    decode, update_small, update_large, grown_mib = map(int, out.stdout.split())
+    round_pages = 8 * (6 << 20) // 4096
+    assert decode < round_pages // 10, out.stdout
+    assert update_small < round_pages // 10, out.stdout
+    assert update_large > 0.5 * 8 * (17 << 20) // 4096, out.stdout  # 0 when they come from the heap
+    assert grown_mib < 16, out.stdout  # 48 MiB of freed blocks were in the heap before malloc_trim
