@@ -19,7 +19,7 @@ gaps between `on_step_end` callbacks (what a user's clock sees), the first `--wa
 RSS is the child's VmHWM; minor page faults per step are read from /proc/self/stat. Rounds alternate the
 trainers (dash, trl, dash, trl, ...) so that background load hits both alike. Trainer variants (run_child):
 `_passive` (OMP_WAIT_POLICY=PASSIVE set before start: OpenMP threads sleep at once instead of spinning, what
-a busy machine needs), `_vllm`, `_bf16`, `_glibc`. Writes bench/results/swap_<shape>.csv (docs/design.md
+a busy machine needs), `_vllm`, `_bf16`, `_glibc`, `_nockpt`, `_thp`. Writes bench/results/swap_<shape>.csv (docs/design.md
 section 5 columns) and prints the ratios.
 """
 
@@ -200,10 +200,12 @@ def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
     suffix both run bf16=False, fp32), `_glibc` (MALLOC_TOP_PAD_ set to glibc's default: malloc untuned,
     dash-fast's runtime/cpu_memory.keep_freed_memory then stands aside), `_nockpt` (no activation
     checkpointing: TRL's gradient_checkpointing=False; dash-fast's memory plan, which turns it on when the
-    micro-batch token budget's worst case would not fit, given micro_batch_tokens = the rollout's tokens)."""
+    micro-batch token budget's worst case would not fit, given micro_batch_tokens = the rollout's tokens),
+    `_thp` (THP_MEM_ALLOC_ENABLE=1 set before start: torch maps tensors of 2 MiB and up on transparent huge
+    pages, one page fault per 2 MiB)."""
     bf16 = None if "_bf16" in trainer else False
     base = trainer
-    for suffix in ("_bf16", "_glibc", "_passive", "_nockpt"):
+    for suffix in ("_bf16", "_glibc", "_passive", "_nockpt", "_thp"):
         base = base.replace(suffix, "")
     code = CHILD.format(trainer=base, nockpt="_nockpt" in trainer, bench=str(Path(__file__).resolve().parent),
                         model=model, rows=a.prompts * a.group, group=a.group, tokens=a.tokens, steps=a.steps,
@@ -212,6 +214,8 @@ def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
     if "_passive" in trainer:  # libgomp's spin off from the start, as a user can set it
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "_thp" in trainer:  # torch's own knob, read once at import: tensors of 2 MiB and up on transparent huge pages
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     if "_glibc" in trainer:  # glibc's malloc at its defaults (a MALLOC_* variable turns keep_freed_memory off)
         env["MALLOC_TOP_PAD_"] = str(128 << 10)  # glibc's default value
     t0 = time.perf_counter()
