@@ -165,7 +165,7 @@ class PolicyForward:
     def checkpoints(self, tokens: int, row_tokens: int) -> bool:
         """Whether the shared-prompt forward of a micro-batch this size checkpoints its layers (counted in
         `checkpointed_micro_batches`)."""
-        on = bool(self.args.gradient_checkpointing) and (
+        on = bool(self.args.gradient_checkpointing) and torch.is_grad_enabled() and (  # no-grad passes keep nothing
             self.checkpoint_rule is None or self.checkpoint_rule(tokens, row_tokens))
         self.checkpointed_micro_batches += on
         return on

@@ -436,3 +436,6 @@ def test_a_chosen_checkpointing_skips_micro_batches_that_fit_without_it(tmp_path
     asked_grads, asked_calls = update(asked)
     assert asked.learner.checkpointed_micro_batches > 0 and len(asked_calls) == 2 * len(calls) > 0
     assert_same_grads(grads, asked_grads, rtol=0, atol=1e-12)
+    counted, rollout = asked.learner.checkpointed_micro_batches, rollout_for(asked)
+    asked.learner.logprob_pass(asked.model, rollout, list(range(len(rollout))), "train/logprob_old")
+    assert asked.learner.checkpointed_micro_batches == counted  # a no-grad pass keeps nothing to recompute
