@@ -8,7 +8,10 @@ Providers: naive (materialised logits, eager), compile (torch.compile of naive),
 (LigerFusedLinearGRPOLoss, its default torch.compile of the loss math, [B, T] layout), dash_torch
 (chunked torch path), dash_triton (Triton, bwd="dense": dZ chunks + cuBLAS GEMMs) and
 dash_triton_atomic (Triton, bwd="atomic"), both GPU only (or the interpreter under TRITON_INTERPRET=1:
-correctness plumbing, no meaningful time). Each provider gets the same on-policy GRPO problem
+correctness plumbing, no meaningful time). `dash_torch:ROWS` is dash_torch with logits chunks of ROWS token
+rows instead of its default (torch_ref.chunk_rows), to compare chunk sizes:
+
+    python bench/loss.py --quick --providers dash_torch:55,dash_torch --hidden 896 --vocab 151936 --rows 1 Each provider gets the same on-policy GRPO problem
 (beta = 0, token-mean weights). dash_* filter in-op (tau = 0.1, dropped rows have A = 0); naive,
 compile and liger get only the kept rows (filtered by the caller, as a trainer without in-op
 filtering would), so the kept-fraction sweep compares equal useful work.
@@ -89,6 +92,10 @@ def make_step(provider: str, p: dict, device: str):
         mask = torch.ones(b, t, device=device)
         return wrap(lambda: liger(hidden[:k].view(b, t, -1), weight, p["targets"][:k].view(b, t), mask,
                                   p["row_adv"][:b])[0])
+    if provider.startswith("dash_torch:"):  # chosen chunk rows (module docstring)
+        rows = int(provider.split(":")[1])
+        return wrap(lambda: dk.fused_linear_pg_loss(hidden, weight, None, p["targets"], p["advantages"],
+                                                    p["token_weights"], tau=0.1, backend="torch", chunk_size=rows)[0])
     if provider.startswith("dash_"):
         backend = provider.split("_")[1]
         bwd = "atomic" if provider.endswith("_atomic") else "dense"
@@ -171,14 +178,14 @@ def main() -> None:
             losses = {prov: step.last_loss for prov, step in steps.items()}
             for prov, t in times.items():
                 mem, note_mem = mems[prov]
-                flops = FLOPS_PER_NHV[prov] * nhv
+                flops = FLOPS_PER_NHV[prov.split(":")[0]] * nhv
                 common_kw = dict(name="loss", provider=prov, x_name=x_name, x_value=xv, device=dev_name,
                                  dtype=str(dtype).replace("torch.", ""), filter_fraction=round(1 - kept, 4))
                 rows += [
                     common.row(metric="time_fwd_bwd", p=t, unit="ms", note=note, **common_kw),
                     common.row(metric="peak_memory", p=(mem / 2**20,) * 3, unit="MiB", note=note_mem, **common_kw),
                     common.row(metric="tflops", p=tuple(flops / (ms * 1e-3) / 1e12 for ms in t[::-1]), unit="TFLOPS",
-                               note=f"{note}; {FLOPS_PER_NHV[prov]}NHV x kept", **common_kw),
+                               note=f"{note}; {FLOPS_PER_NHV[prov.split(':')[0]]}NHV x kept", **common_kw),
                     common.row(metric="pct_peak", p=tuple(100 * flops / (ms * 1e-3) / 1e12 / peak for ms in t[::-1]),
                                unit="%", note=f"{note}; of {peak:.2f} TFLOPS ({peak_src})", **common_kw),
                 ]

@@ -16,8 +16,9 @@ from .utils import check_inputs, check_is_mode, compute_dtype, pg_token_loss, pg
 
 CHUNK_BYTES = 32 * 2**20  # logits chunk budget; 256 rows at V = 32k fp32 (tuned in bench/loss.py on 2 cores)
 # The fewest rows a chunk takes whatever the vocabulary: the chunk's GEMMs have the rows as m (or k). At
-# V = 151936 the byte budget alone gave 55 rows: a 256-token forward+backward at H 896 took 2.04-2.10 s there
-# against 1.41-1.45 s at 256 rows and 1.41-1.44 s at 512, 2 threads (bench/results/e2e_qwen05b.md).
+# V = 151936 the byte budget alone gave 55 rows: a 256-token forward+backward at H 896 took 2.2 s there
+# against 1.5 s at 256 rows or 512, 2 threads (`python bench/loss.py --quick --providers
+# dash_torch:55,dash_torch,dash_torch:512 --hidden 896 --vocab 151936 --rows 1`; bench/results/e2e_qwen05b.md).
 MIN_CHUNK_ROWS = 256
 
 
