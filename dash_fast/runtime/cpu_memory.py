@@ -15,7 +15,7 @@ threshold rises to the size of the blocks it has freed, so gradient-sized blocks
 after a few steps. There the top pad is set to its default value instead, which pins the mmap threshold at
 its 128 KiB start, and `reuse_freed_memory` lifts it for the length of a phase (a generate, an update) and
 gives the heap's free pages back at its end. Pinned throughout, that shape took 1.6M minor faults and 13.6 s
-per step; with the phases, 0.2-0.7M and 9.5-11 s (bench/results/e2e_qwen05b.md).
+per step; with the phases, 0.67-0.71M and 10.1-11.2 s (bench/results/e2e_qwen05b.md).
 """
 
 from __future__ import annotations
