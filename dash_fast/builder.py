@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from dash_fast.config import DashConfig
+from dash_fast.config import DashConfig, shared_prompt_requested
 from dash_fast.data.formats import DEFAULT_REWARDS, load_dataset_rows
 from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.forward import LearnerHooks
@@ -134,11 +134,10 @@ def shard_policy(args: DashConfig, model: torch.nn.Module, dist: ddp.DistInfo):
 
 def use_shared_prompt(args: DashConfig, device: torch.device, model: torch.nn.Module, fsdp_root: Any) -> tuple[bool, str]:
     """(whether training computes each prompt once per group (shared_prompt.py), the training forward's name for
-    the start-up line and summary.json). `auto` picks it on CPU only: on GPU its speed against flash-attn /
-    SDPA padding masks is unmeasured."""
+    the start-up line and summary.json); config.shared_prompt_requested says when `train_forward` asks for it."""
     from dash_fast.models.shared_prompt import shared_prompt_unsupported
 
-    if args.train_forward == "hf" or (args.train_forward == "auto" and device.type != "cpu"):
+    if not shared_prompt_requested(args.train_forward, device.type):
         return False, "model's own forward"
     reason = "parameters sharded by FSDP2" if fsdp_root is not None else shared_prompt_unsupported(model)
     if reason and args.train_forward == "shared_prompt":

@@ -251,6 +251,13 @@ class DashConfig:
         return dataclasses.asdict(self)
 
 
+def shared_prompt_requested(train_forward: str, device_type: str) -> bool:
+    """Whether `train_forward` asks for the shared-prompt training forward on a `device_type` ("cpu", "cuda")
+    device: `shared_prompt` always, `auto` on CPU only (on GPU its speed against flash-attn / SDPA padding masks
+    is unmeasured). Whether the model can run it is builder.use_shared_prompt's question."""
+    return train_forward == "shared_prompt" or (train_forward == "auto" and device_type == "cpu")
+
+
 def _updates_per_rollout(self: DashConfig) -> int:
     return self.epochs_per_rollout
 

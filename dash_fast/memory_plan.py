@@ -58,7 +58,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dash_fast.config import ConfigError
+from dash_fast.config import ConfigError, shared_prompt_requested
 from dash_fast.runtime.memory_budget import GB, device_budget, process_rss
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
@@ -211,7 +211,7 @@ class RunShape:
     world: int = 1  # ranks under torchrun; the plan is per rank
     parallel: str = "ddp"  # with world > 1: ddp (replicated) | fsdp2 (sharded)
     train_forward: str = "hf"  # DashConfig.train_forward: the shared-prompt forward adds a tied embedding's rows
-    # into the head's gradient (no dense embedding gradient); `auto` takes it on CPU (builder.use_shared_prompt)
+    # into the head's gradient (no dense embedding gradient); config.shared_prompt_requested says when it runs
 
     @classmethod
     def from_config(cls, cfg: Any, device: str, dtype: str, budget: int | None = None,
@@ -243,8 +243,7 @@ class RunShape:
     def rows_into_head_grad(self) -> bool:
         """Whether training runs the shared-prompt forward (unless the model cannot: its own forward, with the
         dense embedding gradient this then leaves out of the plan), never with sharded weights."""
-        shared = self.train_forward == "shared_prompt" or (self.train_forward == "auto" and self.device == "cpu")
-        return shared and not self.sharded
+        return shared_prompt_requested(self.train_forward, self.device) and not self.sharded
 
     @property
     def sharded(self) -> bool:
