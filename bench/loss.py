@@ -11,10 +11,11 @@ dash_triton_atomic (Triton, bwd="atomic"), both GPU only (or the interpreter und
 correctness plumbing, no meaningful time). `dash_torch:ROWS` is dash_torch with logits chunks of ROWS token
 rows instead of its default (torch_ref.chunk_rows), to compare chunk sizes:
 
-    python bench/loss.py --quick --providers dash_torch:55,dash_torch --hidden 896 --vocab 151936 --rows 1 Each provider gets the same on-policy GRPO problem
-(beta = 0, token-mean weights). dash_* filter in-op (tau = 0.1, dropped rows have A = 0); naive,
-compile and liger get only the kept rows (filtered by the caller, as a trainer without in-op
-filtering would), so the kept-fraction sweep compares equal useful work.
+    python bench/loss.py --quick --providers dash_torch:55,dash_torch --hidden 896 --vocab 151936 --rows 1
+
+Each provider gets the same on-policy GRPO problem (beta = 0, token-mean weights). dash_* filter in-op
+(tau = 0.1, dropped rows have A = 0); naive, compile and liger get only the kept rows (filtered by the
+caller, as a trainer without in-op filtering would), so the kept-fraction sweep compares equal useful work.
 
 FLOPs are counted per provider, as each one executes them (x kept): 6NHV for naive / compile /
 liger / dash_torch (forward 2NHV, the two gradient GEMMs 4NHV; liger and dash_torch form the

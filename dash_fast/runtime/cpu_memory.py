@@ -33,9 +33,10 @@ MMAP_THRESHOLD = 32 << 20  # glibc's upper limit for this parameter on 64-bit
 TRIM_THRESHOLD = 1 << 30
 KEEP_MAX_PARAMETER_BYTES = 256 << 20  # above: freed blocks go back to the OS (module docstring)
 TOP_PAD = 128 << 10  # glibc's default top pad
+PINNED_THRESHOLD = 128 << 10  # glibc's default mmap and trim thresholds, where pinning the top pad holds them
 
 _applied: bool | None = None
-_pinned = None  # libc, when the large-model setting (mmap threshold pinned) is in effect: reuse_freed_memory's
+_pinned = None  # libc once the large-model setting (threshold pinned) is in effect; reuse_freed_memory calls it
 _gradient_block = MMAP_THRESHOLD  # reuse_freed_memory(gradients=True)'s mmap threshold
 
 
@@ -46,7 +47,7 @@ def keep_freed_memory(parameter_bytes: int = 0, layer_parameter_bytes: int = 0) 
     pinned at glibc's 128 KiB instead (returns False), and `reuse_freed_memory` lifts it by phase, up to
     `layer_parameter_bytes` (the largest decoder-layer parameter's size) in the update. The first call
     decides: glibc's thresholds cannot be restored once set."""
-    global _applied
+    global _applied, _pinned, _gradient_block
     if _applied is not None:
         return _applied
     _applied = False
@@ -60,7 +61,6 @@ def keep_freed_memory(parameter_bytes: int = 0, layer_parameter_bytes: int = 0) 
     except (OSError, AttributeError):  # musl and other C libraries: nothing to tune
         return False
     if parameter_bytes > KEEP_MAX_PARAMETER_BYTES:  # a large model: freed blocks go back (module docstring)
-        global _pinned, _gradient_block
         if mallopt(M_TOP_PAD, TOP_PAD):
             _pinned = libc
             _gradient_block = min(MMAP_THRESHOLD, layer_parameter_bytes or MMAP_THRESHOLD)
@@ -91,6 +91,6 @@ def reuse_freed_memory(gradients: bool = False) -> Iterator[None]:
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, TOP_PAD)  # 128 KiB: where pinning the top pad held it
-        libc.mallopt(M_TRIM_THRESHOLD, TOP_PAD)  # glibc's default trim threshold, also 128 KiB
+        libc.mallopt(M_MMAP_THRESHOLD, PINNED_THRESHOLD)
+        libc.mallopt(M_TRIM_THRESHOLD, PINNED_THRESHOLD)
         libc.malloc_trim(0)
