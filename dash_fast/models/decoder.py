@@ -84,13 +84,24 @@ def grouped_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return o.view(b, H, T, D)
 
 
-def linear_add(x: torch.Tensor, a: torch.Tensor, linear: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
-    """x + scale * linear(a) with the residual add fused into the GEMM (x, a: [N, *])."""
-    if scale == 1.0:
-        out = torch.addmm(x, a, linear.weight.t())
-        return out if linear.bias is None else out + linear.bias
-    out = torch.addmm(x, a, linear.weight.t(), alpha=scale)
-    return out if linear.bias is None else out + scale * linear.bias
+class Projections:
+    """How the layer pieces below multiply by a layer's weights: `linear(x, module)` is x W^T + b and
+    `linear_add(x, a, module, scale)` is x + scale * (a W^T + b), the residual add fused into the GEMM. This one
+    is plain torch (the engine, no-grad passes); the training forward passes grad_accumulation.py's
+    AccumulatingProjections, whose backward adds each weight's gradient into its `.grad` in place."""
+
+    def linear(self, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+        return F.linear(x, module.weight, module.bias)
+
+    def linear_add(self, x: torch.Tensor, a: torch.Tensor, module: torch.nn.Module,
+                   scale: float = 1.0) -> torch.Tensor:
+        out = torch.addmm(x, a, module.weight.t(), alpha=scale)
+        if module.bias is None:
+            return out
+        return out + module.bias if scale == 1.0 else out + scale * module.bias
+
+
+PLAIN = Projections()
 
 
 @dataclass(frozen=True)
@@ -143,19 +154,19 @@ def attention_input(x: torch.Tensor, layer: torch.nn.Module, fam: Family, norm, 
 
 
 def qkv_projections(attn: torch.nn.Module, h: torch.Tensor, shape: tuple[int, ...], norm, eps: float,
-                    fam: Family = Family()):
+                    fam: Family = Family(), proj: Projections = PLAIN):
     """q, k, v of the normed hidden `h` [N, hidden], viewed as [*shape, heads, head_dim]: separate or fused
     (Phi-3's qkv_proj) projections; q/k norms applied per head (Qwen3) or over all heads (OLMo2), with
-    `norm`, the caller's RMSNorm."""
+    `norm`, the caller's RMSNorm, and `proj`'s GEMMs."""
     D = attn.head_dim
     if hasattr(attn, "qkv_proj"):  # Phi-3: [q | k | v] in one GEMM
-        qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        qkv = proj.linear(h, attn.qkv_proj)
         nq = attn.o_proj.weight.shape[1]
         q, k, v = qkv.split([nq, (qkv.shape[-1] - nq) // 2, (qkv.shape[-1] - nq) // 2], dim=-1)
     else:
-        q = F.linear(h, attn.q_proj.weight, attn.q_proj.bias)
-        k = F.linear(h, attn.k_proj.weight, attn.k_proj.bias)
-        v = F.linear(h, attn.v_proj.weight, attn.v_proj.bias)
+        q = proj.linear(h, attn.q_proj)
+        k = proj.linear(h, attn.k_proj)
+        v = proj.linear(h, attn.v_proj)
     if hasattr(attn, "q_norm") and fam.post_norm:  # OLMo2: over the flat projection
         q, k = norm(q, fam.weight(attn.q_norm), eps), norm(k, fam.weight(attn.k_norm), eps)
     q, k, v = (t.reshape(*shape, -1, D) for t in (q, k, v))
@@ -165,42 +176,45 @@ def qkv_projections(attn: torch.nn.Module, h: torch.Tensor, shape: tuple[int, ..
 
 
 def attention_residual(x: torch.Tensor, o: torch.Tensor, layer: torch.nn.Module, fam: Family, norm,
-                       eps: float) -> torch.Tensor:
+                       eps: float, proj: Projections = PLAIN) -> torch.Tensor:
     """x + o_proj(o) (Granite: scaled by residual_multiplier; OLMo2: normed first)."""
     if fam.post_norm:
-        out = F.linear(o, layer.self_attn.o_proj.weight, layer.self_attn.o_proj.bias)
+        out = proj.linear(o, layer.self_attn.o_proj)
         return x + norm(out, fam.weight(layer.post_attention_layernorm), eps)
-    return linear_add(x, o, layer.self_attn.o_proj, fam.residual_scale)
+    return proj.linear_add(x, o, layer.self_attn.o_proj, fam.residual_scale)
 
 
-def mlp_block(x: torch.Tensor, layer: torch.nn.Module, fam: Family, norm, eps: float) -> torch.Tensor:
+def mlp_block(x: torch.Tensor, layer: torch.nn.Module, fam: Family, norm, eps: float,
+              proj: Projections = PLAIN) -> torch.Tensor:
     """The MLP half of a layer: x + mlp(norm(x)) (OLMo2: x + norm(mlp(x)))."""
     if fam.post_norm:
-        return x + norm(_mlp(x, layer.mlp), fam.weight(layer.post_feedforward_layernorm), eps)
-    return mlp_residual(x, norm(x, fam.weight(layer.post_attention_layernorm), eps), layer.mlp, fam.residual_scale)
+        return x + norm(_mlp(x, layer.mlp, proj), fam.weight(layer.post_feedforward_layernorm), eps)
+    h = norm(x, fam.weight(layer.post_attention_layernorm), eps)
+    return mlp_residual(x, h, layer.mlp, fam.residual_scale, proj)
 
 
-def _gated(h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
+def _gated(h: torch.Tensor, mlp: torch.nn.Module, proj: Projections) -> torch.Tensor:
     """act(gate(h)) * up(h), from separate or fused (Phi-3's gate_up_proj) projections. The product is
     taken in place when no gradient is recorded (sampling, log-prob passes): the same values, one buffer
     less."""
     if hasattr(mlp, "gate_up_proj"):
-        gate, up = F.linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias).chunk(2, dim=-1)
+        gate, up = proj.linear(h, mlp.gate_up_proj).chunk(2, dim=-1)
         act = mlp.activation_fn(gate)
     else:
-        gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
-        up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
+        gate = proj.linear(h, mlp.gate_proj)
+        up = proj.linear(h, mlp.up_proj)
         act = mlp.act_fn(gate)
     return act * up if torch.is_grad_enabled() else act.mul_(up)
 
 
-def _mlp(h: torch.Tensor, mlp: torch.nn.Module) -> torch.Tensor:
-    return F.linear(_gated(h, mlp), mlp.down_proj.weight, mlp.down_proj.bias)
+def _mlp(h: torch.Tensor, mlp: torch.nn.Module, proj: Projections) -> torch.Tensor:
+    return proj.linear(_gated(h, mlp, proj), mlp.down_proj)
 
 
-def mlp_residual(x: torch.Tensor, h: torch.Tensor, mlp: torch.nn.Module, scale: float = 1.0) -> torch.Tensor:
+def mlp_residual(x: torch.Tensor, h: torch.Tensor, mlp: torch.nn.Module, scale: float = 1.0,
+                 proj: Projections = PLAIN) -> torch.Tensor:
     """x + scale * down(act(gate(h)) * up(h)), the residual add fused into the down GEMM."""
-    return linear_add(x, _gated(h, mlp), mlp.down_proj, scale)
+    return proj.linear_add(x, _gated(h, mlp, proj), mlp.down_proj, scale)
 
 
 def logit_multiplier(model) -> float:

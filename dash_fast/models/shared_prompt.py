@@ -4,7 +4,8 @@ GRPO trains on G completions of every prompt. A plain forward runs the prompt G 
 tokens of a micro-batch run once per distinct prompt, and each completion attends to its prompt's keys
 and values (gathered by index, so the gradient of all G rows flows back into the one prompt pass) and
 causally to its own tokens. The loss and every gradient are those of the plain forward (a test holds
-them equal in float64); the work saved is (G - 1) prompt passes per group.
+them equal in float64); the work saved is (G - 1) prompt passes per group. The projections add their
+weights' gradients into `.grad` in place (grad_accumulation.py).
 
 Layout of one micro-batch: U distinct prompts left-padded to [U, P], R completions right-padded to
 [R, C]; the decoder's linear layers run on the flat [U * P + R * C, hidden] tokens, attention in two
@@ -31,6 +32,7 @@ from dash_fast.models.decoder import (
     scale_embeddings,
     static_unsupported,
 )
+from dash_fast.models.grad_accumulation import ACCUMULATING
 
 
 def shared_prompt_unsupported(model: torch.nn.Module) -> str | None:
@@ -153,7 +155,7 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         attn = layer.self_attn
         D = attn.head_dim
         h = attention_input(x, layer, fam, _norm, eps)
-        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam)
+        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam, ACCUMULATING)
         if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers skip it
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
@@ -163,8 +165,8 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         v_c = torch.cat([v_p.index_select(0, group), v_c], dim=2)
         o_c = grouped_sdpa(q_c, k_c, v_c, mask_c, attn.scaling)
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
-        x = attention_residual(x, o, layer, fam, _norm, eps)
-        return mlp_block(x, layer, fam, _norm, eps)
+        x = attention_residual(x, o, layer, fam, _norm, eps, ACCUMULATING)
+        return mlp_block(x, layer, fam, _norm, eps, ACCUMULATING)
 
     checkpointing = checkpointing and torch.is_grad_enabled()
     for layer in decoder.layers[: cfg.num_hidden_layers]:
