@@ -127,15 +127,19 @@ class PolicyForward:
 
     def micro_loss(self, rollout: Rollout, rows: list[int], advantages: torch.Tensor, weights: torch.Tensor,
                    old: torch.Tensor | None, ref: torch.Tensor | None, step_tokens: int,
-                   bonus: EntropyBonus | None) -> tuple[torch.Tensor, dict, int]:
+                   bonus: EntropyBonus | None, backward_next: bool = False) -> tuple[torch.Tensor, dict, int]:
         """Forward + loss of the micro-batch `rows` (the registry's loss); returns (loss, stats, tokens).
-        Under FSDP2 it runs inside the root's forward, where the lm_head weight it reads is unsharded."""
+        Under FSDP2 it runs inside the root's forward, where the lm_head weight it reads is unsharded.
+        `backward_next`: the caller runs loss.backward() next, so the loss may add the head's gradient into the
+        head's existing .grad as it computes it (LossInputs.weight_grad; one [V, H] buffer less per micro-batch)."""
         hidden, targets = self.hidden_and_targets(self.model, rollout, rows)
         weight, bias = lm_head(self.model)
         inputs = LossInputs(hidden, weight, bias, targets, rollout.completion_lengths[rows].tolist(),
                             self._per_token(advantages, rollout, rows), self._per_token(weights, rollout, rows),
                             None if old is None else self._per_token(old, rollout, rows),
                             None if ref is None else self._per_token(ref, rollout, rows), step_tokens)
+        if backward_next and self.fsdp_root is None and torch.is_grad_enabled():
+            inputs.weight_grad = weight.grad
         if self.sampler_is:  # sampler importance sampling (DashConfig.sampler_is_*), computed inside the loss
             inputs.sampler_logp = self._per_token(rollout.sampling_logps, rollout, rows)
             inputs.row_ids = self._row_ids(rollout, rows)

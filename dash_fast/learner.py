@@ -169,7 +169,7 @@ class Learner(PolicyForward):
                     micro_rows = [rows[j] for j in micro]
                     run = self.micro_loss if self.fsdp_root is None else partial(self.fsdp_root, self.micro_loss)
                     loss, st, n = run(rollout, micro_rows, batch.advantages, batch.weights, batch.old, batch.ref,
-                                      self.step_tokens, self.entropy_bonus)
+                                      self.step_tokens, self.entropy_bonus, backward_next=True)
             with nvtx_range("train/backward"):
                 loss.backward()
             call_hooks(self.hooks.after_micro_batch, i, len(micros))

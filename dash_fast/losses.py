@@ -61,6 +61,9 @@ class LossInputs:
     step_tokens: int = 0
     sampler_logp: torch.Tensor | None = None  # the sampler's log-probs: sampler importance sampling is on
     row_ids: torch.Tensor | None = None  # each token's row (sequence-level importance sampling)
+    # the head weight's existing .grad, when the caller backwards from the loss (gradient 1) next: a loss may add
+    # the head's gradient into it during forward instead of returning it (fused_linear_pg_loss's grad_weight_into)
+    weight_grad: torch.Tensor | None = None
 
 
 # loss(inputs, config, entropy_bonus) -> (0-d loss tensor, stats: clip_fraction, kl_mean, entropy, logp)
@@ -101,7 +104,7 @@ def _kernel_loss(impl: str, x: LossInputs, a: DashConfig, bonus: EntropyBonus | 
     if impl == "fused":
         from dash_kernels import fused_linear_pg_loss
 
-        return fused_linear_pg_loss(*args, bwd=a.triton_bwd, **kwargs)
+        return fused_linear_pg_loss(*args, bwd=a.triton_bwd, grad_weight_into=x.weight_grad, **kwargs)
     if impl == "liger":
         from dash_kernels.liger_adapter import liger_pg_loss
 

@@ -37,7 +37,7 @@ from .utils import (
 class _FusedLinearPGLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, advantages, token_weights, old_logp, ref_logp, sampler_logp,
-                row_ids, idx, cfg):
+                row_ids, idx, grad_weight_into, cfg):
         n = hidden.shape[0]
         cdt = compute_dtype(hidden.dtype)
         dev = hidden.device
@@ -94,6 +94,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             return g_c
 
         ctx.backend = backend
+        ctx.weight_grad_added = False
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         seq_pending = is_k is not None and not is_ready and is_mode.startswith("sequence")
         if backend == "torch":
@@ -101,10 +102,14 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             if seq_pending and need_grad:  # whole rows' log-probs before the gradient pass: one extra lm_head pass
                 pre = chunked_pg(h_k, weight, bias, tgt_k, None, temperature=temperature, chunk_size=chunk_size)
                 is_k, is_ready = is_ratio(pre["logp"]), True
+            into = None
+            if need_gw and grad_weight_into is not None and grad_weight_into.dtype == cdt \
+                    and grad_weight_into.device == dev and type(grad_weight_into) is torch.Tensor:
+                into, ctx.weight_grad_added = grad_weight_into, True
             out = chunked_pg(
                 h_k, weight, bias, tgt_k, g_fn, temperature=temperature,
                 need_grad_hidden=need_gh, need_grad_weight=need_gw, need_grad_bias=need_gb,
-                return_entropy=return_entropy, chunk_size=chunk_size,
+                return_entropy=return_entropy, chunk_size=chunk_size, grad_weight_into=into,
             )
             logp_k, ent_k = out["logp"], out["entropy"]
             if not need_grad:
@@ -114,7 +119,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             gh = out["grad_hidden"]
             if gh is not None and not all_kept:
                 gh = torch.zeros(n, hidden.shape[1], dtype=cdt, device=dev).index_copy_(0, idx, gh)
-            ctx.grads = [gh, out["grad_weight"], out["grad_bias"]]
+            ctx.grads = [gh, None if ctx.weight_grad_added else out["grad_weight"], out["grad_bias"]]
         else:
             from .triton_kernels import triton_logprobs
 
@@ -158,6 +163,9 @@ class _FusedLinearPGLoss(torch.autograd.Function):
                     raise RuntimeError("fused_linear_pg_loss (torch backend) supports one backward per forward")
                 grads, ctx.grads = ctx.grads, None  # hand the buffers over so autograd can steal them
                 if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
+                    if ctx.weight_grad_added:  # already in grad_weight_into, at a gradient of 1
+                        raise RuntimeError("fused_linear_pg_loss with grad_weight_into: backward must start at the "
+                                           "loss itself (gradient 1); scale the inputs, not the loss")
                     grads = [None if t is None else t.mul_(grad_loss) for t in grads]
             else:
                 from .triton_kernels import triton_pg_backward
@@ -169,7 +177,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
                     need_grad_bias=ctx.needs_input_grad[2], bwd=ctx.bwd,
                 )
             grads = [None if t is None else t.to(dt) for t, dt in zip(grads, ctx.dtypes)]
-        return (*grads, None, None, None, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 def fused_linear_pg_loss(
@@ -197,6 +205,7 @@ def fused_linear_pg_loss(
     is_clip_min: float | None = None,
     is_clip_max: float | None = 3.0,
     kl_correction: bool = False,
+    grad_weight_into: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """loss = sum_t token_weights_t * (r_t * surr_t + beta * kl_t) over tokens with |A_t| > tau.
 
@@ -212,6 +221,13 @@ def fused_linear_pg_loss(
     (r_t = 1 without it). Sequence modes need row_ids, and all of a row's tokens in the call; without
     old_logp the torch backend then runs one extra no-grad lm_head pass to have whole rows before the
     gradient. `kl_correction`: kl_t is TRL's bias-corrected k3, k3_t x exp(logp_t - old_t) (differentiable).
+
+    `grad_weight_into` (gradient accumulation: the weight's existing `.grad`): the torch backend adds the
+    weight's gradient into it during this forward, where its matmul runs anyway, and backward returns none for
+    the weight. That saves a [V, H] buffer per call and the add into `.grad`. The caller must then run backward
+    from this loss with gradient 1 (anything else raises) and must not drop the loss unbackwarded. Ignored (the
+    gradient returned by backward as usual) by the Triton backend, without a weight gradient, or for a tensor of
+    another dtype than the compute dtype.
     """
     check_inputs("fused_linear_pg_loss", hidden, weight, beta, targets=targets, advantages=advantages,
                  token_weights=token_weights, old_logp=old_logp, ref_logp=ref_logp, sampler_logp=sampler_logp,
@@ -226,7 +242,7 @@ def fused_linear_pg_loss(
         idx = kept_index(advantages, token_weights, tau)  # in-kernel filtering: only these rows are touched
         loss, logp, clip_fraction, kl_mean, entropy, ratio = _FusedLinearPGLoss.apply(
             hidden, weight, bias, targets, advantages, token_weights, old_logp,
-            ref_logp if beta != 0.0 else None, sampler_logp, row_ids, idx, cfg,
+            ref_logp if beta != 0.0 else None, sampler_logp, row_ids, idx, grad_weight_into, cfg,
         )
     stats = {
         "logp": logp,

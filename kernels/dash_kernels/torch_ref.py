@@ -44,11 +44,14 @@ def chunked_pg(
     need_grad_bias: bool = False,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    grad_weight_into: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Token log-probs of `hidden` rows (optionally entropy) and, when g_fn is given, the gradients
     of sum_t L_t where g_fn(start, end, logp_chunk) returns dL_t/dlogp_t for that chunk.
 
-    Rows with g == 0 (clipped, beta = 0) are dropped from the gradient matmuls.
+    Rows with g == 0 (clipped, beta = 0) are dropped from the gradient matmuls. `grad_weight_into` (a [V, H]
+    tensor of the compute dtype): the weight's gradient is added into it instead of a new zeroed buffer, and
+    "grad_weight" is that tensor.
     """
     n, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -63,7 +66,8 @@ def chunked_pg(
         "logp": torch.empty(n, dtype=cdt, device=dev),
         "entropy": torch.empty(n, dtype=cdt, device=dev) if return_entropy else None,
         "grad_hidden": torch.zeros(n, hdim, dtype=cdt, device=dev) if grads and need_grad_hidden else None,
-        "grad_weight": torch.zeros(vocab, hdim, dtype=cdt, device=dev) if grads and need_grad_weight else None,
+        "grad_weight": (None if not (grads and need_grad_weight) else grad_weight_into if grad_weight_into is not None
+                        else torch.zeros(vocab, hdim, dtype=cdt, device=dev)),
         "grad_bias": torch.zeros(vocab, dtype=cdt, device=dev) if grads and need_grad_bias else None,
     }
     if n == 0:

@@ -9,18 +9,19 @@ from helpers import make_float64_trainer as make_trainer
 from dash_fast import algo
 
 
+@pytest.mark.parametrize("loss_impl", ["naive", "fused"])  # fused: the head's gradient added into its .grad
 @pytest.mark.parametrize("train_forward", ["shared_prompt", "hf"])
 @pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "dr_grpo"])
-def test_gradient_accumulation_equals_one_batch(tmp_path, loss_agg, train_forward):
+def test_gradient_accumulation_equals_one_batch(tmp_path, loss_agg, train_forward, loss_impl):
     one_batch = make_trainer(tmp_path / "one", loss_agg=loss_agg, train_forward=train_forward, frozen=True,
-                             micro_batch_tokens=10**6)
+                             micro_batch_tokens=10**6, loss_impl=loss_impl)
     rollout = rollout_for(one_batch)
     advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     kept = torch.arange(len(rollout))
     one = grads_of_update(one_batch, rollout, advantages, kept)
     # a few rows per micro-batch (a group's rows split across several); the same initial weights
     trainer = make_trainer(tmp_path / "many", loss_agg=loss_agg, train_forward=train_forward, frozen=True,
-                           micro_batch_tokens=20)
+                           micro_batch_tokens=20, loss_impl=loss_impl)
     assert len(trainer.learner.micro_batches(rollout, list(range(len(rollout))))) >= 4
     many = grads_of_update(trainer, rollout, advantages, kept)
     assert_same_grads(one, many, rtol=1e-9, atol=1e-12)
@@ -133,3 +134,23 @@ def test_adamw_is_fused_outside_fsdp2(tmp_path):
     the default per-tensor loop at the 0.5B shape on CPU)."""
     trainer = make_trainer(tmp_path, dtype=torch.float32)
     assert isinstance(trainer.optimizer, torch.optim.AdamW) and trainer.optimizer.defaults["fused"] is True
+
+
+def test_later_micro_batches_hand_the_loss_the_heads_gradient(tmp_path, monkeypatch):
+    """From the second micro-batch of an optimizer step on, the loss gets the head's existing .grad to add its
+    gradient into (LossInputs.weight_grad); the first has none yet, and no-grad passes never get one."""
+    from dash_fast.losses import LOSSES
+
+    seen, fused = [], LOSSES["fused"]
+
+    def recording(x, a, bonus):
+        seen.append(x.weight_grad is not None and x.weight_grad is x.weight.grad)
+        return fused(x, a, bonus)
+
+    monkeypatch.setitem(LOSSES, "fused", recording)
+    trainer = make_trainer(tmp_path, frozen=True, micro_batch_tokens=20, loss_impl="fused")
+    rollout = rollout_for(trainer)
+    n_micro = len(trainer.learner.micro_batches(rollout, list(range(len(rollout)))))
+    advantages = torch.randn(len(rollout), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads_of_update(trainer, rollout, advantages, torch.arange(len(rollout)))
+    assert n_micro >= 2 and seen == [False] + [True] * (n_micro - 1)

@@ -174,6 +174,49 @@ def test_tied_embedding_grads_accumulate():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("case", ["on_policy", "beta_outside_tau", "temperature", "tau01"])
+def test_weight_gradient_added_into_an_existing_gradient(case):
+    """grad_weight_into=weight.grad (gradient accumulation): the forward adds the weight's gradient into that
+    tensor and backward returns none for the weight, so .grad ends as before + the reference gradient, the same
+    tensor; the other gradients are the reference's."""
+    inp_kw, kw = CASES[case]
+    inp = make_inputs(**inp_kw)
+    _, _, ref = run(dk.pg_loss_ref, inp, **kw)
+    leaves = {k: inp[k].detach().clone().requires_grad_(True) for k in ("hidden", "weight", "bias")}
+    start = torch.randn_like(inp["weight"])
+    leaves["weight"].grad = start.clone()
+    into = leaves["weight"].grad
+    loss, _ = fused_torch(leaves["hidden"], leaves["weight"], leaves["bias"], inp["targets"], inp["advantages"],
+                          inp["token_weights"], inp["old_logp"], inp["ref_logp"], grad_weight_into=into, **kw)
+    torch.testing.assert_close(into, start + ref["weight"])  # added during the forward
+    loss.backward()
+    assert leaves["weight"].grad is into
+    torch.testing.assert_close(into, start + ref["weight"])  # and not again by backward
+    for k in ("hidden", "bias"):
+        torch.testing.assert_close(leaves[k].grad, ref[k])
+
+
+def test_weight_gradient_into_needs_backward_from_the_loss():
+    inp = make_inputs()
+    weight = inp["weight"].clone().requires_grad_(True)
+    weight.grad = torch.zeros_like(weight)
+    loss, _ = fused_torch(inp["hidden"], weight, None, inp["targets"], inp["advantages"], inp["token_weights"],
+                          None, None, grad_weight_into=weight.grad)
+    with pytest.raises(RuntimeError, match="backward must start at the loss itself"):
+        (2.0 * loss).backward()
+
+
+def test_weight_gradient_into_of_another_dtype_is_returned_by_backward():
+    """An fp32 buffer beside a float64 computation is not written: backward returns the gradient as usual."""
+    inp = make_inputs()
+    weight = inp["weight"].clone().requires_grad_(True)
+    into = torch.zeros_like(weight, dtype=torch.float32)
+    loss, _ = fused_torch(inp["hidden"], weight, None, inp["targets"], inp["advantages"], inp["token_weights"],
+                          None, None, grad_weight_into=into)
+    loss.backward()
+    assert into.abs().sum() == 0 and weight.grad is not None and weight.grad.abs().sum() > 0
+
+
 def test_frozen_weight_and_bias():
     inp = make_inputs()
     hidden = inp["hidden"].clone().requires_grad_(True)
