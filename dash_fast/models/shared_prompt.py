@@ -20,6 +20,7 @@ import torch.utils.checkpoint
 
 from dash_fast.data.prompts import pad_left, unique_prompts
 from dash_fast.models.decoder import (
+    Projections,
     attention_input,
     attention_residual,
     embed,
@@ -115,11 +116,13 @@ def embed_for_training(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tenso
 
 
 def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], completions: list[list[int]],
-                         pad_id: int, checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         pad_id: int, checkpointing: bool = False,
+                         proj: Projections = ACCUMULATING) -> tuple[torch.Tensor, torch.Tensor]:
     """Final-norm hidden states that predict each completion token, flattened in row order to [N, H],
     and the tokens they predict [N]. Row r predicts completions[r] after prompts[r]. `checkpointing`:
     each decoder layer keeps only its input for backward and runs again there (torch's non-reentrant
-    checkpoint: the same values and gradients, one layer's activations alive instead of all of them)."""
+    checkpoint: the same values and gradients, one layer's activations alive instead of all of them).
+    `proj`: the layers' GEMMs (default: weight gradients added into .grad in place; decoder.PLAIN: autograd's)."""
     cfg, decoder = model.config, model.model
     device = decoder.embed_tokens.weight.device
     unique, group = unique_prompts(prompts)
@@ -155,7 +158,7 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         attn = layer.self_attn
         D = attn.head_dim
         h = attention_input(x, layer, fam, _norm, eps)
-        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam, ACCUMULATING)
+        q, k, v = qkv_projections(attn, h, (h.shape[0],), _norm, eps, fam, proj)
         if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers skip it
             q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         q_p, k_p, v_p = (t[:n_p].view(U, P, -1, D).transpose(1, 2) for t in (q, k, v))
@@ -165,8 +168,8 @@ def shared_prompt_hidden(model: torch.nn.Module, prompts: list[list[int]], compl
         v_c = torch.cat([v_p.index_select(0, group), v_c], dim=2)
         o_c = grouped_sdpa(q_c, k_c, v_c, mask_c, attn.scaling)
         o = torch.cat([o_p.transpose(1, 2).reshape(n_p, -1), o_c.transpose(1, 2).reshape(R * C, -1)])
-        x = attention_residual(x, o, layer, fam, _norm, eps, ACCUMULATING)
-        return mlp_block(x, layer, fam, _norm, eps, ACCUMULATING)
+        x = attention_residual(x, o, layer, fam, _norm, eps, proj)
+        return mlp_block(x, layer, fam, _norm, eps, proj)
 
     checkpointing = checkpointing and torch.is_grad_enabled()
     for layer in decoder.layers[: cfg.num_hidden_layers]:

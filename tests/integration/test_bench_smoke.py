@@ -109,6 +109,16 @@ def test_roofline_smoke():
     assert common.measure_bandwidth(mib=8, reps=1) > 0 and common.measure_gemm(8, 8, 8, reps=1) > 0
 
 
+def test_roofline_accumulation_smoke():
+    """bench/train_roofline.py --micro-batches: both variants timed in the same run, and their ratio."""
+    cmd = [sys.executable, str(ROOT / "bench" / "train_roofline.py"), "--shape", "tiny", "--reps", "1",
+           "--micro-batches", "2", "--rows", "4", "--prompt", "3", "--completion", "5"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for line in ("in_place :", "autograd :", "autograd / in_place (median):"):
+        assert line in out.stdout, out.stdout
+
+
 def test_e2e_shape_smoke(tmp_path):
     """bench/e2e.py --shape (bench/swap.py's machinery) on the tiny shape with the long-prompt options: both
     trainers in their own process on GSM8K-few-shot-shaped prompts of exactly --prompt-tokens tokens, every
