@@ -24,6 +24,7 @@ import contextlib
 import ctypes
 import os
 import sys
+import threading
 from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
@@ -38,6 +39,8 @@ PINNED_THRESHOLD = 128 << 10  # glibc's default mmap and trim thresholds, where 
 _applied: bool | None = None
 _pinned = None  # libc once the large-model setting (threshold pinned) is in effect; reuse_freed_memory calls it
 _gradient_block = MMAP_THRESHOLD  # reuse_freed_memory(gradients=True)'s mmap threshold
+_phases: list[int] = []  # the mmap thresholds of the phases in progress (a generate may run in a thread beside an update)
+_phases_lock = threading.Lock()
 
 
 def keep_freed_memory(parameter_bytes: int = 0, layer_parameter_bytes: int = 0) -> bool:
@@ -73,24 +76,40 @@ def keep_freed_memory(parameter_bytes: int = 0, layer_parameter_bytes: int = 0) 
 def reuse_freed_memory(gradients: bool = False) -> Iterator[None]:
     """Within: freed blocks stay in glibc's heap for reuse, for a phase that frees and allocates the same
     temporaries over and over (a decode step's activations, logits and sampling buffers; a micro-batch's
-    activations and its backward's temporaries). On exit the pinned settings come back and malloc_trim hands
-    every free page of the heap back to the OS, so nothing the phase freed stays resident into the next.
+    activations and its backward's temporaries). On exit (of the last phase in progress) the pinned settings
+    come back and malloc_trim hands every free page of the heap back to the OS, so nothing the phase freed stays
+    resident into the next.
 
     `gradients` (the update): blocks the size of the largest decoder-layer parameter and up still come from
     fresh mappings. Gradients live until the next step, and in the heap they would sit between the holes the
     freed activations leave, raising the peak (Qwen2.5-0.5B's shape: 8.77 GB with every block under 32 MiB
     from the heap, 8.52 GB with the MLP weights' 17 MB gradients mapped; bench/results/e2e_qwen05b.md).
     A no-op unless `keep_freed_memory` pinned the threshold for a large model (a small one keeps freed memory
-    throughout)."""
+    throughout). Phases may overlap (a generate in a thread during an update): the smallest threshold of those
+    in progress holds, and the pinned settings and the trim wait for the last one to end."""
     libc = _pinned
     if libc is None:
         yield
         return
-    libc.mallopt(M_MMAP_THRESHOLD, _gradient_block if gradients else MMAP_THRESHOLD)
-    libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    threshold = _gradient_block if gradients else MMAP_THRESHOLD
+    with _phases_lock:
+        _phases.append(threshold)
+        _set_thresholds(libc)
     try:
         yield
     finally:
-        libc.mallopt(M_MMAP_THRESHOLD, PINNED_THRESHOLD)
-        libc.mallopt(M_TRIM_THRESHOLD, PINNED_THRESHOLD)
-        libc.malloc_trim(0)
+        with _phases_lock:
+            _phases.remove(threshold)
+            _set_thresholds(libc)
+
+
+def _set_thresholds(libc) -> None:
+    """glibc's thresholds for the phases in progress (under _phases_lock): the smallest phase threshold, or with
+    none left the pinned ones, and the heap's free pages handed back."""
+    if _phases:
+        libc.mallopt(M_MMAP_THRESHOLD, min(_phases))
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, PINNED_THRESHOLD)
+    libc.mallopt(M_TRIM_THRESHOLD, PINNED_THRESHOLD)
+    libc.malloc_trim(0)

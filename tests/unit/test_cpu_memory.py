@@ -113,3 +113,36 @@ def test_a_phase_reuses_freed_blocks_and_gives_them_back_at_its_end():
     assert update_small < round_pages // 10, out.stdout
     assert update_large > 0.5 * 8 * (17 << 20) // 4096, out.stdout  # 0 when they come from the heap
     assert grown_mib < 16, out.stdout  # 48 MiB of freed blocks were in the heap before malloc_trim
+
+
+NESTED = """
+import resource, threading, torch
+from dash_fast.runtime.cpu_memory import keep_freed_memory, reuse_freed_memory
+keep_freed_memory(1 << 31, 17 << 20)
+def last_round(mib=6, n=6):
+    for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        blocks = [torch.ones(mib << 18) for _ in range(8)]
+        pin = torch.ones(1 << 10)
+        del blocks
+        last = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    return last
+def generate():
+    with reuse_freed_memory():
+        last_round(n=2)
+with reuse_freed_memory(gradients=True):
+    sampler = threading.Thread(target=generate)
+    sampler.start()
+    sampler.join()
+    inside = last_round()
+print(inside)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt and malloc_trim")
+def test_a_phase_ending_inside_another_leaves_the_outer_ones_settings():
+    """A generate run in a thread during an update (overlapping phases): when it ends, the update still reuses
+    its freed blocks (with the pinned setting back, each round would map and fault its blocks in afresh)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", NESTED], capture_output=True, text=True, env=env, check=True)
+    assert int(out.stdout) < 8 * (6 << 20) // 4096 // 10, out.stdout
