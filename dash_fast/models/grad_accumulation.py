@@ -9,7 +9,7 @@ instead: no buffer, no add (Megatron-LM's gradient_accumulation_fusion does the 
 None (the first micro-batch after zero_grad(set_to_none=True)) it hands dW to autograd as a linear layer does.
 
 Same values as F.linear / addmm forward and backward, up to the order of the float sum over micro-batches
-(tests/engines/test_shared_prompt.py). Plain GEMMs instead (`Projections`) where the in-place add would be
+(tests/unit/test_grad_accumulation.py; tests/integration/test_trainer.py holds accumulation equal to one batch). Plain GEMMs instead (`Projections`) where the in-place add would be
 wrong or unseen: under autocast (the GEMM would run in the compute dtype and `.grad` is the fp32 master's), for
 weights of another dtype than the input, for sharded (DTensor) weights, and for weights with gradient hooks
 (they would not see a gradient that never passes through autograd).
