@@ -1,18 +1,19 @@
 """The training forward's projections, with each weight's gradient added into its `.grad` in place.
 
 Autograd computes a linear layer's weight gradient dy^T x into a new buffer, and when the weight already has a
-gradient (a later micro-batch, or every one when the learner keeps gradients between steps) AccumulateGrad
-adds that buffer into `.grad` and frees it. On CPU each such buffer is a fresh mapping that the kernel
-zero-fills page by page (17 MB for an MLP weight at Qwen2.5-0.5B's shape, ~0.5M page faults per optimizer
-step over the model), and the add is one more pass over it. Here the backward runs one addmm_ into `.grad`
-instead: no buffer, no add (Megatron-LM's gradient_accumulation_fusion does the same on GPU). Where `.grad` is
-None (the first micro-batch after zero_grad(set_to_none=True)) it hands dW to autograd as a linear layer does.
+gradient (from the second micro-batch of an optimizer step on) AccumulateGrad adds that buffer into `.grad` and
+frees it. On CPU each such buffer is a fresh mapping that the kernel zero-fills page by page (17 MB per MLP
+weight at Qwen2.5-0.5B's shape, 1.4 GB over its layers per micro-batch), and the add is one more pass over it.
+Here the backward runs one addmm_ into `.grad` instead: no buffer, no add (Megatron-LM's
+gradient_accumulation_fusion does the same on GPU). Where `.grad` is None (the first micro-batch after
+zero_grad(set_to_none=True)) it hands dW to autograd as a linear layer does.
 
 Same values as F.linear / addmm forward and backward, up to the order of the float sum over micro-batches
-(tests/unit/test_grad_accumulation.py; tests/integration/test_trainer.py holds accumulation equal to one batch). Plain GEMMs instead (`Projections`) where the in-place add would be
-wrong or unseen: under autocast (the GEMM would run in the compute dtype and `.grad` is the fp32 master's), for
-weights of another dtype than the input, for sharded (DTensor) weights, and for weights with gradient hooks
-(they would not see a gradient that never passes through autograd).
+(tests/unit/test_grad_accumulation.py; tests/integration/test_trainer.py holds accumulation equal to one
+batch). Plain GEMMs instead (`Projections`) where the in-place add would be wrong or unseen: under autocast
+(the GEMM would run in the compute dtype and `.grad` is the fp32 master's), for weights of another dtype than
+the input, for sharded (DTensor) weights, and for weights with gradient hooks (they would not see a gradient
+that never passes through autograd).
 """
 
 from __future__ import annotations

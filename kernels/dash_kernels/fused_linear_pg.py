@@ -163,7 +163,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
                     raise RuntimeError("fused_linear_pg_loss (torch backend) supports one backward per forward")
                 grads, ctx.grads = ctx.grads, None  # hand the buffers over so autograd can steal them
                 if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
-                    if ctx.weight_grad_added:  # already in grad_weight_into, at a gradient of 1
+                    if ctx.weight_grad_added and grad_loss.item() != 1.0:  # already added, at a gradient of 1
                         raise RuntimeError("fused_linear_pg_loss with grad_weight_into: backward must start at the "
                                            "loss itself (gradient 1); scale the inputs, not the loss")
                     grads = [None if t is None else t.mul_(grad_loss) for t in grads]
