@@ -76,8 +76,8 @@ def training_step(model, rows: int, prompt: int, completion: int, seed: int = 0)
 
 
 def accumulation_steps(model, rows: int, prompt: int, completion: int, micro_batches: int, seed: int = 0):
-    """{variant: closure} running one optimizer step's forward + backward over `micro_batches` shared-prompt
-    micro-batches (see the module docstring), and the FLOPs one executes."""
+    """{variant: closure}, each running one optimizer step's forward + backward over `micro_batches`
+    shared-prompt micro-batches (see the module docstring)."""
     from dash_kernels import fused_linear_pg_loss
 
     from dash_fast.models.decoder import PLAIN
