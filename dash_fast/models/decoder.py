@@ -95,13 +95,17 @@ class Projections:
 
     def linear_add(self, x: torch.Tensor, a: torch.Tensor, module: torch.nn.Module,
                    scale: float = 1.0) -> torch.Tensor:
-        out = torch.addmm(x, a, module.weight.t(), alpha=scale)
-        if module.bias is None:
-            return out
-        return out + module.bias if scale == 1.0 else out + scale * module.bias
+        return add_scaled_bias(torch.addmm(x, a, module.weight.t(), alpha=scale), module.bias, scale)
 
 
 PLAIN = Projections()
+
+
+def add_scaled_bias(out: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """out + scale * bias (out itself without a bias): what `linear_add` adds after its fused GEMM."""
+    if bias is None:
+        return out
+    return out + bias if scale == 1.0 else out + scale * bias
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from dash_fast.models.decoder import Projections
+from dash_fast.models.decoder import Projections, add_scaled_bias
 
 
 class _ProjectionWithGradInPlace(torch.autograd.Function):
@@ -82,10 +82,7 @@ class AccumulatingProjections(Projections):
         weight = module.weight
         if not self.applies(a, weight) or x.dim() != 2 or a.dim() != 2:
             return super().linear_add(x, a, module, scale)
-        out = _ProjectionWithGradInPlace.apply(a, weight, x, scale)
-        if module.bias is None:
-            return out
-        return out + module.bias if scale == 1.0 else out + scale * module.bias
+        return add_scaled_bias(_ProjectionWithGradInPlace.apply(a, weight, x, scale), module.bias, scale)
 
 
 ACCUMULATING = AccumulatingProjections()
