@@ -62,12 +62,14 @@ def chunked_pg(
     inv_t = 1.0 / temperature
     b = None if bias is None else bias.to(cdt) * inv_t
     grads = g_fn is not None and (need_grad_hidden or need_grad_weight or need_grad_bias)
+    grad_weight = None
+    if grads and need_grad_weight:
+        grad_weight = grad_weight_into if grad_weight_into is not None else torch.zeros(vocab, hdim, dtype=cdt, device=dev)
     out: dict[str, torch.Tensor | None] = {
         "logp": torch.empty(n, dtype=cdt, device=dev),
         "entropy": torch.empty(n, dtype=cdt, device=dev) if return_entropy else None,
         "grad_hidden": torch.zeros(n, hdim, dtype=cdt, device=dev) if grads and need_grad_hidden else None,
-        "grad_weight": (None if not (grads and need_grad_weight) else grad_weight_into if grad_weight_into is not None
-                        else torch.zeros(vocab, hdim, dtype=cdt, device=dev)),
+        "grad_weight": grad_weight,
         "grad_bias": torch.zeros(vocab, dtype=cdt, device=dev) if grads and need_grad_bias else None,
     }
     if n == 0:
