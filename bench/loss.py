@@ -179,14 +179,15 @@ def main() -> None:
             losses = {prov: step.last_loss for prov, step in steps.items()}
             for prov, t in times.items():
                 mem, note_mem = mems[prov]
-                flops = FLOPS_PER_NHV[prov.split(":")[0]] * nhv
+                per_nhv = FLOPS_PER_NHV[prov.split(":")[0]]  # dash_torch:ROWS counts as dash_torch
+                flops = per_nhv * nhv
                 common_kw = dict(name="loss", provider=prov, x_name=x_name, x_value=xv, device=dev_name,
                                  dtype=str(dtype).replace("torch.", ""), filter_fraction=round(1 - kept, 4))
                 rows += [
                     common.row(metric="time_fwd_bwd", p=t, unit="ms", note=note, **common_kw),
                     common.row(metric="peak_memory", p=(mem / 2**20,) * 3, unit="MiB", note=note_mem, **common_kw),
                     common.row(metric="tflops", p=tuple(flops / (ms * 1e-3) / 1e12 for ms in t[::-1]), unit="TFLOPS",
-                               note=f"{note}; {FLOPS_PER_NHV[prov.split(':')[0]]}NHV x kept", **common_kw),
+                               note=f"{note}; {per_nhv}NHV x kept", **common_kw),
                     common.row(metric="pct_peak", p=tuple(100 * flops / (ms * 1e-3) / 1e12 / peak for ms in t[::-1]),
                                unit="%", note=f"{note}; of {peak:.2f} TFLOPS ({peak_src})", **common_kw),
                 ]
