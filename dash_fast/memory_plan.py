@@ -374,7 +374,8 @@ def step_elements(m: ModelShape) -> int:
 def sampling_bytes(m: ModelShape, rows: int, prompts: int, prompt_tokens: int, length: int, dtype_bytes: int) -> int:
     """The larger of the prefill (each of `prompts` distinct prompts once) and one decode step: its activations, attention scores over the cache, the logits and
     sample_next's working set per row over the vocabulary (fp32 copy, log-probs, filtered log-probs, and
-    the fp64 CDF with its cumsum), plus the output tokens and log-probs of every row."""
+    the fp64 CDF with its cumsum; an upper bound on CPU, where sample_next works a few rows at a time),
+    plus the output tokens and log-probs of every row."""
     upcast = 0 if dtype_bytes == 4 else 4
     vocab_work = rows * m.vocab * (dtype_bytes + upcast + 4 + 4 + 8 + 8)
     decode = rows * step_elements(m) * dtype_bytes + 2 * rows * m.heads * length * dtype_bytes + vocab_work

@@ -33,6 +33,8 @@ from dash_fast.engines.static_decode import StaticDecoder, drop_finished_now, gr
 from dash_fast.models.decoder import static_unsupported
 from dash_fast.runtime.cpu_memory import reuse_freed_memory
 
+SAMPLE_ROWS = 4  # rows per sampling chunk on CPU (4 x 151936 fp32 logits: 2.4 MB); measured at 16-256 rows
+
 
 def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor | None:
@@ -56,6 +58,11 @@ def sample_next(
     distribution, as TRL computes it in the trainer, so the two agree. The draw is by inverse CDF (one
     uniform per row, float64 cumsum) rather than torch.multinomial, whose per-vocabulary-entry exponential
     noise dominates a small model's decode step on CPU.
+
+    With top-k the draw runs over the k candidates (`sample_among_top_k`); otherwise over the vocabulary
+    (`sample_over_vocabulary`), on CPU SAMPLE_ROWS rows at a time so that each pass over a chunk's
+    vocabulary-wide temporaries stays in cache (at 256 rows x 151936 tokens one pass over the whole batch
+    streams 155 MB, and the passes cost more than the decode step's attention).
     """
     logits = logits.float()
     drawn = logits
@@ -64,11 +71,34 @@ def sample_next(
         drawn = torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
     if params.temperature == 0:
         tokens = drawn.argmax(dim=-1)
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens[:, None]).squeeze(1)
+        return tokens, logits.gather(1, tokens[:, None]).squeeze(1) - log_normaliser(logits, 1.0)
+    if 0 < params.top_k < logits.shape[-1]:
+        picked = sample_among_top_k(logits, drawn, params, uniform)
+        if picked is not None:
+            return picked
+    step = SAMPLE_ROWS if logits.device.type == "cpu" else logits.shape[0]
+    parts = [sample_over_vocabulary(logits[i : i + step], drawn[i : i + step], params, uniform[i : i + step])
+             for i in range(0, logits.shape[0], step)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def log_normaliser(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log sum exp(logits / temperature) per row (in SAMPLE_ROWS chunks on CPU, as sample_next)."""
+    step = SAMPLE_ROWS if logits.device.type == "cpu" else logits.shape[0]
+    out = logits.new_empty(logits.shape[0])
+    for i in range(0, logits.shape[0], step):
+        x = logits[i : i + step]
+        torch.logsumexp(x if temperature == 1.0 else x / temperature, dim=-1, out=out[i : i + step])
+    return out
+
+
+def sample_over_vocabulary(logits: torch.Tensor, drawn: torch.Tensor, params: SamplingParams,
+                           uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """sample_next's draw over the whole vocabulary, for rows `logits` and their penalised `drawn`."""
     t = params.temperature  # x / 1.0 is x: no pass over the vocabulary for it
     logprobs = torch.log_softmax(logits if t == 1.0 else logits / t, dim=-1)
     allowed = logprobs if drawn is logits else torch.log_softmax(drawn if t == 1.0 else drawn / t, dim=-1)
-    if 0 < params.top_k < allowed.shape[-1]:
+    if 0 < params.top_k < allowed.shape[-1]:  # ties at the k-th value: every tied token stays
         kth = torch.topk(allowed, params.top_k, dim=-1).values[:, -1:]
         allowed = allowed.masked_fill(allowed < kth, float("-inf"))
     if params.top_p < 1.0:
@@ -82,6 +112,34 @@ def sample_next(
     cdf = allowed.exp().double().cumsum(-1)  # unnormalised; dropped tokens add 0 and are never drawn
     tokens = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return tokens, logprobs.gather(1, tokens[:, None]).squeeze(1)
+
+
+def sample_among_top_k(logits: torch.Tensor, drawn: torch.Tensor, params: SamplingParams,
+                       uniform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """sample_next for 0 < top_k < vocab over the k candidates only: one top-k pass and one log-sum-exp pass
+    over the vocabulary instead of sample_over_vocabulary's six (log-softmax, filter, exp, fp64 copy, cumsum,
+    search). The same draw: top-p and min-p on the candidates, then the inverse CDF at `uniform` over them in
+    vocabulary order, which is sample_over_vocabulary's CDF without its zero entries (the draw is
+    shift-invariant, so the candidates need no normaliser; the sums round differently, so a uniform within
+    rounding of a boundary may pick the neighbour). None when the k-th and (k+1)-th values tie
+    (sample_over_vocabulary keeps every tied token)."""
+    k, t = params.top_k, params.temperature
+    top = torch.topk(drawn, k + 1, dim=-1)  # descending
+    if bool((top.values[:, k - 1] == top.values[:, k]).any()):
+        return None
+    allowed = top.values[:, :k] if t == 1.0 else top.values[:, :k] / t
+    if params.top_p < 1.0:  # renormalised over the candidates, the token crossing p kept
+        probs = torch.softmax(allowed, -1)
+        allowed = allowed.masked_fill(probs.cumsum(-1) - probs > params.top_p, float("-inf"))
+    if params.min_p > 0:
+        allowed = allowed.masked_fill(allowed < allowed[:, :1] + math.log(params.min_p), float("-inf"))
+    ids, order = top.indices[:, :k].sort(dim=-1)
+    allowed = allowed.gather(1, order)
+    cdf = (allowed - allowed.max(dim=-1, keepdim=True).values).exp().double().cumsum(-1)
+    at = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).clamp_(max=k - 1)
+    tokens = ids.gather(1, at).squeeze(1)
+    chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # log-prob on the full tempered, unpenalised distribution
+    return tokens, (chosen if t == 1.0 else chosen / t) - log_normaliser(logits, t)
 
 
 def seen_tokens(ids: torch.Tensor, attn: torch.Tensor, row_prompt: torch.Tensor, vocab: int,
