@@ -13,7 +13,9 @@ G times each, GRPO's shape: the embedded engine prefills each distinct prompt on
 every row (as with num_return_sequences). Providers:
 
 - dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU;
-  on CPU in fp32 its projections run on oneDNN over the parameters, gemm="auto" = "onednn")
+  on CPU in fp32 with gemm="auto" its projections run on oneDNN, over a copy of the weights reordered once
+  per generate from static_decode.PACKED_MIN_NEW_TOKENS new tokens on, over the parameters below that)
+- dash_static_onednn: the same path with gemm="onednn" (oneDNN over the parameters at any length)
 - dash_static_packed: the same path with gemm="packed" (oneDNN over weights reordered once per generate)
 - dash_static_plain: the same path with gemm="plain" (F.linear on the parameters: MKL sgemm on CPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
@@ -58,7 +60,8 @@ from dash_fast.embedded.tiny import TinyConfig, build_model, build_tokenizer, ma
 from dash_fast.engines.base import SamplingParams  # noqa: E402
 from dash_fast.engines.torch_engine import TorchEngine  # noqa: E402
 
-PROVIDERS = ["dash_static", "dash_static_packed", "dash_static_plain", "dash_dynamic", "hf_generate", "vllm"]
+PROVIDERS = ["dash_static", "dash_static_onednn", "dash_static_packed", "dash_static_plain", "dash_dynamic",
+             "hf_generate", "vllm"]
 TEMPERATURE, TOP_K = 0.9, 50
 
 
@@ -116,9 +119,10 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
     pad = tokenizer.pad_token_id
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
                             seed=0)
-    if provider in ("dash_static", "dash_static_packed", "dash_static_plain", "dash_dynamic"):
+    if provider in ("dash_static", "dash_static_onednn", "dash_static_packed", "dash_static_plain", "dash_dynamic"):
         kv_cache = "dynamic" if provider == "dash_dynamic" else "static"
-        gemm = {"dash_static_packed": "packed", "dash_static_plain": "plain"}.get(provider, "auto")
+        gemm = {"dash_static_onednn": "onednn", "dash_static_packed": "packed",
+                "dash_static_plain": "plain"}.get(provider, "auto")
         engine = TorchEngine(model, pad, kv_cache=kv_cache, gemm=gemm)
         print(f"{provider}: {engine.describe()}")
         return lambda: engine.generate(prompts, params)

@@ -19,7 +19,9 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
   activations, the logits and sample_next's fp32/fp64 working set over the vocabulary, or the prefill's
-  activations when larger).
+  activations when larger), `packed_weights` (CPU, fp32, the embedded engine's default GEMMs: the copy of every
+  projection and the lm_head that a generate of static_decode.PACKED_MIN_NEW_TOKENS tokens or more decodes on,
+  and the buffer its fused weights are concatenated in; freed when the generate ends).
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
@@ -105,6 +107,7 @@ ADVICE = {  # what to change when an item is the largest and nothing fits
     "kv_cache": "a smaller generation_batch_size or max_completion_tokens / max_prompt_tokens",
     "graph_pool": "a smaller generation_batch_size",
     "sampling": "a smaller generation_batch_size",
+    "packed_weights": "max_completion_tokens below 64 (generates that short decode over the weights themselves)",
     "activations": "gradient_checkpointing=true or a smaller micro_batch_tokens",
     "loss": "a smaller micro_batch_tokens",
     "embedding_grad": "a smaller model (the vocabulary x hidden gradient)",
@@ -371,13 +374,17 @@ def step_elements(m: ModelShape) -> int:
     return 3 * m.hidden + 2 * q + 2 * kv + 2 * m.intermediate
 
 
-def sampling_bytes(m: ModelShape, rows: int, prompts: int, prompt_tokens: int, length: int, dtype_bytes: int) -> int:
-    """The larger of the prefill (each of `prompts` distinct prompts once) and one decode step: its activations, attention scores over the cache, the logits and
-    sample_next's working set per row over the vocabulary (fp32 copy, log-probs, filtered log-probs, and
-    the fp64 CDF with its cumsum; an upper bound on CPU, where sample_next works a few rows at a time),
-    plus the output tokens and log-probs of every row."""
+def sampling_bytes(m: ModelShape, rows: int, prompts: int, prompt_tokens: int, length: int, dtype_bytes: int,
+                   device: str = "cuda") -> int:
+    """The larger of the prefill (each of `prompts` distinct prompts once) and one decode step: its activations,
+    attention scores over the cache, the logits and sample_next's working set per row over the vocabulary
+    (fp32 copy, log-probs, filtered log-probs, and the fp64 CDF with its cumsum: on CPU for SAMPLE_ROWS rows at
+    a time), plus the output tokens and log-probs of every row."""
+    from dash_fast.engines.torch_engine import SAMPLE_ROWS
+
     upcast = 0 if dtype_bytes == 4 else 4
-    vocab_work = rows * m.vocab * (dtype_bytes + upcast + 4 + 4 + 8 + 8)
+    working = rows if device == "cuda" else min(rows, SAMPLE_ROWS)
+    vocab_work = rows * m.vocab * dtype_bytes + working * m.vocab * (upcast + 4 + 4 + 8 + 8)
     decode = rows * step_elements(m) * dtype_bytes + 2 * rows * m.heads * length * dtype_bytes + vocab_work
     prefill = prompts * prompt_tokens * step_elements(m) * dtype_bytes
     outputs = rows * (length - prompt_tokens) * (8 + 4)
@@ -413,7 +420,8 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
         items["kv_cache"] = kv_cache_bytes(m, r.generation_rows, length, wb, r.device)
         items["graph_pool"] = graph_pool_bytes(m, r.generation_rows, wb) if r.device == "cuda" else 0
     prompts = max(1, -(-r.generation_rows // r.group_size))
-    items["sampling"] = sampling_bytes(m, r.generation_rows, prompts, r.prompt_tokens, length, wb)
+    items["sampling"] = sampling_bytes(m, r.generation_rows, prompts, r.prompt_tokens, length, wb, r.device)
+    items["packed_weights"] = packed_weights_bytes(m) if packs_weights(m, r) else 0
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
@@ -427,7 +435,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
 
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
     engine = items["kv_cache"] + items["graph_pool"]
-    sample = engine + items["sampling"] + items["gathered_sampling"]
+    sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"]
     backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
         items["gathered_update"] + items["optimizer_step"]
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
@@ -440,6 +448,22 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
         return MemoryPlan(m, r, items, resident + save, "checkpoint", budget, budget_source,
                           other_ranks_peak=resident + top)
     return MemoryPlan(m, r, items, resident + top, phase, budget, budget_source)
+
+
+def packs_weights(m: ModelShape, r: RunShape) -> bool:
+    """Whether the run's generates decode on a packed copy of the weights (StaticDecoder.packs with gemm="auto":
+    the embedded engine on CPU in fp32, a model of hidden size ONEDNN_MIN_HIDDEN or more, and completions of
+    PACKED_MIN_NEW_TOKENS tokens or more)."""
+    from dash_fast.engines.static_decode import ONEDNN_MIN_HIDDEN, PACKED_MIN_NEW_TOKENS
+
+    return (r.engine == "torch" and r.device == "cpu" and r.dtype == "float32" and m.hidden >= ONEDNN_MIN_HIDDEN
+            and r.completion_tokens >= PACKED_MIN_NEW_TOKENS)
+
+
+def packed_weights_bytes(m: ModelShape) -> int:
+    """The packed copy (fp32): every layer's projections and the lm_head, plus the concatenation buffer of the
+    largest fused weight (gate|up)."""
+    return 4 * (m.layers * layer_params(m) + m.vocab * m.hidden + 2 * m.intermediate * m.hidden)
 
 
 def layer_params(m: ModelShape) -> int:

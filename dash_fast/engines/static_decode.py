@@ -39,6 +39,11 @@ DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of it
 # Qwen2.5-0.5B shape) oneDNN over the parameters decodes 1.5x faster than MKL's F.linear; at the embedded
 # tiny model's 128 F.linear is 1.2-1.3x faster (per-call overhead on small GEMMs). Widths in between: unmeasured.
 ONEDNN_MIN_HIDDEN = 512
+# gemm="auto" decodes on a packed copy of the weights (reordered at the start of each generate, freed at its end)
+# from this many new tokens on. Measured at the Qwen2.5-0.5B shape (CPU, 2 threads, 16 rows): a decode step
+# takes ~140 ms on the packed copy against ~185 ms over the parameters, and the reorder 0.7-0.8 s standalone
+# (up to ~1.8 s inside the trainer, where the copy's memory is newly mapped): it pays back after ~20-40 steps.
+PACKED_MIN_NEW_TOKENS = 64
 
 
 class StaticDecoder:
@@ -76,6 +81,7 @@ class StaticDecoder:
         self.graph_misses = 0  # decode steps run eagerly because their bucket had no graph (worker thread)
         self.workers = 0  # generate() calls running outside the main thread right now
         self.gemm, self.gemm_reason = self._pick_gemm(gemm)
+        self.pack_long = gemm == "auto" and self.gemm == "onednn"  # long generates on a packed copy (packs)
         self.packed: list[PackedLayer] = []  # oneDNN-packed projections, live during one generate (pack / unpack)
         self.packed_head: PackedLinear | None = None
 
@@ -100,14 +106,20 @@ class StaticDecoder:
             return "plain", f"hidden size {hidden} < {ONEDNN_MIN_HIDDEN}"
         return ("onednn" if gemm == "auto" else gemm), None
 
+    def packs(self, new_tokens: int) -> bool:
+        """Whether a generate of `new_tokens` tokens decodes on a packed copy of the weights: always with
+        gemm="packed", from PACKED_MIN_NEW_TOKENS on where "auto" chose oneDNN (the copy's reorder then pays
+        back), never otherwise."""
+        return self.gemm == "packed" or (self.pack_long and new_tokens >= PACKED_MIN_NEW_TOKENS)
+
     @torch.no_grad()
-    def pack(self, rows: int) -> None:
-        """The oneDNN linears for `rows`-row decode steps: over the live parameters ("onednn"), or reordered
-        from them ("packed": one more copy of every projection and the lm_head until `unpack`); a no-op on
-        the plain path."""
+    def pack(self, rows: int, new_tokens: int) -> None:
+        """The oneDNN linears for `rows`-row decode steps of a generate of `new_tokens` tokens: reordered from
+        the live parameters when `packs` says so (one more copy of every projection and the lm_head until
+        `unpack`), else over the parameters as they are; a no-op on the plain path."""
         if self.gemm == "plain":
             return
-        reorder = self.gemm == "packed"
+        reorder = self.packs(new_tokens)
         concat = ConcatBuffer()  # one buffer for every layer's q|k|v and gate|up, freed with this call
         self.packed = [PackedLayer.of(layer, rows, concat, reorder) for layer in self.layers]
         head = self.model.get_output_embeddings()

@@ -29,7 +29,13 @@ import torch
 from dash_fast.data.prompts import pad_left, unique_prompts
 from dash_fast.engines.base import Rollout, SamplingParams
 from dash_fast.engines.packed_gemm import GEMM_PATHS
-from dash_fast.engines.static_decode import StaticDecoder, drop_finished_now, graph_bucket, graph_buckets
+from dash_fast.engines.static_decode import (
+    PACKED_MIN_NEW_TOKENS,
+    StaticDecoder,
+    drop_finished_now,
+    graph_bucket,
+    graph_buckets,
+)
 from dash_fast.models.decoder import static_unsupported
 from dash_fast.runtime.cpu_memory import reuse_freed_memory
 
@@ -170,10 +176,10 @@ class TorchEngine:
     `kv_cache`: "auto" (static when the architecture is supported, else dynamic), "static", "dynamic".
     `cuda_graphs`: None = on when the model is on CUDA (static path only).
     `gemm`: the static path's projections: "auto" ("onednn" on CPU in fp32 where this torch has the op and
-    the model is wide enough, static_decode.ONEDNN_MIN_HIDDEN; else plain), "onednn" (oneDNN over the
-    parameters, no copy), "packed" (oneDNN over a reordered copy made per generate: faster per decode step,
-    one more copy of the weights while sampling; both error where unavailable), "plain" (F.linear on the
-    parameters, no copy).
+    the model is wide enough, static_decode.ONEDNN_MIN_HIDDEN, with "packed" for generates of
+    PACKED_MIN_NEW_TOKENS tokens or more; else plain), "onednn" (oneDNN over the parameters, no copy),
+    "packed" (oneDNN over a reordered copy made per generate: faster per decode step, one more copy of the
+    weights while sampling; both error where unavailable), "plain" (F.linear on the parameters, no copy).
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
@@ -254,6 +260,8 @@ class TorchEngine:
             dec = self._decoder_for(self.model)
             if dec.gemm == "packed":
                 return "torch static fast path (oneDNN packed GEMMs)"
+            if dec.gemm == "onednn" and dec.pack_long:
+                return f"torch static fast path (oneDNN GEMMs, packed from {PACKED_MIN_NEW_TOKENS} new tokens)"
             if dec.gemm == "onednn":
                 return "torch static fast path (oneDNN GEMMs)"
             return f"torch static fast path (plain GEMMs: {dec.gemm_reason})"
@@ -307,7 +315,7 @@ class TorchEngine:
         worker = threading.current_thread() is not threading.main_thread()
         dec.workers += worker
         try:
-            dec.pack(B)  # the packed path's copy of the live weights, for this call only
+            dec.pack(B, params.max_new_tokens)  # a packed copy of the live weights, if any, for this call only
             return self._decode_static(dec, ids, attn, row_prompt, params, generator, B, P, device, dtype)
         finally:
             dec.unpack()

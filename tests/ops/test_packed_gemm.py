@@ -87,7 +87,9 @@ def test_the_gemm_path_is_chosen_once_and_named():
     assert TorchEngine(qwen2(), 0).describe() == "torch static fast path (plain GEMMs: hidden size 64 < 512)"
     assert TorchEngine(qwen2(), 0, gemm="onednn").describe() == "torch static fast path (oneDNN GEMMs)"
     wide = qwen2(hidden=512, heads=4, kv_heads=2, mlp=64, vocab=64, layers=1)
-    assert TorchEngine(wide, 0).describe() == "torch static fast path (oneDNN GEMMs)"  # auto, from 512 on
+    assert TorchEngine(wide, 0).describe() == (  # auto, from 512 on
+        "torch static fast path (oneDNN GEMMs, packed from 64 new tokens)")
+    assert TorchEngine(wide, 0, gemm="onednn").describe() == "torch static fast path (oneDNN GEMMs)"
     assert TorchEngine(qwen2(), 0, gemm="packed").describe() == "torch static fast path (oneDNN packed GEMMs)"
     fp64 = qwen2(dtype=torch.float64)
     assert TorchEngine(fp64, 0).describe() == "torch static fast path (plain GEMMs: torch.float64 weights)"
@@ -119,3 +121,24 @@ def test_the_packed_copy_lives_for_one_generate_and_follows_in_place_updates(mon
     fresh = TorchEngine(model, 0, kv_cache="dynamic").generate(PROMPTS, params)
     assert not torch.equal(before.completion_ids, after.completion_ids)
     assert torch.equal(after.completion_ids, fresh.completion_ids)
+
+
+def test_auto_decodes_long_generates_on_a_packed_copy(monkeypatch):
+    """gemm="auto" on a wide model: a generate of PACKED_MIN_NEW_TOKENS tokens or more runs on the reordered copy
+    (q|k|v as one fused weight), a shorter one over the parameters (q, k, v apart); each copy is freed after
+    its call. The tokens are the plain path's either way."""
+    from dash_fast.engines.static_decode import PACKED_MIN_NEW_TOKENS
+
+    wide = qwen2(hidden=512, heads=4, kv_heads=2, mlp=64, vocab=64, layers=1)
+    qkv_weights = []
+    unpack = StaticDecoder.unpack
+    monkeypatch.setattr(StaticDecoder, "unpack", lambda self: qkv_weights.append(
+        len(self.packed[0].qkv.weights) if self.packed else 0) or unpack(self))
+    engine, plain = TorchEngine(wide, 0), TorchEngine(wide, 0, gemm="plain")
+    for n, fused in ((PACKED_MIN_NEW_TOKENS - 1, 3), (PACKED_MIN_NEW_TOKENS, 1)):
+        params = SamplingParams(temperature=0.0, max_new_tokens=n)
+        got = engine.generate(PROMPTS[:2], params)
+        assert qkv_weights.pop() == fused
+        assert engine.static_decoder.packed == []
+        assert torch.equal(got.completion_ids, plain.generate(PROMPTS[:2], params).completion_ids)
+        assert qkv_weights.pop() == 0  # the plain path keeps no oneDNN linears

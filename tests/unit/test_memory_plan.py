@@ -439,3 +439,25 @@ def test_a_chosen_checkpointing_skips_micro_batches_that_fit_without_it(tmp_path
     counted, rollout = asked.learner.checkpointed_micro_batches, rollout_for(asked)
     asked.learner.logprob_pass(asked.model, rollout, list(range(len(rollout))), "train/logprob_old")
     assert asked.learner.checkpointed_micro_batches == counted  # a no-grad pass keeps nothing to recompute
+
+
+def test_long_cpu_generates_plan_the_packed_copy_of_the_weights():
+    """On CPU in fp32 the embedded engine decodes generates of PACKED_MIN_NEW_TOKENS or more on a packed copy
+    (the projections and the lm_head): the sampling phase holds it; shorter ones, bf16 and vLLM do not."""
+    from dash_fast.engines.static_decode import PACKED_MIN_NEW_TOKENS
+
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    long = mp.RunShape(device="cpu", dtype="float32", rows=16, generation_rows=16, group_size=4, prompt_tokens=64,
+                       completion_tokens=PACKED_MIN_NEW_TOKENS, micro_batch_tokens=512)
+    head = shape.vocab * shape.hidden
+    assert 4 * (shape.params - head) < mp.plan(shape, long).items["packed_weights"] - 4 * head < 4 * shape.params
+    short = dataclasses.replace(long, completion_tokens=PACKED_MIN_NEW_TOKENS - 1)
+    for run in (short, dataclasses.replace(long, dtype="bfloat16"), dataclasses.replace(long, engine="vllm")):
+        assert mp.plan(shape, run).items["packed_weights"] == 0
+    assert mp.plan(shape, dataclasses.replace(long, device="cuda")).items["packed_weights"] == 0
+    wide = dataclasses.replace(long, rows=1024, generation_rows=1024, group_size=8, kv_cache_release=True)
+    with_copy = mp.plan(shape, wide)
+    without = mp.plan(shape, dataclasses.replace(wide, completion_tokens=PACKED_MIN_NEW_TOKENS - 1))
+    assert with_copy.peak_phase == without.peak_phase == "sampling"
+    one_token_more = sum(with_copy.items[k] - without.items[k] for k in ("kv_cache", "sampling"))
+    assert with_copy.peak - without.peak == with_copy.items["packed_weights"] + one_token_more
