@@ -142,3 +142,16 @@ def test_auto_decodes_long_generates_on_a_packed_copy(monkeypatch):
         assert engine.static_decoder.packed == []
         assert torch.equal(got.completion_ids, plain.generate(PROMPTS[:2], params).completion_ids)
         assert qkv_weights.pop() == 0  # the plain path keeps no oneDNN linears
+
+
+def test_the_packed_mlp_in_row_chunks_matches_the_plain_path(monkeypatch):
+    """The prefill runs the packed MLP MLP_ROWS tokens at a time: with chunks of 3 (the prompts' 45 tokens in 15)
+    the tokens and log-probs are still the plain path's and the model's own."""
+    from dash_fast.engines import static_decode
+
+    chunks = []
+    mlp = StaticDecoder._packed_mlp
+    monkeypatch.setattr(static_decode, "MLP_ROWS", 3)
+    monkeypatch.setattr(StaticDecoder, "_packed_mlp", lambda self, x, *a: chunks.append(len(x)) or mlp(self, x, *a))
+    check_paths_agree(qwen2(), new_tokens=6)
+    assert max(chunks) == 3 and len(chunks) > 2 * 15  # every layer's prefill in chunks
