@@ -378,12 +378,12 @@ def sampling_bytes(m: ModelShape, rows: int, prompts: int, prompt_tokens: int, l
                    device: str = "cuda") -> int:
     """The larger of the prefill (each of `prompts` distinct prompts once) and one decode step: its activations,
     attention scores over the cache, the logits and sample_next's working set per row over the vocabulary
-    (fp32 copy, log-probs, filtered log-probs, and the fp64 CDF with its cumsum: on CPU for SAMPLE_ROWS rows at
+    (fp32 copy, log-probs, filtered log-probs, and the fp64 CDF with its cumsum: on CPU for a few rows at
     a time), plus the output tokens and log-probs of every row."""
-    from dash_fast.engines.torch_engine import SAMPLE_ROWS
+    from dash_fast.engines.torch_engine import SAMPLE_ELEMENTS
 
     upcast = 0 if dtype_bytes == 4 else 4
-    working = rows if device == "cuda" else min(rows, SAMPLE_ROWS)
+    working = rows if device == "cuda" else min(rows, max(1, SAMPLE_ELEMENTS // m.vocab))
     vocab_work = rows * m.vocab * dtype_bytes + working * m.vocab * (upcast + 4 + 4 + 8 + 8)
     decode = rows * step_elements(m) * dtype_bytes + 2 * rows * m.heads * length * dtype_bytes + vocab_work
     prefill = prompts * prompt_tokens * step_elements(m) * dtype_bytes

@@ -39,7 +39,16 @@ from dash_fast.engines.static_decode import (
 from dash_fast.models.decoder import static_unsupported
 from dash_fast.runtime.cpu_memory import reuse_freed_memory
 
-SAMPLE_ROWS = 4  # rows per sampling chunk on CPU (4 x 151936 fp32 logits: 2.4 MB); measured at 16-256 rows
+# Logits per sampling chunk on CPU (~2.5 MB in fp32): 4 rows at a 151936-token vocabulary, where 2 to 8 rows per
+# chunk measured alike (16-256 rows); a small vocabulary's whole batch in one chunk (no per-chunk op overhead).
+SAMPLE_ELEMENTS = 640_000
+
+
+def sample_chunk_rows(logits: torch.Tensor) -> int:
+    """Rows per chunk of sample_next's passes over the vocabulary: all of them on GPU."""
+    if logits.device.type != "cpu":
+        return max(1, logits.shape[0])
+    return max(1, SAMPLE_ELEMENTS // logits.shape[-1])
 
 
 def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
@@ -66,7 +75,7 @@ def sample_next(
     noise dominates a small model's decode step on CPU.
 
     With top-k the draw runs over the k candidates (`sample_among_top_k`); otherwise over the vocabulary
-    (`sample_over_vocabulary`), on CPU SAMPLE_ROWS rows at a time so that each pass over a chunk's
+    (`sample_over_vocabulary`), on CPU a few rows at a time (`sample_chunk_rows`) so that each pass over a chunk's
     vocabulary-wide temporaries stays in cache (at 256 rows x 151936 tokens one pass over the whole batch
     streams 155 MB, and the passes cost more than the decode step's attention).
     """
@@ -82,15 +91,15 @@ def sample_next(
         picked = sample_among_top_k(logits, drawn, params, uniform)
         if picked is not None:
             return picked
-    step = SAMPLE_ROWS if logits.device.type == "cpu" else logits.shape[0]
+    step = sample_chunk_rows(logits)
     parts = [sample_over_vocabulary(logits[i : i + step], drawn[i : i + step], params, uniform[i : i + step])
              for i in range(0, logits.shape[0], step)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def log_normaliser(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log sum exp(logits / temperature) per row (in SAMPLE_ROWS chunks on CPU, as sample_next)."""
-    step = SAMPLE_ROWS if logits.device.type == "cpu" else logits.shape[0]
+    """log sum exp(logits / temperature) per row (in row chunks on CPU, as sample_next)."""
+    step = sample_chunk_rows(logits)
     out = logits.new_empty(logits.shape[0])
     for i in range(0, logits.shape[0], step):
         x = logits[i : i + step]

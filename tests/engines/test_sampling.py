@@ -10,8 +10,8 @@ import torch
 from dash_fast.engines import torch_engine
 from dash_fast.engines.base import SamplingParams
 from dash_fast.engines.torch_engine import (
-    SAMPLE_ROWS,
     sample_among_top_k,
+    sample_chunk_rows,
     sample_next,
     sample_over_vocabulary,
 )
@@ -64,12 +64,18 @@ def test_a_tie_at_the_kth_value_keeps_every_tied_token():
                                     SamplingParams(temperature=0.8, top_k=0), SamplingParams(temperature=0.0)],
                          ids=["top_p", "full", "greedy"])
 def test_row_chunks_give_each_row_what_it_gets_alone(params):
-    logits, uniform, _ = rows_and_uniforms(rows=SAMPLE_ROWS * 2 + 3, draws=1)
+    logits, uniform, _ = rows_and_uniforms(vocab=151936, rows=11, draws=1)
+    assert 1 < sample_chunk_rows(logits) < 11  # several chunks, the last one shorter
     tokens, logps = sample_next(logits, params, uniform)
     for i in range(len(logits)):
         one = sample_next(logits[i : i + 1], params, uniform[i : i + 1])
         assert tokens[i] == one[0][0]
         torch.testing.assert_close(logps[i], one[1][0], rtol=0, atol=1e-6)
+
+
+def test_a_small_vocabulary_is_sampled_in_one_chunk():
+    assert sample_chunk_rows(torch.zeros(512, 40)) >= 512  # the embedded default: no per-chunk overhead
+    assert sample_chunk_rows(torch.zeros(256, 151936)) == 4
 
 
 def test_the_top_k_draw_is_the_one_sample_next_takes(monkeypatch):
