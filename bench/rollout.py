@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
+import os
 import shutil
 import sys
 import tempfile
@@ -129,7 +130,6 @@ def make_step(provider: str, model, tokenizer, prompt_sets: list[list[list[int]]
     def next_set() -> int:
         return next(calls) % len(prompt_sets)
 
-    prompts = prompt_sets[0]
     params = SamplingParams(temperature=TEMPERATURE, top_k=TOP_K, max_new_tokens=new_tokens, stop_token_ids=(),
                             seed=0)
     if provider in ("dash_static", "dash_static_onednn", "dash_static_packed", "dash_static_plain", "dash_dynamic"):
@@ -164,11 +164,9 @@ def make_step(provider: str, model, tokenizer, prompt_sets: list[list[list[int]]
         length = max(len(p) for prompts in prompt_sets for p in prompts) + new_tokens
         dims = common.decoder_dims(model)  # a KV cache for every row at once (and at least 1 GiB), as the others
         kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * next(model.parameters()).element_size()
-        memory = {"kv_cache_memory_bytes": max(1 << 30, int(1.25 * kv * len(prompts) * length)),
+        memory = {"kv_cache_memory_bytes": max(1 << 30, int(1.25 * kv * len(prompt_sets[0]) * length)),
                   "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
         if cpu:  # its worker's OpenMP threads on this run's cores (by default vLLM keeps one core for its scheduler)
-            import os
-
             cores = sorted(os.sched_getaffinity(0))[: torch.get_num_threads()]
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, cores)))
         llm = vllm.LLM(model=model_dir, dtype=str(next(model.parameters()).dtype).removeprefix("torch."), seed=0,

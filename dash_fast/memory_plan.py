@@ -19,9 +19,8 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
   activations, the logits and sample_next's fp32/fp64 working set over the vocabulary, or the prefill's
-  activations when larger), `packed_weights` (CPU, fp32, the embedded engine's default GEMMs: the copy of every
-  projection and the lm_head that a generate of static_decode.PACKED_MIN_NEW_TOKENS tokens or more decodes on,
-  and the buffer its fused weights are concatenated in; freed when the generate ends).
+  activations when larger), `packed_weights` (CPU, fp32: the copy of every projection and the lm_head that a
+  generate of static_decode.PACKED_MIN_NEW_TOKENS tokens or more decodes on; freed when it ends).
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
@@ -375,7 +374,7 @@ def step_elements(m: ModelShape) -> int:
 
 
 def sampling_bytes(m: ModelShape, rows: int, prompts: int, prompt_tokens: int, length: int, dtype_bytes: int,
-                   device: str = "cuda") -> int:
+                   device: str) -> int:
     """The larger of the prefill (each of `prompts` distinct prompts once) and one decode step: its activations,
     attention scores over the cache, the logits and sample_next's working set per row over the vocabulary
     (fp32 copy, log-probs, filtered log-probs, and the fp64 CDF with its cumsum: on CPU for a few rows at
@@ -451,9 +450,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
 
 
 def packs_weights(m: ModelShape, r: RunShape) -> bool:
-    """Whether the run's generates decode on a packed copy of the weights (StaticDecoder.packs with gemm="auto":
-    the embedded engine on CPU in fp32, a model of hidden size ONEDNN_MIN_HIDDEN or more, and completions of
-    PACKED_MIN_NEW_TOKENS tokens or more)."""
+    """Whether the run's generates decode on a packed copy of the weights (StaticDecoder.packs, gemm="auto")."""
     from dash_fast.engines.static_decode import ONEDNN_MIN_HIDDEN, PACKED_MIN_NEW_TOKENS
 
     return (r.engine == "torch" and r.device == "cpu" and r.dtype == "float32" and m.hidden >= ONEDNN_MIN_HIDDEN
@@ -461,8 +458,7 @@ def packs_weights(m: ModelShape, r: RunShape) -> bool:
 
 
 def packed_weights_bytes(m: ModelShape) -> int:
-    """The packed copy (fp32): every layer's projections and the lm_head, plus the concatenation buffer of the
-    largest fused weight (gate|up)."""
+    """The packed copy (fp32): every layer's projections, the lm_head and the gate|up concatenation buffer."""
     return 4 * (m.layers * layer_params(m) + m.vocab * m.hidden + 2 * m.intermediate * m.hidden)
 
 

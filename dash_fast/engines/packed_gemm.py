@@ -99,6 +99,11 @@ class PackedLayer:
     down: PackedLinear
     act: Callable[[torch.Tensor], torch.Tensor]
 
+    def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """x + scale * down(act(gate(h)) * up(h)): the MLP half of the layer on its normalised input `h`."""
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down.add(x, self.act(gate).mul_(up), scale)
+
     @classmethod
     def of(cls, layer: torch.nn.Module, rows: int,
            concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> PackedLayer:

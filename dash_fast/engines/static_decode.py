@@ -22,6 +22,7 @@ from dash_fast.engines.packed_gemm import (
     packed_gemm_unavailable,
 )
 from dash_fast.models.decoder import (
+    Family,
     attention_input,
     attention_residual,
     embed,
@@ -84,36 +85,14 @@ class StaticDecoder:
         self.capture_log: list[tuple[int, str]] = []  # (bucket, thread name) of each capture
         self.graph_misses = 0  # decode steps run eagerly because their bucket had no graph (worker thread)
         self.workers = 0  # generate() calls running outside the main thread right now
-        self.gemm, self.gemm_reason = self._pick_gemm(gemm)
+        self.gemm, self.gemm_reason = pick_gemm(model, self.family, gemm)  # fixed when the decoder is built
         self.pack_long = gemm == "auto" and self.gemm == "onednn"  # long generates on a packed copy (packs)
         self.packed: list[PackedLayer] = []  # oneDNN-packed projections, live during one generate (pack / unpack)
         self.packed_head: PackedLinear | None = None
 
-    def _pick_gemm(self, gemm: str) -> tuple[str, str | None]:
-        """("onednn", "packed" or "plain", why plain when "auto" did not pick oneDNN), fixed when the decoder is
-        built. "auto" is "onednn" (no copy of the weights, so sampling adds nothing to the peak memory) from
-        ONEDNN_MIN_HIDDEN on, "plain" below it."""
-        if gemm not in GEMM_PATHS:
-            raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
-        if gemm == "plain":
-            return "plain", "gemm='plain'"
-        head = self.model.get_output_embeddings().weight
-        reason = packed_gemm_unavailable(head.device, head.dtype)
-        if reason is None and self.family.post_norm:
-            reason = "post-norm layers"
-        if reason is not None and gemm != "auto":
-            raise ValueError(f"gemm={gemm!r} cannot run this model: {reason}")
-        if reason is not None:
-            return "plain", reason
-        hidden = self.model.config.hidden_size
-        if gemm == "auto" and hidden < ONEDNN_MIN_HIDDEN:
-            return "plain", f"hidden size {hidden} < {ONEDNN_MIN_HIDDEN}"
-        return ("onednn" if gemm == "auto" else gemm), None
-
     def packs(self, new_tokens: int) -> bool:
-        """Whether a generate of `new_tokens` tokens decodes on a packed copy of the weights: always with
-        gemm="packed", from PACKED_MIN_NEW_TOKENS on where "auto" chose oneDNN (the copy's reorder then pays
-        back), never otherwise."""
+        """Whether a generate of `new_tokens` tokens decodes on a packed copy: gemm="packed", or "auto" on oneDNN
+        from PACKED_MIN_NEW_TOKENS on (where the copy's reorder pays back)."""
         return self.gemm == "packed" or (self.pack_long and new_tokens >= PACKED_MIN_NEW_TOKENS)
 
     @torch.no_grad()
@@ -266,16 +245,9 @@ class StaticDecoder:
             q, k = rms_norm(q, fam.weight(attn.q_norm), eps), rms_norm(k, fam.weight(attn.k_norm), eps)
         o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
         x = p.o.add(x, o, fam.residual_scale)
-        if x.shape[0] <= MLP_ROWS:
-            return self._packed_mlp(x, p, layer)
-        return torch.cat([self._packed_mlp(x[i : i + MLP_ROWS], p, layer) for i in range(0, x.shape[0], MLP_ROWS)])
-
-    def _packed_mlp(self, x: torch.Tensor, p: PackedLayer, layer: torch.nn.Module) -> torch.Tensor:
-        """x + the MLP of rms_norm(x), on the packed GEMMs (tokens are independent here: the prefill runs it
-        in chunks of MLP_ROWS)."""
-        fam = self.family
-        gate, up = p.gate_up(rms_norm(x, fam.weight(layer.post_attention_layernorm), self.eps)).chunk(2, dim=-1)
-        return p.down.add(x, p.act(gate).mul_(up), fam.residual_scale)
+        norm = fam.weight(layer.post_attention_layernorm)  # tokens are independent here: MLP_ROWS at a time
+        out = [p.mlp_residual(c, rms_norm(c, norm, eps), fam.residual_scale) for c in x.split(MLP_ROWS)]
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def prefill(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """All prompts at once: left-padded `ids` [B, P] with `attn` [B, P]; returns next-token logits."""
@@ -363,6 +335,28 @@ class StaticDecoder:
         static["slot"].fill_(slot)
         replay()
         return logits
+
+
+def pick_gemm(model: torch.nn.Module, family: Family, gemm: str) -> tuple[str, str | None]:
+    """The static decoder's GEMM path for `model`: ("onednn", "packed" or "plain", why plain when "auto" did not
+    pick oneDNN). "auto" is "onednn" from ONEDNN_MIN_HIDDEN on (with the packed copy for long generates:
+    StaticDecoder.packs), "plain" below it; an explicit path the model cannot run is refused."""
+    if gemm not in GEMM_PATHS:
+        raise ValueError(f"gemm={gemm!r}: must be one of {GEMM_PATHS}")
+    if gemm == "plain":
+        return "plain", "gemm='plain'"
+    head = model.get_output_embeddings().weight
+    reason = packed_gemm_unavailable(head.device, head.dtype)
+    if reason is None and family.post_norm:
+        reason = "post-norm layers"
+    if reason is not None and gemm != "auto":
+        raise ValueError(f"gemm={gemm!r} cannot run this model: {reason}")
+    if reason is not None:
+        return "plain", reason
+    hidden = model.config.hidden_size
+    if gemm == "auto" and hidden < ONEDNN_MIN_HIDDEN:
+        return "plain", f"hidden size {hidden} < {ONEDNN_MIN_HIDDEN}"
+    return ("onednn" if gemm == "auto" else gemm), None
 
 
 def drop_finished_now(running: int, in_use: int, size: int, largest: int, graphs: bool) -> bool:

@@ -70,7 +70,7 @@ def test_row_chunks_give_each_row_what_it_gets_alone(params):
     for i in range(len(logits)):
         one = sample_next(logits[i : i + 1], params, uniform[i : i + 1])
         assert tokens[i] == one[0][0]
-        torch.testing.assert_close(logps[i], one[1][0], rtol=0, atol=1e-6)
+        torch.testing.assert_close(logps[i], one[1][0], rtol=0, atol=1e-5)  # fp32 reductions split otherwise
 
 
 def test_a_small_vocabulary_is_sampled_in_one_chunk():

@@ -148,10 +148,11 @@ def test_the_packed_mlp_in_row_chunks_matches_the_plain_path(monkeypatch):
     """The prefill runs the packed MLP MLP_ROWS tokens at a time: with chunks of 3 (the prompts' 45 tokens in 15)
     the tokens and log-probs are still the plain path's and the model's own."""
     from dash_fast.engines import static_decode
+    from dash_fast.engines.packed_gemm import PackedLayer
 
     chunks = []
-    mlp = StaticDecoder._packed_mlp
+    mlp = PackedLayer.mlp_residual
     monkeypatch.setattr(static_decode, "MLP_ROWS", 3)
-    monkeypatch.setattr(StaticDecoder, "_packed_mlp", lambda self, x, *a: chunks.append(len(x)) or mlp(self, x, *a))
+    monkeypatch.setattr(PackedLayer, "mlp_residual", lambda self, x, *a: chunks.append(len(x)) or mlp(self, x, *a))
     check_paths_agree(qwen2(), new_tokens=6)
     assert max(chunks) == 3 and len(chunks) > 2 * 15  # every layer's prefill in chunks
