@@ -82,6 +82,11 @@ def make_inputs(tokenizer, batch: int, group: int = 1, seed: int = 0, prompt_len
     return [p for p in ids for _ in range(group)]
 
 
+def kv_bytes_per_token(dims: dict, elt: int) -> int:
+    """K and V of one token over every layer (common.decoder_dims' counts, `elt` bytes per value)."""
+    return 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * elt
+
+
 def roofline(dims: dict, batch: int, prompt_len: int, new_tokens: int, elt: int, bandwidth: float,
              gemm: float) -> dict:
     """Seconds one generate takes at the binding bound, and one decode step's figures at the mean context.
@@ -90,7 +95,7 @@ def roofline(dims: dict, batch: int, prompt_len: int, new_tokens: int, elt: int,
     the KV cache up to its context; its FLOPs are 2 x params per row plus attention (4 x layers x heads x
     head_dim per context token). The prefill computes the lm_head for the last position only."""
     weights = (dims["body"] + dims["head"]) * elt
-    kv_per_token = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * elt
+    kv_per_token = kv_bytes_per_token(dims, elt)
     attn = 4 * dims["layers"] * dims["heads"] * dims["head_dim"]
     p = prompt_len
     flops = 2 * batch * p * dims["body"] + 2 * batch * dims["head"] + attn * batch * p * (p + 1) / 2
@@ -163,7 +168,7 @@ def make_step(provider: str, model, tokenizer, prompt_sets: list[list[list[int]]
         cpu = not device.startswith("cuda")
         length = max(len(p) for prompts in prompt_sets for p in prompts) + new_tokens
         dims = common.decoder_dims(model)  # a KV cache for every row at once (and at least 1 GiB), as the others
-        kv = 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"] * next(model.parameters()).element_size()
+        kv = kv_bytes_per_token(dims, next(model.parameters()).element_size())
         memory = {"kv_cache_memory_bytes": max(1 << 30, int(1.25 * kv * len(prompt_sets[0]) * length)),
                   "enforce_eager": True} if cpu else {"gpu_memory_utilization": 0.3}
         if cpu:  # its worker's OpenMP threads on this run's cores (by default vLLM keeps one core for its scheduler)
