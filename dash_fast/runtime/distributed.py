@@ -277,8 +277,15 @@ def fail_fast(info: DistInfo, quiet: tuple[type[BaseException], ...] = ()) -> It
         why = _published_failure(info, wait_s=1.0) or _gone_ranks(info) or (
             f"a collective timed out (dist_timeout_s): another rank stopped taking part ({_first_line(e)})"
             if "imed out" in str(e) else f"a collective failed ({_first_line(e)})")
-        print(f"dash-fast: rank {info.rank} stops: {why}", file=sys.stderr, flush=True)
+        say(f"dash-fast: rank {info.rank} stops: {why}")
         raise RankFailed() from None
+
+
+def say(line: str) -> None:
+    """Write one line to stderr in a single write: ranks share torchrun's pipe, and print() writes the text
+    and its newline separately, so two ranks' lines can land on one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _hold_sigterm() -> None:
@@ -295,7 +302,7 @@ def _own_failure(info: DistInfo, e: BaseException, show: bool) -> None:
     line = f"rank {info.rank} failed: {type(e).__name__}: {_first_line(e)}"
     _store_set(f"{_KEY}/failed", line, first=True)
     if show:
-        print(f"dash-fast: {line}", file=sys.stderr, flush=True)
+        say(f"dash-fast: {line}")
 
 
 def _first_line(e: BaseException) -> str:
