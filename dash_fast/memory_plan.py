@@ -18,19 +18,17 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 - while sampling: `kv_cache` (the embedded engine's static cache: 2 x layers x rows x kv heads x
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
-  activations, the logits and sample_next's fp32/fp64 working set over the vocabulary, or the prefill's
-  activations when larger), `packed_weights` (CPU, fp32: the copy of every projection and the lm_head that a
-  generate of static_decode.PACKED_MIN_NEW_TOKENS tokens or more decodes on; freed when it ends).
+  activations, the logits and sample_next's working set, or the prefill's activations when larger),
+  `packed_weights` (CPU, fp32, generates of static_decode.PACKED_MIN_NEW_TOKENS tokens or more: their packed copy).
 - while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
   with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward and summed
-  with the head's, held until then (the shared-prompt forward, models/shared_prompt.py, adds the looked-up
-  rows into the head's gradient instead: none). It comes after the activations are freed, yet adds to them: freed
-  activations stay in the allocator (glibc's heap under cpu_memory.keep_freed_memory, CUDA's cache in
-  small blocks) while a [V, H] buffer is mapped anew (measured on CPU: bench/memory.py).
-  The KV cache and graph pool stay allocated across the update unless `kv_cache_release` (the default
-  engine keeps them for the next rollout); with `overlap` the next rollout samples during the update.
+  with the head's (none under the shared-prompt forward, which adds the looked-up rows into the head's
+  gradient). It comes after the activations are freed, yet adds to them: they stay in the allocator (glibc's
+  heap under cpu_memory.keep_freed_memory, CUDA's cache) while a [V, H] buffer is mapped anew (bench/memory.py).
+  The KV cache and graph pool stay allocated across the update unless `kv_cache_release`; with `overlap` the
+  next rollout samples during the update.
 
 peak = resident + max(sampling phase, update phase). Sizes are in bytes; GB in messages are 1e9 bytes.
 
@@ -138,6 +136,7 @@ class ModelShape:
     tied: bool
     params: int  # every parameter, a tied head once
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
+    silu: bool = True  # the MLP's activation is SiLU (the packed engine then runs gate and up as two GEMMs)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -152,7 +151,8 @@ class ModelShape:
                     kv_heads=int(get("num_key_value_heads") or heads),
                     head_dim=int(get("head_dim") or hidden // heads),
                     intermediate=int(get("intermediate_size") or 4 * hidden),
-                    tied=bool(get("tie_word_embeddings", True)), params=0, qk_norm=model_type == "qwen3")
+                    tied=bool(get("tie_word_embeddings", True)), params=0, qk_norm=model_type == "qwen3",
+                    silu=(get("hidden_act") or get("hidden_activation") or "silu") in ("silu", "swish"))
         if model_type in LLAMA_FAMILY:
             n = llama_params(shape, attention_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
                              o_bias=model_type != "qwen2" and bool(get("attention_bias", False)),
@@ -317,11 +317,11 @@ class MemoryPlan:
 # ---------------------------------------------------------------------------------------------- the items
 def kv_cache_bytes(m: ModelShape, rows: int, length: int, dtype_bytes: int, device: str) -> int:
     """The embedded engine's static cache for `rows` rows of `length` tokens (StaticDecoder.reserve): K and V
-    per layer, the key-valid mask, the RoPE tables (queries' and keys') and the rotate-half matrix."""
+    per layer, the key-valid mask and the RoPE table."""
     if device == "cuda":
         length = -(-length // 64) * 64
     kv = 2 * m.layers * rows * m.kv_heads * length * m.head_dim * dtype_bytes
-    rope = 2 * length * 2 * m.head_dim * 4 + m.head_dim * m.head_dim * dtype_bytes  # RoPE tables are fp32
+    rope = length * 2 * m.head_dim * 4  # the RoPE table is fp32
     return kv + rows * length + rope
 
 
@@ -345,10 +345,7 @@ def activation_bytes(m: ModelShape, tokens: int, row_tokens: int, dtype_bytes: i
     per_layer = tokens * layer_activation_bytes(m, dtype_bytes)
     if device == "cpu":
         per_layer += tokens * row_tokens * 4
-    if checkpointing:
-        inside = m.layers * tokens * m.hidden * dtype_bytes + 2 * per_layer
-    else:
-        inside = (m.layers + 1) * per_layer
+    inside = m.layers * tokens * m.hidden * dtype_bytes + 2 * per_layer if checkpointing else (m.layers + 1) * per_layer
     return inside + tokens * (12 + dtype_bytes) * m.hidden
 
 
@@ -458,8 +455,10 @@ def packs_weights(m: ModelShape, r: RunShape) -> bool:
 
 
 def packed_weights_bytes(m: ModelShape) -> int:
-    """The packed copy (fp32): every layer's projections, the lm_head and the gate|up concatenation buffer."""
-    return 4 * (m.layers * layer_params(m) + m.vocab * m.hidden + 2 * m.intermediate * m.hidden)
+    """The packed copy (fp32): every layer's projections, the lm_head and the buffer fused weights are concatenated
+    in (q|k|v; gate|up too when the activation is not SiLU)."""
+    fused = max((m.heads + 2 * m.kv_heads) * m.head_dim, 0 if m.silu else 2 * m.intermediate) * m.hidden
+    return 4 * (m.layers * layer_params(m) + m.vocab * m.hidden + fused)
 
 
 def layer_params(m: ModelShape) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -66,8 +67,10 @@ class PackedLinear:
     are (no copy, one GEMM per weight, outputs concatenated)."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None], rows: int,
-                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> None:
+                 concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True,
+                 activation: str = "none") -> None:
         self.sizes = [t.shape[0] for t in weights]
+        self.activation = activation  # oneDNN's post-op on the output ("swish" is SiLU), fused into the GEMM
         if not reorder:
             self.weights, self.biases = weights, biases
             return
@@ -79,28 +82,48 @@ class PackedLinear:
             self.biases = [torch.cat([b if b is not None else w.new_zeros(n) for b, n in zip(biases, self.sizes)])]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = [torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "") for w, b in zip(self.weights, self.biases)]
+        out = [torch.ops.mkldnn._linear_pointwise(x, w, b, self.activation, [], "")
+               for w, b in zip(self.weights, self.biases)]
         return out[0] if len(out) == 1 else torch.cat(out, dim=-1)
 
     def add(self, x: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """x + scale * linear(a), the add fused into the GEMM when scale is 1 (as `linear_add`)."""
-        if scale == 1.0 and len(self.weights) == 1:
+        if scale == 1.0 and len(self.weights) == 1 and self.activation == "none":
             return torch.ops.mkldnn._linear_pointwise.binary(a, x, self.weights[0], self.biases[0], "add")
         return torch.add(x, self(a), alpha=scale)
+
+    def mul(self, a: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """linear(a) * other, the product fused into the GEMM (one weight, no activation)."""
+        assert len(self.weights) == 1 and self.activation == "none"
+        return torch.ops.mkldnn._linear_pointwise.binary(a, other, self.weights[0], self.biases[0], "mul")
+
+
+def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    """Whether an MLP's activation is SiLU (torch's module or transformers' "silu" one), which oneDNN fuses."""
+    return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
 @dataclass
 class PackedLayer:
-    """A decoder layer's four GEMMs: q|k|v in one, o, gate|up in one, down."""
+    """A decoder layer's GEMMs: q|k|v in one, o, the MLP's input projections, down.
+
+    With SiLU the MLP runs as two GEMMs with their elementwise work fused in (`gate` with oneDNN's SiLU post-op,
+    `up` multiplying by it), not as one gate|up GEMM followed by SiLU and a product over [rows, 2 x intermediate]:
+    at the 0.5B shape's 16-row decode the fused pair measured 1.5 ms per step (24 layers) faster. Other
+    activations keep `gate_up` (gate and up in one GEMM)."""
 
     qkv: PackedLinear
     o: PackedLinear
-    gate_up: PackedLinear
+    gate_up: PackedLinear | None
+    gate: PackedLinear | None
+    up: PackedLinear | None
     down: PackedLinear
     act: Callable[[torch.Tensor], torch.Tensor]
 
     def mlp_residual(self, x: torch.Tensor, h: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """x + scale * down(act(gate(h)) * up(h)): the MLP half of the layer on its normalised input `h`."""
+        if self.gate_up is None:
+            return self.down.add(x, self.up.mul(h, self.gate(h)), scale)
         gate, up = self.gate_up(h).chunk(2, dim=-1)
         return self.down.add(x, self.act(gate).mul_(up), scale)
 
@@ -109,11 +132,19 @@ class PackedLayer:
            concat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat, reorder: bool = True) -> PackedLayer:
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
-        gate_up = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
 
-        def pack(mods):
-            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat, reorder)
+        def pack(mods, activation="none"):
+            return PackedLinear([m.weight for m in mods], [m.bias for m in mods], rows, concat, reorder, activation)
 
-        act = mlp.activation_fn if hasattr(mlp, "gate_up_proj") else mlp.act_fn
-        return cls(pack(qkv), pack([attn.o_proj]), pack(gate_up), pack([mlp.down_proj]), act)
-
+        fused = hasattr(mlp, "gate_up_proj")
+        act = mlp.activation_fn if fused else mlp.act_fn
+        if fused:
+            gate, up = (SimpleNamespace(weight=w, bias=b) for w, b in zip(
+                mlp.gate_up_proj.weight.chunk(2), (None, None) if mlp.gate_up_proj.bias is None
+                else mlp.gate_up_proj.bias.chunk(2)))
+        else:
+            gate, up = mlp.gate_proj, mlp.up_proj
+        if is_silu(act):
+            return cls(pack(qkv), pack([attn.o_proj]), None, pack([gate], "swish"), pack([up]),
+                       pack([mlp.down_proj]), act)
+        return cls(pack(qkv), pack([attn.o_proj]), pack([gate, up]), None, None, pack([mlp.down_proj]), act)

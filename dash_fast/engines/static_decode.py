@@ -76,7 +76,7 @@ class StaticDecoder:
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.key_valid = torch.empty(0)
-        self.rope_q = self.rope_k = self.rot = torch.empty(0)
+        self.rope = torch.empty(0)
         self.graphs: dict[int, tuple] = {}  # bucket size -> (replay, static inputs, static logits)
         self._param_ptrs: tuple = ()
         # capture(step) -> (replay, outputs): CUDA graphs by default; tests inject a CPU stand-in
@@ -122,7 +122,7 @@ class StaticDecoder:
         What stays: the parameters (the trainer's own) and blocks the CUDA caching allocator keeps for
         reuse (the backward reuses them; `torch.cuda.empty_cache()` would hand them to the driver)."""
         self.k, self.v = [], []
-        self.key_valid = self.rope_q = self.rope_k = self.rot = torch.empty(0)
+        self.key_valid = self.rope = torch.empty(0)
         self.graphs.clear()
         self._pool = None
 
@@ -140,13 +140,7 @@ class StaticDecoder:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in self.layers]
         self.key_valid = torch.zeros((batch, length), device=device, dtype=torch.bool)
         cos, sin = self.decoder.rotary_emb(self.k[0], torch.arange(length, device=device)[None])
-        self.rope_k = torch.stack([cos[0], sin[0]], dim=1)  # the model's own RoPE as a table: [S, 2, D]
-        self.rope_q = self.rope_k * self.scaling  # queries carry the softmax scale: one op less per layer
-        half = self.head_dim // 2  # rotate_half(x) == x @ rot: a signed permutation, exact in any dtype
-        eye = torch.eye(half, device=device, dtype=dtype)
-        self.rot = torch.zeros(self.head_dim, self.head_dim, device=device, dtype=dtype)
-        self.rot[half:, :half] = -eye
-        self.rot[:half, half:] = eye
+        self.rope = torch.stack([cos[0], sin[0]], dim=1)  # the model's own RoPE as a table: [S, 2, D]
         self.graphs.clear()
 
     def compact(self, keep: torch.Tensor, used: int) -> None:
@@ -159,27 +153,29 @@ class StaticDecoder:
         self.key_valid[:n] = self.key_valid.index_select(0, keep)
 
     # ---------------------------------------------------------------- the forward
-    def _rope(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-        """x * cos + rotate_half(x) * sin, with table = [b, T, 1, 2, D] (cos, sin). Not shared_prompt's
-        `_rope`: here cos/sin come from a per-slot table built once per cache (gathered by position each
-        decode step), the queries' table carries the softmax scale (the CPU decode attention is two raw
-        GEMMs with no scale argument), and rotate_half is a matmul by a signed permutation; the training
-        forward keeps Hugging Face's op order instead, so its values track the model's own forward."""
+    @staticmethod
+    def _rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin for x [b, T, heads, D], with table = [b, T, 1, 2, D] (cos, sin) gathered
+        by position from the per-cache table (shared_prompt's `_rope` keeps Hugging Face's op order instead, so
+        the training forward's values track the model's own). The packed path rotates q and k as one tensor:
+        the softmax scale is applied in the attention, so both take the same table."""
         cos, sin = table[..., 0, :], table[..., 1, :]
-        return torch.addcmul(x * cos, x @ self.rot, sin)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """q [b, T, H, D] (pre-scaled), cache views k, v [b, H_kv, S, D] -> [b * T, H * D].
+        """q [b, T, H, D], cache views k, v [b, H_kv, S, D] -> [b * T, H * D]: softmax(q k^T * scaling) v.
 
         SDPA with a boolean mask (`grouped_sdpa`), except for one-token decode on CPU: there `mask` is an
         additive float bias [b * H_kv, g, S] and two batched GEMMs beat PyTorch's CPU flash kernel ~2x. Either
         way query heads are grouped onto their KV head (GQA without repeating K/V)."""
         b, T, _, D = q.shape
         if mask.dtype == torch.bool:
-            return grouped_sdpa(q.transpose(1, 2), k, v, mask, 1.0).transpose(1, 2).reshape(b * T, -1)
+            return grouped_sdpa(q.transpose(1, 2), k, v, mask, self.scaling).transpose(1, 2).reshape(b * T, -1)
         S = k.shape[2]
         g = self.n_heads // self.n_kv
-        scores = torch.baddbmm(mask, q.reshape(b * self.n_kv, g, D), k.reshape(b * self.n_kv, S, D).transpose(1, 2))
+        scores = torch.baddbmm(mask, q.reshape(b * self.n_kv, g, D), k.reshape(b * self.n_kv, S, D).transpose(1, 2),
+                               alpha=self.scaling)
         return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(b * self.n_kv, S, D)).view(b, -1)
 
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, start: int | torch.Tensor, kv_len: int,
@@ -192,16 +188,17 @@ class StaticDecoder:
         fam, eps = self.family, self.eps
         x = embed(self.decoder, ids.reshape(-1))  # [b * T, hidden]
         flat = pos.reshape(-1)  # index_select: several times faster than advanced indexing on CPU
-        rope_q = self.rope_q.index_select(0, flat).view(b, T, 1, 2, D)
-        rope_k = self.rope_k.index_select(0, flat).view(b, T, 1, 2, D)
+        rope = self.rope.index_select(0, flat).view(b, T, 1, 2, D)
         for i, layer in enumerate(self.layers):
             if self.packed:
-                x = self._packed_layer(x, i, layer, rope_q, rope_k, start, kv_len, mask)
+                x = self._packed_layer(x, i, layer, rope, start, kv_len, mask)
                 continue
             attn = layer.self_attn
             h = attention_input(x, layer, fam, rms_norm, eps)
             q, k, v = qkv_projections(attn, h, (b, T), rms_norm, eps, fam)
-            o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
+            if getattr(attn, "use_rope", True):  # SmolLM3's NoPE layers: no rotation
+                q, k = self._rope(q, rope), self._rope(k, rope)
+            o = self._attend(i, q, k, v, start, kv_len, mask)
             x = attention_residual(x, o, layer, fam, rms_norm, eps)
             x = mlp_block(x, layer, fam, rms_norm, eps)
         h = rms_norm(x.view(b, T, -1)[:, -1], fam.weight(self.decoder.norm), eps)
@@ -212,16 +209,12 @@ class StaticDecoder:
         head = self.model.get_output_embeddings()
         return F.linear(h, head.weight, getattr(head, "bias", None))
 
-    def _attend(self, i: int, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                rope_q: torch.Tensor, rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Layer i's attention from its q, k, v [b, T, heads, D]: RoPE, the new K/V into the cache at `start`,
-        attention over slots [0, kv_len) (see `forward`); returns [b * T, H * D]."""
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+                kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i's attention from its rotated q, k and its v [b, T, heads, D]: the new K/V into the cache at
+        `start`, attention over slots [0, kv_len) (see `forward`); returns [b * T, H * D]."""
         T = q.shape[1]
-        if getattr(attn, "use_rope", True):
-            q, k = self._rope(q, rope_q), self._rope(k, rope_k).transpose(1, 2)
-        else:  # SmolLM3's NoPE layers: no rotation, the softmax scale still on the queries
-            q, k = q * self.scaling, k.transpose(1, 2)
+        k = k.transpose(1, 2)
         kc, vc = self.k[i][: q.shape[0]], self.v[i][: q.shape[0]]
         if isinstance(start, torch.Tensor):
             kc.index_copy_(2, start, k)
@@ -231,19 +224,24 @@ class StaticDecoder:
             vc[:, :, start : start + T] = v.transpose(1, 2)
         return self._attention(q, kc[:, :, :kv_len], vc[:, :, :kv_len], mask)
 
-    def _packed_layer(self, x: torch.Tensor, i: int, layer: torch.nn.Module, rope_q: torch.Tensor,
-                      rope_k: torch.Tensor, start: int | torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
-        """Layer i on the packed GEMMs (q|k|v in one, gate|up in one): the same math as the plain path's
-        attention_input / qkv_projections / attention_residual / mlp_block for the pre-norm families."""
+    def _packed_layer(self, x: torch.Tensor, i: int, layer: torch.nn.Module, rope: torch.Tensor,
+                      start: int | torch.Tensor, kv_len: int, mask: torch.Tensor) -> torch.Tensor:
+        """Layer i on the packed GEMMs (q|k|v in one; PackedLayer has the MLP's): the same math as the plain
+        path's attention_input / qkv_projections / attention_residual / mlp_block for the pre-norm families,
+        with q and k rotated as one tensor."""
         p, fam, eps, attn = self.packed[i], self.family, self.eps, layer.self_attn
-        b, T = rope_q.shape[:2]
-        D = self.head_dim
+        b, T = rope.shape[:2]
+        D, H = self.head_dim, self.n_heads
         h = rms_norm(x, fam.weight(layer.input_layernorm), eps)
-        q, k, v = p.qkv(h).split([self.n_heads * D, self.n_kv * D, self.n_kv * D], dim=-1)
-        q, k, v = (t.reshape(b, T, -1, D) for t in (q, k, v))
-        if hasattr(attn, "q_norm"):  # Qwen3: per head
-            q, k = rms_norm(q, fam.weight(attn.q_norm), eps), rms_norm(k, fam.weight(attn.k_norm), eps)
-        o = self._attend(i, attn, q, k, v, rope_q, rope_k, start, kv_len, mask)
+        qk, v = p.qkv(h).split([(H + self.n_kv) * D, self.n_kv * D], dim=-1)
+        qk, v = qk.reshape(b, T, -1, D), v.reshape(b, T, -1, D)
+        if hasattr(attn, "q_norm"):  # Qwen3: per head, each with its own weight
+            q, k = qk.split([H, self.n_kv], dim=2)
+            qk = torch.cat([rms_norm(q, fam.weight(attn.q_norm), eps), rms_norm(k, fam.weight(attn.k_norm), eps)], 2)
+        if getattr(attn, "use_rope", True):
+            qk = self._rope(qk, rope)
+        q, k = qk.split([H, self.n_kv], dim=2)
+        o = self._attend(i, q, k, v, start, kv_len, mask)
         x = p.o.add(x, o, fam.residual_scale)
         norm = fam.weight(layer.post_attention_layernorm)  # tokens are independent here: MLP_ROWS at a time
         out = [p.mlp_residual(c, rms_norm(c, norm, eps), fam.residual_scale) for c in x.split(MLP_ROWS)]

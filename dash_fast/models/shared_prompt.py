@@ -82,9 +82,8 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D]. Not the engine's
-    StaticDecoder._rope (a cache-slot table with the softmax scale folded into the queries, rotate_half as
-    a matmul): this one keeps HF's op order, so the training forward's values track the model's own."""
+    """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D], in HF's op order, so the
+    training forward's values track the model's own (StaticDecoder._rope fuses the last product and sum)."""
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin

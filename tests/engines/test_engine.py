@@ -189,7 +189,7 @@ def test_engine_reads_the_live_parameters_zero_copy():
     assert torch.equal(after.completion_ids, fresh.completion_ids)
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     dec = engine.static_decoder
-    held = [*dec.k, *dec.v, dec.rope_q, dec.rope_k, dec.rot, dec.key_valid]
+    held = [*dec.k, *dec.v, dec.rope, dec.key_valid]
     assert not param_ptrs & {t.untyped_storage().data_ptr() for t in held}
     assert sum(t.numel() for t in held) < sum(p.numel() for p in model.parameters()) * 4  # cache-sized, no copy
 

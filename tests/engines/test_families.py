@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from dash_fast.engines.base import SamplingParams
+from dash_fast.engines.packed_gemm import packed_gemm_unavailable
 from dash_fast.engines.torch_engine import TorchEngine
 from dash_fast.models.decoder import logit_multiplier
 from dash_fast.models.shared_prompt import shared_prompt_hidden, shared_prompt_unsupported
@@ -83,7 +84,41 @@ def test_family_fast_path_or_announced_fallback_matches_the_models_own_forward(f
     else:
         assert path.startswith(f"torch dynamic fallback (model_type '{model.config.model_type}': ") and expected in path
 
-    # greedy: the engine's tokens are Hugging Face generate's
+    check_engine_against_the_model(model, engine)
+
+    # training: the shared-prompt forward's log-probs are the model's own
+    if shared_prompt_unsupported(model) is None:
+        T = 0.7
+        rollout = engine.generate(PROMPTS, SamplingParams(temperature=T, top_k=0, max_new_tokens=NEW, seed=3))
+        completions = rollout.completion_token_lists()
+        want = recomputed(model, PROMPTS, completions, T)
+        with torch.no_grad():
+            hidden, targets = shared_prompt_hidden(model, PROMPTS, completions, 0)
+            logits = (hidden * logit_multiplier(model)) @ model.get_output_embeddings().weight.t()
+        logp = torch.log_softmax(logits.double() / T, -1).gather(1, targets[:, None]).squeeze(1)
+        torch.testing.assert_close(logp, torch.cat(want), rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None,
+                    reason="no oneDNN packed linear in this torch build")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("olmo2", "gemma3_text")])
+def test_family_on_the_packed_gemms_matches_the_models_own_forward(family):
+    """The oneDNN packed path (q|k|v fused; SiLU fused into the gate GEMM, Phi-3's gate_up_proj split for it;
+    Gemma's GELU after one gate|up GEMM; Granite's residual scale; SmolLM3's NoPE layer; Qwen3's q/k norms):
+    HF generate's tokens and the model's own log-probs. (OLMo2's post-norm layers refuse gemm='packed'.)"""
+    model = tiny(family)
+    engine = TorchEngine(model, pad_token_id=0, gemm="packed")
+    assert engine.describe() == "torch static fast path (oneDNN packed GEMMs)"
+    check_engine_against_the_model(model, engine)
+    dec = engine.static_decoder
+    dec.pack(len(PROMPTS), NEW)
+    assert (dec.packed[0].gate_up is None) == (family != "gemma")  # SiLU's fused pair taken where it applies
+    dec.unpack()
+
+
+def check_engine_against_the_model(model: torch.nn.Module, engine: TorchEngine) -> None:
+    """Greedy: the engine's tokens are Hugging Face generate's; sampling: the log-probs it returns are the model's
+    own (tempered) log-probs of those tokens."""
     params = SamplingParams(temperature=0.0, max_new_tokens=NEW)
     greedy = engine.generate(PROMPTS, params)
     assert greedy.completion_mask.sum() == len(PROMPTS) * NEW
@@ -101,14 +136,6 @@ def test_family_fast_path_or_announced_fallback_matches_the_models_own_forward(f
     want = recomputed(model, PROMPTS, completions, T)
     got = [rollout.sampling_logps[r, : len(c)].double() for r, c in enumerate(completions)]
     torch.testing.assert_close(torch.cat(got), torch.cat(want), rtol=0, atol=1e-5)
-
-    # training: the shared-prompt forward's log-probs are the model's own
-    if shared_prompt_unsupported(model) is None:
-        with torch.no_grad():
-            hidden, targets = shared_prompt_hidden(model, PROMPTS, completions, 0)
-            logits = (hidden * logit_multiplier(model)) @ model.get_output_embeddings().weight.t()
-        logp = torch.log_softmax(logits.double() / T, -1).gather(1, targets[:, None]).squeeze(1)
-        torch.testing.assert_close(logp, torch.cat(want), rtol=0, atol=1e-5)
 
 
 def test_soft_capped_logits_are_refused_before_the_weights_load(tmp_path):

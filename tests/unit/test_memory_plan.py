@@ -65,8 +65,7 @@ def test_kv_cache_bytes_are_what_the_engine_allocates(name):
     rows, length = 12, 37
     engine.prepare(rows, length)
     dec = engine.static_decoder
-    allocated = sum(t.numel() * t.element_size() for t in (*dec.k, *dec.v, dec.key_valid, dec.rope_q, dec.rope_k,
-                                                           dec.rot))
+    allocated = sum(t.numel() * t.element_size() for t in (*dec.k, *dec.v, dec.key_valid, dec.rope))
     assert mp.kv_cache_bytes(mp.ModelShape.from_config(model.config), rows, length, 4, "cpu") == allocated
 
 
@@ -455,6 +454,9 @@ def test_long_cpu_generates_plan_the_packed_copy_of_the_weights():
     for run in (short, dataclasses.replace(long, dtype="bfloat16"), dataclasses.replace(long, engine="vllm")):
         assert mp.plan(shape, run).items["packed_weights"] == 0
     assert mp.plan(shape, dataclasses.replace(long, device="cuda")).items["packed_weights"] == 0
+    gelu = mp.ModelShape.from_config({**mp.KNOWN_MODELS["Qwen2.5-0.5B"], "hidden_act": "gelu_pytorch_tanh"})
+    assert shape.silu and not gelu.silu  # without SiLU the engine concatenates gate|up, a larger buffer than q|k|v
+    assert mp.plan(gelu, long).items["packed_weights"] > mp.plan(shape, long).items["packed_weights"]
     wide = dataclasses.replace(long, rows=1024, generation_rows=1024, group_size=8, kv_cache_release=True)
     with_copy = mp.plan(shape, wide)
     without = mp.plan(shape, dataclasses.replace(wide, completion_tokens=PACKED_MIN_NEW_TOKENS - 1))
