@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dash_fast.config import ConfigError, shared_prompt_requested
-from dash_fast.runtime.memory_budget import GB, device_budget, process_rss
+from dash_fast.runtime.memory_budget import GB, device_budget, process_rss, resident_bytes
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
 DENSE_BWD_BYTES = 512 * 2**20  # = dash_kernels.triton_kernels.DENSE_BWD_BYTES (the Triton dZ chunk budget)
@@ -572,7 +572,7 @@ def startup_plan(model: Any, cfg: Any, device: Any, dtype: str, verbose: bool = 
     if not isinstance(model, str):  # a loaded module keeps its dtype (load_model moves it only)
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         if not device.startswith("cuda"):  # and is in the resident set already
-            runtime = max(0, process_rss() - sum(p.numel() * p.element_size() for p in model.parameters()))
+            runtime = max(0, process_rss() - resident_bytes(model.parameters()))  # mapped weights page in later
     try:
         p = plan_run(model, cfg, device, dtype, runtime)
     except MemoryPlanError:

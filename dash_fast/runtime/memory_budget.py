@@ -5,6 +5,11 @@ limit), shared by the ranks on this host. Read from /proc and /sys/fs/cgroup; No
 
 from __future__ import annotations
 
+import bisect
+import re
+from collections.abc import Iterable
+from typing import Any
+
 GB = 1e9  # the unit of memory_budget_gb and of the plan's messages
 
 
@@ -43,6 +48,51 @@ def process_rss() -> int:
     except OSError:
         pass
     return 0
+
+
+def resident_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of these CPU tensors' storages in this process's resident set now, each storage once. A storage
+    inside a file mapping (a memory-mapped safetensors checkpoint, paged in on first use) counts that mapping's
+    resident pages, once per mapping; any other storage counts whole (anonymous memory, written when the
+    tensor was made). Without /proc/self/smaps every storage counts whole."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type == "cpu":
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    mappings = _file_mappings()
+    starts = [m[0] for m in mappings]
+    total, counted = 0, set()
+    for ptr, n in storages.items():
+        i = bisect.bisect_right(starts, ptr) - 1
+        if i < 0 or ptr >= mappings[i][1] or n == 0:
+            total += n
+        elif i not in counted:
+            counted.add(i)
+            total += mappings[i][2]
+    return total
+
+
+def _file_mappings() -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of this process's file-backed mappings, by start ([] without /proc)."""
+    out: list[list[int]] = []
+    current: list[int] | None = None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = _MAPPING.match(line)
+                if head:
+                    current = [int(head[1], 16), int(head[2], 16), 0] if head[3] != "0" else None
+                    if current is not None:
+                        out.append(current)
+                elif current is not None and line.startswith("Rss:"):
+                    current[2] = int(line.split()[1]) * 1024
+    except OSError:
+        return []
+    return sorted((a, b, r) for a, b, r in out)
+
+
+_MAPPING = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) \S+ \S+ \S+ (\d+)")
 
 
 def _meminfo_kb(key: str) -> int | None:
