@@ -321,7 +321,7 @@ def kv_cache_bytes(m: ModelShape, rows: int, length: int, dtype_bytes: int, devi
     if device == "cuda":
         length = -(-length // 64) * 64
     kv = 2 * m.layers * rows * m.kv_heads * length * m.head_dim * dtype_bytes
-    rope = length * 2 * m.head_dim * 4  # the RoPE table is fp32
+    rope = length * 2 * m.head_dim * dtype_bytes  # cos and sin per position, in the cache's dtype (HF rotary_emb)
     return kv + rows * length + rope
 
 

@@ -58,15 +58,16 @@ def test_other_architectures_are_counted_on_the_meta_device():
     assert mp.ModelShape.from_config(config).params == sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
 
 
-@pytest.mark.parametrize("name", ["qwen2_tied", "qwen3"])
-def test_kv_cache_bytes_are_what_the_engine_allocates(name):
-    model = small_models()[name]
+@pytest.mark.parametrize("name, dtype", [("qwen2_tied", torch.float32), ("qwen3", torch.float32),
+                                         ("qwen2_tied", torch.bfloat16)])
+def test_kv_cache_bytes_are_what_the_engine_allocates(name, dtype):
+    model = small_models()[name].to(dtype)
     engine = TorchEngine(model, pad_token_id=0)
     rows, length = 12, 37
     engine.prepare(rows, length)
     dec = engine.static_decoder
     allocated = sum(t.numel() * t.element_size() for t in (*dec.k, *dec.v, dec.key_valid, dec.rope))
-    assert mp.kv_cache_bytes(mp.ModelShape.from_config(model.config), rows, length, 4, "cpu") == allocated
+    assert mp.kv_cache_bytes(mp.ModelShape.from_config(model.config), rows, length, dtype.itemsize, "cpu") == allocated
 
 
 def saved_bytes(fn, exclude: set[int]) -> int:
