@@ -33,6 +33,7 @@ from dash_fast.models.decoder import (
     prompt_attention_mask,
     qkv_projections,
     rms_norm,
+    rotate_half,
 )
 
 DROP_FRACTION = 0.25  # eager decode compacts the cache once this fraction of its rows has finished
@@ -163,8 +164,7 @@ class StaticDecoder:
         the training forward's values track the model's own). The packed path rotates q and k as one tensor:
         the softmax scale is applied in the attention, so both take the same table."""
         cos, sin = table[..., 0, :], table[..., 1, :]
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+        return torch.addcmul(x * cos, rotate_half(x), sin)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """q [b, T, H, D], cache views k, v [b, H_kv, S, D] -> [b * T, H * D]: softmax(q k^T * scaling) v.

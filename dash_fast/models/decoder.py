@@ -49,6 +49,12 @@ def static_unsupported(model: torch.nn.Module) -> str | None:
     return None
 
 
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's rotate_half: [x1, x2] -> [-x2, x1] over the last dimension (RoPE's rotation by 90 degrees)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Hugging Face's Llama/Qwen RMSNorm (normalise in float32, scale in the input dtype); one op in fp32."""
     if x.dtype == torch.float32:

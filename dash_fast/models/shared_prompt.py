@@ -30,6 +30,7 @@ from dash_fast.models.decoder import (
     prompt_attention_mask,
     qkv_projections,
     rms_norm,
+    rotate_half,
     scale_embeddings,
     static_unsupported,
 )
@@ -84,9 +85,7 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """HF's apply_rotary_pos_emb on flat tokens: x [T, heads, D], cos / sin [T, 1, D], in HF's op order, so the
     training forward's values track the model's own (StaticDecoder._rope fuses the last product and sum)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return x * cos + rotate_half(x) * sin
 
 
 def embed_for_training(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
