@@ -285,6 +285,33 @@ def decoder_dims(model) -> dict:
             "kv_heads": cfg.num_key_value_heads, "head_dim": hd, "vocab": head.shape[0], "hidden": head.shape[1]}
 
 
+def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3) -> float:
+    """FLOP/s of `m`-row GEMMs [m, k] x [n, k]^T cycling over distinct weights of `mib` MiB in all (far more than
+    the caches hold), each in the layout decode runs it on here (oneDNN's packed layout on CPU in fp32 where
+    this torch has it, else F.linear on the weight as it is): what a decode step's GEMMs can reach at batch
+    `m` when every weight comes from memory, as each step's do. Best of `reps` passes over all copies."""
+    from dash_fast.engines.packed_gemm import packed_gemm_unavailable
+    from dash_fast.engines.static_decode import MLP_ROWS
+
+    copies = max(1, mib * 2**20 // (4 * n * k))
+    weights = [torch.randn(n, k) for _ in range(copies)]
+    x = torch.randn(m, k)
+    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is None:
+        weights = [torch.ops.mkldnn._reorder_linear_weight(w, max(m, MLP_ROWS)) for w in weights]
+
+        def one(w):
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    else:
+        def one(w):
+            return torch.nn.functional.linear(x, w)
+
+    def every():
+        for w in weights:
+            one(w)
+
+    return 2 * m * k * n * copies / best_seconds(every, reps)
+
+
 def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5) -> float | None:
     """FLOP/s of oneDNN's linear [m, k] x [n, k]^T over a weight reordered once into its blocked layout (what
     the embedded engine's packed path runs on CPU, fp32), best of `reps`; None where this torch lacks it."""

@@ -38,7 +38,12 @@ oneDNN over a packed weight: the bound is what this machine's fastest measured G
 shape the bytes one decode step must read (every weight once, the lm_head included, plus the KV cache up
 to the row's context), its FLOPs (2 x params x batch + attention), the time of the whole generate at the
 binding bound (per step the larger of bytes / bandwidth and FLOPs / GEMM rate, prefill included) and the
-achieved fraction of it (bound time / measured p50). `--prompt-len N` repeats each prompt's ids to N tokens.
+achieved fraction of it (bound time / measured p50). At small batches a GEMM's rate falls short of the
+bound's: per batch size it also measures the rate of `batch`-row GEMMs at [hidden, intermediate] over distinct
+weights as large as a decode step reads, up to 256 MiB (so they stream from memory where a step's do), and
+prints the ceiling that rate leaves: the fraction of the bound a generate reaches if its decode steps cost
+only their FLOPs at that rate (the prefill at the bound): no engine whose GEMMs run at that rate can do
+better. `--prompt-len N` repeats each prompt's ids to N tokens.
 
 The embedded engine also returns each token's sampling log-prob; HF generate is timed without them
 (asking it for scores would only slow it down). Throughput = batch x new_tokens / wall time; the
@@ -88,27 +93,32 @@ def kv_bytes_per_token(dims: dict, elt: int) -> int:
 
 
 def roofline(dims: dict, batch: int, prompt_len: int, new_tokens: int, elt: int, bandwidth: float,
-             gemm: float) -> dict:
+             gemm: float, decode_gemm: float | None = None) -> dict:
     """Seconds one generate takes at the binding bound, and one decode step's figures at the mean context.
 
     Each step reads every weight once (decoder layers + lm_head; the embedding lookup reads `batch` rows) and
     the KV cache up to its context; its FLOPs are 2 x params per row plus attention (4 x layers x heads x
-    head_dim per context token). The prefill computes the lm_head for the last position only."""
+    head_dim per context token). The prefill computes the lm_head for the last position only.
+    `decode_gemm`: the GEMM rate measured at m = `batch` over weights streamed from memory
+    (common.measure_streamed_gemm); "ceiling" is then the time with every decode step's FLOPs at that rate
+    and nothing else costing time: what no engine whose GEMMs run at that rate can beat."""
     weights = (dims["body"] + dims["head"]) * elt
     kv_per_token = kv_bytes_per_token(dims, elt)
     attn = 4 * dims["layers"] * dims["heads"] * dims["head_dim"]
     p = prompt_len
     flops = 2 * batch * p * dims["body"] + 2 * batch * dims["head"] + attn * batch * p * (p + 1) / 2
     seconds = max((weights + kv_per_token * batch * p) / bandwidth, flops / gemm)
+    ceiling = seconds
     memory_steps = 0
     for s in range(new_tokens - 1):
         ctx = p + s + 1
         step_bytes = weights + kv_per_token * batch * ctx
         step_flops = 2 * batch * (dims["body"] + dims["head"]) + attn * batch * ctx
         seconds += max(step_bytes / bandwidth, step_flops / gemm)
+        ceiling += max(step_bytes / bandwidth, step_flops / min(gemm, decode_gemm or gemm))
         memory_steps += step_bytes / bandwidth >= step_flops / gemm
     mid = p + new_tokens // 2
-    return {"seconds": seconds, "weight_bytes": weights, "kv_bytes": kv_per_token * batch * mid,
+    return {"seconds": seconds, "ceiling": ceiling, "weight_bytes": weights, "kv_bytes": kv_per_token * batch * mid,
             "flops": 2 * batch * (dims["body"] + dims["head"]) + attn * batch * mid,
             "bound": "memory" if memory_steps * 2 >= new_tokens - 1 else "compute"}
 
@@ -234,6 +244,7 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
               f"{mm / 1e9:.1f}" + (f", oneDNN packed {packed / 1e9:.1f}" if packed else "") + f"; {device_label}, "
               f"{dtype_name}); weights read per step {(dims['body'] + dims['head']) * dtype.itemsize / 2**20:.0f} MiB")
         bounds = (dims, bandwidth, gemm)
+        decode_gemm: dict[int, float] = {}
     g = args.group
     shapes = [("batch", args.batch, args.new_tokens, g)] if args.quick else (
         [("batch", b, 24, g) for b in (16, 64, 256)] + [("new_tokens", 64, n, g) for n in (24, 48, 96)]
@@ -264,14 +275,25 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
                                    (tokens / t80 * 1e3, tokens / t50 * 1e3, tokens / t20 * 1e3), "tokens/s",
                                    device_label, dtype_name, 1.0, note))
             if bounds:
-                r = roofline(bounds[0], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:])
+                if batch not in decode_gemm and args.device == "cpu":
+                    weights_mib = (bounds[0]["body"] + bounds[0]["head"]) * dtype.itemsize // 2**20
+                    decode_gemm[batch] = common.measure_streamed_gemm(  # as many bytes as a step reads, to 256 MiB
+                        batch, bounds[0]["hidden"], model.config.intermediate_size, mib=max(1, min(256, weights_mib)))
+                    print(f"roofline: {batch}-row GEMMs over streamed weights {decode_gemm[batch] / 1e9:.1f} GFLOP/s")
+                r = roofline(*bounds[:1], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:],
+                             decode_gemm=decode_gemm.get(batch))
                 frac = tuple(r["seconds"] * 1e3 / t for t in (t80, t50, t20))
                 rows.append(common.row("rollout", provider, "bound_fraction", x_name, x_value, frac, "fraction",
                                        device_label, dtype_name, 1.0, note + f"; {r['bound']}-bound"))
+                ceiling = r["seconds"] / r["ceiling"]
+                rows.append(common.row("rollout", provider, "ceiling_fraction", x_name, x_value, (ceiling,) * 3,
+                                       "fraction", device_label, dtype_name, 1.0,
+                                       note + f"; the bound's fraction that {batch}-row GEMMs allow"))
                 print(f"roofline {provider:12s} {x_name}={x_value:<4} {tokens / t50 * 1e3:9.1f} tok/s  "
                       f"weights {r['weight_bytes'] / 2**20:.0f} MiB + KV {r['kv_bytes'] / 2**20:.1f} MiB/step  "
                       f"{r['flops'] / 1e9:.1f} GFLOP/step  {r['bound']}-bound {r['seconds'] * 1e3:.0f} ms "
-                      f"vs {t50:.0f} ms measured: {frac[1]:.0%} of the bound")
+                      f"vs {t50:.0f} ms measured: {frac[1]:.0%} of the bound; {batch}-row GEMMs allow at most "
+                      f"{ceiling:.0%}")
     common.print_table(rows)
     print_ratios(rows)
     path = common.write_csv("rollout", rows)

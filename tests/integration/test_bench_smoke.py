@@ -107,6 +107,10 @@ def test_roofline_smoke():
     compute = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1e12, gemm=1.0)
     assert compute["bound"] == "compute" and compute["flops"] == 2 * 150 + 4 * 2
     assert common.measure_bandwidth(mib=8, reps=1) > 0 and common.measure_gemm(8, 8, 8, reps=1) > 0
+    assert compute["ceiling"] == compute["seconds"]  # no decode GEMM rate given: the bound's
+    slow = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1e12, gemm=1.0, decode_gemm=0.5)
+    assert slow["seconds"] == compute["seconds"] and slow["ceiling"] == 2 * 150 + 4 + 2 * (2 * 150 + 8)
+    assert common.measure_streamed_gemm(4, 16, 32, mib=1, reps=1) > 0
 
 
 def test_roofline_accumulation_smoke():
