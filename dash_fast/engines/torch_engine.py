@@ -51,6 +51,13 @@ def sample_chunk_rows(logits: torch.Tensor) -> int:
     return max(1, SAMPLE_ELEMENTS // logits.shape[-1])
 
 
+def row_chunks(logits: torch.Tensor) -> list[slice]:
+    """The row ranges sample_next and log_normaliser make their passes over the vocabulary on (sample_chunk_rows
+    rows each)."""
+    step = sample_chunk_rows(logits)
+    return [slice(i, i + step) for i in range(0, logits.shape[0], step)]
+
+
 def draw_uniforms(n: int, params: SamplingParams, generator: torch.Generator | None,
                   device: torch.device) -> torch.Tensor | None:
     """One float64 uniform per output row for this decode step (None when greedy). The engines draw for
@@ -91,19 +98,16 @@ def sample_next(
         picked = sample_among_top_k(logits, drawn, params, uniform)
         if picked is not None:
             return picked
-    step = sample_chunk_rows(logits)
-    parts = [sample_over_vocabulary(logits[i : i + step], drawn[i : i + step], params, uniform[i : i + step])
-             for i in range(0, logits.shape[0], step)]
+    parts = [sample_over_vocabulary(logits[rows], drawn[rows], params, uniform[rows]) for rows in row_chunks(logits)]
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def log_normaliser(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log sum exp(logits / temperature) per row (in row chunks on CPU, as sample_next)."""
-    step = sample_chunk_rows(logits)
     out = logits.new_empty(logits.shape[0])
-    for i in range(0, logits.shape[0], step):
-        x = logits[i : i + step]
-        torch.logsumexp(x if temperature == 1.0 else x / temperature, dim=-1, out=out[i : i + step])
+    for rows in row_chunks(logits):
+        x = logits[rows]
+        torch.logsumexp(x if temperature == 1.0 else x / temperature, dim=-1, out=out[rows])
     return out
 
 
