@@ -95,9 +95,10 @@ class GRPOConfig(DashFields, AcceptedFields, GrpoFields, TrainingArgumentsFields
                                       "top_entropy_quantile < 1 is not implemented (its mean is over all tokens)"))
         if not 0.0 <= self.top_entropy_quantile <= 1.0:
             raise ConfigError(refusal("top_entropy_quantile", self.top_entropy_quantile, "must be in [0, 1]"))
-        if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16):
-            raise ConfigError(refusal("cast_lm_head_to_fp32", True, "a bf16/fp16 run keeps the head in its dtype "
-                                      "(the loss kernels compute log-probs in fp32)"))
+        if self.cast_lm_head_to_fp32 and (self.bf16 or self.fp16 or self._bf16_by_default()):
+            raise ConfigError(refusal("cast_lm_head_to_fp32", True, "a bf16/fp16 run (bf16 left unset trains bf16 "
+                                      "on a GPU; set bf16=False for float32) keeps the head in its dtype (the loss "
+                                      "kernels compute log-probs in fp32)"))
         _check_importance_sampling(self)
         if self.sync_ref_model and self.ref_model_sync_steps < 1:
             raise ConfigError(refusal("ref_model_sync_steps", self.ref_model_sync_steps, "must be >= 1"))
@@ -166,6 +167,15 @@ class GRPOConfig(DashFields, AcceptedFields, GrpoFields, TrainingArgumentsFields
             kernel_kl_correction=not self._liger_loss(),
             entropy_bonus=self.entropy_coef != 0 or self.use_adaptive_entropy)
 
+    def _bf16_by_default(self) -> bool:
+        """Whether bf16 left unset trains in bfloat16 here: DashConfig's dtype="auto" on the device the run gets."""
+        from dash_fast.models.loading import resolve_device
+        from dash_fast.runtime.device import resolve_dtype
+
+        if self.bf16 is not None or self.fp16:
+            return False
+        return resolve_dtype("auto", resolve_device("cpu" if self.use_cpu else "auto")) == "bfloat16"
+
     def to_dash_config(self, world_size: int = 1, n_train: int | None = None,
                        reward_names: list[str] | None = None) -> DashConfig:
         """The DashConfig this run trains with (`n_train`: prompts in the train set, for epochs;
@@ -204,7 +214,8 @@ class GRPOConfig(DashFields, AcceptedFields, GrpoFields, TrainingArgumentsFields
         values: dict[str, Any] = dict(
             output_dir=self.output_dir or "trainer_output",
             seed=self.seed, data_seed=self.data_seed, max_steps=steps,
-            dtype="bfloat16" if self.bf16 else "float16" if self.fp16 else "float32",
+            # bf16 unset: DashConfig's "auto" (bfloat16 on CUDA, as TRL's default bf16=True; float32 on CPU)
+            dtype="bfloat16" if self.bf16 else "float16" if self.fp16 else "float32" if self.bf16 is False else "auto",
             device="cpu" if self.use_cpu else "auto",
             prompts_per_step=prompts_per_step, group_size=self.num_generations,
             **{"temperature": self.temperature, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p or 0.0,

@@ -162,6 +162,9 @@ def test_batch_arguments_map_like_trl():
     assert (cfg.loss_agg, cfg.scale_rewards, cfg.loss_impl, cfg.dtype, cfg.report_to) == (
         "seq-mean-token-mean", "none", "liger", "bfloat16", ["tensorboard"])
     assert (cfg.lr_scheduler_type, cfg.warmup_steps, cfg.filter_tau) == ("cosine", 1, None)
+    # bf16 left unset: bfloat16 on CUDA as TRL's default, float32 on CPU (DashConfig's "auto"); False: float32
+    assert GRPOConfig(max_steps=1).to_dash_config().dtype == "auto"
+    assert GRPOConfig(max_steps=1, bf16=False).to_dash_config().dtype == "float32"
     cfg = GRPOConfig(num_generations=4, num_train_epochs=2).to_dash_config(n_train=10)
     assert cfg.max_steps == 10  # 2 epochs x 10 prompts / 2 prompts per step
     cfg = GRPOConfig(max_steps=1, refill=True, max_refill_rounds=2).to_dash_config()
@@ -191,6 +194,17 @@ def test_unsupported_and_unknown_arguments_are_named(kwargs, message):
     with pytest.raises(ConfigError, match=None) as e:
         GRPOConfig(**kwargs)
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_an_unset_bf16_keeps_the_head_in_fp32_only_where_the_run_trains_fp32(monkeypatch):
+    """bf16 left unset is TRL's bf16 run on a GPU (DashConfig's dtype="auto"), so cast_lm_head_to_fp32 is refused
+    there as with bf16=True; on CPU (or use_cpu=True) the run is float32 and the head stays fp32."""
+    GRPOConfig(max_steps=1, cast_lm_head_to_fp32=True)  # CPU here
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    GRPOConfig(max_steps=1, cast_lm_head_to_fp32=True, use_cpu=True)
+    GRPOConfig(max_steps=1, cast_lm_head_to_fp32=True, bf16=False)
+    with pytest.raises(ConfigError, match="bf16 left unset trains bf16 on a GPU"):
+        GRPOConfig(max_steps=1, cast_lm_head_to_fp32=True)
 
 
 def test_batch_that_does_not_hold_whole_groups_is_an_error():
