@@ -161,6 +161,21 @@ def sample_among_top_k(logits: torch.Tensor, drawn: torch.Tensor, params: Sampli
     return tokens, (chosen if t == 1.0 else chosen / t) - log_normaliser(logits, t)
 
 
+def sample_into(logits: torch.Tensor, params: SamplingParams, uniform: torch.Tensor | None,
+                seen: torch.Tensor | None, rows: torch.Tensor,
+                t: int, outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """One decode step's draw (sample_next) for the output rows `rows`, written at column `t` of the outputs
+    (tokens, log-probs, lengths) and marked in `seen` (the repetition penalty's history); returns the tokens."""
+    tokens, logps = sample_next(logits, params, uniform, None if seen is None else seen[rows])
+    if seen is not None:
+        seen[rows, tokens] = True
+    out_tokens, out_logps, lengths = outputs
+    out_tokens[rows, t] = tokens
+    out_logps[rows, t] = logps
+    lengths[rows] = t + 1
+    return tokens
+
+
 def seen_tokens(ids: torch.Tensor, attn: torch.Tensor, row_prompt: torch.Tensor, vocab: int,
                 params: SamplingParams, extra_rows: int = 0) -> torch.Tensor | None:
     """[rows (+ extra_rows), vocab] bool: the tokens of each output row's prompt (the repetition penalty's
@@ -356,13 +371,8 @@ class TorchEngine:
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(B, params, generator, device)  # finished rows (B) reuse row B-1's: discarded
-            tokens, logps = sample_next(logits[:n], params, None if uniform is None else uniform[rows.clamp(max=B - 1)],
-                                        None if seen is None else seen[rows])
-            if seen is not None:
-                seen[rows, tokens] = True
-            out_tokens[rows, t] = tokens
-            out_logps[rows, t] = logps
-            lengths[rows] = t + 1
+            tokens = sample_into(logits[:n], params, None if uniform is None else uniform[rows.clamp(max=B - 1)],
+                                 seen, rows, t, (out_tokens, out_logps, lengths))
             rows = rows.masked_fill(torch.isin(tokens, stop), B)  # finished: later outputs go to the sink
             running = int((rows < B).sum())
             if t == params.max_new_tokens - 1 or running == 0:
@@ -410,13 +420,8 @@ class TorchEngine:
         decode_steps = 0
         for t in range(params.max_new_tokens):
             uniform = draw_uniforms(row_prompt.numel(), params, generator, device)
-            tokens, logps = sample_next(logits, params, None if uniform is None else uniform[active],
-                                        None if seen is None else seen[active])
-            if seen is not None:
-                seen[active, tokens] = True
-            out_tokens[active, t] = tokens
-            out_logps[active, t] = logps
-            lengths[active] = t + 1
+            tokens = sample_into(logits, params, None if uniform is None else uniform[active], seen, active, t,
+                                 (out_tokens, out_logps, lengths))
             done = torch.isin(tokens, stop)
             if t == params.max_new_tokens - 1 or bool(done.all()):
                 break
