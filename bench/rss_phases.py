@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--prompt-tokens", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--bf16", action="store_true", help="bf16=True, as a TRL script sets it (default: fp32)")
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dash-fast-swap"))
     a = ap.parse_args()
     model_dir = swap.build_model_dir(a.shape, a.workdir)  # before the phases: not part of a user's run
@@ -140,7 +141,7 @@ def main() -> None:
     out_dir = tempfile.TemporaryDirectory(prefix="rss-")  # removed at exit: dash-fast saves a checkpoint at the end
     args = GRPOConfig(output_dir=out_dir.name, per_device_train_batch_size=a.prompts * a.group,
                       num_generations=a.group, max_completion_length=a.tokens, max_steps=a.steps, use_cpu=True,
-                      bf16=False, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
+                      bf16=a.bf16, report_to="none", logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0)
     phases.enter("trainer set-up (model load, engine, optimizer)")
     trainer = GRPOTrainer(model_dir, swap.group_place_reward, args=args, train_dataset=data, callbacks=[Marks()])
     phases.enter("train() begins")

@@ -197,15 +197,15 @@ def run_child(trainer: str, model: str, a: argparse.Namespace) -> dict:
 
     Trainer names: dash / trl, suffixed `_passive` (OMP_WAIT_POLICY=PASSIVE set before start), `_vllm`
     (use_vllm=True), `_bf16` (bf16 left at the trainer's default: TRL's is True, on CPU too; without the
-    suffix both run bf16=False, fp32), `_glibc` (MALLOC_TOP_PAD_ set to glibc's default: malloc untuned,
+    suffix both run bf16=False, fp32), `_bf16on` (bf16=True, as a TRL script sets it), `_glibc` (MALLOC_TOP_PAD_ set to glibc's default: malloc untuned,
     dash-fast's runtime/cpu_memory.keep_freed_memory then stands aside), `_nockpt` (no activation
     checkpointing: TRL's gradient_checkpointing=False; dash-fast's memory plan, which turns it on when the
     micro-batch token budget's worst case would not fit, given micro_batch_tokens = the rollout's tokens),
     `_thp` (THP_MEM_ALLOC_ENABLE=1 set before start: torch maps tensors of 2 MiB and up on transparent huge
     pages, one page fault per 2 MiB)."""
-    bf16 = None if "_bf16" in trainer else False
+    bf16 = True if "_bf16on" in trainer else None if "_bf16" in trainer else False
     base = trainer
-    for suffix in ("_bf16", "_glibc", "_passive", "_nockpt", "_thp"):
+    for suffix in ("_bf16on", "_bf16", "_glibc", "_passive", "_nockpt", "_thp"):
         base = base.replace(suffix, "")
     code = CHILD.format(trainer=base, nockpt="_nockpt" in trainer, bench=str(Path(__file__).resolve().parent),
                         model=model, rows=a.prompts * a.group, group=a.group, tokens=a.tokens, steps=a.steps,

@@ -21,7 +21,7 @@ from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.forward import LearnerHooks
 from dash_fast.memory_plan import MemoryPlan, enable_gradient_checkpointing, startup_plan
 from dash_fast.models.loading import check_text_only, load_model
-from dash_fast.models.mixed_precision import is_bf16_run
+from dash_fast.models.mixed_precision import MixedPrecision, is_bf16_run
 from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler
 from dash_fast.rewards.scorer import RewardFunc, RewardScorer
@@ -149,6 +149,18 @@ def checkpointing_rule(plan: MemoryPlan | None) -> Callable[[int, int], bool] | 
     """When the memory plan turned gradient checkpointing on, micro-batches small enough to fit its activations
     without it skip the recomputation; a setting the config asked for holds for every micro-batch."""
     return plan.checkpointing_needed if plan is not None and plan.choices.get("gradient_checkpointing") else None
+
+
+def make_precision(args: DashConfig, model: torch.nn.Module, device: torch.device, masters: bool, fsdp_root: Any,
+                   own_engine: bool) -> MixedPrecision:
+    """bf16 compute over the fp32 `masters` (off: an fp32 run). The sampler reads a bf16 copy, except for PEFT
+    (its base stays bf16 and the static engine cannot read its adapters) and FSDP2 (whose shards it would have to
+    gather). The copy's memory is freed during each update where nothing reads it then: the built-in torch
+    engine (`own_engine`) in this process on CPU, without overlap."""
+    return MixedPrecision(model, device, torch.bfloat16 if masters else None,
+                          sampler_copy=not is_peft_model(model) and fsdp_root is None,
+                          release_in_update=device.type == "cpu" and not args.overlap and args.engine == "torch"
+                          and own_engine)
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):

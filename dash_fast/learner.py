@@ -142,8 +142,12 @@ class Learner(PolicyForward):
     def optimizer_step(self, batch: StepBatch, step: int = 1, measure: metrics.LogpDifference | None = None) -> dict:
         """One optimizer step over `batch.rows`. `measure`: gets the sampler vs trainer log-probs of the
         tokens the loss forwards computed."""
-        sums = retry_on_oom(self, partial(self.accumulate, batch, measure))
-        return self.apply(sums, step)
+        try:
+            sums = retry_on_oom(self, partial(self.accumulate, batch, measure))
+            return self.apply(sums, step)
+        finally:  # whatever ended the update (a skipped step, an error), the sampler's copy is whole again
+            if self.precision.released:
+                self.precision.refresh()
 
     def accumulate(self, batch: StepBatch, measure: metrics.LogpDifference | None = None) -> list[float]:
         """Forward/backward over token-budget micro-batches of this rank's rows; returns the loss sums
@@ -152,6 +156,7 @@ class Learner(PolicyForward):
         rollout, rows = batch.rollout, batch.rows
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
+        self.precision.release()  # the sampler's bf16 copy, where nothing reads it until apply's refresh
         micros: list = self.micro_batches(rollout, rows) if rows else []
         self.step_tokens = int(rollout.completion_lengths[rows].sum()) if rows else 0
         if measure is not None:  # a retry after out-of-memory measures again

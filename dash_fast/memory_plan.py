@@ -10,8 +10,8 @@ it without training.
 
 What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 
-- resident the whole run: `weights` (the compute copy), `masters` (bf16 runs: fp32 master weights; the
-  optimizer then keeps fp32 grads and fp32 AdamW state), `grads` (kept between steps: zero_grad runs at the
+- resident the whole run: `weights` (the compute copy; a bf16 run's on CPU without overlap only while sampling),
+  `masters` (bf16 runs: fp32 masters; the optimizer then keeps fp32 grads and AdamW state), `grads` (kept: zero_grad at the
   start of the next update), `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
   `runtime` (the process before any weight loads: on CPU its resident set now, measured once the weights'
   loader, transformers.modeling_utils, is imported; on CUDA the context, CUDA_CONTEXT_BYTES).
@@ -27,8 +27,7 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   with the head's (none under the shared-prompt forward, which adds the looked-up rows into the head's
   gradient). It comes after the activations are freed, yet adds to them: they stay in the allocator (glibc's
   heap under cpu_memory.keep_freed_memory, CUDA's cache) while a [V, H] buffer is mapped anew (bench/memory.py).
-  The KV cache and graph pool stay allocated across the update unless `kv_cache_release`; with `overlap` the
-  next rollout samples during the update.
+  The KV cache and graph pool stay across the update unless `kv_cache_release`; `overlap` samples during it.
 
 peak = resident + max(sampling phase, update phase). Sizes are in bytes; GB in messages are 1e9 bytes.
 
@@ -429,9 +428,11 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
     items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
-    resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
+    copy = items["weights"] if r.master_weights and r.device == "cpu" and r.engine == "torch" and not (
+        r.overlap or r.sharded) else 0  # the sampler's bf16 copy, freed while updating (MixedPrecision.release)
+    resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference")) - copy
     engine = items["kv_cache"] + items["graph_pool"]
-    sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"]
+    sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"] + copy
     backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
         items["gathered_update"] + items["optimizer_step"]
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)

@@ -45,8 +45,6 @@ from dash_fast.learner import Learner, TrainingAborted
 from dash_fast.losses import EntropyBonus
 from dash_fast.metrics import MetricsLogger
 from dash_fast.models.loading import resolve_device
-from dash_fast.models.mixed_precision import MixedPrecision
-from dash_fast.models.peft import is_peft_model
 from dash_fast.rewards.scorer import RewardFunc
 from dash_fast.runtime import distributed as ddp
 from dash_fast.runtime.cpu_memory import reuse_freed_memory
@@ -121,10 +119,8 @@ class DashTrainer:
             args, train_rows, eval_rows, self.tokenizer, self.dataset_format, ext.prompts)
         ddp.shard_range(args.prompts_per_step, self.dist)  # fail early when prompts do not split over ranks
         self.fsdp_root = builder.shard_policy(args, self.model, self.dist)
-        # bf16 compute over the fp32 masters; the sampler reads a bf16 copy (not for PEFT, whose base stays bf16
-        # and whose adapters the static engine cannot read, nor FSDP2, whose shards it would have to gather)
-        self.precision = MixedPrecision(self.model, self.device, torch.bfloat16 if masters else None,
-                                        sampler_copy=not is_peft_model(self.model) and self.fsdp_root is None)
+        self.precision = builder.make_precision(args, self.model, self.device, masters, self.fsdp_root,
+                                                own_engine=rollout_engine is None)
         self.shared_prompt, self.forward_path = builder.use_shared_prompt(args, self.device, self.model,
                                                                           self.fsdp_root)
         self.engine = (rollout_engine or builder.make_engine)(args, self.precision.sampler_model, self.tokenizer,

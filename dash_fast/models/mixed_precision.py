@@ -63,10 +63,15 @@ class MixedPrecision:
     activations, `sampler_model` for the engine and `refresh()` after each optimizer step.
 
     `dtype=None`: off (fp32 runs, or bf16 weights trained in place): autocast is a no-op, the sampler reads
-    the model itself. `sampler_copy=False`: the sampler reads the model (PEFT, FSDP2)."""
+    the model itself. `sampler_copy=False`: the sampler reads the model (PEFT, FSDP2).
+
+    `release_in_update=True`: the copy's memory is freed while the learner updates (`release`, called at the
+    update's start) and allocated again by the `refresh` after the optimizer step, so it does not add to the
+    update phase's peak (fp32 gradients and activations). Only where nothing reads the copy during the update:
+    the in-process sampler without overlap on CPU (CUDA graphs and a sampler process hold its storages)."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None,
-                 sampler_copy: bool = True) -> None:
+                 sampler_copy: bool = True, release_in_update: bool = False) -> None:
         self.dtype, self.device_type = dtype, device.type
         self.sampler_model = model
         self._src: list[torch.Tensor] = []
@@ -75,6 +80,8 @@ class MixedPrecision:
             self.sampler_model = compute_copy(model, dtype)
             self._src = list(model.parameters())  # deepcopy keeps the order: pairs match one to one
             self._dst = list(self.sampler_model.parameters())
+        self._bytes = [t.untyped_storage().nbytes() for t in self._dst] if release_in_update else []
+        self.released = False
 
     @property
     def enabled(self) -> bool:
@@ -90,8 +97,20 @@ class MixedPrecision:
         """Activations in the compute dtype for the loss kernels (which take an fp32 head beside them)."""
         return hidden if self.dtype is None or hidden.dtype == self.dtype else hidden.to(self.dtype)
 
+    def release(self) -> None:
+        """Free the sampler copy's memory until the next `refresh` (a no-op unless `release_in_update`). Its
+        tensors stay (the engine's modules hold them), over empty storages."""
+        for t in self._dst if self._bytes else []:
+            t.untyped_storage().resize_(0)
+        self.released = bool(self._bytes)
+
     @torch.no_grad()
     def refresh(self) -> None:
-        """Copy the masters into the sampler's copy, in place (rounding to the compute dtype)."""
+        """Copy the masters into the sampler's copy, in place (rounding to the compute dtype); a released
+        copy gets its memory back first."""
+        if self.released:
+            for t, n in zip(self._dst, self._bytes):
+                t.untyped_storage().resize_(n)
+            self.released = False
         if self._dst:
             torch._foreach_copy_(self._dst, self._src)

@@ -187,7 +187,8 @@ def test_non_finite_loss_skips_the_step_then_aborts_after_the_limit(tmp_path, mo
     assert same(after_one, params(trainer))
 
 
-def test_non_finite_counter_resets_after_a_good_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # bf16: the sampler's copy, freed in the update, is back
+def test_non_finite_counter_resets_after_a_good_step(tmp_path, monkeypatch, dtype):
     loss_fn = get_loss("fused")
 
     def every_other(*args):
@@ -195,7 +196,7 @@ def test_non_finite_counter_resets_after_a_good_step(tmp_path, monkeypatch):
         return (loss * float("nan") if trainer.state.global_step % 2 else loss), stats
 
     monkeypatch.setitem(LOSSES, "test_every_other", every_other)
-    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=4, loss="test_every_other")
+    trainer = make_trainer(tmp_path, max_nonfinite_steps=2, max_steps=4, loss="test_every_other", dtype=dtype)
     summary = trainer.train()  # steps 2 and 4 are non-finite, never two in a row
     assert summary["steps"] == 4
     assert [r["skipped_steps"] for r in trainer.state.log_history] == [0, 1, 0, 1]

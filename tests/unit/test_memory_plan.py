@@ -175,6 +175,22 @@ def test_bf16_plans_fp32_masters_grads_and_adam_state():
     assert items["optimizer"] == 8 * shape.params
 
 
+def test_a_bf16_cpu_run_plans_its_sampler_copy_in_the_sampling_phase_only():
+    """On CPU with the in-process engine and no overlap the bf16 copy (`weights`) is freed while updating
+    (MixedPrecision.release): it counts in the sampling phase, not in the update's; with overlap it stays."""
+    shape = mp.model_shape("Qwen2.5-0.5B")
+    cpu = mp.RunShape(**dict(PAPER, device="cpu", rows=16, generation_rows=16, prompt_tokens=16,
+                             completion_tokens=16, micro_batch_tokens=4096))
+    p, it = mp.plan(shape, cpu), mp.plan(shape, cpu).items
+    base = sum(it[k] for k in ("runtime", "masters", "grads", "optimizer", "reference"))
+    sample = it["kv_cache"] + it["sampling"] + it["packed_weights"]
+    update = it["loss"] + it["activations"] + it["embedding_grad"] + it["kv_cache"]
+    assert p.peak_phase == "update" and it["weights"] == 2 * shape.params
+    assert p.peak == base + max(sample + it["weights"], update)
+    o = mp.plan(shape, dataclasses.replace(cpu, overlap=True))
+    assert o.peak == base + o.items["weights"] + sample + update - it["kv_cache"]  # both phases at once
+
+
 def test_the_plan_picks_the_cheapest_settings_that_fit():
     shape, run = mp.model_shape("Qwen2.5-1.5B"), mp.RunShape(**{**PAPER, "micro_batch_tokens": 32768})
     plain = mp.plan(shape, run)

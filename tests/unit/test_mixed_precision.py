@@ -2,6 +2,7 @@
 move the weights as an fp32 run does, while bf16 weights trained in place lose almost every update; the
 sampler reads a bf16 copy kept equal to the rounded masters; checkpoints and exact resume carry the masters."""
 
+import json
 import os
 
 import pytest
@@ -12,8 +13,9 @@ from safetensors.torch import load_file
 
 from dash_fast import DashConfig, DashTrainer, GRPOConfig, GRPOTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
+from dash_fast.engines.base import SamplingParams
 from dash_fast.losses import LOSSES, get_loss
-from dash_fast.models.mixed_precision import compute_copy
+from dash_fast.models.mixed_precision import MixedPrecision, compute_copy
 from dash_fast.trainer import Extensions
 
 
@@ -85,6 +87,60 @@ def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path, monkey
         assert torch.equal(copy, master.to(torch.bfloat16)), f"{name}: the sampler's copy is stale"
     weights = load_file(os.path.join(tmp_path, "checkpoints", "step-2", "model.safetensors"))
     assert weights and all(w.dtype == torch.float32 for w in weights.values())
+
+
+def test_the_sampler_copy_is_freed_during_each_update_and_the_run_is_unchanged(tmp_path, monkeypatch):
+    """On CPU in-process (no overlap) the bf16 copy holds no memory from the update's start to the refresh after
+    the optimizer step, and is the masters' rounding again after it; the run (weights, sampled completions) is
+    bit for bit the one that keeps the copy."""
+    trainer = make_trainer(tmp_path / "released", dtype="bfloat16", max_steps=3)
+    copy = list(trainer.precision.sampler_model.parameters())
+    held = sum(p.untyped_storage().nbytes() for p in copy)
+    during = []
+    trainer.learner.hooks.before_micro_batch.append(lambda: during.append(sum(p.untyped_storage().nbytes() for p in copy)))
+    trainer.train()
+    assert held > 0 and during and set(during) == {0}
+    assert sum(p.untyped_storage().nbytes() for p in copy) == held
+    for master, c in zip(trainer.model.parameters(), copy, strict=True):
+        assert torch.equal(c, master.to(torch.bfloat16))
+    monkeypatch.setattr(MixedPrecision, "release", lambda self: None)
+    kept = make_trainer(tmp_path / "kept", dtype="bfloat16", max_steps=3)
+    kept.train()
+    for a, b in zip(trainer.model.parameters(), kept.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    records = [[{k: v for k, v in json.loads(line).items() if "time" not in k and k != "tokens_per_s"}
+                for line in open(tmp_path / name / "metrics.jsonl")] for name in ("released", "kept")]
+    assert len(records[0]) == 3 and records[0] == records[1]  # rewards, lengths, losses, sampler log-probs
+
+
+def test_an_update_that_fails_leaves_the_sampler_copy_whole(tmp_path, monkeypatch):
+    """An error inside the update (here the loss of step 2) leaves the copy allocated and equal to the masters'
+    rounding, so the engine can still generate (a freed copy would be read out of bounds)."""
+    loss_fn = get_loss("fused")
+
+    def failing(*args):
+        if trainer.state.global_step + 1 == 2:
+            raise RuntimeError("loss failed")
+        return loss_fn(*args)
+
+    monkeypatch.setitem(LOSSES, "test_failing", failing)
+    trainer = make_trainer(tmp_path, dtype="bfloat16", max_steps=3, loss="test_failing")
+    with pytest.raises(RuntimeError, match="loss failed"):
+        trainer.train()
+    assert not trainer.precision.released
+    for master, copy in zip(trainer.model.parameters(), trainer.precision.sampler_model.parameters(), strict=True):
+        assert copy.untyped_storage().nbytes() > 0 and torch.equal(copy, master.to(torch.bfloat16))
+    out = trainer.engine.generate([[3, 4, 5]], SamplingParams(temperature=0.0, max_new_tokens=4))
+    assert out.completion_ids.shape[0] == 1
+
+
+def test_the_copy_is_kept_where_something_reads_it_during_the_update():
+    """release() frees nothing unless asked for at construction (overlap, a sampler process, CUDA graphs)."""
+    model = build_model(build_tokenizer(), TINY)
+    precision = MixedPrecision(model, torch.device("cpu"), torch.bfloat16)
+    precision.release()
+    assert not precision.released and all(p.untyped_storage().nbytes() > 0
+                                           for p in precision.sampler_model.parameters())
 
 
 def test_compute_copy_keeps_ties_and_fp32_buffers():
