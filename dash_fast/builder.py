@@ -64,7 +64,9 @@ def load_policy(model: str | torch.nn.Module, args: DashConfig, device: torch.de
     dtype = resolve_dtype(args.dtype, device)
     bf16 = is_bf16_run(dtype, model if isinstance(model, torch.nn.Module) else None)
     masters = bf16 and args.master_weights
-    plan = startup_plan(model, args, device, dtype, verbose=dist.is_main)
+    # the weights' dtype as the run trains them: bf16 compute over fp32 masters, else a loaded module's own
+    weights = dtype if isinstance(model, str) else str(next(model.parameters()).dtype).removeprefix("torch.")
+    plan = startup_plan(model, args, device, "bfloat16" if masters else weights, verbose=dist.is_main)
     policy = load_model(model, dtype, device, masters=masters)
     if device.type == "cpu":  # activations live in host memory: reuse pages across steps (small models)
         heads = {id(m.weight) for m in (policy.get_input_embeddings(), policy.get_output_embeddings()) if m is not None}

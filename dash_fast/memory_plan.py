@@ -565,15 +565,13 @@ def apply_choices(cfg: Any, p: MemoryPlan) -> None:
 
 
 def startup_plan(model: Any, cfg: Any, device: Any, dtype: str, verbose: bool = True) -> MemoryPlan | None:
-    """The trainer's start-up plan, before the weights load: fitted (MemoryPlanError when nothing fits), its
-    choices written into `cfg`, printed when `verbose`. None when the model's config cannot be read as a
-    decoder's (the run then goes on, with the settings left to the plan off)."""
+    """The trainer's start-up plan, before the weights load (`dtype`: the weights' as the run trains them):
+    fitted (MemoryPlanError when nothing fits), its choices written into `cfg`, printed when `verbose`. None when
+    the model's config cannot be read as a decoder's (the run then goes on, with the settings left to the plan off)."""
     device = str(device)
     runtime = None
-    if not isinstance(model, str):  # a loaded module keeps its dtype (load_model moves it only)
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        if not device.startswith("cuda"):  # and is in the resident set already
-            runtime = max(0, process_rss() - resident_bytes(model.parameters()))  # mapped weights page in later
+    if not isinstance(model, str) and not device.startswith("cuda"):  # a loaded module is resident already
+        runtime = max(0, process_rss() - resident_bytes(model.parameters()))  # mapped weights page in later
     try:
         p = plan_run(model, cfg, device, dtype, runtime)
     except MemoryPlanError:

@@ -211,6 +211,9 @@ def test_trl_bf16_loads_fp32_masters_from_a_path(tmp_path):
     for name, p in trainer.model.named_parameters():  # loaded in fp32, not rounded through bf16
         assert p.dtype == torch.float32 and torch.equal(p, saved[name]), name
     assert next(trainer.precision.sampler_model.parameters()).dtype == torch.bfloat16
+    run, items = trainer.memory_plan.run, trainer.memory_plan.items  # planned as it trains: bf16 over masters
+    params = sum(p.numel() for p in trainer.model.parameters())
+    assert run.dtype == "bfloat16" and run.master_weights and items["masters"] == 2 * items["weights"] == 4 * params
     moved, _ = weight_change(trainer)
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
     assert moved > 0.9, moved
