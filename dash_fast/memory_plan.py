@@ -10,9 +10,10 @@ it without training.
 
 What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 
-- resident the whole run: `weights` (the compute copy; a bf16 run's on CPU without overlap only while sampling),
-  `masters` (bf16 runs: fp32 masters; the optimizer then keeps fp32 grads and AdamW state), `grads` (kept: zero_grad at the
-  start of the next update), `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
+- resident the whole run: `weights` (the compute copy), `masters` (bf16 runs: fp32 master weights; the
+  optimizer then keeps fp32 grads and AdamW state), `grads` (kept: zero_grad runs at the next update's start;
+  a bf16 run on CPU without overlap holds its copy only while sampling and its grads only while updating),
+  `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
   `runtime` (the process before any weight loads: on CPU its resident set now, measured once the weights'
   loader, transformers.modeling_utils, is imported; on CUDA the context, CUDA_CONTEXT_BYTES).
 - while sampling: `kv_cache` (the embedded engine's static cache: 2 x layers x rows x kv heads x
@@ -428,13 +429,14 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
     items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
-    copy = items["weights"] if r.master_weights and r.device == "cpu" and r.engine == "torch" and not (
-        r.overlap or r.sharded) else 0  # the sampler's bf16 copy, freed while updating (MixedPrecision.release)
-    resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference")) - copy
+    freed = r.master_weights and r.device == "cpu" and r.engine == "torch" and not (r.overlap or r.sharded)
+    copy = items["weights"] * freed  # the sampler's bf16 copy, freed while updating (MixedPrecision.release)
+    grads = items["grads"] * freed  # then freed after the optimizer step, before the copy comes back
+    resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference")) - copy - grads
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"] + copy
     backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
-        items["gathered_update"] + items["optimizer_step"]
+        items["gathered_update"] + items["optimizer_step"] + grads
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
         phase, top = "overlap", sample + backward

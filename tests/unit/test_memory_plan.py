@@ -177,18 +177,24 @@ def test_bf16_plans_fp32_masters_grads_and_adam_state():
 
 def test_a_bf16_cpu_run_plans_its_sampler_copy_in_the_sampling_phase_only():
     """On CPU with the in-process engine and no overlap the bf16 copy (`weights`) is freed while updating
-    (MixedPrecision.release): it counts in the sampling phase, not in the update's; with overlap it stays."""
+    (MixedPrecision.release) and the gradients after the optimizer step: the copy counts in the sampling phase,
+    the gradients in the update's; with overlap both stay."""
     shape = mp.model_shape("Qwen2.5-0.5B")
     cpu = mp.RunShape(**dict(PAPER, device="cpu", rows=16, generation_rows=16, prompt_tokens=16,
                              completion_tokens=16, micro_batch_tokens=4096))
     p, it = mp.plan(shape, cpu), mp.plan(shape, cpu).items
-    base = sum(it[k] for k in ("runtime", "masters", "grads", "optimizer", "reference"))
+    base = sum(it[k] for k in ("runtime", "masters", "optimizer", "reference"))
     sample = it["kv_cache"] + it["sampling"] + it["packed_weights"]
     update = it["loss"] + it["activations"] + it["embedding_grad"] + it["kv_cache"]
-    assert p.peak_phase == "update" and it["weights"] == 2 * shape.params
-    assert p.peak == base + max(sample + it["weights"], update)
+    assert p.peak_phase == "update" and it["weights"] == 2 * shape.params and it["grads"] == 4 * shape.params
+    assert p.peak == base + max(sample + it["weights"], update + it["grads"])
     o = mp.plan(shape, dataclasses.replace(cpu, overlap=True))
-    assert o.peak == base + o.items["weights"] + sample + update - it["kv_cache"]  # both phases at once
+    assert o.peak == base + o.items["weights"] + o.items["grads"] + sample + update - it["kv_cache"]  # both at once
+    long = mp.plan(shape, dataclasses.replace(cpu, rows=256, generation_rows=256, group_size=1, prompt_tokens=512,
+                                              micro_batch_tokens=512))  # 256 prompts' prefill
+    li = long.items  # sampling-bound: the copy counts, the gradients (freed after each step) do not
+    assert long.peak_phase == "sampling"
+    assert long.peak == base + li["weights"] + li["kv_cache"] + li["sampling"] + li["packed_weights"]
 
 
 def test_the_plan_picks_the_cheapest_settings_that_fit():

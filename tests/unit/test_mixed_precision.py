@@ -91,15 +91,18 @@ def test_masters_are_fp32_and_the_sampler_reads_their_bf16_copy(tmp_path, monkey
 
 def test_the_sampler_copy_is_freed_during_each_update_and_the_run_is_unchanged(tmp_path, monkeypatch):
     """On CPU in-process (no overlap) the bf16 copy holds no memory from the update's start to the refresh after
-    the optimizer step, and is the masters' rounding again after it; the run (weights, sampled completions) is
-    bit for bit the one that keeps the copy."""
+    the optimizer step, and is the masters' rounding again after it; the gradients are gone by then (a step's
+    are used). The run (weights, sampled completions) is bit for bit the one that keeps the copy."""
     trainer = make_trainer(tmp_path / "released", dtype="bfloat16", max_steps=3)
     copy = list(trainer.precision.sampler_model.parameters())
     held = sum(p.untyped_storage().nbytes() for p in copy)
-    during = []
+    during, grads_at_step = [], []
     trainer.learner.hooks.before_micro_batch.append(lambda: during.append(sum(p.untyped_storage().nbytes() for p in copy)))
+    trainer.learner.hooks.after_optimizer_step.append(
+        lambda: grads_at_step.append(all(p.grad is not None for p in trainer.model.parameters())))
     trainer.train()
     assert held > 0 and during and set(during) == {0}
+    assert grads_at_step == [True] * 3 and all(p.grad is None for p in trainer.model.parameters())
     assert sum(p.untyped_storage().nbytes() for p in copy) == held
     for master, c in zip(trainer.model.parameters(), copy, strict=True):
         assert torch.equal(c, master.to(torch.bfloat16))
