@@ -19,7 +19,7 @@ gaps between `on_step_end` callbacks (what a user's clock sees), the first `--wa
 RSS is the child's VmHWM; minor page faults per step are read from /proc/self/stat. Rounds alternate the
 trainers (dash, trl, dash, trl, ...) so that background load hits both alike. Trainer variants (run_child):
 `_passive` (OMP_WAIT_POLICY=PASSIVE set before start: OpenMP threads sleep at once instead of spinning, what
-a busy machine needs), `_vllm`, `_bf16`, `_glibc`, `_nockpt`, `_thp`. Writes bench/results/swap_<shape>.csv (docs/design.md
+a busy machine needs), `_vllm`, `_bf16`, `_bf16on`, `_glibc`, `_nockpt`, `_thp`. Writes bench/results/swap_<shape>.csv (docs/design.md
 section 5 columns) and prints the ratios.
 """
 
@@ -243,7 +243,8 @@ def add_arguments(ap: argparse.ArgumentParser, trainers: str) -> None:
     ap.add_argument("--trainers", default=trainers,
                     help="dash, trl; suffixes _passive (OMP_WAIT_POLICY=PASSIVE set before start), _vllm "
                          "(use_vllm=True; skipped with the reason when vllm is missing), _bf16 (bf16 at the "
-                         "trainer's default), _glibc (malloc at glibc's defaults), _nockpt (activation checkpointing off)")
+                         "trainer's default), _bf16on (bf16=True), _glibc (malloc at glibc's defaults), _nockpt (activation "
+                         "checkpointing off)")
     ap.add_argument("--timeout", type=int, default=1800)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dash-fast-swap"))
     ap.add_argument("--results-dir", default=str(REPO / "bench" / "results"))
