@@ -216,10 +216,9 @@ class Learner(PolicyForward):
                     self.entropy_bonus.end_step()
                 call_hooks(self.hooks.after_optimizer_step)
                 self.weights_version += 1
+                self.optimizer.zero_grad(set_to_none=True)  # used: not held through the next generate
                 t_sync = time.perf_counter()
                 with nvtx_range("sync/weights"):
-                    if self.precision.released:  # the copy's memory comes back: the gradients, used, go first
-                        self.optimizer.zero_grad(set_to_none=True)
                     self.precision.refresh()  # the sampler's bf16 copy (none: it reads self.model)
                     self.engine.sync_weights(self.precision.sampler_model)
                 t_sync = time.perf_counter() - t_sync

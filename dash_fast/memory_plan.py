@@ -10,10 +10,9 @@ it without training.
 
 What a step holds (per process; bytes of each item in `MemoryPlan.items`):
 
-- resident the whole run: `weights` (the compute copy), `masters` (bf16 runs: fp32 master weights; the
-  optimizer then keeps fp32 grads and AdamW state), `grads` (kept: zero_grad runs at the next update's start;
-  a bf16 run on CPU without overlap holds its copy only while sampling and its grads only while updating),
-  `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
+- resident the whole run: `weights` (the compute copy; a bf16 run on CPU without overlap holds its copy only
+  while sampling), `masters` (bf16 runs: fp32 master weights; the optimizer then keeps fp32 grads and AdamW
+  state), `optimizer` (AdamW's two states), `reference` (beta > 0: a frozen copy), and
   `runtime` (the process before any weight loads: on CPU its resident set now, measured once the weights'
   loader, transformers.modeling_utils, is imported; on CUDA the context, CUDA_CONTEXT_BYTES).
 - while sampling: `kv_cache` (the embedded engine's static cache: 2 x layers x rows x kv heads x
@@ -21,7 +20,8 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
   activations, the logits and sample_next's working set, or the prefill's activations when larger),
   `packed_weights` (CPU, fp32, generates of static_decode.PACKED_MIN_NEW_TOKENS tokens or more: their packed copy).
-- while updating: `activations` (the tensors one micro-batch's forward keeps for its backward, counted
+- while updating: `grads` (one per trainable parameter: freed after each optimizer step, made again in the
+  next update's backward), `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
   (the fused loss: its logits chunk buffers, the fp32 lm_head gradient and the hidden-state gradient) and,
   with a tied head, `embedding_grad`: the embedding's dense gradient, made at the end of backward and summed
@@ -431,12 +431,11 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
 
     freed = r.master_weights and r.device == "cpu" and r.engine == "torch" and not (r.overlap or r.sharded)
     copy = items["weights"] * freed  # the sampler's bf16 copy, freed while updating (MixedPrecision.release)
-    grads = items["grads"] * freed  # then freed after the optimizer step, before the copy comes back
-    resident = sum(items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference")) - copy - grads
+    resident = sum(items[k] for k in ("runtime", "weights", "masters", "optimizer", "reference")) - copy
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"] + copy
     backward = items["loss"] + items["activations"] + items["embedding_grad"] + items["grad_allreduce"] + \
-        items["gathered_update"] + items["optimizer_step"] + grads
+        items["gathered_update"] + items["optimizer_step"] + items["grads"]  # freed after each optimizer step
     update = backward + (0 if r.kv_cache_release and not r.overlap else engine)
     if r.overlap:
         phase, top = "overlap", sample + backward

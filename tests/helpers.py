@@ -176,13 +176,28 @@ def rollout_for(trainer: DashTrainer, step: int = 0):
     return trainer.generate([trainer.train_data.prompt_ids[i] for i in indices for _ in range(G)], step)
 
 
+def keep_grads(trainer: DashTrainer, take=lambda g: g.clone()) -> dict[str, torch.Tensor]:
+    """A dict holding `take(grad)` of each parameter at the trainer's latest optimizer step, filled by an
+    after_optimizer_step hook: the learner frees the gradients right after the step."""
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep() -> None:
+        grads.clear()
+        grads.update({n: take(p.grad) for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+    trainer.learner.hooks.after_optimizer_step.append(keep)
+    return grads
+
+
 def grads_of_update(trainer: DashTrainer, rollout, advantages, kept) -> dict[str, torch.Tensor]:
     """Run trainer.update on a trainer built with `frozen=True` and return the accumulated gradients (the
     weights stay as they were, so a second call computes its gradients at the same point)."""
     before = params(trainer.model)
+    grads = keep_grads(trainer)
     trainer.update(rollout, advantages, kept)
+    trainer.learner.hooks.after_optimizer_step.pop()
     assert same(before, params(trainer.model)), "grads_of_update needs a trainer built with frozen=True"
-    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return dict(grads)
 
 
 class EditedEngine:

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from helpers import TINY_DDP as TINY
-from helpers import free_port, half_constant_reward
+from helpers import free_port, half_constant_reward, keep_grads
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
@@ -30,8 +30,9 @@ def run(out: str, refill: bool = False, overlap: bool = False, **overrides) -> d
                       micro_batch_tokens=40, report_to=[], disable_tqdm=True, eval_examples=6, **overrides)
     trainer = DashTrainer(model, half_constant_reward, args=args, train_dataset=train, eval_dataset=test,
                           processing_class=tok)
+    grads = keep_grads(trainer)  # the last step's (the learner frees them after it)
     trainer.train()
-    return {"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+    return {"grads": dict(grads),
             "record": trainer.state.log_history[-1], "eval": trainer.eval_history,
             "steps": [r for r in trainer.state.log_history if "loss" in r],
             "world": trainer.dist.world_size}

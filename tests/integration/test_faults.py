@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from helpers import EditedEngine
+from helpers import EditedEngine, keep_grads
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.checkpoint import load_trainer_state
@@ -218,8 +218,9 @@ def test_out_of_memory_in_backward_halves_the_micro_batch_and_retries(tmp_path, 
         trainer = make_trainer(tmp_path / str(oom), model=build_model(build_tokenizer(), TINY).double(),
                                loss_impl="naive", micro_batch_tokens=256, max_grad_norm=None, max_steps=1,
                                loss="test_limited")
+        grads = keep_grads(trainer)  # the step's (the learner frees them after it)
         trainer.train()
-        return trainer, {n: p.grad.clone() for n, p in trainer.model.named_parameters()}
+        return trainer, dict(grads)
 
     trainer, grads = run(oom=True)
     assert trainer.learner.micro_batch_tokens == 32  # 256 -> 128 -> 64 -> 32

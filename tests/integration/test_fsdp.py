@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from cli_runs import RESUME_STEPS, dash_run, write_fault_rewards
 from helpers import TINY_DDP as TINY
-from helpers import free_port, half_constant_reward
+from helpers import free_port, half_constant_reward, keep_grads
 
 from dash_fast import DashConfig, DashTrainer
 from dash_fast.embedded.tiny import build_model, build_tokenizer, make_task
@@ -53,9 +53,10 @@ def run(out: str, dtype: str, parallel: str = "ddp", max_steps: int = 1, resume:
                       report_to=[], disable_tqdm=True, eval_examples=6, resume=resume, **overrides)
     trainer = DashTrainer(model, half_constant_reward, args=args, train_dataset=train, eval_dataset=test,
                           processing_class=tok)
+    grads = keep_grads(trainer, full)  # the last step's, gathered on every rank (the learner frees them after it)
     trainer.train()
     named = list(trainer.model.named_parameters())
-    return {"grads": {n: full(p.grad) for n, p in named}, "weights": {n: full(p) for n, p in named},
+    return {"grads": {n: grads.get(n) for n, _ in named}, "weights": {n: full(p) for n, p in named},
             "steps": [r for r in trainer.state.log_history if "loss" in r], "eval": trainer.eval_history,
             "world": trainer.dist.world_size, "sharded": trainer.fsdp_root is not None, "out": out}
 

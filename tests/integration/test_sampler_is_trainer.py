@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import EditedEngine, shifted_sampler
+from helpers import EditedEngine, keep_grads, shifted_sampler
 from helpers import make_one_step_trainer as make_trainer
 from kernel_cases import trl_compute_loss, trl_ratio_rows
 
@@ -115,9 +115,10 @@ def _reward(completions, **kw):
 
 
 def _dash_one_batch(tmp_path, noise, ref_noise=0.0, **extra):
-    """One GRPOTrainer step at learning rate 0 (the gradient stays in .grad, unclipped) on a rollout whose
+    """One GRPOTrainer step at learning rate 0 (its gradient kept at the step, unclipped) on a rollout whose
     sampler log-probs are the trainer's plus per-token noise (`ref_noise`: the reference model's weights
-    perturbed, so that the KL and its gradient are not 0); returns (trainer, initial model, rollout, rewards)."""
+    perturbed, so that the KL and its gradient are not 0); returns (trainer, initial model, rollout, rewards,
+    gradients)."""
     from datasets import Dataset
 
     from dash_fast import GRPOTrainer
@@ -154,9 +155,10 @@ def _dash_one_batch(tmp_path, noise, ref_noise=0.0, **extra):
         with torch.no_grad():
             for p in trainer.learner.ref_model.parameters():
                 p.add_(ref_noise * torch.randn(p.shape, generator=gen))
+    grads = keep_grads(trainer)  # the last optimizer step's (the learner frees them after it)
     trainer.train()
     (rollout,) = captured
-    return trainer, initial, rollout, torch.tensor(rewards)
+    return trainer, initial, rollout, torch.tensor(rewards), grads
 
 
 def _logp_rows(model, rollout):
@@ -210,7 +212,7 @@ def test_grpo_trainer_matches_trls_compute_loss_on_one_batch(tmp_path, name):
     run with extra={"sampler_is_correction": True}) gives TRL's loss and gradient, and TRL's ratio metrics,
     on one batch whose sampler log-probs differ from the trainer's by N(0, 0.3) per token."""
     extra, mode, lo, hi = CASES[name]
-    trainer, initial, rollout, rewards = _dash_one_batch(
+    trainer, initial, rollout, rewards, got = _dash_one_batch(
         tmp_path, 0.3, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=lo,
         vllm_importance_sampling_clip_max=hi, extra={"sampler_is_correction": True}, **extra)
     (record,) = trainer.step_records
@@ -219,7 +221,6 @@ def test_grpo_trainer_matches_trls_compute_loss_on_one_batch(tmp_path, name):
                                     extra["loss_type"], extra.get("importance_sampling_level", "token"),
                                     bias_correction=True)
     assert record["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6)
-    got = {n: p.grad for n, p in trainer.model.named_parameters()}
     norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
     assert norm > 0
     for n, g in grads.items():
@@ -248,7 +249,7 @@ def test_trls_default_kl_trains_on_the_fused_kernels_and_matches_trl(tmp_path, n
     one batch whose reference model differs from the policy (so the KL and its gradient are not 0)."""
     extra, on = KL_CASES[name]
     mode, lo, hi = "token_truncate", None, 1.1
-    trainer, initial, rollout, rewards = _dash_one_batch(
+    trainer, initial, rollout, rewards, got = _dash_one_batch(
         tmp_path, 0.3, ref_noise=0.05, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_max=hi,
         extra={"sampler_is_correction": on}, **extra)
     assert trainer.learner.loss_name == "fused" and trainer.config.loss_impl == "fused"
@@ -260,5 +261,5 @@ def test_trls_default_kl_trains_on_the_fused_kernels_and_matches_trl(tmp_path, n
     assert record["loss"] == pytest.approx(loss, rel=1e-4, abs=1e-6)
     assert record["kl"] > 1e-3  # the reference differs: the KL term is in play
     norm = math.sqrt(sum(float((g ** 2).sum()) for g in grads.values()))
-    for n, p in trainer.model.named_parameters():
-        torch.testing.assert_close(p.grad, grads[n], atol=2e-5 * norm, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
+    for n, _ in trainer.model.named_parameters():
+        torch.testing.assert_close(got[n], grads[n], atol=2e-5 * norm, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")

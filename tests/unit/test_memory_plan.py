@@ -344,7 +344,7 @@ def test_per_rank_plan_shards_under_fsdp2_and_replicates_under_ddp():
     assert fsdp.items["checkpoint_gather"] == one.items["weights"] + one.items["optimizer"]  # rank 0, to save
     assert fsdp.peak_phase == "update" and fsdp.other_ranks_peak is None  # 25 GB of activations: the step peaks
     small = mp.plan(shape, dataclasses.replace(fsdp.run, micro_batch_tokens=256, completion_tokens=32))
-    resident = sum(small.items[k] for k in ("runtime", "weights", "masters", "grads", "optimizer", "reference"))
+    resident = sum(small.items[k] for k in ("runtime", "weights", "masters", "optimizer", "reference"))  # grads: freed
     assert small.peak_phase == "checkpoint" and small.other_ranks_peak < small.peak
     assert small.peak == resident + small.items["checkpoint_gather"] + small.items["kv_cache"]
     assert ddp.items["checkpoint_gather"] == 0 and ddp.other_ranks_peak is None
@@ -480,7 +480,7 @@ def test_long_cpu_generates_plan_the_packed_copy_of_the_weights():
     gelu = mp.ModelShape.from_config({**mp.KNOWN_MODELS["Qwen2.5-0.5B"], "hidden_act": "gelu_pytorch_tanh"})
     assert shape.silu and not gelu.silu  # without SiLU the engine concatenates gate|up, a larger buffer than q|k|v
     assert mp.plan(gelu, long).items["packed_weights"] > mp.plan(shape, long).items["packed_weights"]
-    wide = dataclasses.replace(long, rows=1024, generation_rows=1024, group_size=8, kv_cache_release=True)
+    wide = dataclasses.replace(long, rows=2048, generation_rows=2048, group_size=8, kv_cache_release=True)
     with_copy = mp.plan(shape, wide)
     without = mp.plan(shape, dataclasses.replace(wide, completion_tokens=PACKED_MIN_NEW_TOKENS - 1))
     assert with_copy.peak_phase == without.peak_phase == "sampling"
