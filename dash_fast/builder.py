@@ -21,7 +21,7 @@ from dash_fast.data.prompts import PromptDataset, PromptSampler
 from dash_fast.forward import LearnerHooks
 from dash_fast.memory_plan import MemoryPlan, enable_gradient_checkpointing, startup_plan
 from dash_fast.models.loading import check_text_only, load_model
-from dash_fast.models.mixed_precision import MixedPrecision, is_bf16_run
+from dash_fast.models.mixed_precision import MixedPrecision, copy_unread_while_updating, is_bf16_run
 from dash_fast.models.peft import is_peft_model, reference_policy
 from dash_fast.overlap import OverlapScheduler
 from dash_fast.rewards.scorer import RewardFunc, RewardScorer
@@ -161,8 +161,8 @@ def make_precision(args: DashConfig, model: torch.nn.Module, device: torch.devic
     engine (`own_engine`) in this process on CPU, without overlap."""
     return MixedPrecision(model, device, torch.bfloat16 if masters else None,
                           sampler_copy=not is_peft_model(model) and fsdp_root is None,
-                          release_in_update=device.type == "cpu" and not args.overlap and args.engine == "torch"
-                          and own_engine)
+                          release_in_update=own_engine and copy_unread_while_updating(device.type, args.engine,
+                                                                                      args.overlap))
 
 
 def make_engine(args: DashConfig, model: torch.nn.Module, tokenizer, pad_id: int):

@@ -429,8 +429,8 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
     items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
-    freed = r.master_weights and r.device == "cpu" and r.engine == "torch" and not (r.overlap or r.sharded)
-    copy = items["weights"] * freed  # the sampler's bf16 copy, freed while updating (MixedPrecision.release)
+    from dash_fast.models.mixed_precision import copy_unread_while_updating as unread  # then freed (release)
+    copy = items["weights"] * (r.master_weights and not r.sharded and unread(r.device, r.engine, r.overlap))
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "optimizer", "reference")) - copy
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"] + copy

@@ -25,6 +25,13 @@ import copy
 import torch
 
 
+def copy_unread_while_updating(device_type: str, engine: str, overlap: bool) -> bool:
+    """Whether nothing reads a bf16 run's sampler copy while the learner updates, so that its memory can be
+    freed then (`MixedPrecision(release_in_update=...)`): the in-process torch engine on CPU without overlap
+    (CUDA graphs, vLLM's push and a sampler process hold its storages or read it meanwhile)."""
+    return device_type == "cpu" and engine == "torch" and not overlap
+
+
 def is_bf16_run(dtype: str, model: torch.nn.Module | None = None) -> bool:
     """Whether a run computes in bf16: `dtype` (resolved) is bfloat16, or the model passed in holds bf16
     weights (a TRL script's bf16 module)."""
