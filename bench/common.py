@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import gc
 import importlib
 import os
@@ -290,24 +291,20 @@ def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3)
     the caches hold), each in the layout decode runs it on here (oneDNN's packed layout on CPU in fp32 where
     this torch has it, else F.linear on the weight as it is): what a decode step's GEMMs can reach at batch
     `m` when every weight comes from memory, as each step's do. Best of `reps` passes over all copies."""
-    from dash_fast.engines.packed_gemm import packed_gemm_unavailable
+    from dash_fast.engines.packed_gemm import PackedLinear, packed_gemm_unavailable
     from dash_fast.engines.static_decode import MLP_ROWS
 
     copies = max(1, mib * 2**20 // (4 * n * k))
     weights = [torch.randn(n, k) for _ in range(copies)]
     x = torch.randn(m, k)
-    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is None:
-        weights = [torch.ops.mkldnn._reorder_linear_weight(w, max(m, MLP_ROWS)) for w in weights]
-
-        def one(w):
-            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is None:  # as StaticDecoder.pack lays them out
+        linears = [PackedLinear([w], [None], max(m, MLP_ROWS)) for w in weights]
     else:
-        def one(w):
-            return torch.nn.functional.linear(x, w)
+        linears = [functools.partial(torch.nn.functional.linear, weight=w) for w in weights]
 
     def every():
-        for w in weights:
-            one(w)
+        for linear in linears:
+            linear(x)
 
     return 2 * m * k * n * copies / best_seconds(every, reps)
 

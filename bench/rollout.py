@@ -280,7 +280,7 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
                     decode_gemm[batch] = common.measure_streamed_gemm(  # as many bytes as a step reads, to 256 MiB
                         batch, bounds[0]["hidden"], model.config.intermediate_size, mib=max(1, min(256, weights_mib)))
                     print(f"roofline: {batch}-row GEMMs over streamed weights {decode_gemm[batch] / 1e9:.1f} GFLOP/s")
-                r = roofline(*bounds[:1], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:],
+                r = roofline(bounds[0], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:],
                              decode_gemm=decode_gemm.get(batch))
                 frac = tuple(r["seconds"] * 1e3 / t for t in (t80, t50, t20))
                 rows.append(common.row("rollout", provider, "bound_fraction", x_name, x_value, frac, "fraction",
