@@ -19,7 +19,7 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
   activations, the logits and sample_next's working set, or the prefill's activations when larger),
-  `packed_weights` (CPU, fp32, generates of static_decode.PACKED_MIN_NEW_TOKENS tokens or more: their packed copy).
+  `packed_weights` (the engine's packed copy where static_decode.packs_by_default makes one: CPU, fp32, long generates).
 - while updating: `grads` (one per trainable parameter: freed after each optimizer step, made again in the
   next update's backward), `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dash_fast.config import ConfigError, shared_prompt_requested
+from dash_fast.engines.static_decode import packs_by_default
 from dash_fast.runtime.memory_budget import GB, device_budget, process_rss, resident_bytes
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
@@ -137,6 +138,7 @@ class ModelShape:
     params: int  # every parameter, a tied head once
     qk_norm: bool = False  # Qwen3: RMSNorm on q and k per head
     silu: bool = True  # the MLP's activation is SiLU (the packed engine then runs gate and up as two GEMMs)
+    post_norm: bool = False  # OLMo2's branch-output norms (the embedded engine's oneDNN paths do not run them)
 
     @classmethod
     def from_config(cls, config: Any) -> ModelShape:
@@ -145,6 +147,8 @@ class ModelShape:
             config = config.get_text_config()
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        from dash_fast.models.decoder import is_post_norm
+
         model_type = str(get("model_type", ""))
         shape = cls(model_type=model_type, vocab=int(get("vocab_size")), hidden=hidden,
                     layers=int(get("num_hidden_layers")), heads=heads,
@@ -152,7 +156,8 @@ class ModelShape:
                     head_dim=int(get("head_dim") or hidden // heads),
                     intermediate=int(get("intermediate_size") or 4 * hidden),
                     tied=bool(get("tie_word_embeddings", True)), params=0, qk_norm=model_type == "qwen3",
-                    silu=(get("hidden_act") or get("hidden_activation") or "silu") in ("silu", "swish"))
+                    silu=(get("hidden_act") or get("hidden_activation") or "silu") in ("silu", "swish"),
+                    post_norm=is_post_norm(model_type))
         if model_type in LLAMA_FAMILY:
             n = llama_params(shape, attention_bias=model_type == "qwen2" or bool(get("attention_bias", False)),
                              o_bias=model_type != "qwen2" and bool(get("attention_bias", False)),
@@ -417,7 +422,8 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
         items["graph_pool"] = graph_pool_bytes(m, r.generation_rows, wb) if r.device == "cuda" else 0
     prompts = max(1, -(-r.generation_rows // r.group_size))
     items["sampling"] = sampling_bytes(m, r.generation_rows, prompts, r.prompt_tokens, length, wb, r.device)
-    items["packed_weights"] = packed_weights_bytes(m) if packs_weights(m, r) else 0
+    packs = r.engine == "torch" and packs_by_default(r.device, r.dtype, m.hidden, m.post_norm, r.completion_tokens)
+    items["packed_weights"] = packed_weights_bytes(m) if packs else 0
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
@@ -446,14 +452,6 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
         return MemoryPlan(m, r, items, resident + save, "checkpoint", budget, budget_source,
                           other_ranks_peak=resident + top)
     return MemoryPlan(m, r, items, resident + top, phase, budget, budget_source)
-
-
-def packs_weights(m: ModelShape, r: RunShape) -> bool:
-    """Whether the run's generates decode on a packed copy of the weights (StaticDecoder.packs, gemm="auto")."""
-    from dash_fast.engines.static_decode import ONEDNN_MIN_HIDDEN, PACKED_MIN_NEW_TOKENS
-
-    return (r.engine == "torch" and r.device == "cpu" and r.dtype == "float32" and m.hidden >= ONEDNN_MIN_HIDDEN
-            and r.completion_tokens >= PACKED_MIN_NEW_TOKENS)
 
 
 def packed_weights_bytes(m: ModelShape) -> int:

@@ -96,7 +96,7 @@ class StaticDecoder:
     def packs(self, new_tokens: int) -> bool:
         """Whether a generate of `new_tokens` tokens decodes on a packed copy: gemm="packed", or "auto" on oneDNN
         from PACKED_MIN_NEW_TOKENS on (where the copy's reorder pays back)."""
-        return self.gemm == "packed" or (self.pack_long and new_tokens >= PACKED_MIN_NEW_TOKENS)
+        return self.gemm == "packed" or (self.pack_long and auto_packs(self.gemm, new_tokens))
 
     @torch.no_grad()
     def pack(self, rows: int, new_tokens: int) -> None:
@@ -347,17 +347,40 @@ def pick_gemm(model: torch.nn.Module, family: Family, gemm: str) -> tuple[str, s
     if gemm == "plain":
         return "plain", "gemm='plain'"
     head = model.get_output_embeddings().weight
-    reason = packed_gemm_unavailable(head.device, head.dtype)
-    if reason is None and family.post_norm:
-        reason = "post-norm layers"
-    if reason is not None and gemm != "auto":
+    if gemm == "auto":
+        return auto_gemm(head.device, head.dtype, model.config.hidden_size, family.post_norm)
+    reason = onednn_unavailable(head.device, head.dtype, family.post_norm)
+    if reason is not None:
         raise ValueError(f"gemm={gemm!r} cannot run this model: {reason}")
+    return gemm, None
+
+
+def onednn_unavailable(device: torch.device, dtype: torch.dtype, post_norm: bool) -> str | None:
+    """Why the oneDNN paths cannot run a model of this kind (None when they can)."""
+    return packed_gemm_unavailable(device, dtype) or ("post-norm layers" if post_norm else None)
+
+
+def auto_gemm(device: torch.device, dtype: torch.dtype, hidden: int, post_norm: bool) -> tuple[str, str | None]:
+    """gemm="auto"'s path for a model of this kind: "onednn" from ONEDNN_MIN_HIDDEN on where oneDNN can run it,
+    else "plain" with the reason. The memory plan asks the same function (memory_plan.packs_weights)."""
+    reason = onednn_unavailable(device, dtype, post_norm)
     if reason is not None:
         return "plain", reason
-    hidden = model.config.hidden_size
-    if gemm == "auto" and hidden < ONEDNN_MIN_HIDDEN:
+    if hidden < ONEDNN_MIN_HIDDEN:
         return "plain", f"hidden size {hidden} < {ONEDNN_MIN_HIDDEN}"
-    return ("onednn" if gemm == "auto" else gemm), None
+    return "onednn", None
+
+
+def auto_packs(gemm: str, new_tokens: int) -> bool:
+    """Whether gemm="auto" on path `gemm` decodes a generate of `new_tokens` tokens on a packed copy."""
+    return gemm == "onednn" and new_tokens >= PACKED_MIN_NEW_TOKENS
+
+
+def packs_by_default(device: str, dtype: str, hidden: int, post_norm: bool, new_tokens: int) -> bool:
+    """Whether the default engine (gemm="auto") decodes a generate of `new_tokens` tokens on a packed copy of a
+    model of this kind, asked without the model (the memory plan: device "cpu", dtype "float32", ...)."""
+    gemm, _ = auto_gemm(torch.device(device), getattr(torch, dtype), hidden, post_norm)
+    return auto_packs(gemm, new_tokens)
 
 
 def drop_finished_now(running: int, in_use: int, size: int, largest: int, graphs: bool) -> bool:

@@ -136,7 +136,12 @@ def family_of(model: torch.nn.Module) -> Family:
     cfg = model.config
     return Family(norm_offset=1.0 if cfg.model_type == "gemma" else 0.0,
                   residual_scale=float(getattr(cfg, "residual_multiplier", 1.0)),
-                  post_norm=cfg.model_type == "olmo2")
+                  post_norm=is_post_norm(cfg.model_type))
+
+
+def is_post_norm(model_type: str) -> bool:
+    """Whether the architecture normalises each branch's output instead of its input (OLMo2; Family.post_norm)."""
+    return model_type == "olmo2"
 
 
 def embed(decoder: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -208,3 +208,26 @@ if __name__ == "__main__":  # python tests/engines/test_families.py OUT_DIR: eve
                  for r in res["records"]]
         print(f"{family:12s} {res['summary']['engine_path']:70s} {res['summary']['train_forward_path']:14s} "
               + " ".join(f"{m:.1e}/{x:.1e}" for m, x in diffs), flush=True)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "olmo2"])
+@pytest.mark.parametrize("hidden", [32, 512])
+def test_the_memory_plan_counts_a_packed_copy_exactly_when_the_engine_makes_one(family, hidden):
+    """The plan's `packed_weights` follows the default engine's own choice (static_decode.packs_by_default),
+    whatever the width, the family (OLMo2's post-norm layers stay plain) and the generate's length."""
+    from dash_fast import memory_plan as mp
+    from dash_fast.engines.static_decode import PACKED_MIN_NEW_TOKENS, StaticDecoder
+
+    name, own, _ = FAMILIES[family]
+    import transformers
+
+    config = getattr(transformers, name)(**{**COMMON, **own, "hidden_size": hidden, "num_hidden_layers": 1})
+    model = transformers.AutoModelForCausalLM.from_config(config).float()
+    decoder, shape = StaticDecoder(model), mp.model_shape(model)
+    for tokens in (PACKED_MIN_NEW_TOKENS - 1, PACKED_MIN_NEW_TOKENS):
+        run = mp.RunShape(device="cpu", dtype="float32", rows=4, generation_rows=4, group_size=2, prompt_tokens=8,
+                          completion_tokens=tokens, micro_batch_tokens=64)
+        assert (mp.plan(shape, run).items["packed_weights"] > 0) == decoder.packs(tokens)
+    packs_somewhere = decoder.packs(PACKED_MIN_NEW_TOKENS)
+    oned_nn = packed_gemm_unavailable(torch.device("cpu"), torch.float32) is None
+    assert packs_somewhere == (oned_nn and hidden >= 512 and family != "olmo2")

@@ -477,6 +477,8 @@ def test_long_cpu_generates_plan_the_packed_copy_of_the_weights():
     for run in (short, dataclasses.replace(long, dtype="bfloat16"), dataclasses.replace(long, engine="vllm")):
         assert mp.plan(shape, run).items["packed_weights"] == 0
     assert mp.plan(shape, dataclasses.replace(long, device="cuda")).items["packed_weights"] == 0
+    olmo2 = mp.ModelShape.from_config({**mp.KNOWN_MODELS["Qwen2.5-0.5B"], "model_type": "olmo2"})
+    assert olmo2.post_norm and mp.plan(olmo2, long).items["packed_weights"] == 0  # the engine decodes it plain
     gelu = mp.ModelShape.from_config({**mp.KNOWN_MODELS["Qwen2.5-0.5B"], "hidden_act": "gelu_pytorch_tanh"})
     assert shape.silu and not gelu.silu  # without SiLU the engine concatenates gate|up, a larger buffer than q|k|v
     assert mp.plan(gelu, long).items["packed_weights"] > mp.plan(shape, long).items["packed_weights"]
