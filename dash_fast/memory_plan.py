@@ -147,6 +147,7 @@ class ModelShape:
             config = config.get_text_config()
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
+        from dash_fast.engines.packed_gemm import is_silu_name
         from dash_fast.models.decoder import is_post_norm
 
         model_type = str(get("model_type", ""))
@@ -156,7 +157,7 @@ class ModelShape:
                     head_dim=int(get("head_dim") or hidden // heads),
                     intermediate=int(get("intermediate_size") or 4 * hidden),
                     tied=bool(get("tie_word_embeddings", True)), params=0, qk_norm=model_type == "qwen3",
-                    silu=(get("hidden_act") or get("hidden_activation") or "silu") in ("silu", "swish"),
+                    silu=is_silu_name(get("hidden_act") or get("hidden_activation") or "silu"),
                     post_norm=is_post_norm(model_type))
         if model_type in LLAMA_FAMILY:
             n = llama_params(shape, attention_bias=model_type == "qwen2" or bool(get("attention_bias", False)),

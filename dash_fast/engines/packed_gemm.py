@@ -103,6 +103,14 @@ def is_silu(act: Callable[[torch.Tensor], torch.Tensor]) -> bool:
     return isinstance(act, torch.nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def is_silu_name(hidden_act: str) -> bool:
+    """is_silu of the activation transformers builds for a config's `hidden_act` (the memory plan's question,
+    asked without the model)."""
+    from transformers.activations import ACT2FN
+
+    return hidden_act in ACT2FN and is_silu(ACT2FN[hidden_act])
+
+
 @dataclass
 class PackedLayer:
     """A decoder layer's GEMMs: q|k|v in one, o, the MLP's input projections, down.
