@@ -286,18 +286,20 @@ def decoder_dims(model) -> dict:
             "kv_heads": cfg.num_key_value_heads, "head_dim": hd, "vocab": head.shape[0], "hidden": head.shape[1]}
 
 
-def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3) -> float:
-    """FLOP/s of `m`-row GEMMs [m, k] x [n, k]^T cycling over distinct weights of `mib` MiB in all (far more than
-    the caches hold), each in the layout decode runs it on here (oneDNN's packed layout on CPU in fp32 where
-    this torch has it, else F.linear on the weight as it is): what a decode step's GEMMs can reach at batch
-    `m` when every weight comes from memory, as each step's do. Best of `reps` passes over all copies."""
+def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3,
+                          dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of `m`-row GEMMs [m, k] x [n, k]^T in `dtype` cycling over distinct weights of `mib` MiB in all (far
+    more than the caches hold), each in the layout decode runs it on here (oneDNN's packed layout on CPU where
+    this torch and CPU have it for `dtype`, else F.linear on the weight as it is): what a decode step's GEMMs can
+    reach at batch `m` when every weight comes from memory, as each step's do. Best of `reps` passes over all
+    copies."""
     from dash_fast.engines.packed_gemm import PackedLinear, packed_gemm_unavailable
     from dash_fast.engines.static_decode import MLP_ROWS
 
-    copies = max(1, mib * 2**20 // (4 * n * k))
-    weights = [torch.randn(n, k) for _ in range(copies)]
-    x = torch.randn(m, k)
-    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is None:  # as StaticDecoder.pack lays them out
+    copies = max(1, mib * 2**20 // (dtype.itemsize * n * k))
+    weights = [torch.randn(n, k).to(dtype) for _ in range(copies)]
+    x = torch.randn(m, k).to(dtype)
+    if packed_gemm_unavailable(torch.device("cpu"), dtype) is None:  # as StaticDecoder.pack lays them out
         linears = [PackedLinear([w], [None], max(m, MLP_ROWS)) for w in weights]
     else:
         linears = [functools.partial(torch.nn.functional.linear, weight=w) for w in weights]
@@ -309,13 +311,13 @@ def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3)
     return 2 * m * k * n * copies / best_seconds(every, reps)
 
 
-def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5) -> float | None:
-    """FLOP/s of oneDNN's linear [m, k] x [n, k]^T over a weight reordered once into its blocked layout (what
-    the embedded engine's packed path runs on CPU, fp32), best of `reps`; None where this torch lacks it."""
+def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5, dtype: torch.dtype = torch.float32) -> float | None:
+    """FLOP/s of oneDNN's linear [m, k] x [n, k]^T in `dtype` over a weight reordered once into its blocked layout
+    (what the embedded engine's packed path runs on CPU), best of `reps`; None where this torch or CPU lacks it."""
     from dash_fast.engines.packed_gemm import packed_gemm_unavailable
 
-    if packed_gemm_unavailable(torch.device("cpu"), torch.float32) is not None:
+    if packed_gemm_unavailable(torch.device("cpu"), dtype) is not None:
         return None
-    x = torch.randn(m, k)
-    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k), m)
+    x = torch.randn(m, k).to(dtype)
+    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(dtype), m)
     return 2 * m * k * n / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), reps)

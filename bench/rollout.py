@@ -14,7 +14,7 @@ G times each, GRPO's shape: the embedded engine prefills each distinct prompt on
 every row (as with num_return_sequences). Providers:
 
 - dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU;
-  on CPU in fp32 with gemm="auto" its projections run on oneDNN, over a copy of the weights reordered once
+  on CPU in fp32 (bf16 where oneDNN has bf16 GEMMs) with gemm="auto" its projections run on oneDNN, over a copy of the weights reordered once
   per generate from static_decode.PACKED_MIN_NEW_TOKENS new tokens on, over the parameters below that)
 - dash_static_onednn: the same path with gemm="onednn" (oneDNN over the parameters at any length)
 - dash_static_packed: the same path with gemm="packed" (oneDNN over weights reordered once per generate)
@@ -33,7 +33,7 @@ layers, 14 heads / 2 KV heads, MLP 4864, vocab 151936, tied embeddings; the prom
 tokenizer's ids): e.g. `--quick --shape qwen0.5b --batch 8 --new-tokens 32 --reps 3`.
 
 `--roofline` measures, in the same run and at the run's thread count, read bandwidth (a sum over 512 MiB)
-and GEMM throughput at [1024, hidden] x [hidden, intermediate] (the faster of torch.mm and, on CPU in fp32,
+and GEMM throughput at [1024, hidden] x [hidden, intermediate] (the faster of torch.mm and, on CPU,
 oneDNN over a packed weight: the bound is what this machine's fastest measured GEMM allows), then prints per provider and
 shape the bytes one decode step must read (every weight once, the lm_head included, plus the KV cache up
 to the row's context), its FLOPs (2 x params x batch + attention), the time of the whole generate at the
@@ -237,8 +237,8 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
         bandwidth = common.measure_bandwidth()
         mm = common.measure_gemm(1024, dims["hidden"], model.config.intermediate_size, dtype, device=args.device)
         packed = None
-        if args.device == "cpu" and dtype == torch.float32:
-            packed = common.measure_packed_gemm(1024, dims["hidden"], model.config.intermediate_size)
+        if args.device == "cpu":
+            packed = common.measure_packed_gemm(1024, dims["hidden"], model.config.intermediate_size, dtype=dtype)
         gemm = max(mm, packed or 0.0)  # the bound is the fastest GEMM measured here
         print(f"roofline: read bandwidth {bandwidth / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.1f} GFLOP/s (torch.mm "
               f"{mm / 1e9:.1f}" + (f", oneDNN packed {packed / 1e9:.1f}" if packed else "") + f"; {device_label}, "
@@ -278,7 +278,8 @@ def run(args, model, tokenizer, model_dir: str | None, dtype: torch.dtype, dtype
                 if batch not in decode_gemm and args.device == "cpu":
                     weights_mib = (bounds[0]["body"] + bounds[0]["head"]) * dtype.itemsize // 2**20
                     decode_gemm[batch] = common.measure_streamed_gemm(  # as many bytes as a step reads, to 256 MiB
-                        batch, bounds[0]["hidden"], model.config.intermediate_size, mib=max(1, min(256, weights_mib)))
+                        batch, bounds[0]["hidden"], model.config.intermediate_size, mib=max(1, min(256, weights_mib)),
+                        dtype=dtype)
                     print(f"roofline: {batch}-row GEMMs over streamed weights {decode_gemm[batch] / 1e9:.1f} GFLOP/s")
                 r = roofline(bounds[0], batch, max(lengths), new_tokens, dtype.itemsize, *bounds[1:],
                              decode_gemm=decode_gemm.get(batch))

@@ -19,7 +19,7 @@ What a step holds (per process; bytes of each item in `MemoryPlan.items`):
   (prompt + completion) x head_dim, StaticDecoder.reserve; vLLM: its share), `graph_pool` (CUDA graphs'
   pool: one decode step's intermediates and each bucket's logits), `sampling` (one decode step: its
   activations, the logits and sample_next's working set, or the prefill's activations when larger),
-  `packed_weights` (the engine's packed copy where static_decode.packs_by_default makes one: CPU, fp32, long generates).
+  `packed_weights` (the engine's packed copy where static_decode.packs_by_default makes one: CPU, long generates).
 - while updating: `grads` (one per trainable parameter: freed after each optimizer step, made again in the
   next update's backward), `activations` (the tensors one micro-batch's forward keeps for its backward, counted
   op by op below; with `gradient_checkpointing` each layer's input plus one layer recomputed) and `loss`
@@ -424,7 +424,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     prompts = max(1, -(-r.generation_rows // r.group_size))
     items["sampling"] = sampling_bytes(m, r.generation_rows, prompts, r.prompt_tokens, length, wb, r.device)
     packs = r.engine == "torch" and packs_by_default(r.device, r.dtype, m.hidden, m.post_norm, r.completion_tokens)
-    items["packed_weights"] = packed_weights_bytes(m) if packs else 0
+    items["packed_weights"] = packed_weights_bytes(m, DTYPE_BYTES[r.dtype]) if packs else 0
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
@@ -455,11 +455,11 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     return MemoryPlan(m, r, items, resident + top, phase, budget, budget_source)
 
 
-def packed_weights_bytes(m: ModelShape) -> int:
-    """The packed copy (fp32): every layer's projections, the lm_head and the buffer fused weights are concatenated
-    in (q|k|v; gate|up too when the activation is not SiLU)."""
+def packed_weights_bytes(m: ModelShape, element_bytes: int) -> int:
+    """The packed copy (in the weights' dtype): every layer's projections, the lm_head and the buffer fused weights
+    are concatenated in (q|k|v; gate|up too when the activation is not SiLU)."""
     fused = max((m.heads + 2 * m.kv_heads) * m.head_dim, 0 if m.silu else 2 * m.intermediate) * m.hidden
-    return 4 * (m.layers * layer_params(m) + m.vocab * m.hidden + fused)
+    return element_bytes * (m.layers * layer_params(m) + m.vocab * m.hidden + fused)
 
 
 def layer_params(m: ModelShape) -> int:

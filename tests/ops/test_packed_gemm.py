@@ -156,3 +156,25 @@ def test_the_packed_mlp_in_row_chunks_matches_the_plain_path(monkeypatch):
     monkeypatch.setattr(PackedLayer, "mlp_residual", lambda self, x, *a: chunks.append(len(x)) or mlp(self, x, *a))
     check_paths_agree(qwen2(), new_tokens=6)
     assert max(chunks) == 3 and len(chunks) > 2 * 15  # every layer's prefill in chunks
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no oneDNN bf16 GEMMs on this CPU")
+@pytest.mark.parametrize("widths", [{}, dict(hidden=896, heads=14, kv_heads=2, mlp=4864, vocab=151936, layers=2)],
+                         ids=["tiny", "qwen05b"])
+def test_bf16_weights_decode_on_onednn_as_close_to_the_model_as_the_plain_path(widths):
+    """bf16 weights (a bf16 run's sampler copy) take the oneDNN paths where the CPU has oneDNN bf16 GEMMs: greedy
+    tokens as the plain path's, and sampling log-probs as close to the model's own bf16 forward as the plain
+    path's are (a bf16 rounding may flip a sampled token, so the paths are each held to the model)."""
+    model = qwen2(dtype=torch.bfloat16, **widths)
+    wide = qwen2(hidden=512, heads=4, kv_heads=2, mlp=64, vocab=64, layers=1, dtype=torch.bfloat16)
+    assert TorchEngine(wide, 0).describe() == "torch static fast path (oneDNN GEMMs, packed from 64 new tokens)"
+    greedy = both_paths(model, SamplingParams(temperature=0.0, max_new_tokens=8))
+    T = 0.8
+    sampled = both_paths(model, SamplingParams(temperature=T, top_k=0, max_new_tokens=8, seed=5))
+    error = {}
+    for gemm, rollout in sampled.items():
+        assert torch.equal(greedy[gemm].completion_ids, greedy["plain"].completion_ids), gemm
+        diff = (rollout.sampling_logps.double() - recomputed(model, rollout, T) * rollout.completion_mask).abs()
+        error[gemm] = (diff.max().item(), diff.sum().item() / rollout.completion_mask.sum().item())
+    for gemm in ("packed", "onednn"):
+        assert error[gemm][0] < 0.05 and error[gemm][1] < 2 * error["plain"][1] + 1e-3, error
