@@ -362,7 +362,7 @@ def onednn_unavailable(device: torch.device, dtype: torch.dtype, post_norm: bool
 
 def auto_gemm(device: torch.device, dtype: torch.dtype, hidden: int, post_norm: bool) -> tuple[str, str | None]:
     """gemm="auto"'s path for a model of this kind: "onednn" from ONEDNN_MIN_HIDDEN on where oneDNN can run it,
-    else "plain" with the reason. The memory plan asks the same function (memory_plan.packs_weights)."""
+    else "plain" with the reason. The memory plan asks it too, through packs_by_default."""
     reason = onednn_unavailable(device, dtype, post_norm)
     if reason is not None:
         return "plain", reason
