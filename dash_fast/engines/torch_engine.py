@@ -205,10 +205,10 @@ class TorchEngine:
     `cuda_graphs`: None = on when the model is on CUDA (static path only).
     `gemm`: the static path's projections: "auto" ("onednn" on CPU in fp32, or in bf16 where the CPU has oneDNN
     bf16 GEMMs, where this torch has the op and the model is wide enough, static_decode.ONEDNN_MIN_HIDDEN, with
-    "packed" for generates of
-    PACKED_MIN_NEW_TOKENS tokens or more; else plain), "onednn" (oneDNN over the parameters, no copy),
-    "packed" (oneDNN over a reordered copy made per generate: faster per decode step, one more copy of the
-    weights while sampling; both error where unavailable), "plain" (F.linear on the parameters, no copy).
+    "packed" for generates of PACKED_MIN_NEW_TOKENS tokens or more; else plain), "onednn" (oneDNN over the
+    parameters, no copy), "packed" (oneDNN over a reordered copy made per generate: faster per decode step, one
+    more copy of the weights while sampling; both error where unavailable), "plain" (F.linear on the
+    parameters, no copy).
     """
 
     def __init__(self, model: torch.nn.Module, pad_token_id: int, kv_cache: str = "auto",
