@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from helpers import REPO_ROOT as ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -111,6 +112,7 @@ def test_roofline_smoke():
     slow = roofline(dims, batch=1, prompt_len=1, new_tokens=2, elt=4, bandwidth=1e12, gemm=1.0, decode_gemm=0.5)
     assert slow["seconds"] == compute["seconds"] and slow["ceiling"] == 2 * 150 + 4 + 2 * (2 * 150 + 8)
     assert common.measure_streamed_gemm(4, 16, 32, mib=1, reps=1) > 0
+    assert common.measure_streamed_gemm(4, 16, 32, mib=1, reps=1, dtype=torch.bfloat16) > 0  # a bf16 run's GEMMs
 
 
 def test_roofline_accumulation_smoke():
