@@ -42,6 +42,9 @@ from dash_fast.runtime.cpu_memory import reuse_freed_memory
 # Logits per sampling chunk on CPU (~2.5 MB in fp32): 4 rows at a 151936-token vocabulary, where 2 to 8 rows per
 # chunk measured alike (16-256 rows); a small vocabulary's whole batch in one chunk (no per-chunk op overhead).
 SAMPLE_ELEMENTS = 640_000
+# The top-k draw's candidates at most, ties with the k-th value included; more ties than that (e.g. constant
+# logits) draw over the whole vocabulary instead.
+TOP_K_TIES_MAX = 2048
 
 
 def sample_chunk_rows(logits: torch.Tensor) -> int:
@@ -140,22 +143,31 @@ def sample_among_top_k(logits: torch.Tensor, drawn: torch.Tensor, params: Sampli
     search). The same draw: top-p and min-p on the candidates, then the inverse CDF at `uniform` over them in
     vocabulary order, which is sample_over_vocabulary's CDF without its zero entries (the draw is
     shift-invariant, so the candidates need no normaliser; the sums round differently, so a uniform within
-    rounding of a boundary may pick the neighbour). None when the k-th and (k+1)-th values tie
-    (sample_over_vocabulary keeps every tied token)."""
+    rounding of a boundary may pick the neighbour). Tokens tied with the k-th value stay candidates, as in
+    sample_over_vocabulary: the top-k pass widens until it holds every tie (bf16 logits tie there often: at
+    151936 tokens a row's 50th and 51st values were equal in most rows); None when the ties outnumber
+    TOP_K_TIES_MAX candidates."""
     k, t = params.top_k, params.temperature
-    top = torch.topk(drawn, k + 1, dim=-1)  # descending
-    if bool((top.values[:, k - 1] == top.values[:, k]).any()):
-        return None
-    allowed = top.values[:, :k] if t == 1.0 else top.values[:, :k] / t
+    width = min(k + 1 + max(8, k // 4), drawn.shape[-1])  # room for a few ties: one top-k pass in most steps
+    while True:
+        top = torch.topk(drawn, width, dim=-1)  # descending
+        kth = top.values[:, k - 1 : k]
+        if width == drawn.shape[-1] or not bool((top.values[:, -1:] == kth).any()):  # every tie is a candidate
+            break
+        if width >= TOP_K_TIES_MAX:
+            return None
+        width = min(2 * width, drawn.shape[-1], TOP_K_TIES_MAX)
+    allowed = top.values if t == 1.0 else top.values / t
+    allowed = allowed.masked_fill(top.values < kth, float("-inf"))  # below the k-th: not drawn
     if params.top_p < 1.0:  # renormalised over the candidates, the token crossing p kept
         probs = torch.softmax(allowed, -1)
         allowed = allowed.masked_fill(probs.cumsum(-1) - probs > params.top_p, float("-inf"))
     if params.min_p > 0:
         allowed = allowed.masked_fill(allowed < allowed[:, :1] + math.log(params.min_p), float("-inf"))
-    ids, order = top.indices[:, :k].sort(dim=-1)
+    ids, order = top.indices.sort(dim=-1)
     allowed = allowed.gather(1, order)
     cdf = (allowed - allowed.max(dim=-1, keepdim=True).values).exp().double().cumsum(-1)
-    at = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).clamp_(max=k - 1)
+    at = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True).clamp_(max=width - 1)
     tokens = ids.gather(1, at).squeeze(1)
     chosen = logits.gather(1, tokens[:, None]).squeeze(1)  # log-prob on the full tempered, unpenalised distribution
     return tokens, (chosen if t == 1.0 else chosen / t) - log_normaliser(logits, t)

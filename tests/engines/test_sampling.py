@@ -55,9 +55,40 @@ def test_the_top_k_draw_picks_what_the_whole_vocabulary_draw_picks(params):
 def test_a_tie_at_the_kth_value_keeps_every_tied_token():
     logits = torch.log(torch.tensor([[0.3, 0.2, 0.2, 0.2, 0.1]])).repeat(2000, 1)
     params = SamplingParams(temperature=1.0, top_k=2)
-    assert sample_among_top_k(logits, logits, params, torch.rand(2000, dtype=torch.float64)) is None
-    tokens, _ = sample_next(logits, params, torch.linspace(0, 1 - 1e-9, 2000, dtype=torch.float64))
+    uniform = torch.linspace(0, 1 - 1e-9, 2000, dtype=torch.float64)
+    fast = sample_among_top_k(logits, logits, params, uniform)
+    assert fast is not None and torch.equal(fast[0], sample_over_vocabulary(logits, logits, params, uniform)[0])
+    tokens, _ = sample_next(logits, params, uniform)
     assert set(tokens.tolist()) == {0, 1, 2, 3}  # as transformers' TopKLogitsWarper: every token >= the k-th
+    wide = torch.full((2000, 5000), -5.0)  # 4 tokens above a tie of 40 at the 5th value: candidates widen to hold it
+    wide[:, :4], wide[:, 100:140] = 1.0, 0.0
+    top5 = SamplingParams(temperature=1.0, top_k=5)
+    fast = sample_among_top_k(wide, wide, top5, uniform)
+    assert fast is not None and torch.equal(fast[0], sample_over_vocabulary(wide, wide, top5, uniform)[0])
+    assert set(fast[0].tolist()) == set(range(4)) | set(range(100, 140))
+    flat = torch.zeros(4, 5000)  # more ties than TOP_K_TIES_MAX: the whole-vocabulary draw
+    assert sample_among_top_k(flat, flat, params, uniform[:4]) is None
+    assert set(sample_next(flat, params, uniform[:4])[0].tolist()) <= set(range(5000))
+
+
+@pytest.mark.parametrize("params", CASES[:3], ids=["k5", "k20-top_p", "k50-min_p"])
+def test_bf16_logits_tie_often_and_take_the_top_k_draw(params):
+    """bf16 logits (a bf16 sampler's) over Qwen's 151936 tokens often tie at the k-th value. The top-k draw
+    widens to hold the ties and picks what the whole-vocabulary draw picks (with top-p, up to the order of
+    tokens tied at its cut)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(16, 151936, generator=g) * 4).to(torch.bfloat16).float().repeat_interleave(8, 0)
+    uniform = torch.rand(len(logits), generator=g, dtype=torch.float64)
+    top = torch.topk(logits, params.top_k + 1, dim=-1).values
+    assert bool((top[:, -2] == top[:, -1]).any())  # the case at hand: rows that tie at the k-th value
+    fast = sample_among_top_k(logits, logits, params, uniform)
+    assert fast is not None
+    full = sample_over_vocabulary(logits, logits, params, uniform)
+    differ = fast[0] != full[0]  # only where top-p's cut falls inside a tie, whose order neither draw fixes
+    assert differ.float().mean() < 0.05 and (params.top_p < 1.0 or not differ.any())
+    rows = torch.arange(len(logits))
+    assert torch.equal(logits[rows, fast[0]][differ], logits[rows, full[0]][differ])
+    torch.testing.assert_close(fast[1], full[1], rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=0, top_p=0.9),
