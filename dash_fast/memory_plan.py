@@ -58,7 +58,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dash_fast.config import ConfigError, shared_prompt_requested
+from dash_fast.engines.packed_gemm import is_silu_name
 from dash_fast.engines.static_decode import packs_by_default
+from dash_fast.models.decoder import is_post_norm
 from dash_fast.runtime.memory_budget import GB, device_budget, process_rss, resident_bytes
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
@@ -147,9 +149,6 @@ class ModelShape:
             config = config.get_text_config()
         get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
         hidden, heads = int(get("hidden_size")), int(get("num_attention_heads"))
-        from dash_fast.engines.packed_gemm import is_silu_name
-        from dash_fast.models.decoder import is_post_norm
-
         model_type = str(get("model_type", ""))
         shape = cls(model_type=model_type, vocab=int(get("vocab_size")), hidden=hidden,
                     layers=int(get("num_hidden_layers")), heads=heads,
