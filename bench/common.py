@@ -314,10 +314,10 @@ def measure_streamed_gemm(m: int, k: int, n: int, mib: int = 256, reps: int = 3,
 def measure_packed_gemm(m: int, k: int, n: int, reps: int = 5, dtype: torch.dtype = torch.float32) -> float | None:
     """FLOP/s of oneDNN's linear [m, k] x [n, k]^T in `dtype` over a weight reordered once into its blocked layout
     (what the embedded engine's packed path runs on CPU), best of `reps`; None where this torch or CPU lacks it."""
-    from dash_fast.engines.packed_gemm import packed_gemm_unavailable
+    from dash_fast.engines.packed_gemm import PackedLinear, packed_gemm_unavailable
 
     if packed_gemm_unavailable(torch.device("cpu"), dtype) is not None:
         return None
     x = torch.randn(m, k).to(dtype)
-    w = torch.ops.mkldnn._reorder_linear_weight(torch.randn(n, k).to(dtype), m)
-    return 2 * m * k * n / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""), reps)
+    linear = PackedLinear([torch.randn(n, k).to(dtype)], [None], m)
+    return 2 * m * k * n / best_seconds(lambda: linear(x), reps)

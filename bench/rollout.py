@@ -14,8 +14,9 @@ G times each, GRPO's shape: the embedded engine prefills each distinct prompt on
 every row (as with num_return_sequences). Providers:
 
 - dash_static: TorchEngine's static KV-cache path (the default for Llama/Qwen models; CUDA graphs on GPU;
-  on CPU in fp32 (bf16 where oneDNN has bf16 GEMMs) with gemm="auto" its projections run on oneDNN, over a copy of the weights reordered once
-  per generate from static_decode.PACKED_MIN_NEW_TOKENS new tokens on, over the parameters below that)
+  on CPU in fp32 (bf16 where oneDNN has bf16 GEMMs) with gemm="auto" its projections run on oneDNN, over a
+  copy of the weights reordered once per generate from static_decode.PACKED_MIN_NEW_TOKENS new tokens on, over
+  the parameters below that)
 - dash_static_onednn: the same path with gemm="onednn" (oneDNN over the parameters at any length)
 - dash_static_packed: the same path with gemm="packed" (oneDNN over weights reordered once per generate)
 - dash_static_plain: the same path with gemm="plain" (F.linear on the parameters: MKL sgemm on CPU)

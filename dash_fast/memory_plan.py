@@ -61,6 +61,7 @@ from dash_fast.config import ConfigError, shared_prompt_requested
 from dash_fast.engines.packed_gemm import is_silu_name
 from dash_fast.engines.static_decode import packs_by_default
 from dash_fast.models.decoder import is_post_norm
+from dash_fast.models.mixed_precision import copy_unread_while_updating
 from dash_fast.runtime.memory_budget import GB, device_budget, process_rss, resident_bytes
 
 CUDA_CONTEXT_BYTES = 600 * 2**20  # CUDA context + cuBLAS workspaces: outside torch's allocator, not in its counts
@@ -423,7 +424,7 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     prompts = max(1, -(-r.generation_rows // r.group_size))
     items["sampling"] = sampling_bytes(m, r.generation_rows, prompts, r.prompt_tokens, length, wb, r.device)
     packs = r.engine == "torch" and packs_by_default(r.device, r.dtype, m.hidden, m.post_norm, r.completion_tokens)
-    items["packed_weights"] = packed_weights_bytes(m, DTYPE_BYTES[r.dtype]) if packs else 0
+    items["packed_weights"] = packed_weights_bytes(m, wb) if packs else 0
     tokens = max(r.micro_batch_tokens, length)  # a row alone may exceed the budget
     items["activations"] = activation_bytes(m, tokens, length, wb, r.gradient_checkpointing, r.device)
     items["loss"] = loss_bytes(m, tokens, wb, r.device, r.loss_impl)
@@ -435,8 +436,8 @@ def plan(m: ModelShape, r: RunShape, budget: int | None = None, budget_source: s
     items["checkpoint_gather"] = p * (wb + (4 if r.master_weights else 0) + 2 * state_bytes) if r.sharded else 0
     items["optimizer_step"] = shard * state_bytes if r.sharded else 0
 
-    from dash_fast.models.mixed_precision import copy_unread_while_updating as unread  # then freed (release)
-    copy = items["weights"] * (r.master_weights and not r.sharded and unread(r.device, r.engine, r.overlap))
+    copy = items["weights"] * (r.master_weights and not r.sharded  # then freed (MixedPrecision.release)
+                               and copy_unread_while_updating(r.device, r.engine, r.overlap))
     resident = sum(items[k] for k in ("runtime", "weights", "masters", "optimizer", "reference")) - copy
     engine = items["kv_cache"] + items["graph_pool"]
     sample = engine + items["sampling"] + items["packed_weights"] + items["gathered_sampling"] + copy
