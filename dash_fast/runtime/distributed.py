@@ -16,6 +16,7 @@ Without torchrun (no WORLD_SIZE > 1 in the environment) everything here is a no-
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -56,8 +57,26 @@ def init_distributed(device_type: str = "cpu", timeout_s: float | None = None) -
             torch.cuda.set_device(local_rank)
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
+        atexit.register(leave_process_group)  # ours to destroy: we made it
         _store_set(f"{_KEY}/pid/{dist.get_rank()}", f"{socket.gethostname()} {os.getpid()}")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def leave_process_group() -> None:
+    """Destroy the default process group while the interpreter is still whole (run at exit by the process
+    that joined it in `init_distributed`).
+
+    Left to interpreter teardown, gloo's worker threads abort the process: SIGABRT, "terminate called
+    without an active exception", in 6 of 20 two-rank torchrun runs of a script that only joins, all-reduces
+    and exits (0 of 20 with this). On gloo it runs after a failure too: it is local and makes a peer still
+    waiting in a collective fail at once. Elsewhere (NCCL) only after a clean exit, where a destroy beside a
+    peer stuck in a collective can hang; torchrun's agent stops a failed run's ranks instead."""
+    if not dist.is_initialized():
+        return
+    failed = _failed or getattr(sys, "last_exc", None) is not None or getattr(sys, "last_value", None) is not None
+    if failed and dist.get_backend() != "gloo":
+        return
+    dist.destroy_process_group()
 
 
 def shard_range(n: int, info: DistInfo, what: str = "prompts_per_step") -> tuple[int, int]:
@@ -237,6 +256,7 @@ def load_full_state(root: torch.nn.Module, optimizer: torch.optim.Optimizer, mod
 
 
 # ----------------------------------------------------------------------------- failing fast
+_failed = False  # a failure went through fail_fast on this rank (leave_process_group reads it)
 _KEY = "dash_fast"  # keys in the process group's store: {_KEY}/failed (the first failure), {_KEY}/pid/<rank>
 # what a collective raises when a peer is gone (gloo: its socket closed; NCCL: the watchdog) or timed out
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out",
@@ -260,14 +280,17 @@ def fail_fast(info: DistInfo, quiet: tuple[type[BaseException], ...] = ()) -> It
     A rank whose collective fails because a peer is gone prints `rank R stops: <the published reason>` (or,
     when nothing was published: the local rank killed by a signal, read from /proc, else the collective's
     error) and raises RankFailed: exit status 1, no traceback."""
+    global _failed
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as e:
+        _failed = _failed or not (isinstance(e, SystemExit) and e.code in (0, None))
         if isinstance(e, RankFailed) or not info.enabled or (isinstance(e, SystemExit) and e.code in (0, None)):
             raise
         _own_failure(info, e, show=True)
         raise
     except Exception as e:
+        _failed = True
         if not info.enabled:
             raise
         if not _is_lost_peer(e):
