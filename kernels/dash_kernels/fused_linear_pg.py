@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_ref import chunked_pg
+from .torch_ref import chunked_pg, default_chunk_size, row_chunks
 from .utils import (
     check_inputs,
     check_is_mode,
@@ -81,7 +81,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             sl = slice(s, e)
             is_c = None
             if is_k is not None:
-                if not is_ready:  # token modes only (sequence modes are ready before any g_fn call)
+                if not is_ready:  # token modes, or sequence modes over chunks of whole rows (row_chunks)
                     is_k[sl] = is_ratio(logp_c, sl)
                 is_c = is_k[sl]
             loss_c, g_c, clip_c, kl_c = pg_token_terms(
@@ -99,9 +99,12 @@ class _FusedLinearPGLoss(torch.autograd.Function):
         seq_pending = is_k is not None and not is_ready and is_mode.startswith("sequence")
         if backend == "torch":
             h_k = hidden if all_kept else hidden.index_select(0, idx)
-            if seq_pending and need_grad:  # whole rows' log-probs before the gradient pass: one extra lm_head pass
-                pre = chunked_pg(h_k, weight, bias, tgt_k, None, temperature=temperature, chunk_size=chunk_size)
-                is_k, is_ready = is_ratio(pre["logp"]), True
+            bounds = None
+            if seq_pending and need_grad:  # a row's ratio needs the row's log-probs before its gradient
+                bounds = row_chunks(rows_k, min(k, chunk_size or default_chunk_size(weight.shape[0], cdt)))
+                if bounds is None:  # rows that no chunk holds whole: every log-prob first, one extra lm_head pass
+                    pre = chunked_pg(h_k, weight, bias, tgt_k, None, temperature=temperature, chunk_size=chunk_size)
+                    is_k, is_ready = is_ratio(pre["logp"]), True
             into = None
             if need_gw and grad_weight_into is not None and grad_weight_into.dtype == cdt \
                     and grad_weight_into.device == dev and type(grad_weight_into) is torch.Tensor:
@@ -109,7 +112,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             out = chunked_pg(
                 h_k, weight, bias, tgt_k, g_fn, temperature=temperature,
                 need_grad_hidden=need_gh, need_grad_weight=need_gw, need_grad_bias=need_gb,
-                return_entropy=return_entropy, chunk_size=chunk_size, grad_weight_into=into,
+                return_entropy=return_entropy, chunk_size=chunk_size, grad_weight_into=into, bounds=bounds,
             )
             logp_k, ent_k = out["logp"], out["entropy"]
             if not need_grad:

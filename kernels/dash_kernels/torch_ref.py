@@ -31,6 +31,24 @@ def default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
     return chunk_rows(vocab, torch.finfo(dtype).bits // 8)
 
 
+def row_chunks(row_ids: torch.Tensor, chunk: int) -> list[int] | None:
+    """Chunk edges [0, ..., n] for `chunked_pg` that never cut a row: whole rows per chunk, at most `chunk`
+    tokens each, so a per-row quantity (a sequence-level IS ratio) is complete inside its chunk. None when a
+    row is longer than `chunk` or its tokens are not one run (`row_ids`: the row of each token, in order)."""
+    n = row_ids.numel()
+    ids = row_ids.cpu()
+    starts = (torch.nonzero(ids[1:] != ids[:-1]).squeeze(1) + 1).tolist()
+    if n == 0 or torch.unique(ids).numel() != len(starts) + 1:
+        return None
+    bounds = [0]
+    for s, e in zip([0, *starts], [*starts, n]):
+        if e - s > chunk:
+            return None
+        if e - bounds[-1] > chunk:
+            bounds.append(s)
+    return [*bounds, n]
+
+
 def chunked_pg(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -45,9 +63,13 @@ def chunked_pg(
     return_entropy: bool = False,
     chunk_size: int | None = None,
     grad_weight_into: torch.Tensor | None = None,
+    bounds: list[int] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Token log-probs of `hidden` rows (optionally entropy) and, when g_fn is given, the gradients
     of sum_t L_t where g_fn(start, end, logp_chunk) returns dL_t/dlogp_t for that chunk.
+
+    `bounds`: the chunks' edges [0, ..., n] (`row_chunks` cuts them between rows); default every `chunk_size`
+    (or `default_chunk_size`) tokens.
 
     Rows with g == 0 (clipped, beta = 0) are dropped from the gradient matmuls. `grad_weight_into` (a [V, H]
     tensor of the compute dtype): the weight's gradient is added into it instead of a new zeroed buffer, and
@@ -75,12 +97,14 @@ def chunked_pg(
     if n == 0:
         return out
     gh, gw, gb = out["grad_hidden"], out["grad_weight"], out["grad_bias"]
-    chunk = min(n, chunk_size or default_chunk_size(vocab, cdt))
-    buf = torch.empty(chunk, vocab, dtype=cdt, device=dev)
+    if bounds is None:
+        chunk = min(n, chunk_size or default_chunk_size(vocab, cdt))
+        bounds = [*range(0, n, chunk), n]
+    edges = list(zip(bounds[:-1], bounds[1:]))
+    buf = torch.empty(max(e - s for s, e in edges), vocab, dtype=cdt, device=dev)
     # Entropy needs z - m and exp(z - m) at once: exp goes to a second buffer and the two swap roles.
     buf2 = torch.empty_like(buf) if return_entropy else None
-    for s in range(0, n, chunk):
-        e = min(s + chunk, n)
+    for s, e in edges:
         hc = hidden[s:e].to(cdt)
         if inv_t != 1.0:  # z = (h W^T + b) / T  ==  (h / T) W^T + b / T: scale C x H, not C x V
             hc = hc * inv_t

@@ -190,3 +190,51 @@ def test_fused_op_equals_trls_compute_loss(mode, beta, bias_correction):
         idx = sel[r_sel == r]
         back[idx] = is_ratio.expand_as(mask)[r, : idx.numel()]
     torch.testing.assert_close(st["is_ratio"][keep], back[keep], atol=1e-14, rtol=1e-12)
+
+
+# ----------------------------------------------------------------------------- sequence modes in one lm_head pass
+
+
+def test_row_chunks_hold_whole_rows():
+    rows = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3])
+    assert dk.torch_ref.row_chunks(rows, 5) == [0, 5, 10]  # rows 0-1 | rows 2-3
+    assert dk.torch_ref.row_chunks(rows, 4) == [0, 3, 5, 9, 10]
+    assert dk.torch_ref.row_chunks(rows, 10) == [0, 10]
+    assert dk.torch_ref.row_chunks(rows, 3) is None  # row 2 has 4 tokens
+    assert dk.torch_ref.row_chunks(torch.arange(10) % 3, 10) is None  # interleaved rows: no run per row
+
+
+def lm_head_flops(inp: dict, mode: str, chunk_size: int) -> int:
+    """2 m k n of every matrix product the op runs, out= and in-place forms included (FlopCounterMode skips
+    `mm(out=)`, the chunked path's logits product)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Products(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in ("mm", "addmm", "addmm_"):
+                a, b = args[:2] if name == "mm" else args[1:3]
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return func(*args, **(kwargs or {}))
+
+    with Products() as counter:
+        run_is(fused_torch, inp, is_mode=mode, is_clip_min=None, is_clip_max=3.0, chunk_size=chunk_size)
+    return counter.flops
+
+
+@pytest.mark.parametrize("mode", ["sequence_truncate", "sequence_mask"])
+def test_sequence_modes_over_whole_rows_take_one_lm_head_pass(mode):
+    """Rows in runs (as the trainer lays them out) go to the chunks whole: the sequence ratio is formed chunk by
+    chunk, as exact as before, with the lm_head FLOPs of a token mode (no pass for the log-probs first).
+    Interleaved rows still take that pass."""
+    inp = {**with_sampler(make_inputs(off_policy="inside")), "old_logp": None}  # the ratio from this pass
+    n = inp["hidden"].shape[0]
+    runs = {**inp, "row_ids": torch.arange(n) * ROWS // n}  # 5 rows of 7-8 tokens, each one run
+    check_against_direct(fused_torch, runs, mode, False, 0.1, True, atol=1e-10, rtol=1e-9, chunk_size=16)
+    one_pass = lm_head_flops(runs, "token_truncate", 16)
+    assert lm_head_flops(runs, mode, 16) == one_pass
+    k = int((inp["token_weights"] != 0).sum())
+    h, v = inp["weight"].shape[1], inp["weight"].shape[0]
+    assert lm_head_flops(inp, mode, 16) == one_pass + 2 * k * h * v  # interleaved: the log-prob pass first
