@@ -284,8 +284,9 @@ def fail_fast(info: DistInfo, quiet: tuple[type[BaseException], ...] = ()) -> It
     try:
         yield
     except (KeyboardInterrupt, SystemExit) as e:
-        _failed = _failed or not (isinstance(e, SystemExit) and e.code in (0, None))
-        if isinstance(e, RankFailed) or not info.enabled or (isinstance(e, SystemExit) and e.code in (0, None)):
+        clean_exit = isinstance(e, SystemExit) and e.code in (0, None)
+        _failed = _failed or not clean_exit
+        if isinstance(e, RankFailed) or not info.enabled or clean_exit:
             raise
         _own_failure(info, e, show=True)
         raise

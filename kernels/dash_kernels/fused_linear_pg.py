@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_ref import chunked_pg, default_chunk_size, row_chunks
+from .torch_ref import chunk_length, chunked_pg, row_chunks
 from .utils import (
     check_inputs,
     check_is_mode,
@@ -101,7 +101,7 @@ class _FusedLinearPGLoss(torch.autograd.Function):
             h_k = hidden if all_kept else hidden.index_select(0, idx)
             bounds = None
             if seq_pending and need_grad:  # a row's ratio needs the row's log-probs before its gradient
-                bounds = row_chunks(rows_k, min(k, chunk_size or default_chunk_size(weight.shape[0], cdt)))
+                bounds = row_chunks(rows_k, chunk_length(k, weight.shape[0], cdt, chunk_size))
                 if bounds is None:  # rows that no chunk holds whole: every log-prob first, one extra lm_head pass
                     pre = chunked_pg(h_k, weight, bias, tgt_k, None, temperature=temperature, chunk_size=chunk_size)
                     is_k, is_ready = is_ratio(pre["logp"]), True

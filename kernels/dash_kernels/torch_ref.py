@@ -31,6 +31,11 @@ def default_chunk_size(vocab: int, dtype: torch.dtype) -> int:
     return chunk_rows(vocab, torch.finfo(dtype).bits // 8)
 
 
+def chunk_length(n: int, vocab: int, dtype: torch.dtype, chunk_size: int | None = None) -> int:
+    """Tokens per logits chunk when `chunked_pg` runs over `n` tokens: `chunk_size`, else the default, at most n."""
+    return min(n, chunk_size or default_chunk_size(vocab, dtype))
+
+
 def row_chunks(row_ids: torch.Tensor, chunk: int) -> list[int] | None:
     """Chunk edges [0, ..., n] for `chunked_pg` that never cut a row: whole rows per chunk, at most `chunk`
     tokens each, so a per-row quantity (a sequence-level IS ratio) is complete inside its chunk. None when a
@@ -98,7 +103,7 @@ def chunked_pg(
         return out
     gh, gw, gb = out["grad_hidden"], out["grad_weight"], out["grad_bias"]
     if bounds is None:
-        chunk = min(n, chunk_size or default_chunk_size(vocab, cdt))
+        chunk = chunk_length(n, vocab, cdt, chunk_size)
         bounds = [*range(0, n, chunk), n]
     edges = list(zip(bounds[:-1], bounds[1:]))
     buf = torch.empty(max(e - s for s, e in edges), vocab, dtype=cdt, device=dev)
